@@ -1,0 +1,3 @@
+//! A lab of real PostgreSQL servers on loopback.
+pub mod cluster;
+pub mod relay;

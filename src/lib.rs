@@ -1,0 +1,3 @@
+//! pgnear: a PostgreSQL wire-protocol proxy (work in progress).
+pub mod lab;
+pub mod router;

@@ -1,0 +1,4 @@
+//! Routing decisions.
+pub mod cache;
+pub mod classify;
+pub mod functions;
