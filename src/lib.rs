@@ -1,3 +1,34 @@
-//! pgnear: a PostgreSQL wire-protocol proxy (work in progress).
+//! pgnear: a PostgreSQL wire-protocol proxy that sends writes to the
+//! primary, serves reads from the nearest replica that is fresh enough,
+//! and makes every session read its own writes.
+//!
+//! # Layout
+//!
+//! - [`config`]: `proxy.toml` into a typed, validated [`config::Config`].
+//! - [`proxy`] and [`server`]: a running instance; the accept loop.
+//! - [`frontend`]: one task per client: handshake, session relay, cancel.
+//! - [`auth`]: SCRAM-SHA-256 and md5 toward clients.
+//! - [`backend`]: server connections: connect, authenticate, relay.
+//! - [`router`]: pure decisions: statement classification and routes.
+//! - [`cluster`]: topology and the monitor that measures each node.
+//! - [`protocol`]: bytes to messages and back.
+//! - [`error`]: proxy errors and their SQLSTATEs.
+//! - [`lab`]: real PostgreSQL servers on loopback, for tests and the demo.
+//! - [`cli`] and [`demo`]: the command line.
+
+pub mod auth;
+pub mod backend;
+pub mod cli;
+pub mod cluster;
+pub mod config;
+pub mod demo;
+pub mod error;
+pub mod frontend;
 pub mod lab;
+pub mod protocol;
+pub mod proxy;
 pub mod router;
+pub mod server;
+
+pub use config::Config;
+pub use proxy::Proxy;

@@ -1,1 +1,10 @@
+//! pgnear's integration tests: one binary, real PostgreSQL servers started
+//! by `pgnear::lab`, and pgnear itself started in-process on port 0.
 
+#![allow(clippy::unwrap_used)] // tests fail loudly
+
+mod auth;
+mod config;
+mod hostile;
+mod relay;
+mod support;

@@ -1,0 +1,200 @@
+//! Opening a server connection: TCP, startup, authentication, and the
+//! server's ParameterStatus and BackendKeyData, up to ReadyForQuery.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use postgres_protocol::message::frontend;
+use tokio::io::AsyncWriteExt;
+use tokio::net::TcpStream;
+
+use super::Backend;
+use crate::config::Secret;
+use crate::protocol::backend::{parse_backend_key, ErrorFields};
+use crate::protocol::frame::{cstr, int32};
+use crate::protocol::{Frame, FrameReader, ProtocolError};
+
+/// Who to log in as, and with which parameters.
+#[derive(Debug, Clone)]
+pub struct ServerLogin {
+    pub user: String,
+    pub password: Option<Secret>,
+    /// Startup parameters other than `user`, in the client's order.
+    pub params: Vec<(String, String)>,
+}
+
+/// Why a server connection could not be opened.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnectError {
+    #[error("cannot connect to {addr}: {source}")]
+    Io { addr: SocketAddr, source: std::io::Error },
+    #[error("timed out connecting to {0}")]
+    Timeout(SocketAddr),
+    /// The server refused the login; the frame is relayed verbatim.
+    #[error("server refused the connection: {}", .fields.message)]
+    Server { frame: Frame, fields: ErrorFields },
+    #[error("server asked for a password but none is configured for user {0:?}")]
+    NoPassword(String),
+    #[error("server authentication failed: {0}")]
+    Auth(String),
+    #[error("unsupported authentication request {0} from server")]
+    UnsupportedAuth(i32),
+    #[error("protocol error from server: {0}")]
+    Protocol(#[from] ProtocolError),
+}
+
+impl ConnectError {
+    /// A network-level failure: the node may be down.
+    pub fn is_network(&self) -> bool {
+        matches!(self, ConnectError::Io { .. } | ConnectError::Timeout(_) | ConnectError::Protocol(_))
+    }
+}
+
+/// Opens and authenticates a connection within `timeout`.
+pub async fn connect(
+    addr: SocketAddr,
+    login: &ServerLogin,
+    timeout: Duration,
+    limit: usize,
+) -> Result<Backend, ConnectError> {
+    tokio::time::timeout(timeout, connect_inner(addr, login, limit))
+        .await
+        .map_err(|_| ConnectError::Timeout(addr))?
+}
+
+async fn connect_inner(addr: SocketAddr, login: &ServerLogin, limit: usize) -> Result<Backend, ConnectError> {
+    let io = |source| ConnectError::Io { addr, source };
+    let stream = TcpStream::connect(addr).await.map_err(io)?;
+    stream.set_nodelay(true).map_err(io)?;
+    let (read, mut write) = stream.into_split();
+    let mut reader = FrameReader::new(read, limit);
+    let mut buf = BytesMut::new();
+    let params = std::iter::once(("user", login.user.as_str()))
+        .chain(login.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
+    frontend::startup_message(params, &mut buf).map_err(io)?;
+    write.write_all(&buf).await.map_err(io)?;
+    authenticate(&mut reader, &mut write, login).await?;
+    let mut startup = Vec::new();
+    let mut key = None;
+    loop {
+        let frame = next(&mut reader).await?;
+        match frame.tag() {
+            b'S' => startup.push(frame),
+            b'K' => key = Some(parse_backend_key(&frame)?),
+            b'N' => {}
+            b'E' => return Err(server_error(frame)?),
+            b'Z' => break,
+            tag => {
+                return Err(
+                    ProtocolError::Unexpected { tag: tag as char, when: "during server startup" }.into()
+                )
+            }
+        }
+    }
+    let key = key.ok_or(ProtocolError::Malformed { what: "server startup without BackendKeyData" })?;
+    Ok(Backend::new(addr, key, reader, write, startup))
+}
+
+async fn next(reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>) -> Result<Frame, ConnectError> {
+    reader.next().await?.ok_or(ConnectError::Protocol(ProtocolError::Truncated))
+}
+
+fn server_error(frame: Frame) -> Result<ConnectError, ProtocolError> {
+    let fields = ErrorFields::parse(&frame)?;
+    Ok(ConnectError::Server { frame, fields })
+}
+
+/// Answers the server's authentication requests until AuthenticationOk.
+async fn authenticate(
+    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
+    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    login: &ServerLogin,
+) -> Result<(), ConnectError> {
+    let mut scram: Option<ScramSha256> = None;
+    loop {
+        let frame = next(reader).await?;
+        match frame.tag() {
+            b'R' => {}
+            b'E' => return Err(server_error(frame)?),
+            tag => {
+                return Err(
+                    ProtocolError::Unexpected { tag: tag as char, when: "during authentication" }.into()
+                )
+            }
+        }
+        let mut body = frame.body();
+        let code = int32(&mut body, "Authentication")?;
+        let password = || login.password.as_ref().ok_or_else(|| ConnectError::NoPassword(login.user.clone()));
+        let mut out = BytesMut::new();
+        let wrap = |e: std::io::Error| ConnectError::Auth(e.to_string());
+        match code {
+            0 => return Ok(()),
+            3 => frontend::password_message(password()?.expose().as_bytes(), &mut out).map_err(wrap)?,
+            5 => {
+                let salt: [u8; 4] = body
+                    .try_into()
+                    .map_err(|_| ProtocolError::Malformed { what: "AuthenticationMD5Password" })?;
+                let hash = postgres_protocol::authentication::md5_hash(
+                    login.user.as_bytes(),
+                    password()?.expose().as_bytes(),
+                    salt,
+                );
+                frontend::password_message(hash.as_bytes(), &mut out).map_err(wrap)?;
+            }
+            10 => {
+                let mut offers_scram = false;
+                loop {
+                    let mechanism = cstr(&mut body, "AuthenticationSASL")?;
+                    if mechanism.is_empty() {
+                        break;
+                    }
+                    offers_scram |= mechanism == SCRAM_SHA_256;
+                }
+                if !offers_scram {
+                    return Err(ConnectError::Auth("server offers no SCRAM-SHA-256".into()));
+                }
+                let client = ScramSha256::new(password()?.expose().as_bytes(), ChannelBinding::unsupported());
+                frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut out).map_err(wrap)?;
+                scram = Some(client);
+            }
+            11 => {
+                let client = scram.as_mut().ok_or(ConnectError::Auth("SASL continue out of order".into()))?;
+                client.update(body).map_err(wrap)?;
+                frontend::sasl_response(client.message(), &mut out).map_err(wrap)?;
+            }
+            12 => {
+                let client = scram.as_mut().ok_or(ConnectError::Auth("SASL final out of order".into()))?;
+                client.finish(body).map_err(wrap)?;
+                continue;
+            }
+            other => return Err(ConnectError::UnsupportedAuth(other)),
+        }
+        write
+            .write_all(&out)
+            .await
+            .map_err(|source| ConnectError::Io { addr: reader_addr(write), source })?;
+    }
+}
+
+fn reader_addr(write: &tokio::net::tcp::OwnedWriteHalf) -> SocketAddr {
+    write.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
+}
+
+/// Sends a CancelRequest for `key` to the server at `addr`.
+pub async fn send_cancel(addr: SocketAddr, key: crate::protocol::startup::CancelKey, timeout: Duration) {
+    let attempt = async {
+        let mut stream = TcpStream::connect(addr).await?;
+        stream.write_all(&crate::protocol::startup::cancel_request(key)).await?;
+        // The server closes the connection once it has the request.
+        let mut sink = [0u8; 1];
+        let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await;
+        Ok::<(), std::io::Error>(())
+    };
+    match tokio::time::timeout(timeout, attempt).await {
+        Ok(Ok(())) => {}
+        Ok(Err(error)) => tracing::warn!(%addr, %error, "cancel request failed"),
+        Err(_) => tracing::warn!(%addr, "cancel request timed out"),
+    }
+}

@@ -1,0 +1,133 @@
+//! One open server connection as a session sees it: a frame reader, a
+//! write buffer flushed once per batch, and what is in flight on it.
+
+use std::collections::VecDeque;
+use std::net::SocketAddr;
+
+use bytes::BytesMut;
+use tokio::io::AsyncWriteExt;
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+
+use crate::protocol::startup::CancelKey;
+use crate::protocol::{Frame, FrameReader, ProtocolError};
+
+/// Server responses that pgnear caused itself and the client must not see.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Hidden {
+    /// Everything up to and including the next ReadyForQuery (a replayed
+    /// simple Query such as `SET`).
+    UntilReady,
+    /// The next ParseComplete (a replayed Parse).
+    ParseComplete,
+}
+
+/// An authenticated server connection.
+#[derive(Debug)]
+pub struct Backend {
+    pub addr: SocketAddr,
+    /// The server's real key, for cancel requests.
+    pub key: CancelKey,
+    reader: FrameReader<OwnedReadHalf>,
+    writer: OwnedWriteHalf,
+    out: BytesMut,
+    /// ParameterStatus frames the server sent at startup.
+    pub startup_params: Vec<Frame>,
+    /// Queries and Syncs sent whose ReadyForQuery has not come back.
+    pub in_flight: u32,
+    /// The last ReadyForQuery status: `I`, `T` or `E`.
+    pub tx_status: u8,
+    hidden: VecDeque<Hidden>,
+}
+
+impl Backend {
+    pub(super) fn new(
+        addr: SocketAddr,
+        key: CancelKey,
+        reader: FrameReader<OwnedReadHalf>,
+        writer: OwnedWriteHalf,
+        startup_params: Vec<Frame>,
+    ) -> Backend {
+        Backend {
+            addr,
+            key,
+            reader,
+            writer,
+            out: BytesMut::with_capacity(8 * 1024),
+            startup_params,
+            in_flight: 0,
+            tx_status: b'I',
+            hidden: VecDeque::new(),
+        }
+    }
+
+    /// Queues a frame; it is sent at the next [`Backend::flush`].
+    pub fn queue(&mut self, frame: &Frame) {
+        self.out.extend_from_slice(frame.raw());
+    }
+
+    /// Queues a frame whose responses pgnear will swallow.
+    pub fn queue_hidden(&mut self, frame: &Frame, hidden: Hidden) {
+        self.queue(frame);
+        self.hidden.push_back(hidden);
+        if hidden == Hidden::UntilReady {
+            self.in_flight += 1;
+        }
+    }
+
+    pub fn has_output(&self) -> bool {
+        !self.out.is_empty()
+    }
+
+    /// Writes everything queued.
+    pub async fn flush(&mut self) -> std::io::Result<()> {
+        if !self.out.is_empty() {
+            self.writer.write_all(&self.out).await?;
+            self.out.clear();
+        }
+        Ok(())
+    }
+
+    /// Idle: nothing in flight and not inside a transaction.
+    pub fn is_idle(&self) -> bool {
+        self.in_flight == 0 && self.tx_status == b'I'
+    }
+
+    /// A whole frame already read, if any.
+    pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        self.reader.buffered()
+    }
+
+    /// The next frame from the server. Cancel safe.
+    pub async fn next(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        self.reader.next().await
+    }
+
+    /// Decides whether a server frame is a response to pgnear's own
+    /// replay; if so it must not reach the client.
+    pub fn swallow(&mut self, frame: &Frame) -> bool {
+        match (self.hidden.front(), frame.tag()) {
+            (Some(Hidden::UntilReady), b'Z') => {
+                self.hidden.pop_front();
+                self.in_flight = self.in_flight.saturating_sub(1);
+                true
+            }
+            // Errors of a replay are not hidden: the client must learn that
+            // its session state could not be reproduced.
+            (Some(Hidden::UntilReady), b'E') => false,
+            (Some(Hidden::UntilReady), _) => true,
+            (Some(Hidden::ParseComplete), b'1') => {
+                self.hidden.pop_front();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Sends Terminate and closes, ignoring errors: the session is over.
+    pub async fn terminate(mut self) {
+        self.out.clear();
+        self.queue(&Frame::new(b'X', &[]));
+        let _ = self.flush().await;
+        let _ = self.writer.shutdown().await;
+    }
+}

@@ -1,0 +1,137 @@
+//! Topology and health: what the monitor last measured about each node,
+//! published as immutable snapshots that request paths read without locks.
+
+pub mod lsn;
+pub mod monitor;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+
+use crate::config::{NodeConfig, RoleSetting};
+pub use lsn::Lsn;
+
+/// A node's role as last observed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    Primary,
+    Replica,
+    /// Never reached yet.
+    Unknown,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Primary => "primary",
+            Role::Replica => "replica",
+            Role::Unknown => "unknown",
+        }
+    }
+}
+
+/// One node's last measurements. Replaced whole by the monitor.
+#[derive(Debug, Clone)]
+pub struct NodeStatus {
+    /// In rotation: the health check's verdict, with hysteresis.
+    pub up: bool,
+    pub role: Role,
+    /// Smoothed probe round-trip time.
+    pub rtt: Option<Duration>,
+    /// The primary's `pg_current_wal_lsn()`, or a replica's replay LSN.
+    pub lsn: Option<Lsn>,
+    /// A replica's `pg_last_wal_receive_lsn()`.
+    pub receive_lsn: Option<Lsn>,
+    /// A replica's `pg_last_xact_replay_timestamp()`.
+    pub replay_time: Option<SystemTime>,
+    /// Wall-clock time of the probe, on the node's clock.
+    pub probed_at: Option<SystemTime>,
+    pub consecutive_failures: u32,
+    pub consecutive_successes: u32,
+}
+
+impl Default for NodeStatus {
+    fn default() -> Self {
+        NodeStatus {
+            up: false,
+            role: Role::Unknown,
+            rtt: None,
+            lsn: None,
+            receive_lsn: None,
+            replay_time: None,
+            probed_at: None,
+            consecutive_failures: 0,
+            consecutive_successes: 0,
+        }
+    }
+}
+
+/// A configured node and its published status.
+#[derive(Debug)]
+pub struct Node {
+    pub config: NodeConfig,
+    pub addr: SocketAddr,
+    pub status: ArcSwap<NodeStatus>,
+}
+
+/// Every configured node, in config order; indexes are node ids.
+#[derive(Debug)]
+pub struct Topology {
+    pub nodes: Vec<Node>,
+}
+
+impl Topology {
+    /// Resolves each node's address once. Fails on a host that does not
+    /// resolve.
+    pub fn new(configs: &[NodeConfig]) -> std::io::Result<Arc<Topology>> {
+        let mut nodes = Vec::new();
+        for config in configs {
+            let addr = std::net::ToSocketAddrs::to_socket_addrs(&(config.host.as_str(), config.port))?
+                .next()
+                .ok_or_else(|| std::io::Error::other(format!("{} does not resolve", config.host)))?;
+            nodes.push(Node {
+                config: config.clone(),
+                addr,
+                status: ArcSwap::from_pointee(NodeStatus::default()),
+            });
+        }
+        Ok(Arc::new(Topology { nodes }))
+    }
+
+    /// The one verified primary of `cluster`, if exactly one node is up and
+    /// claims the role (or the config names it).
+    pub fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
+        let mut found = Vec::new();
+        for (i, node) in self.nodes.iter().enumerate() {
+            let status = node.status.load();
+            if node.config.cluster == cluster && status.up && status.role == Role::Primary {
+                found.push(i);
+            }
+        }
+        if found.len() > 1 {
+            let named: Vec<usize> = found
+                .iter()
+                .copied()
+                .filter(|&i| self.nodes[i].config.role == RoleSetting::Primary)
+                .collect();
+            return match named.as_slice() {
+                [one] => Ok(*one),
+                _ => Err(NoPrimary::Conflict(
+                    found.iter().map(|&i| self.nodes[i].config.name.clone()).collect(),
+                )),
+            };
+        }
+        found.first().copied().ok_or(NoPrimary::Unreachable)
+    }
+}
+
+/// Why no primary can take writes.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum NoPrimary {
+    #[error("no primary is reachable")]
+    Unreachable,
+    #[error("more than one node claims to be the primary: {}", .0.join(", "))]
+    Conflict(Vec<String>),
+}

@@ -1,0 +1,211 @@
+//! The monitor: one loop per node, every `monitor.interval` (50 ms by
+//! default), so that routing decisions see lag and health at most one
+//! interval old.
+//!
+//! Each loop keeps one connection to its node and runs a single probe query
+//! that returns the node's role (`pg_is_in_recovery()`), its WAL position
+//! (`pg_current_wal_lsn()` on a primary, `pg_last_wal_replay_lsn()` on a
+//! replica), the receive LSN and the last replay timestamp. The probe's
+//! round trip feeds an EWMA of the node's RTT. A node goes down after
+//! `failures_before_down` consecutive failures and comes back after
+//! `successes_before_up` consecutive successes. Each loop publishes a new
+//! immutable [`NodeStatus`]; nothing else writes it.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use tokio::task::JoinHandle;
+use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+
+use super::{Lsn, Node, NodeStatus, Role, Topology};
+use crate::config::MonitorConfig;
+
+const PROBE: &str = "SELECT pg_is_in_recovery()::text, \
+     (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
+     pg_last_wal_receive_lsn()::text, \
+     (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8::text, \
+     (extract(epoch FROM clock_timestamp()) * 1000000)::int8::text";
+
+/// The weight of the newest RTT sample in the EWMA.
+const RTT_ALPHA: f64 = 0.3;
+
+/// What one probe measured.
+#[derive(Debug, Clone)]
+struct Sample {
+    in_recovery: bool,
+    lsn: Option<Lsn>,
+    receive_lsn: Option<Lsn>,
+    replay_time: Option<SystemTime>,
+    probed_at: Option<SystemTime>,
+    rtt: Duration,
+}
+
+/// The running monitor; dropping it stops every loop.
+#[derive(Debug)]
+pub struct Monitor {
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl Drop for Monitor {
+    fn drop(&mut self) {
+        for task in &self.tasks {
+            task.abort();
+        }
+    }
+}
+
+/// Probes every node once, concurrently, so that a proxy starts with a
+/// verified view. Bounded by `timeout`.
+pub async fn probe_all(topology: &Arc<Topology>, config: &MonitorConfig, timeout: Duration) {
+    let probes = topology.nodes.iter().map(|node| async move {
+        let mut conn = None;
+        probe_and_publish(node, &mut conn, config, timeout, true).await;
+    });
+    futures_util::future::join_all(probes).await;
+}
+
+/// Starts one loop per node.
+pub fn spawn(topology: Arc<Topology>, config: MonitorConfig, connect_timeout: Duration) -> Monitor {
+    let tasks = (0..topology.nodes.len())
+        .map(|i| {
+            let topology = topology.clone();
+            let config = config.clone();
+            tokio::spawn(async move { node_loop(&topology.nodes[i], &config, connect_timeout).await })
+        })
+        .collect();
+    Monitor { tasks }
+}
+
+async fn node_loop(node: &Node, config: &MonitorConfig, connect_timeout: Duration) {
+    let mut conn: Option<Client> = None;
+    let mut ticker = tokio::time::interval(config.interval);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        ticker.tick().await;
+        let timeout = connect_timeout.max(config.interval);
+        probe_and_publish(node, &mut conn, config, timeout, false).await;
+    }
+}
+
+async fn probe_and_publish(
+    node: &Node,
+    conn: &mut Option<Client>,
+    config: &MonitorConfig,
+    timeout: Duration,
+    first: bool,
+) {
+    let result = tokio::time::timeout(timeout, probe(node, conn, config)).await;
+    let sample = match result {
+        Ok(Ok(sample)) => Ok(sample),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("probe timed out".to_string()),
+    };
+    if sample.is_err() {
+        *conn = None;
+    }
+    let old = node.status.load();
+    let new = next_status(&old, sample.as_ref(), config, first);
+    log_changes(node, &old, &new, sample.as_ref().err());
+    node.status.store(Arc::new(new));
+}
+
+async fn probe(
+    node: &Node,
+    conn: &mut Option<Client>,
+    config: &MonitorConfig,
+) -> Result<Sample, tokio_postgres::Error> {
+    if conn.as_ref().is_none_or(|c| c.is_closed()) {
+        *conn = Some(connect(node, config).await?);
+    }
+    let Some(client) = conn.as_ref() else { unreachable!("connected above") };
+    let started = Instant::now();
+    let rows = client.simple_query(PROBE).await?;
+    let rtt = started.elapsed();
+    let row = rows.iter().find_map(|m| match m {
+        SimpleQueryMessage::Row(row) => Some(row),
+        _ => None,
+    });
+    let col = |i: usize| row.and_then(|r| r.get(i));
+    let micros = |i: usize| {
+        col(i).and_then(|v| v.parse::<u64>().ok()).map(|us| UNIX_EPOCH + Duration::from_micros(us))
+    };
+    Ok(Sample {
+        in_recovery: col(0) == Some("true"),
+        lsn: col(1).and_then(|v| v.parse().ok()),
+        receive_lsn: col(2).and_then(|v| v.parse().ok()),
+        replay_time: micros(3),
+        probed_at: micros(4),
+        rtt,
+    })
+}
+
+async fn connect(node: &Node, config: &MonitorConfig) -> Result<Client, tokio_postgres::Error> {
+    let mut pg = tokio_postgres::Config::new();
+    pg.host(&node.config.host)
+        .port(node.config.port)
+        .user(&config.user)
+        .dbname(&config.database)
+        .application_name("pgnear-monitor")
+        .connect_timeout(Duration::from_secs(5));
+    if let Some(password) = &config.password {
+        pg.password(password.expose());
+    }
+    let (client, connection) = pg.connect(NoTls).await?;
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// The pure health and measurement update.
+fn next_status(
+    old: &NodeStatus,
+    sample: Result<&Sample, &String>,
+    config: &MonitorConfig,
+    first: bool,
+) -> NodeStatus {
+    match sample {
+        Ok(s) => {
+            let successes = old.consecutive_successes.saturating_add(1);
+            let never_seen = old.role == Role::Unknown;
+            let rtt = match old.rtt {
+                Some(prev) => prev.mul_f64(1.0 - RTT_ALPHA) + s.rtt.mul_f64(RTT_ALPHA),
+                None => s.rtt,
+            };
+            NodeStatus {
+                up: old.up || first || never_seen || successes >= config.successes_before_up,
+                role: if s.in_recovery { Role::Replica } else { Role::Primary },
+                rtt: Some(rtt),
+                lsn: s.lsn,
+                receive_lsn: s.receive_lsn,
+                replay_time: s.replay_time,
+                probed_at: s.probed_at,
+                consecutive_failures: 0,
+                consecutive_successes: successes,
+            }
+        }
+        Err(_) => {
+            let failures = old.consecutive_failures.saturating_add(1);
+            NodeStatus {
+                up: old.up && !first && failures < config.failures_before_down,
+                consecutive_failures: failures,
+                consecutive_successes: 0,
+                ..old.clone()
+            }
+        }
+    }
+}
+
+fn log_changes(node: &Node, old: &NodeStatus, new: &NodeStatus, error: Option<&String>) {
+    let name = node.config.name.as_str();
+    if old.up != new.up {
+        if new.up {
+            tracing::info!(node = name, role = new.role.as_str(), "node is up");
+        } else {
+            tracing::warn!(node = name, error = error.map(String::as_str), "node is down");
+        }
+    }
+    if old.role != new.role && old.role != Role::Unknown {
+        tracing::warn!(node = name, from = old.role.as_str(), to = new.role.as_str(), "node changed role");
+    }
+}

@@ -1,0 +1,227 @@
+//! Configuration: `proxy.toml` parsed once into typed, validated values.
+//!
+//! `file` mirrors the TOML with serde; `validate` checks it and builds the
+//! [`Config`] below. Nothing else in pgnear reads the file or the
+//! environment: the `Config` is passed explicitly.
+
+mod file;
+mod validate;
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+pub use validate::{ConfigError, ConfigErrors};
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub proxy: ProxySettings,
+    pub nodes: Vec<NodeConfig>,
+    pub users: Vec<UserConfig>,
+    pub routing: RoutingConfig,
+    pub consistency: ConsistencyConfig,
+    pub monitor: MonitorConfig,
+    pub rules: Vec<RuleConfig>,
+    pub tls: TlsConfig,
+    pub tenants: Vec<TenantConfig>,
+}
+
+impl Config {
+    /// Reads and validates a file, expanding `${VAR}` from the process
+    /// environment.
+    pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigErrors::single("", format!("cannot read {}: {e}", path.display())))?;
+        Self::parse(&text, &|name| std::env::var(name).ok())
+    }
+
+    /// Parses and validates TOML text; `env` resolves `${VAR}`.
+    pub fn parse(text: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<Config, ConfigErrors> {
+        validate::parse(text, env)
+    }
+
+    /// The user entry for a client-supplied user name.
+    pub fn user(&self, name: &str) -> Option<&UserConfig> {
+        self.users.iter().find(|u| u.name == name)
+    }
+}
+
+/// The `[proxy]` table.
+#[derive(Debug, Clone)]
+pub struct ProxySettings {
+    pub listen: SocketAddr,
+    pub admin_listen: Option<SocketAddr>,
+    pub region: String,
+    pub max_client_connections: usize,
+    /// The largest frame accepted from a client or a server.
+    pub max_message_bytes: usize,
+    pub startup_timeout: Duration,
+    pub idle_client_timeout: Option<Duration>,
+    pub connect_timeout: Duration,
+    /// The cluster of connections that no `[[tenants]]` rule maps.
+    pub default_cluster: String,
+    /// Refuse connections that no `[[tenants]]` rule maps.
+    pub require_tenant: bool,
+    pub classify_cache_entries: usize,
+}
+
+/// What the config says about a node's role.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum RoleSetting {
+    /// Discovered with `pg_is_in_recovery()`.
+    Auto,
+    Primary,
+    Replica,
+}
+
+/// libpq-style `sslmode` toward a server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SslMode {
+    Disable,
+    Prefer,
+    Require,
+    VerifyCa,
+    VerifyFull,
+}
+
+/// One `[[nodes]]` entry.
+#[derive(Debug, Clone)]
+pub struct NodeConfig {
+    pub name: String,
+    pub host: String,
+    pub port: u16,
+    pub region: String,
+    pub role: RoleSetting,
+    pub cluster: String,
+    pub sslmode: SslMode,
+    pub sslrootcert: Option<PathBuf>,
+}
+
+/// A password or other secret: never printed.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(value: impl Into<String>) -> Secret {
+        Secret(value.into())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(***)")
+    }
+}
+
+/// How a client proves who it is to pgnear.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ClientAuth {
+    Trust,
+    Md5(Secret),
+    /// A plaintext password or a stored `SCRAM-SHA-256$...` verifier.
+    ScramSha256(Secret),
+}
+
+/// One `[[users]]` entry.
+#[derive(Debug, Clone)]
+pub struct UserConfig {
+    pub name: String,
+    pub auth: ClientAuth,
+    pub server_user: String,
+    /// `None`: the server is expected to trust pgnear.
+    pub server_password: Option<Secret>,
+}
+
+/// `routing.default`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DefaultRoute {
+    /// Split reads and writes.
+    Auto,
+    /// Send everything to the primary.
+    Primary,
+}
+
+/// The `[routing]` table.
+#[derive(Debug, Clone)]
+pub struct RoutingConfig {
+    pub default: DefaultRoute,
+    pub max_replica_lag: Duration,
+    pub max_replica_lag_bytes: Option<u64>,
+}
+
+/// `consistency.read_your_writes`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReadYourWrites {
+    Session,
+    Proxy,
+    Off,
+}
+
+/// The `[consistency]` table.
+#[derive(Debug, Clone)]
+pub struct ConsistencyConfig {
+    pub read_your_writes: ReadYourWrites,
+    pub replica_wait: Duration,
+}
+
+/// The `[monitor]` table.
+#[derive(Debug, Clone)]
+pub struct MonitorConfig {
+    pub interval: Duration,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub database: String,
+    pub failures_before_down: u32,
+    pub successes_before_up: u32,
+    pub function_refresh: Duration,
+}
+
+/// What a `[[rules]]` entry does to the tables it names.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RuleAction {
+    /// All access stays on the primary.
+    Primary,
+    /// Reads may use a replica only while its lag is under this bound.
+    MaxStaleness(Duration),
+}
+
+/// One `[[rules]]` entry.
+#[derive(Debug, Clone)]
+pub struct RuleConfig {
+    /// Lowercased table names.
+    pub tables: Vec<String>,
+    pub action: RuleAction,
+}
+
+/// `tls.mode` toward clients.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TlsMode {
+    Disable,
+    Prefer,
+    Require,
+}
+
+/// The `[tls]` table.
+#[derive(Debug, Clone)]
+pub struct TlsConfig {
+    pub mode: TlsMode,
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// One `[[tenants]]` entry: connections matching it belong to `cluster`.
+#[derive(Debug, Clone)]
+pub struct TenantConfig {
+    pub database: Option<String>,
+    pub user: Option<String>,
+    pub cluster: String,
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,89 @@
+//! Client-facing work: one task per client connection, from the startup
+//! packet (`handshake`) through the relay loop (`session`), plus cancel
+//! keys (`cancel`).
+
+pub mod cancel;
+pub mod handshake;
+pub mod session;
+
+use std::sync::Arc;
+
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tracing::Instrument;
+
+use crate::auth::Directory;
+use crate::cluster::Topology;
+use crate::config::Config;
+use crate::error::ProxyError;
+use cancel::CancelRegistry;
+use handshake::{handshake, Handshake, Login};
+use session::Session;
+
+/// What every session shares. Built once at startup; read-only except
+/// for the cancel registry.
+pub struct Shared {
+    pub config: Arc<Config>,
+    pub topology: Arc<Topology>,
+    pub directory: Directory,
+    pub cancels: Arc<CancelRegistry>,
+}
+
+/// Serves one client connection to its end. Never panics on bad input;
+/// every failure the client can be told about is sent as ErrorResponse.
+pub async fn serve<S>(mut stream: S, peer: std::net::SocketAddr, shared: Arc<Shared>, session_id: u64)
+where
+    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let span = tracing::info_span!("session", id = session_id, %peer, user = tracing::field::Empty, database = tracing::field::Empty);
+    async move {
+        let startup = shared.config.proxy.startup_timeout;
+        let outcome = match tokio::time::timeout(startup, handshake(&mut stream, &shared)).await {
+            Ok(outcome) => outcome,
+            Err(_) => Err(ProxyError::StartupTimeout),
+        };
+        let login = match outcome {
+            Ok(Handshake::Authenticated(login)) => login,
+            Ok(Handshake::Cancelled | Handshake::Closed) => return,
+            Err(error) => return refuse(&mut stream, &error).await,
+        };
+        let span = tracing::Span::current();
+        span.record("user", login.user.name.as_str());
+        span.record("database", login.param("database").unwrap_or(""));
+        let cluster = match tenant_cluster(&shared.config, &login) {
+            Ok(cluster) => cluster,
+            Err(error) => return refuse(&mut stream, &error).await,
+        };
+        match Session::start(shared.clone(), stream, login, cluster).await {
+            Ok(session) => match session.run().await {
+                Ok(()) => tracing::debug!("session ended"),
+                Err(error) => tracing::info!(class = error.class(), %error, "session ended with an error"),
+            },
+            Err(error) => tracing::warn!(class = error.class(), %error, "session could not start"),
+        }
+    }
+    .instrument(span)
+    .await
+}
+
+/// Sends a startup failure to the client and closes.
+pub(crate) async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, error: &ProxyError) {
+    tracing::info!(class = error.class(), %error, "connection refused");
+    if let Some(frame) = error.to_frame() {
+        let _ = stream.write_all(frame.raw()).await;
+    }
+    let _ = stream.shutdown().await;
+}
+
+/// The cluster a connection belongs to, from the `[[tenants]]` rules.
+pub fn tenant_cluster(config: &Config, login: &Login) -> Result<String, ProxyError> {
+    let database = login.param("database").unwrap_or(&login.user.name);
+    let user = login.user.name.as_str();
+    let rule = config.tenants.iter().find(|t| {
+        t.database.as_deref().is_none_or(|d| d == database) && t.user.as_deref().is_none_or(|u| u == user)
+    });
+    match rule {
+        Some(rule) => Ok(rule.cluster.clone()),
+        None if config.proxy.require_tenant => Err(ProxyError::NoTenant),
+        None => Ok(config.proxy.default_cluster.clone()),
+    }
+}

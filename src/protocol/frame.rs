@@ -1,0 +1,202 @@
+//! Length-checked framing of tagged protocol messages.
+
+use bytes::{Buf, Bytes, BytesMut};
+use tokio::io::{AsyncRead, AsyncReadExt};
+
+/// A malformed byte stream. Each variant names what was wrong.
+#[derive(Debug, thiserror::Error)]
+pub enum ProtocolError {
+    #[error("invalid message length {length} in message type {tag:?}")]
+    BadLength { tag: char, length: i64 },
+    #[error("message type {tag:?} of {length} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { tag: char, length: usize, limit: usize },
+    #[error("malformed {what} message")]
+    Malformed { what: &'static str },
+    #[error("unexpected message type {tag:?} {when}")]
+    Unexpected { tag: char, when: &'static str },
+    #[error("connection closed in the middle of a message")]
+    Truncated,
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+}
+
+/// One tagged message, header included, exactly as it was received.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    raw: Bytes,
+}
+
+impl Frame {
+    /// Builds a frame from a tag and body (for messages pgnear writes).
+    pub fn new(tag: u8, body: &[u8]) -> Frame {
+        let mut raw = BytesMut::with_capacity(5 + body.len());
+        raw.extend_from_slice(&[tag]);
+        raw.extend_from_slice(&((body.len() + 4) as u32).to_be_bytes());
+        raw.extend_from_slice(body);
+        Frame { raw: raw.freeze() }
+    }
+
+    /// The message type byte.
+    pub fn tag(&self) -> u8 {
+        self.raw[0]
+    }
+
+    /// The message contents after the length word.
+    pub fn body(&self) -> &[u8] {
+        &self.raw[5..]
+    }
+
+    /// Header and body, for relaying.
+    pub fn raw(&self) -> &[u8] {
+        &self.raw
+    }
+
+    pub fn len(&self) -> usize {
+        self.raw.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+}
+
+/// Splits one frame off the front of `buf`, if a whole one is there.
+pub fn decode(buf: &mut BytesMut, limit: usize) -> Result<Option<Frame>, ProtocolError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let tag = buf[0];
+    let length = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if length < 4 {
+        return Err(ProtocolError::BadLength { tag: tag as char, length: length.into() });
+    }
+    let total = length as usize + 1;
+    if total > limit {
+        return Err(ProtocolError::TooLarge { tag: tag as char, length: total, limit });
+    }
+    if buf.len() < total {
+        buf.reserve(total - buf.len());
+        return Ok(None);
+    }
+    Ok(Some(Frame { raw: buf.split_to(total).freeze() }))
+}
+
+/// Reads frames from one side of a connection into a reused buffer.
+#[derive(Debug)]
+pub struct FrameReader<R> {
+    inner: R,
+    buf: BytesMut,
+    limit: usize,
+}
+
+const READ_CHUNK: usize = 16 * 1024;
+
+impl<R: AsyncRead + Unpin> FrameReader<R> {
+    pub fn new(inner: R, limit: usize) -> Self {
+        FrameReader { inner, buf: BytesMut::with_capacity(READ_CHUNK), limit }
+    }
+
+    /// Bytes already read but not yet taken as frames.
+    pub fn with_buffered(inner: R, limit: usize, buffered: BytesMut) -> Self {
+        FrameReader { inner, buf: buffered, limit }
+    }
+
+    /// A frame already in the buffer, without reading.
+    pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        decode(&mut self.buf, self.limit)
+    }
+
+    /// The next frame; `None` at a clean end of stream.
+    ///
+    /// Cancel safe: bytes move only into the internal buffer, so a frame
+    /// is never lost when this future is dropped in a `select!`.
+    pub async fn next(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        loop {
+            if let Some(frame) = decode(&mut self.buf, self.limit)? {
+                return Ok(Some(frame));
+            }
+            if self.buf.capacity() - self.buf.len() < 1024 {
+                self.buf.reserve(READ_CHUNK);
+            }
+            if self.inner.read_buf(&mut self.buf).await? == 0 {
+                return if self.buf.is_empty() { Ok(None) } else { Err(ProtocolError::Truncated) };
+            }
+        }
+    }
+
+    pub fn get_mut(&mut self) -> &mut R {
+        &mut self.inner
+    }
+
+    pub fn into_parts(self) -> (R, BytesMut) {
+        (self.inner, self.buf)
+    }
+}
+
+/// Reads a NUL-terminated string from the front of `buf`.
+pub fn cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, ProtocolError> {
+    let end = buf.iter().position(|&b| b == 0).ok_or(ProtocolError::Malformed { what })?;
+    let s = std::str::from_utf8(&buf[..end]).map_err(|_| ProtocolError::Malformed { what })?;
+    *buf = &buf[end + 1..];
+    Ok(s)
+}
+
+/// Reads a big-endian i32 from the front of `buf`.
+pub fn int32(buf: &mut &[u8], what: &'static str) -> Result<i32, ProtocolError> {
+    if buf.len() < 4 {
+        return Err(ProtocolError::Malformed { what });
+    }
+    Ok(buf.get_i32())
+}
+
+/// Reads a big-endian i16 from the front of `buf`.
+pub fn int16(buf: &mut &[u8], what: &'static str) -> Result<i16, ProtocolError> {
+    if buf.len() < 2 {
+        return Err(ProtocolError::Malformed { what });
+    }
+    Ok(buf.get_i16())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly
+
+    use super::*;
+
+    #[test]
+    fn decodes_whole_frames_only() {
+        let mut buf = BytesMut::from(&b"Q\0\0\0\x0dSELECT 1\0Q\0\0"[..]);
+        let frame = decode(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(frame.tag(), b'Q');
+        assert_eq!(frame.body(), b"SELECT 1\0");
+        assert!(decode(&mut buf, 1024).unwrap().is_none());
+        assert_eq!(buf.len(), 3);
+    }
+
+    #[test]
+    fn rejects_short_negative_and_oversized_lengths() {
+        for header in [&b"Q\0\0\0\0"[..], b"Q\0\0\0\x03", b"Q\xff\xff\xff\xff", b"Q\x80\0\0\0"] {
+            let mut buf = BytesMut::from(header);
+            assert!(matches!(decode(&mut buf, 1024), Err(ProtocolError::BadLength { .. })), "{header:?}");
+        }
+        let mut buf = BytesMut::from(&b"d\x7f\xff\xff\xff"[..]);
+        assert!(matches!(decode(&mut buf, 1 << 20), Err(ProtocolError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn frame_new_round_trips() {
+        let frame = Frame::new(b'Z', b"I");
+        assert_eq!(frame.raw(), b"Z\0\0\0\x05I");
+        let mut buf = BytesMut::from(frame.raw());
+        assert_eq!(decode(&mut buf, 64).unwrap().unwrap(), frame);
+    }
+
+    #[tokio::test]
+    async fn reader_reports_truncation() {
+        let data: &[u8] = b"Q\0\0\0\x0dSELE";
+        let mut reader = FrameReader::new(data, 1024);
+        assert!(matches!(reader.next().await, Err(ProtocolError::Truncated)));
+        let mut empty = FrameReader::new(&b""[..], 1024);
+        assert!(empty.next().await.unwrap().is_none());
+    }
+}

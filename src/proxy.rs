@@ -1,0 +1,91 @@
+//! A running pgnear: the client listener, the monitor and what they share.
+//! Tests start one in-process on port 0; `pgnear run` starts one from the
+//! config file.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::auth::Directory;
+use crate::cluster::{monitor, Topology};
+use crate::config::Config;
+use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::Shared;
+
+/// Why a proxy could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot listen on {addr}: {source}")]
+    Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot resolve a node: {0}")]
+    Resolve(std::io::Error),
+    #[error("invalid user credential: {0}")]
+    Credential(#[from] crate::auth::ScramError),
+}
+
+/// A running proxy. Dropping it stops accepting; [`Proxy::shutdown`]
+/// also waits for sessions to drain.
+pub struct Proxy {
+    addr: SocketAddr,
+    shared: Arc<Shared>,
+    shutdown: watch::Sender<bool>,
+    server: JoinHandle<()>,
+    _monitor: monitor::Monitor,
+}
+
+impl Proxy {
+    /// Binds `proxy.listen` (port 0 picks a free port), probes every node
+    /// once, then starts the monitor and the listener.
+    pub async fn start(config: Config) -> Result<Proxy, StartError> {
+        let config = Arc::new(config);
+        let addr = config.proxy.listen;
+        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+        let addr = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+        let topology = Topology::new(&config.nodes).map_err(StartError::Resolve)?;
+        let directory = {
+            let config = config.clone();
+            // PBKDF2 for every SCRAM user: keep it off the reactor.
+            tokio::task::spawn_blocking(move || Directory::build(&config))
+                .await
+                .unwrap_or_else(|_| Ok(Directory::default()))?
+        };
+        monitor::probe_all(&topology, &config.monitor, config.proxy.connect_timeout).await;
+        let monitor = monitor::spawn(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout);
+        let shared =
+            Arc::new(Shared { config, topology, directory, cancels: Arc::new(CancelRegistry::default()) });
+        let (shutdown, watch) = watch::channel(false);
+        let server = tokio::spawn(crate::server::run(listener, shared.clone(), watch));
+        tracing::info!(%addr, "pgnear is listening");
+        Ok(Proxy { addr, shared, shutdown, server, _monitor: monitor })
+    }
+
+    /// The address clients connect to.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// What sessions share: the config and the live topology.
+    pub fn shared(&self) -> &Arc<Shared> {
+        &self.shared
+    }
+
+    /// Stops accepting and waits for every session to end.
+    pub async fn shutdown(mut self) {
+        let _ = self.shutdown.send(true);
+        let _ = (&mut self.server).await;
+    }
+
+    /// Runs until the listener task ends.
+    pub async fn wait(&mut self) {
+        let _ = (&mut self.server).await;
+    }
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        self.server.abort();
+    }
+}

@@ -1,0 +1,102 @@
+//! Config files: the examples parse, bad files name the key at fault, and
+//! `pgnear check` exits 0 or 1.
+
+use std::path::Path;
+use std::process::Command;
+
+use pgnear::Config;
+
+fn env(name: &str) -> Option<String> {
+    match name {
+        "APP_PASSWORD" => Some("from-env".into()),
+        _ => None,
+    }
+}
+
+#[test]
+fn example_configs_parse() {
+    let mut seen = 0;
+    let files = std::fs::read_dir(Path::new(env!("CARGO_MANIFEST_DIR")).join("config")).unwrap();
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("proxy.toml");
+    for path in files.map(|e| e.unwrap().path()).chain([root]) {
+        if path.extension().is_some_and(|e| e == "toml") {
+            let text = std::fs::read_to_string(&path).unwrap();
+            Config::parse(&text, &env).unwrap_or_else(|e| panic!("{}:\n{e}", path.display()));
+            seen += 1;
+        }
+    }
+    assert!(seen >= 4, "expected the example configs, found {seen}");
+}
+
+fn errors(text: &str) -> Vec<String> {
+    match Config::parse(text, &env) {
+        Ok(_) => panic!("config should be invalid:\n{text}"),
+        Err(e) => e.0.iter().map(|e| e.to_string()).collect(),
+    }
+}
+
+const NODE: &str = "[[nodes]]\nname = \"a\"\nhost = \"127.0.0.1\"\n";
+
+#[test]
+fn bad_configs_name_every_key_at_fault_at_once() {
+    let text = format!(
+        "[proxy]\nlisten = \"nowhere\"\nbogus = 1\n\n{NODE}port = 99999\nrole = \"leader\"\n\n\
+         [[users]]\nname = \"u\"\nauth = \"md5\"\n\n[routing]\ndefault = \"random\"\n\n\
+         [[rules]]\ntables = [\"t\"]\n\n[extra]\nx = 1\n"
+    );
+    let errors = errors(&text);
+    let expect = [
+        "proxy.bogus",
+        "nodes[0].port",
+        "nodes[0].role",
+        "users[0].password",
+        "routing.default",
+        "rules[0]",
+        "extra",
+    ];
+    for key in expect {
+        assert!(errors.iter().any(|e| e.starts_with(key)), "no error for {key}: {errors:#?}");
+    }
+}
+
+#[test]
+fn env_expansion_and_missing_variables() {
+    let text = format!("{NODE}\n[[users]]\nname = \"app\"\npassword = \"${{APP_PASSWORD}}\"\n");
+    let config = Config::parse(&text, &env).unwrap();
+    assert!(
+        matches!(&config.users[0].auth, pgnear::config::ClientAuth::ScramSha256(s) if s.expose() == "from-env")
+    );
+    let text = format!("{NODE}\n[[users]]\nname = \"app\"\npassword = \"${{NOT_SET}}\"\n");
+    assert_eq!(errors(&text), ["users[0].password: environment variable NOT_SET is not set"]);
+}
+
+#[test]
+fn structural_mistakes() {
+    assert!(errors("[proxy\n")[0].contains("not valid TOML"));
+    assert_eq!(errors("[proxy]\n"), ["nodes: at least one [[nodes]] entry is required"]);
+    let twice = format!("{NODE}\n{NODE}");
+    assert!(errors(&twice)[0].starts_with("nodes[1].name"));
+    let wrong_type = "nodes = 3\n";
+    assert!(errors(wrong_type)[0].starts_with("nodes"));
+    let tenant = format!("{NODE}\n[[tenants]]\ndatabase = \"x\"\ncluster = \"mars\"\n");
+    assert!(errors(&tenant)[0].starts_with("tenants[0].cluster"));
+}
+
+#[test]
+fn check_command_exits_0_or_1() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = dir.path().join("good.toml");
+    std::fs::write(&good, format!("{NODE}\n[[users]]\nname = \"postgres\"\nauth = \"trust\"\n")).unwrap();
+    let bad = dir.path().join("bad.toml");
+    std::fs::write(&bad, format!("{NODE}port = \"x\"\n")).unwrap();
+    let run = |path: &Path| {
+        Command::new(env!("CARGO_BIN_EXE_pgnear")).args(["check", "--config"]).arg(path).output().unwrap()
+    };
+    let ok = run(&good);
+    assert!(ok.status.success(), "{ok:?}");
+    let failed = run(&bad);
+    assert_eq!(failed.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("nodes[0].port"), "{failed:?}");
+    let missing = run(&dir.path().join("missing.toml"));
+    assert_eq!(missing.status.code(), Some(1));
+}
