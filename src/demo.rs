@@ -1,9 +1,124 @@
-//! `pgnear demo`: a local primary and replicas with pgnear in front.
+//! `pgnear demo`: the first thing a newcomer runs. It starts a primary and
+//! two streaming replicas on loopback with PostgreSQL's own tools, puts
+//! the primary "in us-east" and one replica "in ap-northeast" behind the
+//! WAN relay, keeps one replica local "in eu-west", starts pgnear in
+//! front, prints a connection string and shows each node live.
 
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
 
-/// Runs the demo until Ctrl-C.
-pub async fn run(_port: u16) -> ExitCode {
-    eprintln!("pgnear demo: not built yet");
-    ExitCode::FAILURE
+use crate::cluster::Topology;
+use crate::config::Config;
+use crate::lab::cluster::Cluster;
+use crate::lab::relay::Relay;
+use crate::Proxy;
+
+/// One-way delay to the primary, as from eu-west to us-east.
+const US_EAST_DELAY: Duration = Duration::from_millis(40);
+/// One-way delay to the far replica, as from eu-west to ap-northeast.
+const AP_DELAY: Duration = Duration::from_millis(110);
+/// How often the node table is printed.
+const REFRESH: Duration = Duration::from_secs(2);
+
+/// Runs the demo until Ctrl-C, then stops everything it started.
+pub async fn run(port: u16) -> ExitCode {
+    match demo(port).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("pgnear demo: {error}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
+    println!("pgnear demo: starting a primary and two streaming replicas (PostgreSQL 15)...");
+    let cluster = Cluster::builder().replica().delayed_replica(Duration::from_millis(500)).start().await?;
+    let to_us = Relay::start(cluster.primary().addr(), US_EAST_DELAY).await?;
+    let to_ap = Relay::start(cluster.replica(1).addr(), AP_DELAY).await?;
+    let config = Config::parse(&demo_config(port, &cluster, &to_us, &to_ap), &|_| None)
+        .map_err(|e| format!("demo config: {e}"))?;
+    let proxy = Proxy::start(config).await?;
+    let addr = proxy.addr();
+    println!();
+    println!("pgnear is listening on {addr}. Connect with:");
+    println!();
+    println!("    psql \"host={} port={} user=postgres dbname=postgres\"", addr.ip(), addr.port());
+    println!();
+    println!("us-primary is {}ms away each way, ap-replica {}ms and applies commits 500ms late;", US_EAST_DELAY.as_millis(), AP_DELAY.as_millis());
+    println!("eu-replica is local. Press Ctrl-C to stop and clean up.");
+    println!();
+    let topology = proxy.shared().topology.clone();
+    let mut ticker = tokio::time::interval(REFRESH);
+    loop {
+        tokio::select! {
+            _ = ticker.tick() => print_nodes(&topology),
+            () = crate::cli::shutdown_signal() => break,
+        }
+    }
+    println!("\nstopping pgnear and the cluster...");
+    proxy.shutdown().await;
+    drop(to_us);
+    drop(to_ap);
+    drop(cluster);
+    Ok(())
+}
+
+fn demo_config(port: u16, cluster: &Cluster, to_us: &Relay, to_ap: &Relay) -> String {
+    format!(
+        r#"
+[proxy]
+listen = "127.0.0.1:{port}"
+region = "eu-west"
+
+[[nodes]]
+name = "us-primary"
+host = "127.0.0.1"
+port = {us}
+region = "us-east"
+
+[[nodes]]
+name = "eu-replica"
+host = "127.0.0.1"
+port = {eu}
+region = "eu-west"
+
+[[nodes]]
+name = "ap-replica"
+host = "127.0.0.1"
+port = {ap}
+region = "ap-northeast"
+
+[[users]]
+name = "postgres"
+auth = "trust"
+
+[monitor]
+interval_ms = 100
+"#,
+        us = to_us.port(),
+        eu = cluster.replica(0).port(),
+        ap = to_ap.port(),
+    )
+}
+
+/// Prints one line per node from the monitor's published status.
+fn print_nodes(topology: &Arc<Topology>) {
+    println!("{:<12} {:<8} {:<13} {:<5} {:>9} {:>12}", "node", "role", "region", "up", "rtt_ms", "lsn");
+    for node in &topology.nodes {
+        let s = node.status.load();
+        let rtt = s.rtt.map(|r| format!("{:.1}", r.as_secs_f64() * 1000.0)).unwrap_or_else(|| "-".into());
+        let lsn = s.lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+        println!(
+            "{:<12} {:<8} {:<13} {:<5} {:>9} {:>12}",
+            node.config.name,
+            s.role.as_str(),
+            node.config.region,
+            s.up,
+            rtt,
+            lsn
+        );
+    }
+    println!();
 }

@@ -223,5 +223,3 @@ pub struct TenantConfig {
     pub cluster: String,
 }
 
-#[cfg(test)]
-mod tests;

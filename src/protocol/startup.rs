@@ -113,7 +113,7 @@ mod tests {
     #[tokio::test]
     async fn reads_a_libpq_startup_packet() {
         // Recorded from psql 15: user=app database=shop application_name=psql.
-        let packet: &[u8] = b"\0\0\0\x3b\0\x03\0\0user\0app\0database\0shop\0application_name\0psql\0\0";
+        let packet: &[u8] = b"\0\0\0\x36\0\x03\0\0user\0app\0database\0shop\0application_name\0psql\0\0";
         let mut r = packet;
         let req = read_startup(&mut r).await.unwrap().unwrap();
         let StartupRequest::Startup(params) = req else { panic!("not a startup") };
