@@ -46,7 +46,11 @@ async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     println!();
     println!("    psql \"host={} port={} user=postgres dbname=postgres\"", addr.ip(), addr.port());
     println!();
-    println!("us-primary is {}ms away each way, ap-replica {}ms and applies commits 500ms late;", US_EAST_DELAY.as_millis(), AP_DELAY.as_millis());
+    println!(
+        "us-primary is {}ms away each way, ap-replica {}ms and applies commits 500ms late;",
+        US_EAST_DELAY.as_millis(),
+        AP_DELAY.as_millis()
+    );
     println!("eu-replica is local. Press Ctrl-C to stop and clean up.");
     println!();
     let topology = proxy.shared().topology.clone();

@@ -222,4 +222,3 @@ pub struct TenantConfig {
     pub user: Option<String>,
     pub cluster: String,
 }
-

@@ -263,7 +263,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Event::Client(None) => Ok(Flow::End),
             Event::Server(target, Some(frame)) => self.on_server(target, frame),
             Event::Server(target, None) => {
-                let node = self.server(target).map(|s| s.backend.addr.to_string()).unwrap_or_default();
+                let node = self.server(target).map(|s| self.node_name(s)).unwrap_or_default();
                 Err(ProxyError::BackendLost { node })
             }
             Event::IdleTimeout => Err(ProxyError::IdleTimeout),
@@ -411,6 +411,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         self.client.queue(&frame);
         Ok(flow)
+    }
+
+    /// The configured name of a server's node, for errors and logs.
+    fn node_name(&self, server: &Server) -> String {
+        self.shared.topology.nodes[server.node].config.name.clone()
     }
 
     fn server(&self, target: Target) -> Option<&Server> {

@@ -205,4 +205,3 @@ async fn psql_works_through_pgnear() {
             .await;
     assert!(out.contains("CREATE TABLE"), "{out}");
 }
-

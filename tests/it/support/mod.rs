@@ -46,6 +46,7 @@ impl ProxyConfig {
     }
 
     /// Adds a whole TOML section.
+    #[allow(dead_code)] // not every test binary build uses every builder method
     pub fn section(mut self, toml: &str) -> Self {
         self.sections.push(format!("{toml}\n"));
         self
