@@ -42,6 +42,8 @@ pub enum ProxyError {
     Connect(#[from] ConnectError),
     #[error("server connection to {node} was lost")]
     BackendLost { node: String },
+    #[error("terminating connection: the primary is now {node}; reconnect")]
+    PrimaryMoved { node: String },
     #[error("server {node} broke the protocol: {source}")]
     BackendProtocol { node: String, source: ProtocolError },
     #[error("{0}")]
@@ -74,6 +76,7 @@ impl ProxyError {
             E::NoPrimary(_) => (Fatal, S::SqlclientUnableToEstablishSqlconnection),
             E::Connect(_) => (Fatal, S::SqlclientUnableToEstablishSqlconnection),
             E::BackendLost { .. } | E::BackendProtocol { .. } => (Fatal, S::ConnectionFailure),
+            E::PrimaryMoved { .. } => (Fatal, S::AdminShutdown),
             E::Unsupported(_) => (Fatal, S::FeatureNotSupported),
         };
         Some(error_response(severity, code, &self.to_string()))
@@ -89,7 +92,7 @@ impl ProxyError {
             E::TooManyClients(_) => "limit",
             E::StartupTimeout | E::IdleTimeout => "timeout",
             E::NoPrimary(_) | E::Connect(_) => "backend_connect",
-            E::BackendLost { .. } | E::BackendProtocol { .. } => "backend_error",
+            E::BackendLost { .. } | E::BackendProtocol { .. } | E::PrimaryMoved { .. } => "backend_error",
         }
     }
 }

@@ -10,10 +10,13 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::Directory;
+use crate::cluster::catalog::Catalogs;
 use crate::cluster::{monitor, Topology};
 use crate::config::Config;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::Shared;
+use crate::router::cache::ClassifyCache;
+use crate::router::consistency::SharedWatermark;
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -54,8 +57,17 @@ impl Proxy {
         };
         monitor::probe_all(&topology, &config.monitor, config.proxy.connect_timeout).await;
         let monitor = monitor::spawn(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout);
-        let shared =
-            Arc::new(Shared { config, topology, directory, cancels: Arc::new(CancelRegistry::default()) });
+        let catalogs =
+            Arc::new(Catalogs::new(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout));
+        let shared = Arc::new(Shared {
+            classifier: ClassifyCache::new(config.proxy.classify_cache_entries),
+            catalogs,
+            watermark: SharedWatermark::new(std::time::Instant::now()),
+            config,
+            topology,
+            directory,
+            cancels: Arc::new(CancelRegistry::default()),
+        });
         let (shutdown, watch) = watch::channel(false);
         let server = tokio::spawn(crate::server::run(listener, shared.clone(), watch));
         tracing::info!(%addr, "pgnear is listening");

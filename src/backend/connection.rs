@@ -19,6 +19,9 @@ pub enum Hidden {
     UntilReady,
     /// The next ParseComplete (a replayed Parse).
     ParseComplete,
+    /// The next CloseComplete (a Close of a statement the client closed
+    /// on another server).
+    CloseComplete,
 }
 
 /// An authenticated server connection.
@@ -36,6 +39,11 @@ pub struct Backend {
     pub in_flight: u32,
     /// The last ReadyForQuery status: `I`, `T` or `E`.
     pub tx_status: u8,
+    /// Between the server's CopyInResponse and the client's CopyDone or
+    /// CopyFail: the server ignores any Sync it gets meanwhile.
+    pub copy_in: bool,
+    /// The last unit sent was extended-protocol and ended with Sync.
+    pub last_unit_synced: bool,
     hidden: VecDeque<Hidden>,
 }
 
@@ -56,6 +64,8 @@ impl Backend {
             startup_params,
             in_flight: 0,
             tx_status: b'I',
+            copy_in: false,
+            last_unit_synced: false,
             hidden: VecDeque::new(),
         }
     }
@@ -105,6 +115,13 @@ impl Backend {
     /// Decides whether a server frame is a response to pgnear's own
     /// replay; if so it must not reach the client.
     pub fn swallow(&mut self, frame: &Frame) -> bool {
+        if frame.tag() == b'E' {
+            // After an error the server skips to Sync: replayed Parse and
+            // Close responses that were still expected will never come.
+            while matches!(self.hidden.front(), Some(Hidden::ParseComplete | Hidden::CloseComplete)) {
+                self.hidden.pop_front();
+            }
+        }
         match (self.hidden.front(), frame.tag()) {
             (Some(Hidden::UntilReady), b'Z') => {
                 self.hidden.pop_front();
@@ -115,7 +132,7 @@ impl Backend {
             // its session state could not be reproduced.
             (Some(Hidden::UntilReady), b'E') => false,
             (Some(Hidden::UntilReady), _) => true,
-            (Some(Hidden::ParseComplete), b'1') => {
+            (Some(Hidden::ParseComplete), b'1') | (Some(Hidden::CloseComplete), b'3') => {
                 self.hidden.pop_front();
                 true
             }

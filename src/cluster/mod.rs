@@ -1,16 +1,17 @@
 //! Topology and health: what the monitor last measured about each node,
 //! published as immutable snapshots that request paths read without locks.
 
+pub mod catalog;
 pub mod lsn;
 pub mod monitor;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
-use crate::config::{NodeConfig, RoleSetting};
+use crate::config::NodeConfig;
 pub use lsn::Lsn;
 
 /// A node's role as last observed.
@@ -48,6 +49,11 @@ pub struct NodeStatus {
     pub replay_time: Option<SystemTime>,
     /// Wall-clock time of the probe, on the node's clock.
     pub probed_at: Option<SystemTime>,
+    /// A primary's `pg_current_wal_insert_lsn()`, read by the probe sent at
+    /// `probe_sent`: the read-your-writes watermark source.
+    pub insert_lsn: Option<Lsn>,
+    /// When the last successful probe was sent, on pgnear's clock.
+    pub probe_sent: Option<Instant>,
     pub consecutive_failures: u32,
     pub consecutive_successes: u32,
 }
@@ -62,6 +68,8 @@ impl Default for NodeStatus {
             receive_lsn: None,
             replay_time: None,
             probed_at: None,
+            insert_lsn: None,
+            probe_sent: None,
             consecutive_failures: 0,
             consecutive_successes: 0,
         }
@@ -103,27 +111,7 @@ impl Topology {
     /// The one verified primary of `cluster`, if exactly one node is up and
     /// claims the role (or the config names it).
     pub fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
-        let mut found = Vec::new();
-        for (i, node) in self.nodes.iter().enumerate() {
-            let status = node.status.load();
-            if node.config.cluster == cluster && status.up && status.role == Role::Primary {
-                found.push(i);
-            }
-        }
-        if found.len() > 1 {
-            let named: Vec<usize> = found
-                .iter()
-                .copied()
-                .filter(|&i| self.nodes[i].config.role == RoleSetting::Primary)
-                .collect();
-            return match named.as_slice() {
-                [one] => Ok(*one),
-                _ => Err(NoPrimary::Conflict(
-                    found.iter().map(|&i| self.nodes[i].config.name.clone()).collect(),
-                )),
-            };
-        }
-        found.first().copied().ok_or(NoPrimary::Unreachable)
+        crate::router::ClusterView::capture(self).primary(cluster)
     }
 }
 

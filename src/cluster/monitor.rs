@@ -24,7 +24,8 @@ const PROBE: &str = "SELECT pg_is_in_recovery()::text, \
      (CASE WHEN pg_is_in_recovery() THEN pg_last_wal_replay_lsn() ELSE pg_current_wal_lsn() END)::text, \
      pg_last_wal_receive_lsn()::text, \
      (extract(epoch FROM pg_last_xact_replay_timestamp()) * 1000000)::int8::text, \
-     (extract(epoch FROM clock_timestamp()) * 1000000)::int8::text";
+     (extract(epoch FROM clock_timestamp()) * 1000000)::int8::text, \
+     (CASE WHEN pg_is_in_recovery() THEN NULL ELSE pg_current_wal_insert_lsn() END)::text";
 
 /// The weight of the newest RTT sample in the EWMA.
 const RTT_ALPHA: f64 = 0.3;
@@ -37,6 +38,8 @@ struct Sample {
     receive_lsn: Option<Lsn>,
     replay_time: Option<SystemTime>,
     probed_at: Option<SystemTime>,
+    insert_lsn: Option<Lsn>,
+    sent_at: Instant,
     rtt: Duration,
 }
 
@@ -135,6 +138,8 @@ async fn probe(
         receive_lsn: col(2).and_then(|v| v.parse().ok()),
         replay_time: micros(3),
         probed_at: micros(4),
+        insert_lsn: col(5).and_then(|v| v.parse().ok()),
+        sent_at: started,
         rtt,
     })
 }
@@ -180,6 +185,8 @@ fn next_status(
                 receive_lsn: s.receive_lsn,
                 replay_time: s.replay_time,
                 probed_at: s.probed_at,
+                insert_lsn: s.insert_lsn,
+                probe_sent: Some(s.sent_at),
                 consecutive_failures: 0,
                 consecutive_successes: successes,
             }

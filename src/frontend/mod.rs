@@ -12,9 +12,12 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use tracing::Instrument;
 
 use crate::auth::Directory;
+use crate::cluster::catalog::Catalogs;
 use crate::cluster::Topology;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::router::cache::ClassifyCache;
+use crate::router::consistency::SharedWatermark;
 use cancel::CancelRegistry;
 use handshake::{handshake, Handshake, Login};
 use session::Session;
@@ -26,6 +29,13 @@ pub struct Shared {
     pub topology: Arc<Topology>,
     pub directory: Directory,
     pub cancels: Arc<CancelRegistry>,
+    /// Classification results by statement text, shared by all sessions so
+    /// that a statement is parsed once per proxy, not once per client.
+    pub classifier: ClassifyCache,
+    /// User-defined volatile functions per database.
+    pub catalogs: Arc<Catalogs>,
+    /// The proxy-wide watermark for `read_your_writes = "proxy"`.
+    pub watermark: SharedWatermark,
 }
 
 /// Serves one client connection to its end. Never panics on bad input;

@@ -2,12 +2,18 @@
 //!
 //! The loop waits on the client and on every open server connection at
 //! once. Client messages are grouped into units of work: one simple Query,
-//! or an extended-protocol batch up to Sync. Each unit is routed as a
-//! whole, and a unit (or a transaction) stays on one server until its
-//! ReadyForQuery says that server is idle. Server messages are relayed as
-//! they arrive, and flushed to the client once per read batch.
+//! or extended-protocol messages up to Sync (or Flush). Each unit is routed
+//! as a whole (`unit`), and a unit or a transaction stays on one server
+//! until that server's ReadyForQuery says it is idle. Server messages are
+//! relayed as they arrive and flushed to the client once per read batch;
+//! responses to pgnear's own replays are swallowed.
+
+mod local;
+mod state;
+mod unit;
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
@@ -16,9 +22,18 @@ use super::cancel::{Registration, ServerKey};
 use super::handshake::Login;
 use super::Shared;
 use crate::backend::{connect, Backend, ServerLogin};
+use crate::cluster::catalog::Catalog;
+use crate::cluster::Lsn;
+use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
-use crate::protocol::backend::{backend_key_data, ready_for_query, ready_status, ErrorFields};
+use crate::protocol::backend::{
+    backend_key_data, parameter_status, ready_for_query, ready_status, ErrorFields,
+};
 use crate::protocol::{Frame, FrameReader, ProtocolError};
+use crate::router::classify::Classification;
+use crate::router::consistency::{PrimarySample, Watermark};
+use local::ProxySettings;
+use state::{ServerState, SessionState};
 
 /// Client output is flushed once it grows past this, even mid-batch.
 const FLUSH_AT: usize = 64 * 1024;
@@ -40,8 +55,10 @@ enum Flow {
 /// Something the loop must handle.
 #[derive(Debug)]
 enum Event {
-    Client(Option<Frame>),
-    Server(Target, Option<Frame>),
+    Client(Result<Option<Frame>, ProtocolError>),
+    Server(Target, Result<Option<Frame>, ProtocolError>),
+    /// A write's watermark may have resolved: check and report it.
+    WatermarkTick,
     IdleTimeout,
 }
 
@@ -66,11 +83,21 @@ impl<S: AsyncRead + AsyncWrite> Client<S> {
     }
 }
 
-/// A server connection with the key a cancel should use.
+/// A server connection, the key a cancel should use, and what it has of
+/// the session state.
 struct Server {
     backend: Backend,
     node: usize,
     cancel_key: Arc<ServerKey>,
+    state: ServerState,
+}
+
+/// Extended-protocol messages waiting for their Sync, with the
+/// classifications of the statements they parse or execute.
+#[derive(Default)]
+struct Batch {
+    frames: Vec<Frame>,
+    classes: Vec<Arc<Classification>>,
 }
 
 /// An authenticated client and its server connections.
@@ -79,6 +106,7 @@ pub struct Session<S> {
     client: Client<S>,
     login: ServerLogin,
     cluster: String,
+    catalog: Arc<Catalog>,
     primary: Server,
     replica: Option<Server>,
     /// Where the current unit of work runs. Set when a unit starts and
@@ -86,8 +114,16 @@ pub struct Session<S> {
     bound: Option<Target>,
     /// A Flush sent part of a batch ahead of its Sync: stay bound.
     open_batch: bool,
-    /// Extended-protocol messages waiting for their Sync to be routed.
-    batch: Vec<Frame>,
+    batch: Batch,
+    state: SessionState,
+    settings: ProxySettings,
+    watermark: Watermark,
+    /// The `pgnear.write_lsn` last reported to the client.
+    reported_lsn: Option<Lsn>,
+    /// Work that may write was sent to the primary since it was last idle.
+    primary_dirty: bool,
+    /// DDL ran: reload the volatile-function catalog before routing again.
+    catalog_stale: bool,
     registration: Registration,
 }
 
@@ -100,11 +136,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         login: Login,
         cluster: String,
     ) -> Result<Self, ProxyError> {
-        let limit = shared.config.proxy.max_message_bytes;
+        let (settings, params) = match startup_settings(&login) {
+            Ok(split) => split,
+            Err(frame) => {
+                let _ = stream.write_all(frame.raw()).await;
+                return Err(ProxyError::Unsupported("invalid pgnear setting in startup options".into()));
+            }
+        };
         let server_login = ServerLogin {
             user: login.user.server_user.clone(),
             password: login.user.server_password.clone(),
-            params: server_params(&login),
+            params,
         };
         let opened = match shared.topology.primary(&cluster) {
             Ok(node) => open(&shared, node, &server_login).await,
@@ -117,8 +159,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 return Err(error);
             }
         };
+        let database = login.param("database").unwrap_or(&login.user.name).to_string();
+        let catalog = shared.catalogs.get(&cluster, &database).await;
         let registration = shared.cancels.register(primary.backend.key.pid);
         let (read, writer) = tokio::io::split(stream);
+        let limit = shared.config.proxy.max_message_bytes;
         let mut client = Client {
             reader: FrameReader::with_buffered(read, limit, login.buffered),
             writer,
@@ -135,11 +180,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             client,
             login: server_login,
             cluster,
+            catalog,
             primary,
             replica: None,
             bound: None,
             open_batch: false,
-            batch: Vec::new(),
+            batch: Batch::default(),
+            state: SessionState::default(),
+            settings,
+            watermark: Watermark::default(),
+            reported_lsn: None,
+            primary_dirty: false,
+            catalog_stale: false,
             registration,
         })
     }
@@ -159,11 +211,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     async fn relay(&mut self) -> Result<(), ProxyError> {
         loop {
-            let event = match self.buffered_event()? {
+            let event = match self.buffered_event() {
                 Some(event) => event,
                 None => {
                     self.flush_all().await?;
-                    self.wait_event().await?
+                    self.wait_event().await
                 }
             };
             if self.handle(event).await? == Flow::End {
@@ -176,20 +228,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     async fn close(mut self) {
-        let busy = [Some(&self.primary), self.replica.as_ref()]
+        let busy: Vec<ServerKey> = [Some(&self.primary), self.replica.as_ref()]
             .into_iter()
             .flatten()
             .filter(|s| s.backend.in_flight > 0)
             .map(|s| *s.cancel_key)
-            .collect::<Vec<_>>();
+            .collect();
         for server in busy {
             // The client left mid-query: stop the server's work too.
-            crate::backend::connect::send_cancel(
-                server.addr,
-                server.key,
-                self.shared.config.proxy.connect_timeout,
-            )
-            .await;
+            let timeout = self.shared.config.proxy.connect_timeout;
+            crate::backend::connect::send_cancel(server.addr, server.key, timeout).await;
         }
         if let Some(replica) = self.replica.take() {
             replica.backend.terminate().await;
@@ -199,30 +247,28 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         drop(self.registration);
     }
 
-    /// A frame already read from any side, without waiting.
-    fn buffered_event(&mut self) -> Result<Option<Event>, ProxyError> {
-        let node = |s: &Server| s.backend.addr.to_string();
-        if let Some(frame) =
-            self.primary.backend.buffered().map_err(|e| backend_err(node(&self.primary), e))?
-        {
-            return Ok(Some(Event::Server(Target::Primary, Some(frame))));
-        }
-        if let Some(replica) = self.replica.as_mut() {
-            if let Some(frame) = replica.backend.buffered().map_err(|e| backend_err(node(replica), e))? {
-                return Ok(Some(Event::Server(Target::Replica, Some(frame))));
+    /// A frame already read from any side, without waiting. Server frames
+    /// first, so that responses drain before new work is taken.
+    fn buffered_event(&mut self) -> Option<Event> {
+        for target in [Target::Primary, Target::Replica] {
+            if let Some(server) = self.server_mut(target) {
+                match server.backend.buffered() {
+                    Ok(None) => {}
+                    other => return Some(Event::Server(target, other)),
+                }
             }
         }
-        Ok(self.client.reader.buffered()?.map(|f| Event::Client(Some(f))))
+        match self.client.reader.buffered() {
+            Ok(None) => None,
+            other => Some(Event::Client(other)),
+        }
     }
 
     async fn flush_all(&mut self) -> Result<(), ProxyError> {
-        let lost = |s: &Server| ProxyError::BackendLost { node: s.backend.addr.to_string() };
-        if self.primary.backend.has_output() {
-            self.primary.backend.flush().await.map_err(|_| lost(&self.primary))?;
-        }
-        if let Some(replica) = self.replica.as_mut() {
-            if replica.backend.has_output() {
-                replica.backend.flush().await.map_err(|_| lost(replica))?;
+        for target in [Target::Primary, Target::Replica] {
+            let Some(server) = self.server_mut(target) else { continue };
+            if server.backend.has_output() && server.backend.flush().await.is_err() {
+                return self.server_lost(target);
             }
         }
         self.client.flush().await
@@ -230,11 +276,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// Waits for the next frame from any side. Every branch is cancel
     /// safe: frame readers only move bytes into their own buffers.
-    async fn wait_event(&mut self) -> Result<Event, ProxyError> {
+    async fn wait_event(&mut self) -> Event {
         let idle_timeout = self.shared.config.proxy.idle_client_timeout.filter(|_| self.bound.is_none());
         let idle = async {
             match idle_timeout {
                 Some(after) => tokio::time::sleep(after).await,
+                None => std::future::pending().await,
+            }
+        };
+        let tick_every = (self.watermark.is_pending()).then(|| self.shared.config.monitor.interval / 2);
+        let tick = async {
+            match tick_every {
+                Some(every) => tokio::time::sleep(every).await,
                 None => std::future::pending().await,
             }
         };
@@ -244,168 +297,95 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 None => std::future::pending().await,
             }
         };
-        let primary_node = self.primary.backend.addr;
         tokio::select! {
-            frame = self.client.reader.next() => Ok(Event::Client(frame?)),
-            frame = self.primary.backend.next() => frame
-                .map(|f| Event::Server(Target::Primary, f))
-                .map_err(|e| backend_err(primary_node.to_string(), e)),
-            frame = replica => frame
-                .map(|f| Event::Server(Target::Replica, f))
-                .map_err(|e| ProxyError::BackendProtocol { node: "replica".into(), source: e }),
-            () = idle => Ok(Event::IdleTimeout),
+            frame = self.client.reader.next() => Event::Client(frame),
+            frame = self.primary.backend.next() => Event::Server(Target::Primary, frame),
+            frame = replica => Event::Server(Target::Replica, frame),
+            () = tick => Event::WatermarkTick,
+            () = idle => Event::IdleTimeout,
         }
     }
 
     async fn handle(&mut self, event: Event) -> Result<Flow, ProxyError> {
         match event {
-            Event::Client(Some(frame)) => self.on_client(frame).await,
-            Event::Client(None) => Ok(Flow::End),
-            Event::Server(target, Some(frame)) => self.on_server(target, frame),
-            Event::Server(target, None) => {
-                let node = self.server(target).map(|s| self.node_name(s)).unwrap_or_default();
-                Err(ProxyError::BackendLost { node })
+            Event::Client(Ok(Some(frame))) => self.on_client(frame).await,
+            Event::Client(Ok(None)) => Ok(Flow::End),
+            Event::Client(Err(error)) => Err(error.into()),
+            Event::Server(target, Ok(Some(frame))) => self.on_server(target, frame),
+            Event::Server(target, Ok(None)) => self.server_lost(target).map(|()| Flow::Continue),
+            Event::Server(target, Err(error)) => {
+                let node = self.node_name(target);
+                tracing::warn!(node, %error, "server broke the protocol");
+                self.server_lost(target).map(|()| Flow::Continue)
+            }
+            Event::WatermarkTick => {
+                self.refresh_watermark();
+                Ok(Flow::Continue)
             }
             Event::IdleTimeout => Err(ProxyError::IdleTimeout),
         }
     }
 
-    async fn on_client(&mut self, frame: Frame) -> Result<Flow, ProxyError> {
-        match frame.tag() {
-            b'Q' => {
-                crate::protocol::frontend::query_text(&frame)?;
-                self.send_unit(vec![frame]).await?;
-            }
-            b'P' | b'B' | b'D' | b'E' | b'C' => {
-                if let Some(target) = self.bound {
-                    self.forward(target, &frame);
-                } else {
-                    self.batch.push(frame);
-                }
-            }
-            b'H' => self.on_flush(frame).await?,
-            b'S' => self.on_sync(frame).await?,
-            // Outside COPY the server ignores these, and so do we.
-            b'd' | b'c' | b'f' => {
-                if let Some(target) = self.bound {
-                    self.forward(target, &frame);
-                }
-            }
-            b'F' => self.send_unit(vec![frame]).await?,
-            b'X' => return Ok(Flow::End),
-            tag => {
-                return Err(ProtocolError::Unexpected {
-                    tag: tag as char,
-                    when: "from a client in a session",
-                }
-                .into())
-            }
+    /// A server connection closed or failed. Losing the primary ends the
+    /// session; losing a replica fails only the unit running there.
+    fn server_lost(&mut self, target: Target) -> Result<(), ProxyError> {
+        let node = self.node_name(target);
+        if target == Target::Primary {
+            return Err(ProxyError::BackendLost { node });
         }
-        Ok(Flow::Continue)
-    }
-
-    async fn on_flush(&mut self, frame: Frame) -> Result<(), ProxyError> {
-        if self.bound.is_none() && !self.batch.is_empty() {
-            let batch = std::mem::take(&mut self.batch);
-            let target = self.begin_unit(&batch).await?;
-            self.open_batch = true;
-            for f in &batch {
-                self.forward(target, f);
-            }
-        }
-        if let Some(target) = self.bound {
-            self.forward(target, &frame);
-        }
-        Ok(())
-    }
-
-    async fn on_sync(&mut self, frame: Frame) -> Result<(), ProxyError> {
-        if self.bound.is_some() {
+        tracing::warn!(node, "replica connection lost");
+        let was_bound = self.bound == Some(Target::Replica);
+        self.replica = None;
+        if was_bound {
+            self.bound = None;
             self.open_batch = false;
-            let target = self.bound.unwrap_or(Target::Primary);
-            self.forward(target, &frame);
-            self.server_mut(target).backend.in_flight += 1;
-            return Ok(());
-        }
-        let mut batch = std::mem::take(&mut self.batch);
-        batch.push(frame);
-        self.send_unit(batch).await
-    }
-
-    /// Routes a complete unit (ending in Query, Sync or FunctionCall) and
-    /// sends it.
-    async fn send_unit(&mut self, unit: Vec<Frame>) -> Result<(), ProxyError> {
-        let target = match self.bound {
-            Some(target) => target,
-            None => self.begin_unit(&unit).await?,
-        };
-        for frame in &unit {
-            self.forward(target, frame);
-        }
-        self.server_mut(target).backend.in_flight += 1;
-        Ok(())
-    }
-
-    /// Picks the server for a new unit, opens it if needed and binds the
-    /// session to it until it is idle again.
-    async fn begin_unit(&mut self, _unit: &[Frame]) -> Result<Target, ProxyError> {
-        let target = Target::Primary;
-        self.ensure_open(target).await?;
-        let server = self.server(target).map(|s| s.cancel_key.clone());
-        if let Some(key) = server {
-            self.registration.target.set(&key);
-        }
-        self.bound = Some(target);
-        Ok(target)
-    }
-
-    async fn ensure_open(&mut self, target: Target) -> Result<(), ProxyError> {
-        if target == Target::Replica && self.replica.is_none() {
-            let Some(node) = self.replica_node() else {
-                return Err(ProxyError::Unsupported("no replica available".into()));
-            };
-            self.replica = Some(open(&self.shared, node, &self.login).await?);
+            let message = format!("connection to replica {node} was lost; the statement did not complete");
+            let error = crate::protocol::backend::error_response(
+                crate::protocol::backend::Severity::Error,
+                crate::protocol::SqlState::ConnectionFailure,
+                &message,
+            );
+            self.client.queue(&error);
+            self.client.queue(&ready_for_query(self.primary.backend.tx_status));
         }
         Ok(())
-    }
-
-    fn replica_node(&self) -> Option<usize> {
-        let topology = &self.shared.topology;
-        topology.nodes.iter().enumerate().find_map(|(i, n)| {
-            let status = n.status.load();
-            let ok =
-                n.config.cluster == self.cluster && status.up && status.role == crate::cluster::Role::Replica;
-            ok.then_some(i)
-        })
-    }
-
-    fn forward(&mut self, target: Target, frame: &Frame) {
-        self.server_mut(target).backend.queue(frame);
     }
 
     fn on_server(&mut self, target: Target, frame: Frame) -> Result<Flow, ProxyError> {
         let open_batch = self.open_batch;
-        let server = self.server_mut(target);
+        let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
         if server.backend.swallow(&frame) {
             return Ok(Flow::Continue);
         }
         let mut flow = Flow::Continue;
         match frame.tag() {
             b'Z' => {
-                let status =
-                    ready_status(&frame).map_err(|e| backend_err(server.backend.addr.to_string(), e))?;
+                let status = ready_status(&frame)?;
                 server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
                 server.backend.tx_status = status;
-                if server.backend.is_idle() && !open_batch && self.bound == Some(target) {
+                let idle = server.backend.is_idle();
+                if idle && !open_batch && self.bound == Some(target) {
                     self.bound = None;
                 }
-            }
-            b'E' => {
-                let fields = ErrorFields::parse(&frame)
-                    .map_err(|e| backend_err(server.backend.addr.to_string(), e))?;
-                if fields.is_fatal() {
-                    flow = Flow::End;
+                if idle && target == Target::Primary {
+                    self.primary_idle(Instant::now());
                 }
+            }
+            b'G' => {
+                server.backend.copy_in = true;
+                if std::mem::take(&mut server.backend.last_unit_synced) {
+                    // The Sync sent with this COPY's Execute reached the
+                    // server in COPY IN mode, where it is ignored.
+                    server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
+                }
+            }
+            b'E' if ErrorFields::parse(&frame)?.is_fatal() => {
+                if target == Target::Replica && self.bound != Some(Target::Replica) {
+                    // An idle replica going away is not the client's business.
+                    self.replica = None;
+                    return Ok(Flow::Continue);
+                }
+                flow = Flow::End;
             }
             _ => {}
         }
@@ -413,9 +393,55 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         Ok(flow)
     }
 
-    /// The configured name of a server's node, for errors and logs.
-    fn node_name(&self, server: &Server) -> String {
-        self.shared.topology.nodes[server.node].config.name.clone()
+    /// The primary finished its work: a write, if any, has committed.
+    fn primary_idle(&mut self, at: Instant) {
+        if !std::mem::take(&mut self.primary_dirty) {
+            return;
+        }
+        match self.shared.config.consistency.read_your_writes {
+            ReadYourWrites::Off => {}
+            ReadYourWrites::Session => self.watermark.wrote(at),
+            ReadYourWrites::Proxy => {
+                self.watermark.wrote(at);
+                self.shared.watermark.wrote(at);
+            }
+        }
+    }
+
+    /// The monitor's latest primary sample, for resolving watermarks.
+    fn primary_sample(&self) -> Option<PrimarySample> {
+        let status = self.shared.topology.nodes[self.primary.node].status.load();
+        Some(PrimarySample { sent_at: status.probe_sent?, lsn: status.insert_lsn? })
+    }
+
+    /// Resolves pending watermarks and reports a new one to the client as
+    /// ParameterStatus `pgnear.write_lsn`.
+    fn refresh_watermark(&mut self) {
+        let sample = self.primary_sample();
+        self.watermark.resolve(sample);
+        self.shared.watermark.resolve(sample);
+        let lsn = self.watermark.lsn();
+        if lsn.is_some() && lsn != self.reported_lsn {
+            self.reported_lsn = lsn;
+            let value = lsn.map(|l| l.to_string()).unwrap_or_default();
+            self.client.queue(&parameter_status("pgnear.write_lsn", &value));
+        }
+    }
+
+    /// The watermark reads must respect under the configured scope.
+    fn effective_watermark(&self) -> Watermark {
+        match self.shared.config.consistency.read_your_writes {
+            ReadYourWrites::Off => Watermark::default(),
+            ReadYourWrites::Session => self.watermark,
+            ReadYourWrites::Proxy => self.watermark.merge(self.shared.watermark.get()),
+        }
+    }
+
+    fn node_name(&self, target: Target) -> String {
+        match self.server(target) {
+            Some(server) => self.shared.topology.nodes[server.node].config.name.clone(),
+            None => String::from("replica"),
+        }
     }
 
     fn server(&self, target: Target) -> Option<&Server> {
@@ -425,26 +451,38 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
     }
 
-    fn server_mut(&mut self, target: Target) -> &mut Server {
-        match (target, self.replica.as_mut()) {
-            (Target::Replica, Some(replica)) => replica,
-            _ => &mut self.primary,
+    fn server_mut(&mut self, target: Target) -> Option<&mut Server> {
+        match target {
+            Target::Primary => Some(&mut self.primary),
+            Target::Replica => self.replica.as_mut(),
         }
     }
 }
 
-fn backend_err(node: String, source: ProtocolError) -> ProxyError {
-    ProxyError::BackendProtocol { node, source }
-}
-
-/// The startup parameters a server sees: the client's own, minus `user`
-/// (the server user replaces it) and pgnear's own settings.
-fn server_params(login: &Login) -> Vec<(String, String)> {
-    let mut params: Vec<(String, String)> = login.params.clone();
+/// Splits `pgnear.*` settings out of the startup `options`; the rest of
+/// the startup parameters go to every server the session uses.
+fn startup_settings(login: &Login) -> Result<(ProxySettings, Vec<(String, String)>), Frame> {
+    let mut settings = ProxySettings::default();
+    let mut params = Vec::with_capacity(login.params.len() + 1);
+    for (name, value) in &login.params {
+        if name == "options" {
+            let (rest, found) = local::split_options(value);
+            for (name, value) in found {
+                settings.set(&name, &value)?;
+            }
+            if !rest.is_empty() {
+                params.push((name.clone(), rest));
+            }
+        } else if let Some(setting) = name.strip_prefix("pgnear.") {
+            settings.set(setting, value)?;
+        } else {
+            params.push((name.clone(), value.clone()));
+        }
+    }
     if login.param("database").is_none() {
         params.push(("database".into(), login.user.name.clone()));
     }
-    params
+    Ok((settings, params))
 }
 
 async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Server, ProxyError> {
@@ -452,5 +490,5 @@ async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Serve
     let proxy = &shared.config.proxy;
     let backend = connect(addr, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = Arc::new(ServerKey { addr, key: backend.key });
-    Ok(Server { backend, node, cancel_key })
+    Ok(Server { backend, node, cancel_key, state: ServerState::default() })
 }

@@ -1,0 +1,75 @@
+//! A bounded cache of classifications keyed by the exact SQL text, shared by
+//! all sessions, so a repeated statement costs a hash lookup, not a parse.
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+
+use quick_cache::sync::Cache;
+
+use super::classify::{classify, Classification};
+
+/// Texts longer than this are classified on every call and never stored:
+/// they are rarely repeated and would crowd out the short statements that
+/// are.
+pub const MAX_CACHED_SQL_LEN: usize = 16 * 1024;
+
+/// Classifications by SQL text. `Sync`: one instance serves every session.
+pub struct ClassifyCache {
+    entries: Cache<String, Arc<Classification>>,
+    /// Lookups answered from the cache (for the hit-rate metric).
+    hits: AtomicU64,
+    /// Lookups that parsed, including texts too long to cache.
+    misses: AtomicU64,
+}
+
+impl ClassifyCache {
+    /// A cache holding at most `capacity` statement texts.
+    pub fn new(capacity: usize) -> Self {
+        Self { entries: Cache::new(capacity.max(1)), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+    }
+
+    /// The classification of `sql`, from the cache when present. A hit
+    /// borrows `sql` for the lookup and allocates nothing.
+    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+        if let Some(found) = self.entries.get(sql) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return found;
+        }
+        self.misses.fetch_add(1, Ordering::Relaxed);
+        let classification = Arc::new(classify(sql));
+        if sql.len() <= MAX_CACHED_SQL_LEN {
+            self.entries.insert(sql.to_owned(), Arc::clone(&classification));
+        }
+        classification
+    }
+
+    /// Lookups answered from the cache so far.
+    pub fn hits(&self) -> u64 {
+        self.hits.load(Ordering::Relaxed)
+    }
+
+    /// Lookups that had to classify so far.
+    pub fn misses(&self) -> u64 {
+        self.misses.load(Ordering::Relaxed)
+    }
+
+    /// Statement texts currently cached.
+    pub fn len(&self) -> usize {
+        self.entries.len()
+    }
+
+    /// Whether nothing is cached.
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
+    }
+}
+
+impl std::fmt::Debug for ClassifyCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ClassifyCache")
+            .field("len", &self.len())
+            .field("hits", &self.hits())
+            .field("misses", &self.misses())
+            .finish()
+    }
+}

@@ -1,0 +1,158 @@
+//! Which SQL functions force a statement onto the primary: the built-in
+//! writers known here, and the user-defined volatile functions learned from
+//! the primary's catalog.
+//!
+//! A function call can make an otherwise read-only `SELECT` unsafe on a
+//! replica: the call fails there (a hot standby refuses to write), or it
+//! succeeds but acts on the wrong node (a lock, a sequence, a backend pid).
+//! Names are compared unqualified and lowercased, so a user function that
+//! shares a name with a writer is also sent to the primary; that errs on the
+//! safe side.
+
+use std::collections::HashSet;
+
+/// Built-in writers matched by exact name.
+const WRITER_NAMES: &[&str] = &[
+    // Sequences. nextval/setval write. currval/lastval only read session
+    // state, but that state exists only on the backend where nextval ran,
+    // which is the primary: on a replica they fail with "currval of
+    // sequence is not yet defined in this session".
+    "nextval",
+    "currval",
+    "lastval",
+    "setval",
+    // Asynchronous notification: NOTIFY is refused on a standby.
+    "pg_notify",
+    // Session configuration: set_config changes state on the backend that
+    // runs it; keep it with the session's primary connection.
+    "set_config",
+    // setseed seeds the backend's random(); later random() calls only see it
+    // on the same backend.
+    "setseed",
+    // Large objects through the old two-name API (the rest share `lo_`).
+    "loread",
+    "lowrite",
+    // Transaction ids: assigning one is a write, refused on a standby.
+    "txid_current",
+    "txid_current_if_assigned",
+    "pg_current_xact_id",
+    "pg_current_xact_id_if_assigned",
+    // Remote execution: dblink can run anything on the other side.
+    "dblink",
+    "dblink_exec",
+    // WAL and replication control: these only make sense on the primary,
+    // and the replay controls must never hit a replica by accident.
+    "pg_switch_wal",
+    "pg_drop_replication_slot",
+    "pg_replication_slot_advance",
+    "pg_logical_emit_message",
+    "pg_promote",
+    "pg_wal_replay_pause",
+    "pg_wal_replay_resume",
+    "pg_backup_start",
+    "pg_backup_stop",
+    "pg_start_backup",
+    "pg_stop_backup",
+    // Backend signalling: the pid belongs to one node, and pgnear's clients
+    // see pids of their primary connection.
+    "pg_cancel_backend",
+    "pg_terminate_backend",
+    // Node administration: act on the node that runs them; the primary is
+    // the one the operator means.
+    "pg_reload_conf",
+    "pg_rotate_logfile",
+    "pg_import_system_collations",
+];
+
+/// Built-in writers matched by prefix.
+const WRITER_PREFIXES: &[&str] = &[
+    // Advisory locks live on one node; the _xact_ variants still need the
+    // same node for the rest of the transaction, and unlock must reach the
+    // node holding the lock.
+    "pg_advisory_",
+    "pg_try_advisory_",
+    // Large objects: lo_create, lo_import, lo_unlink, lo_open, lo_put, ...
+    "lo_",
+    // Statistics resets write the node's stats.
+    "pg_stat_reset",
+    // pg_create_restore_point, pg_create_*_replication_slot.
+    "pg_create_",
+    // pg_copy_*_replication_slot.
+    "pg_copy_",
+    // Logical decoding consumes or inspects a node-local slot.
+    "pg_logical_slot_",
+    // Replication origins are written on the node that owns them.
+    "pg_replication_origin_",
+    // dblink_connect, dblink_send_query, ...: conservative.
+    "dblink_",
+];
+
+/// Session-level advisory locks: they outlive the statement and the
+/// transaction, so the session stays on the primary until it ends.
+const SESSION_ADVISORY_LOCKS: &[&str] =
+    &["pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"];
+
+/// Whether a built-in function (lowercased, unqualified name) writes or
+/// must otherwise run on the primary.
+///
+/// Read-only built-ins such as `now()`, `random()` or
+/// `pg_sequence_last_value()` are not listed.
+pub fn is_builtin_writer(name: &str) -> bool {
+    WRITER_NAMES.contains(&name) || WRITER_PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// Whether `name` takes a session-level advisory lock, which pins the
+/// session to the primary (the `_xact_` variants end with the transaction
+/// and do not pin).
+pub fn is_session_advisory_lock(name: &str) -> bool {
+    SESSION_ADVISORY_LOCKS.contains(&name)
+}
+
+/// SQL that lists the user-defined volatile functions, one lowercased name
+/// per row, for [`VolatileFunctions::new`].
+///
+/// Functions, aggregates and window functions are included because any of
+/// them can appear in a `SELECT`; procedures (`prokind = 'p'`) are left out
+/// because they run only through `CALL`, which is always a write. Extension
+/// functions installed outside `pg_catalog` are included too: pgnear cannot
+/// tell a volatile reader (`uuid_generate_v4`) from a writer.
+pub const VOLATILE_FUNCTIONS_QUERY: &str = "SELECT DISTINCT lower(p.proname) AS name \
+     FROM pg_catalog.pg_proc AS p \
+     JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace \
+     WHERE p.provolatile = 'v' \
+     AND p.prokind <> 'p' \
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+
+/// An immutable set of user-defined volatile function names (lowercased,
+/// unqualified), learned from the primary's `pg_proc`.
+///
+/// The proxy replaces the whole set when it reloads the catalog (after DDL),
+/// so readers never see a half-updated set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolatileFunctions {
+    names: HashSet<String>,
+}
+
+impl VolatileFunctions {
+    /// Builds the set; names are lowercased here as well, so rows from any
+    /// source compare like the classifier's names.
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        let names = names.into_iter().map(|n| n.to_lowercase()).collect();
+        Self { names }
+    }
+
+    /// Whether `name` (lowercased, unqualified) is a known volatile function.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// How many names the set holds.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether the set is empty (nothing loaded yet, or no such functions).
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}

@@ -1,4 +1,220 @@
-//! Routing decisions.
+//! Routing decisions, as pure functions: [`classify`](classify::classify)
+//! turns SQL text into a [`Classification`]; [`route`] turns a unit of work,
+//! the session's state and a [`ClusterView`] into a [`Route`]. Neither does
+//! I/O or reads a clock. Anything not provably read-only goes to the
+//! primary.
+
 pub mod cache;
 pub mod classify;
+pub mod consistency;
 pub mod functions;
+pub mod view;
+
+use std::sync::Arc;
+
+use crate::cluster::{Lsn, NoPrimary};
+use crate::config::{DefaultRoute, RoutingConfig, RuleAction, RuleConfig};
+use classify::{Class, Classification, Hint, Tx};
+use functions::VolatileFunctions;
+pub use view::{ClusterView, NodeView};
+
+/// Why a unit went where it went; a metric label.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Reason {
+    Write,
+    Read,
+    /// A read kept on the primary because the session's writes have not
+    /// replayed on any eligible replica yet.
+    PinnedAfterWrite,
+    /// A read kept on the primary because every replica lags too much.
+    ReplicaLagging,
+    Rule,
+    Hint,
+    Transaction,
+    SessionState,
+    Unparsed,
+    FallbackNoReplica,
+}
+
+impl Reason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Reason::Write => "write",
+            Reason::Read => "read",
+            Reason::PinnedAfterWrite => "pinned_after_write",
+            Reason::ReplicaLagging => "replica_lagging",
+            Reason::Rule => "rule",
+            Reason::Hint => "hint",
+            Reason::Transaction => "transaction",
+            Reason::SessionState => "session_state",
+            Reason::Unparsed => "unparsed",
+            Reason::FallbackNoReplica => "fallback_no_replica",
+        }
+    }
+}
+
+/// Where a unit runs: a node index into the topology.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Destination {
+    Primary(usize),
+    Replica(usize),
+}
+
+/// A routing decision.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub destination: Destination,
+    pub reason: Reason,
+}
+
+/// `SET pgnear.route`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum RouteSetting {
+    #[default]
+    Auto,
+    Primary,
+    Replica,
+}
+
+/// How fresh a replica must be for this session's reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Freshness {
+    /// No constraint beyond the lag limits.
+    #[default]
+    Any,
+    /// A write has committed but its LSN is not known yet: primary only.
+    Unknown,
+    /// The replica must have replayed at least this LSN.
+    AtLeast(Lsn),
+}
+
+/// What the router needs to know about the session.
+#[derive(Debug, Clone, Copy)]
+pub struct SessionView<'a> {
+    pub cluster: &'a str,
+    pub setting: RouteSetting,
+    /// LISTEN, temp objects, session advisory locks, WITH HOLD cursors.
+    pub pinned: bool,
+    pub freshness: Freshness,
+}
+
+/// The config that shapes routing.
+#[derive(Debug, Clone, Copy)]
+pub struct Policy<'a> {
+    pub routing: &'a RoutingConfig,
+    pub rules: &'a [RuleConfig],
+    pub region: &'a str,
+}
+
+/// What a unit of work needs, before looking at nodes.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Need {
+    Primary(Reason),
+    /// A read; `hinted` when a hint or `pgnear.route = replica` asked for a
+    /// replica, which waives the freshness requirement (never the lag
+    /// limits or the cluster).
+    Read {
+        hinted: bool,
+        max_staleness: Option<std::time::Duration>,
+    },
+}
+
+/// Routes one unit of work: the statements of a simple Query, or of an
+/// extended-protocol batch up to Sync.
+pub fn route(
+    unit: &[Arc<Classification>],
+    session: &SessionView,
+    view: &ClusterView,
+    policy: &Policy,
+    volatile: &VolatileFunctions,
+) -> Result<Route, NoPrimary> {
+    let need = need(unit, session, policy, volatile);
+    let primary = |reason| {
+        view.primary(session.cluster).map(|node| Route { destination: Destination::Primary(node), reason })
+    };
+    match need {
+        Need::Primary(reason) => primary(reason),
+        Need::Read { hinted, max_staleness } => {
+            let freshness = if hinted { Freshness::Any } else { session.freshness };
+            let limits = view::Limits { policy, freshness, max_staleness };
+            match view.nearest_replica(session.cluster, policy.region, &limits) {
+                Ok(node) => Ok(Route { destination: Destination::Replica(node), reason: Reason::Read }),
+                Err(why) => primary(why).or_else(|e| {
+                    // No primary: a read may still use any replica that is up.
+                    view.any_replica(session.cluster)
+                        .map(|node| Route { destination: Destination::Replica(node), reason: Reason::Read })
+                        .ok_or(e)
+                }),
+            }
+        }
+    }
+}
+
+fn need(
+    unit: &[Arc<Classification>],
+    session: &SessionView,
+    policy: &Policy,
+    volatile: &VolatileFunctions,
+) -> Need {
+    let hint = unit.iter().find_map(|c| c.hint);
+    if let Some(reason) = primary_reason(unit, session, volatile) {
+        return Need::Primary(reason);
+    }
+    if hint == Some(Hint::Primary) {
+        return Need::Primary(Reason::Hint);
+    }
+    let mut max_staleness = None;
+    for rule in policy.rules {
+        if !unit.iter().any(|c| c.tables.iter().any(|t| rule.tables.contains(t))) {
+            continue;
+        }
+        match rule.action {
+            RuleAction::Primary => return Need::Primary(Reason::Rule),
+            RuleAction::MaxStaleness(bound) => {
+                max_staleness = Some(max_staleness.map_or(bound, |b: std::time::Duration| b.min(bound)))
+            }
+        }
+    }
+    let hinted = hint == Some(Hint::Replica) || session.setting == RouteSetting::Replica;
+    match (session.setting, policy.routing.default) {
+        (RouteSetting::Primary, _) => Need::Primary(Reason::Hint),
+        (RouteSetting::Auto, DefaultRoute::Primary) if !hinted => Need::Primary(Reason::Rule),
+        _ => Need::Read { hinted, max_staleness },
+    }
+}
+
+/// Why the unit must run on the primary, if it must.
+fn primary_reason(
+    unit: &[Arc<Classification>],
+    session: &SessionView,
+    volatile: &VolatileFunctions,
+) -> Option<Reason> {
+    if unit.iter().any(|c| c.unparsed) {
+        return Some(Reason::Unparsed);
+    }
+    if unit.iter().any(|c| c.needs_primary() && c.class != Class::Transaction(Tx::Begin { read_only: false }))
+    {
+        return Some(Reason::Write);
+    }
+    if unit.iter().any(|c| c.calls_volatile(volatile)) {
+        return Some(Reason::Write);
+    }
+    if session.pinned {
+        return Some(Reason::SessionState);
+    }
+    for c in unit {
+        match &c.class {
+            Class::Transaction(Tx::Begin { read_only: true }) | Class::Read => {}
+            Class::Transaction(_) => return Some(Reason::Transaction),
+            Class::Session | Class::ProxyLocal(_) => return Some(Reason::SessionState),
+            Class::Write => return Some(Reason::Write),
+        }
+    }
+    if unit.is_empty() {
+        return Some(Reason::SessionState);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests;

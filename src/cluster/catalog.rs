@@ -1,0 +1,123 @@
+//! The user-defined volatile functions of each database, learned from the
+//! primary's `pg_proc` so that calls to them count as writes.
+//!
+//! Each database a session uses gets one refresh loop, every
+//! `monitor.function_refresh` (30 s by default), started on first use. A
+//! session that ran DDL asks for an immediate refresh and waits for it
+//! before its next routing decision, so a function created a moment ago
+//! is never sent to a replica.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use arc_swap::ArcSwap;
+use tokio::sync::Notify;
+use tokio_postgres::{NoTls, SimpleQueryMessage};
+
+use super::Topology;
+use crate::config::MonitorConfig;
+use crate::router::functions::{VolatileFunctions, VOLATILE_FUNCTIONS_QUERY};
+
+/// One database's function set and its refresh signal.
+#[derive(Debug)]
+pub struct Catalog {
+    pub volatile: ArcSwap<VolatileFunctions>,
+    refresh: Notify,
+    refreshed: Notify,
+}
+
+impl Catalog {
+    /// Asks for a refresh and waits (at most `timeout`) until it is done.
+    pub async fn refresh_now(&self, timeout: Duration) {
+        let done = self.refreshed.notified();
+        self.refresh.notify_one();
+        let _ = tokio::time::timeout(timeout, done).await;
+    }
+}
+
+/// Catalogs by (cluster, database).
+#[derive(Debug)]
+pub struct Catalogs {
+    topology: Arc<Topology>,
+    config: MonitorConfig,
+    timeout: Duration,
+    by_db: Mutex<HashMap<(String, String), Arc<Catalog>>>,
+}
+
+impl Catalogs {
+    pub fn new(topology: Arc<Topology>, config: MonitorConfig, timeout: Duration) -> Catalogs {
+        Catalogs { topology, config, timeout, by_db: Mutex::new(HashMap::new()) }
+    }
+
+    /// The catalog of `database` in `cluster`, loaded once before this
+    /// returns the first time.
+    pub async fn get(self: &Arc<Self>, cluster: &str, database: &str) -> Arc<Catalog> {
+        let key = (cluster.to_string(), database.to_string());
+        let (catalog, fresh) = {
+            let mut map = self.by_db.lock().unwrap_or_else(|p| p.into_inner());
+            match map.get(&key) {
+                Some(c) => (c.clone(), false),
+                None => {
+                    let c = Arc::new(Catalog {
+                        volatile: ArcSwap::from_pointee(VolatileFunctions::default()),
+                        refresh: Notify::new(),
+                        refreshed: Notify::new(),
+                    });
+                    map.insert(key.clone(), c.clone());
+                    (c, true)
+                }
+            }
+        };
+        if fresh {
+            let this = self.clone();
+            let weak = Arc::downgrade(&catalog);
+            tokio::spawn(async move { this.refresh_loop(key, weak).await });
+            catalog.refresh_now(self.timeout).await;
+        }
+        catalog
+    }
+
+    async fn refresh_loop(self: Arc<Self>, key: (String, String), catalog: std::sync::Weak<Catalog>) {
+        loop {
+            let Some(c) = catalog.upgrade() else { return };
+            match self.load(&key.0, &key.1).await {
+                Ok(set) => c.volatile.store(Arc::new(set)),
+                Err(error) => tracing::warn!(database = key.1, %error, "cannot load volatile functions"),
+            }
+            c.refreshed.notify_waiters();
+            let wait = tokio::time::sleep(self.config.function_refresh);
+            tokio::select! {
+                () = wait => {}
+                () = c.refresh.notified() => {}
+            }
+        }
+    }
+
+    async fn load(&self, cluster: &str, database: &str) -> Result<VolatileFunctions, String> {
+        let node = self.topology.primary(cluster).map_err(|e| e.to_string())?;
+        let node = &self.topology.nodes[node].config;
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&node.host).port(node.port).user(&self.config.user).dbname(database);
+        pg.application_name("pgnear-catalog").connect_timeout(self.timeout);
+        if let Some(password) = &self.config.password {
+            pg.password(password.expose());
+        }
+        let query = async {
+            let (client, connection) = pg.connect(NoTls).await?;
+            let driver = tokio::spawn(connection);
+            let rows = client.simple_query(VOLATILE_FUNCTIONS_QUERY).await;
+            drop(client);
+            let _ = driver.await;
+            rows
+        };
+        let rows = tokio::time::timeout(self.timeout, query)
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        Ok(VolatileFunctions::new(rows.iter().filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })))
+    }
+}

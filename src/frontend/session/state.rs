@@ -1,0 +1,180 @@
+//! What a session has set up on the server side that must exist on every
+//! server connection it uses: settings (SET/RESET), protocol-level named
+//! prepared statements, and pins. Pure bookkeeping; the relay loop turns
+//! it into replayed messages.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+
+use crate::protocol::Frame;
+use crate::router::classify::{Classification, SessionEffect};
+
+/// A named prepared statement: its Parse message and its classification.
+#[derive(Debug, Clone)]
+pub struct Prepared {
+    pub parse: Frame,
+    pub class: Arc<Classification>,
+}
+
+/// The session's settings, as the statements that produced them.
+#[derive(Debug, Default)]
+pub struct Settings {
+    /// `SET` statements by lowercased parameter name, in first-set order.
+    statements: Vec<(String, String)>,
+    /// Bumped on every change; servers record the version they have.
+    pub version: u64,
+}
+
+impl Settings {
+    /// The hidden query that brings a server from any earlier state to
+    /// this one, or `None` when nothing was ever set.
+    pub fn replay_sql(&self) -> String {
+        let mut sql = String::from("RESET ALL");
+        for (_, statement) in &self.statements {
+            sql.push_str(";\n");
+            sql.push_str(statement);
+        }
+        sql
+    }
+
+    fn set(&mut self, name: &str, statement: &str) {
+        match self.statements.iter_mut().find(|(n, _)| n == name) {
+            Some(entry) => entry.1 = statement.to_string(),
+            None => self.statements.push((name.to_string(), statement.to_string())),
+        }
+        self.version += 1;
+    }
+
+    fn reset(&mut self, name: &str) {
+        self.statements.retain(|(n, _)| n != name);
+        self.version += 1;
+    }
+
+    fn clear(&mut self) {
+        self.statements.clear();
+        self.version += 1;
+    }
+}
+
+/// Session state tracked across server connections.
+#[derive(Debug, Default)]
+pub struct SessionState {
+    pub settings: Settings,
+    /// Protocol-level named prepared statements by name.
+    pub prepared: HashMap<String, Prepared>,
+    /// LISTEN, a temp object, a session advisory lock or a WITH HOLD
+    /// cursor: the session stays on the primary until DISCARD ALL.
+    pub pinned: bool,
+}
+
+/// What one server connection already has of the session state.
+#[derive(Debug, Default)]
+pub struct ServerState {
+    pub settings_version: u64,
+    /// Named statements that exist on this server.
+    pub statements: HashSet<String>,
+    /// Statements the client closed elsewhere that still exist here.
+    pub stale: Vec<String>,
+}
+
+impl SessionState {
+    /// Applies the effects of statements that ran on `ran_on`; `others`
+    /// are the session's other server connections.
+    pub fn apply(
+        &mut self,
+        class: &Classification,
+        ran_on: &mut ServerState,
+        others: &mut [&mut ServerState],
+    ) {
+        for effect in &class.effects {
+            match effect {
+                SessionEffect::Set { name, statement } => self.settings.set(name, statement),
+                SessionEffect::Reset { name, .. } => self.settings.reset(name),
+                SessionEffect::ResetAll => self.settings.clear(),
+                SessionEffect::DiscardAll => {
+                    self.settings.clear();
+                    self.pinned = false;
+                    self.prepared.clear();
+                    ran_on.statements.clear();
+                    ran_on.stale.clear();
+                    for other in others.iter_mut() {
+                        let names: Vec<String> = other.statements.iter().cloned().collect();
+                        other.stale.extend(names);
+                    }
+                }
+                SessionEffect::Pin(_) => self.pinned = true,
+                SessionEffect::Discard { .. }
+                | SessionEffect::Prepare { .. }
+                | SessionEffect::Deallocate { .. } => {}
+            }
+        }
+        if !class.effects.is_empty() {
+            ran_on.settings_version = self.settings.version;
+        }
+    }
+
+    /// Records a client Parse of a named statement sent to `sent_to`.
+    pub fn parsed(&mut self, name: &str, prepared: Prepared, sent_to: &mut ServerState) {
+        self.prepared.insert(name.to_string(), prepared);
+        sent_to.statements.insert(name.to_string());
+    }
+
+    /// Records a client Close of a named statement sent to `sent_to`; the
+    /// other connections close theirs before their next use.
+    pub fn closed(&mut self, name: &str, sent_to: &mut ServerState, others: &mut [&mut ServerState]) {
+        self.prepared.remove(name);
+        sent_to.statements.remove(name);
+        for other in others.iter_mut() {
+            if other.statements.contains(name) {
+                other.stale.push(name.to_string());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::classify::classify;
+
+    #[test]
+    fn settings_replay_in_order_with_resets() {
+        let mut state = SessionState::default();
+        let (mut a, mut b) = (ServerState::default(), ServerState::default());
+        for sql in ["SET search_path = app, public", "SET TIME ZONE 'UTC'", "SET search_path TO other"] {
+            state.apply(&classify(sql), &mut a, &mut [&mut b]);
+        }
+        assert_eq!(a.settings_version, state.settings.version);
+        assert_ne!(b.settings_version, state.settings.version);
+        assert_eq!(state.settings.replay_sql(), "RESET ALL;\nSET search_path TO other;\nSET TIME ZONE 'UTC'");
+        state.apply(&classify("RESET timezone"), &mut a, &mut [&mut b]);
+        assert_eq!(state.settings.replay_sql(), "RESET ALL;\nSET search_path TO other");
+    }
+
+    #[test]
+    fn pins_and_discard_all() {
+        let mut state = SessionState::default();
+        let (mut a, mut b) = (ServerState::default(), ServerState::default());
+        state.apply(&classify("LISTEN jobs"), &mut a, &mut [&mut b]);
+        assert!(state.pinned);
+        let parse = Frame::new(b'P', b"s1\0SELECT 1\0\0\0");
+        state.parsed("s1", Prepared { parse: parse.clone(), class: Arc::new(classify("SELECT 1")) }, &mut a);
+        b.statements.insert("s1".into());
+        state.apply(&classify("DISCARD ALL"), &mut a, &mut [&mut b]);
+        assert!(!state.pinned);
+        assert!(state.prepared.is_empty() && a.statements.is_empty());
+        assert_eq!(b.stale, ["s1"]);
+    }
+
+    #[test]
+    fn closing_a_statement_marks_other_copies_stale() {
+        let mut state = SessionState::default();
+        let (mut a, mut b) = (ServerState::default(), ServerState::default());
+        let parse = Frame::new(b'P', b"s\0SELECT 1\0\0\0");
+        state.parsed("s", Prepared { parse, class: Arc::new(classify("SELECT 1")) }, &mut a);
+        b.statements.insert("s".into());
+        state.closed("s", &mut a, &mut [&mut b]);
+        assert!(state.prepared.is_empty());
+        assert_eq!(b.stale, ["s"]);
+    }
+}

@@ -1,0 +1,350 @@
+//! The client side of the relay: grouping client messages into units of
+//! work, routing each unit, and sending it with whatever replay the chosen
+//! server needs first (settings, prepared statements).
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::local::Report;
+use super::state::Prepared;
+use super::{Flow, Server, Session, Target};
+use crate::backend::connection::Hidden;
+use crate::error::ProxyError;
+use crate::protocol::backend::{error_response, ready_for_query, Severity};
+use crate::protocol::frontend::{self, Target as Named};
+use crate::protocol::{Frame, ProtocolError, SqlState};
+use crate::router::classify::{Class, Classification};
+use crate::router::{route, ClusterView, Destination, Policy, Reason, Route, SessionView};
+
+/// How often a read waiting under `replica_wait_ms` looks again.
+const REPLICA_WAIT_STEP: Duration = Duration::from_millis(2);
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+    pub(super) async fn on_client(&mut self, frame: Frame) -> Result<Flow, ProxyError> {
+        match frame.tag() {
+            b'Q' => self.on_query(frame).await?,
+            b'P' | b'B' | b'D' | b'E' | b'C' => self.on_extended(frame)?,
+            b'H' => self.on_flush(frame).await?,
+            b'S' => self.on_sync(frame).await?,
+            b'd' | b'c' | b'f' => self.on_copy(frame),
+            b'F' => {
+                let class = Arc::new(crate::router::classify::classify("SELECT pg_function_call()"));
+                let write = Arc::new(Classification { class: Class::Write, ..(*class).clone() });
+                self.dispatch(vec![frame], vec![write], true).await?;
+            }
+            b'X' => return Ok(Flow::End),
+            tag => {
+                return Err(ProtocolError::Unexpected {
+                    tag: tag as char,
+                    when: "from a client in a session",
+                }
+                .into())
+            }
+        }
+        Ok(Flow::Continue)
+    }
+
+    async fn on_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        let class = self.shared.classifier.classify(frontend::query_text(&frame)?);
+        if let Class::ProxyLocal(command) = &class.class {
+            self.refresh_watermark();
+            let report = Report { write_lsn: self.watermark.lsn() };
+            for response in self.settings.execute(command, &report) {
+                self.client.queue(&response);
+            }
+            let status = self.bound_status();
+            self.client.queue(&ready_for_query(status));
+            return Ok(());
+        }
+        self.dispatch(vec![frame], vec![class], true).await
+    }
+
+    /// Buffers an extended-protocol message until its Sync or Flush.
+    fn on_extended(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        let class = match frame.tag() {
+            b'P' => Some(self.shared.classifier.classify(frontend::parse(&frame)?.query)),
+            b'B' => self.statement_class(frontend::bind(&frame)?.statement),
+            b'D' => match frontend::target(&frame)? {
+                Named::Statement(name) => self.statement_class(name),
+                Named::Portal(_) => None,
+            },
+            b'C' => {
+                frontend::target(&frame)?;
+                None
+            }
+            _ => {
+                frontend::execute_portal(&frame)?;
+                None
+            }
+        };
+        self.batch.classes.extend(class);
+        self.batch.frames.push(frame);
+        Ok(())
+    }
+
+    /// The classification of a statement parsed earlier, by name; the
+    /// unnamed statement is classified by the Parse in the same batch.
+    fn statement_class(&self, name: &str) -> Option<Arc<Classification>> {
+        if name.is_empty() {
+            return None;
+        }
+        self.state.prepared.get(name).map(|p| p.class.clone())
+    }
+
+    async fn on_sync(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.frames.push(frame);
+        self.dispatch(batch.frames, batch.classes, true).await
+    }
+
+    async fn on_flush(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        if self.batch.frames.is_empty() && self.bound.is_none() {
+            return Ok(()); // nothing is pending anywhere: nothing to flush
+        }
+        let mut batch = std::mem::take(&mut self.batch);
+        batch.frames.push(frame);
+        self.dispatch(batch.frames, batch.classes, false).await?;
+        self.open_batch = true;
+        Ok(())
+    }
+
+    /// CopyData, CopyDone and CopyFail go to the server running the COPY;
+    /// outside COPY the server would ignore them, and so does pgnear.
+    fn on_copy(&mut self, frame: Frame) {
+        let Some(target) = self.bound else { return };
+        let Some(server) = self.server_mut(target) else { return };
+        if frame.tag() != b'd' {
+            server.backend.copy_in = false;
+        }
+        server.backend.queue(&frame);
+    }
+
+    /// Routes a unit (unless a transaction or earlier unit holds the
+    /// session on a server) and sends it. `complete` units end with
+    /// Query, Sync or FunctionCall and so get a ReadyForQuery back.
+    async fn dispatch(
+        &mut self,
+        frames: Vec<Frame>,
+        classes: Vec<Arc<Classification>>,
+        complete: bool,
+    ) -> Result<(), ProxyError> {
+        let target = match self.bound {
+            Some(target) => target,
+            None => match self.choose(&classes).await? {
+                Ok(target) => target,
+                Err(error) => {
+                    // No server can take this unit: fail it, keep the session.
+                    self.client.queue(&error);
+                    self.client.queue(&ready_for_query(b'I'));
+                    return Ok(());
+                }
+            },
+        };
+        self.replay(target, &frames);
+        let extended = frames.iter().any(|f| f.tag() != b'Q' && f.tag() != b'F');
+        let Some(server) = self.server_mut(target) else { return Ok(()) };
+        for frame in &frames {
+            server.backend.queue(frame);
+        }
+        // Syncs sent while the server is in COPY IN are ignored by it.
+        if complete && !server.backend.copy_in {
+            server.backend.in_flight += 1;
+        }
+        server.backend.last_unit_synced = complete && extended;
+        self.track(target, &frames, &classes);
+        self.bound = Some(target);
+        if let Some(server) = self.server(target) {
+            self.registration.target.set(&server.cancel_key);
+        }
+        Ok(())
+    }
+
+    /// Records what the unit changes: session state, prepared statements,
+    /// whether the primary may have written, whether DDL ran.
+    fn track(&mut self, target: Target, frames: &[Frame], classes: &[Arc<Classification>]) {
+        let read_only = classes.iter().all(|c| matches!(c.class, Class::Read) && !c.unparsed);
+        if target == Target::Primary && !read_only {
+            self.primary_dirty = true;
+        }
+        self.catalog_stale |= classes.iter().any(|c| c.ddl);
+        let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
+        let classifier = &self.shared.classifier;
+        let (state, ran_on, mut others) =
+            split_state(&mut self.state, &mut self.primary, self.replica.as_mut(), target);
+        let Some(ran_on) = ran_on else { return };
+        if executes {
+            for class in classes {
+                state.apply(
+                    class,
+                    &mut ran_on.state,
+                    &mut others.iter_mut().map(|s| &mut s.state).collect::<Vec<_>>(),
+                );
+            }
+        }
+        for frame in frames {
+            match (frame.tag(), frontend::parse(frame), frontend::target(frame)) {
+                (b'P', Ok(parse), _) if !parse.name.is_empty() => {
+                    let class = classifier.classify(parse.query);
+                    state.parsed(parse.name, Prepared { parse: frame.clone(), class }, &mut ran_on.state);
+                }
+                (b'C', _, Ok(Named::Statement(name))) if !name.is_empty() => {
+                    let mut others: Vec<_> = others.iter_mut().map(|s| &mut s.state).collect();
+                    state.closed(name, &mut ran_on.state, &mut others);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// Queues, ahead of a unit, what `target` is missing of the session:
+    /// settings, Closes of statements closed elsewhere, and Parses of the
+    /// named statements the unit uses. Their responses are swallowed.
+    fn replay(&mut self, target: Target, frames: &[Frame]) {
+        let version = self.state.settings.version;
+        let replay_sql = self.state.settings.replay_sql();
+        let needed = self.missing_statements(target, frames);
+        let extended = frames.iter().any(|f| matches!(f.tag(), b'P' | b'B' | b'D' | b'C' | b'E'));
+        let Some(server) = self.server_mut(target) else { return };
+        if server.state.settings_version != version {
+            let mut body = replay_sql.into_bytes();
+            body.push(0);
+            server.backend.queue_hidden(&Frame::new(b'Q', &body), Hidden::UntilReady);
+            server.state.settings_version = version;
+        }
+        if !extended {
+            return;
+        }
+        for name in std::mem::take(&mut server.state.stale) {
+            let mut body = vec![b'S'];
+            body.extend_from_slice(name.as_bytes());
+            body.push(0);
+            server.backend.queue_hidden(&Frame::new(b'C', &body), Hidden::CloseComplete);
+            server.state.statements.remove(&name);
+        }
+        for (name, parse) in needed {
+            server.backend.queue_hidden(&parse, Hidden::ParseComplete);
+            server.state.statements.insert(name);
+        }
+    }
+
+    /// Named statements the unit binds or describes that `target` lacks
+    /// and the unit does not parse itself first.
+    fn missing_statements(&self, target: Target, frames: &[Frame]) -> Vec<(String, Frame)> {
+        let Some(server) = self.server(target) else { return Vec::new() };
+        let mut parsed_here: Vec<&str> = Vec::new();
+        let mut needed: Vec<(String, Frame)> = Vec::new();
+        for frame in frames {
+            let name = match frame.tag() {
+                b'P' => {
+                    if let Ok(parse) = frontend::parse(frame) {
+                        parsed_here.push(parse.name);
+                    }
+                    continue;
+                }
+                b'B' => frontend::bind(frame).map(|b| b.statement).ok(),
+                b'D' => match frontend::target(frame) {
+                    Ok(Named::Statement(name)) => Some(name),
+                    _ => None,
+                },
+                _ => None,
+            };
+            let Some(name) = name.filter(|n| !n.is_empty()) else { continue };
+            let missing =
+                !server.state.statements.contains(name) || server.state.stale.iter().any(|s| s == name);
+            if missing && !parsed_here.contains(&name) && !needed.iter().any(|(n, _)| n == name) {
+                if let Some(prepared) = self.state.prepared.get(name) {
+                    needed.push((name.to_string(), prepared.parse.clone()));
+                }
+            }
+        }
+        needed
+    }
+
+    /// Picks the server for a new unit, opening a replica connection if
+    /// needed. `Ok(Err(frame))` fails just this unit with `frame`.
+    async fn choose(&mut self, classes: &[Arc<Classification>]) -> Result<Result<Target, Frame>, ProxyError> {
+        if std::mem::take(&mut self.catalog_stale) {
+            self.catalog.refresh_now(self.shared.config.proxy.connect_timeout).await;
+        }
+        let deadline = Instant::now() + self.shared.config.consistency.replica_wait;
+        let route = loop {
+            self.refresh_watermark();
+            match self.decide(classes) {
+                Err(no_primary) => {
+                    let message = format!("cannot route this statement: {no_primary}");
+                    return Ok(Err(error_response(Severity::Error, SqlState::ConnectionFailure, &message)));
+                }
+                Ok(route) if route.reason == Reason::PinnedAfterWrite && Instant::now() < deadline => {
+                    tokio::time::sleep(REPLICA_WAIT_STEP.min(deadline - Instant::now())).await;
+                }
+                Ok(route) => break route,
+            }
+        };
+        tracing::trace!(reason = route.reason.as_str(), ?route.destination, "routed");
+        match route.destination {
+            Destination::Primary(node) if node == self.primary.node => Ok(Ok(Target::Primary)),
+            Destination::Primary(node) => {
+                let name = self.shared.topology.nodes[node].config.name.clone();
+                Err(ProxyError::PrimaryMoved { node: name })
+            }
+            Destination::Replica(node) => Ok(Ok(self.use_replica(node).await)),
+        }
+    }
+
+    fn decide(&self, classes: &[Arc<Classification>]) -> Result<Route, crate::cluster::NoPrimary> {
+        let config = &self.shared.config;
+        let view = ClusterView::capture(&self.shared.topology);
+        let session = SessionView {
+            cluster: &self.cluster,
+            setting: self.settings.route,
+            pinned: self.state.pinned,
+            freshness: self.effective_watermark().freshness(self.settings.min_lsn),
+        };
+        let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
+        route(classes, &session, &view, &policy, &self.catalog.volatile.load())
+    }
+
+    /// Makes `node` the session's replica connection; falls back to the
+    /// primary if it cannot be opened.
+    async fn use_replica(&mut self, node: usize) -> Target {
+        if self.replica.as_ref().is_some_and(|r| r.node == node) {
+            return Target::Replica;
+        }
+        if let Some(old) = self.replica.take() {
+            old.backend.terminate().await;
+        }
+        match super::open(&self.shared, node, &self.login).await {
+            Ok(server) => {
+                self.replica = Some(server);
+                Target::Replica
+            }
+            Err(error) => {
+                let name = &self.shared.topology.nodes[node].config.name;
+                tracing::warn!(node = name.as_str(), %error, "cannot open a replica connection; using the primary");
+                Target::Primary
+            }
+        }
+    }
+
+    /// The transaction status to report for a locally answered query.
+    fn bound_status(&self) -> u8 {
+        self.bound
+            .and_then(|t| self.server(t))
+            .map_or(self.primary.backend.tx_status, |s| s.backend.tx_status)
+    }
+}
+
+/// Borrows the session state, the server `target` and the other server.
+fn split_state<'a>(
+    state: &'a mut super::state::SessionState,
+    primary: &'a mut Server,
+    replica: Option<&'a mut Server>,
+    target: Target,
+) -> (&'a mut super::state::SessionState, Option<&'a mut Server>, Vec<&'a mut Server>) {
+    match target {
+        Target::Primary => (state, Some(primary), replica.into_iter().collect()),
+        Target::Replica => (state, replica, vec![primary]),
+    }
+}
