@@ -7,4 +7,5 @@ mod auth;
 mod config;
 mod hostile;
 mod relay;
+mod routing;
 mod support;

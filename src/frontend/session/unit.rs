@@ -30,9 +30,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             b'S' => self.on_sync(frame).await?,
             b'd' | b'c' | b'f' => self.on_copy(frame),
             b'F' => {
-                let class = Arc::new(crate::router::classify::classify("SELECT pg_function_call()"));
-                let write = Arc::new(Classification { class: Class::Write, ..(*class).clone() });
-                self.dispatch(vec![frame], vec![write], true).await?;
+                // A fast-path function call may do anything: the primary.
+                let write = Classification {
+                    class: Class::Write,
+                    hint: None,
+                    tables: Vec::new(),
+                    functions: Vec::new(),
+                    effects: Vec::new(),
+                    unparsed: false,
+                    ddl: false,
+                };
+                self.dispatch(vec![frame], vec![Arc::new(write)], true).await?;
             }
             b'X' => return Ok(Flow::End),
             tag => {
@@ -164,8 +172,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Records what the unit changes: session state, prepared statements,
     /// whether the primary may have written, whether DDL ran.
     fn track(&mut self, target: Target, frames: &[Frame], classes: &[Arc<Classification>]) {
-        let read_only = classes.iter().all(|c| matches!(c.class, Class::Read) && !c.unparsed);
-        if target == Target::Primary && !read_only {
+        let volatile = self.catalog.volatile.load();
+        let writes =
+            classes.iter().any(|c| c.class == Class::Write || c.unparsed || c.calls_volatile(&volatile));
+        if target == Target::Primary && writes {
             self.primary_dirty = true;
         }
         self.catalog_stale |= classes.iter().any(|c| c.ddl);
