@@ -124,6 +124,10 @@ pub struct Session<S> {
     primary_dirty: bool,
     /// DDL ran: reload the volatile-function catalog before routing again.
     catalog_stale: bool,
+    /// A client message pgnear answers itself, held back until the
+    /// responses still in flight have reached the client, so that the
+    /// client sees answers in the order it asked.
+    held: Option<Frame>,
     registration: Registration,
 }
 
@@ -192,6 +196,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             reported_lsn: None,
             primary_dirty: false,
             catalog_stale: false,
+            held: None,
             registration,
         })
     }
@@ -220,6 +225,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             };
             if self.handle(event).await? == Flow::End {
                 return self.client.flush().await;
+            }
+            if self.held.is_some() && !self.in_flight() {
+                if let Some(frame) = self.held.take() {
+                    self.on_client(frame).await?;
+                }
             }
             if self.client.out.len() >= FLUSH_AT {
                 self.client.flush().await?;
@@ -258,10 +268,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 }
             }
         }
+        if self.held.is_some() {
+            return None;
+        }
         match self.client.reader.buffered() {
             Ok(None) => None,
             other => Some(Event::Client(other)),
         }
+    }
+
+    /// Whether any server still owes the client responses.
+    fn in_flight(&self) -> bool {
+        self.primary.backend.in_flight > 0 || self.replica.as_ref().is_some_and(|r| r.backend.in_flight > 0)
     }
 
     async fn flush_all(&mut self) -> Result<(), ProxyError> {
@@ -297,8 +315,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 None => std::future::pending().await,
             }
         };
+        let held = self.held.is_some();
         tokio::select! {
-            frame = self.client.reader.next() => Event::Client(frame),
+            frame = self.client.reader.next(), if !held => Event::Client(frame),
             frame = self.primary.backend.next() => Event::Server(Target::Primary, frame),
             frame = replica => Event::Server(Target::Replica, frame),
             () = tick => Event::WatermarkTick,

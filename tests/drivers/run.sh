@@ -15,6 +15,8 @@
 #   PGNEAR_DRIVERS_LOGS   where logs are copied at the end
 #                         (/tmp/pgnear-drivers-logs)
 #   KEEP=1                leave the temp dir (servers are still stopped)
+#   HOLD=1                set everything up, print how to connect, and wait
+#                         (Ctrl-C or kill to clean up); runs no driver
 #   DIRECT=1              control run: the drivers connect straight to the
 #                         primary (as a SCRAM role "app"), not through pgnear,
 #                         to tell a script fault from a pgnear fault
@@ -230,6 +232,15 @@ if [ "${DIRECT:-0}" = 1 ]; then
 fi
 export PGNEAR_PRIMARY_PORT="$PRIMARY_PORT" PGNEAR_REPLICA_PORT="$REPLICA_PORT"
 
+if [ "${HOLD:-0}" = 1 ]; then
+    echo "pgnear:  psql 'host=127.0.0.1 port=$PROXY_PORT user=app password=apppw dbname=postgres'"
+    echo "primary: psql 'host=127.0.0.1 port=$PRIMARY_PORT user=postgres dbname=postgres'"
+    echo "replica: psql 'host=127.0.0.1 port=$REPLICA_PORT user=postgres dbname=postgres'"
+    echo "logs:    $WORK/{pgnear,primary,replica}.log; holding (pid $$), Ctrl-C to stop"
+    while kill -0 "$PGNEAR_PID" 2>/dev/null; do sleep 1; done
+    die "pgnear exited"
+fi
+
 if wants jdbc; then
     mkdir -p "$WORK/classes"
     javac -nowarn -d "$WORK/classes" -cp "$JDBC_JAR" "$HERE/JdbcCheck.java"
@@ -238,6 +249,15 @@ fi
 passed=0
 failed=0
 failures=()
+# Which server ran the driver's statements, from the servers' statement logs
+# (pgnear passes application_name through to every server it uses).
+served_by() {
+    local app="${1}_check" p r
+    p=$(grep -cE "@$app LOG:  (statement|execute)" "$WORK/primary.log" || true)
+    r=$(grep -cE "@$app LOG:  (statement|execute)" "$WORK/replica.log" || true)
+    echo "    statements run by the primary: $p, by the replica: $r"
+}
+
 run_driver() {
     local name=$1; shift
     local log="$WORK/$name.log" t0 rc
@@ -248,6 +268,7 @@ run_driver() {
     rc=$?
     set -e
     sed 's/^/    /' "$log"
+    served_by "$name"
     if [ $rc -eq 0 ] && grep -qx "$name: ok" "$log"; then
         passed=$((passed + 1))
         echo "    ($(( $(date +%s) - t0 ))s)"

@@ -5,6 +5,7 @@
 
 mod auth;
 mod config;
+mod consistency;
 mod hostile;
 mod relay;
 mod routing;

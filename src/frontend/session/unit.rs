@@ -15,7 +15,7 @@ use crate::error::ProxyError;
 use crate::protocol::backend::{error_response, ready_for_query, Severity};
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
-use crate::router::classify::{Class, Classification};
+use crate::router::classify::{Class, Classification, ProxyCommand};
 use crate::router::{route, ClusterView, Destination, Policy, Reason, Route, SessionView};
 
 /// How often a read waiting under `replica_wait_ms` looks again.
@@ -57,6 +57,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     async fn on_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
         let class = self.shared.classifier.classify(frontend::query_text(&frame)?);
         if let Class::ProxyLocal(command) = &class.class {
+            if self.in_flight() {
+                self.held = Some(frame);
+                return Ok(());
+            }
+            if matches!(command, ProxyCommand::Show { name } if name == "write_lsn" || name == "all") {
+                self.await_watermark().await;
+            }
             self.refresh_watermark();
             let report = Report { write_lsn: self.watermark.lsn() };
             for response in self.settings.execute(command, &report) {
@@ -335,6 +342,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 tracing::warn!(node = name.as_str(), %error, "cannot open a replica connection; using the primary");
                 Target::Primary
             }
+        }
+    }
+
+    /// Waits (a few monitor intervals at most) for a pending watermark to
+    /// resolve, so that `SHOW pgnear.write_lsn` reports the last write.
+    async fn await_watermark(&mut self) {
+        let deadline = Instant::now() + self.shared.config.monitor.interval * 4 + Duration::from_millis(100);
+        while self.watermark.is_pending() && Instant::now() < deadline {
+            self.refresh_watermark();
+            tokio::time::sleep(REPLICA_WAIT_STEP).await;
         }
     }
 
