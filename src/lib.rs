@@ -25,6 +25,7 @@ pub mod demo;
 pub mod error;
 pub mod frontend;
 pub mod lab;
+pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod router;

@@ -15,6 +15,7 @@ use crate::cluster::{monitor, Topology};
 use crate::config::Config;
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::Shared;
+use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::consistency::SharedWatermark;
 
@@ -63,6 +64,7 @@ impl Proxy {
             classifier: ClassifyCache::new(config.proxy.classify_cache_entries),
             catalogs,
             watermark: SharedWatermark::new(std::time::Instant::now()),
+            metrics: Arc::new(Metrics::new()),
             config,
             topology,
             directory,

@@ -16,6 +16,7 @@ use crate::cluster::catalog::Catalogs;
 use crate::cluster::Topology;
 use crate::config::Config;
 use crate::error::ProxyError;
+use crate::metrics::{ClientState, Metrics};
 use crate::router::cache::ClassifyCache;
 use crate::router::consistency::SharedWatermark;
 use cancel::CancelRegistry;
@@ -36,6 +37,7 @@ pub struct Shared {
     pub catalogs: Arc<Catalogs>,
     /// The proxy-wide watermark for `read_your_writes = "proxy"`.
     pub watermark: SharedWatermark,
+    pub metrics: Arc<Metrics>,
 }
 
 /// Serves one client connection to its end. Never panics on bad input;
@@ -46,6 +48,7 @@ where
 {
     let span = tracing::info_span!("session", id = session_id, %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     async move {
+        let handshake_gauge = shared.metrics.client_connection(ClientState::Handshake);
         let startup = shared.config.proxy.startup_timeout;
         let outcome = match tokio::time::timeout(startup, handshake(&mut stream, &shared)).await {
             Ok(outcome) => outcome,
@@ -54,21 +57,35 @@ where
         let login = match outcome {
             Ok(Handshake::Authenticated(login)) => login,
             Ok(Handshake::Cancelled | Handshake::Closed) => return,
-            Err(error) => return refuse(&mut stream, &error).await,
+            Err(error) => {
+                shared.metrics.error(error.class());
+                return refuse(&mut stream, &error).await;
+            }
         };
+        drop(handshake_gauge);
+        let _active_gauge = shared.metrics.client_connection(ClientState::Active);
         let span = tracing::Span::current();
         span.record("user", login.user.name.as_str());
         span.record("database", login.param("database").unwrap_or(""));
         let cluster = match tenant_cluster(&shared.config, &login) {
             Ok(cluster) => cluster,
-            Err(error) => return refuse(&mut stream, &error).await,
+            Err(error) => {
+                shared.metrics.error(error.class());
+                return refuse(&mut stream, &error).await;
+            }
         };
         match Session::start(shared.clone(), stream, login, cluster).await {
             Ok(session) => match session.run().await {
                 Ok(()) => tracing::debug!("session ended"),
-                Err(error) => tracing::info!(class = error.class(), %error, "session ended with an error"),
+                Err(error) => {
+                    shared.metrics.error(error.class());
+                    tracing::info!(class = error.class(), %error, "session ended with an error");
+                }
             },
-            Err(error) => tracing::warn!(class = error.class(), %error, "session could not start"),
+            Err(error) => {
+                shared.metrics.error(error.class());
+                tracing::warn!(class = error.class(), %error, "session could not start");
+            }
         }
     }
     .instrument(span)

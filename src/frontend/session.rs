@@ -26,6 +26,7 @@ use crate::cluster::catalog::Catalog;
 use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
+use crate::metrics::{Direction, GaugeGuard};
 use crate::protocol::backend::{
     backend_key_data, parameter_status, ready_for_query, ready_status, ErrorFields,
 };
@@ -90,6 +91,9 @@ struct Server {
     node: usize,
     cancel_key: Arc<ServerKey>,
     state: ServerState,
+    /// When each complete unit in flight was sent, for the latency metric.
+    started: std::collections::VecDeque<Instant>,
+    _gauge: GaugeGuard,
 }
 
 /// Extended-protocol messages waiting for their Sync, with the
@@ -128,6 +132,8 @@ pub struct Session<S> {
     /// responses still in flight have reached the client, so that the
     /// client sees answers in the order it asked.
     held: Option<Frame>,
+    /// Since when reads have been held on the primary after a write.
+    pinned_since: Option<Instant>,
     registration: Registration,
 }
 
@@ -197,6 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             primary_dirty: false,
             catalog_stale: false,
             held: None,
+            pinned_since: None,
             registration,
         })
     }
@@ -373,6 +380,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     fn on_server(&mut self, target: Target, frame: Frame) -> Result<Flow, ProxyError> {
         let open_batch = self.open_batch;
         let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
+        let mut latency = None;
         if server.backend.swallow(&frame) {
             return Ok(Flow::Continue);
         }
@@ -380,6 +388,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         match frame.tag() {
             b'Z' => {
                 let status = ready_status(&frame)?;
+                latency = server.started.pop_front().map(|started| (server.node, started.elapsed()));
                 server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
                 server.backend.tx_status = status;
                 let idle = server.backend.is_idle();
@@ -408,6 +417,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
             _ => {}
         }
+        if let Some((node, elapsed)) = latency {
+            self.shared.metrics.query_latency(&self.shared.topology.nodes[node].config.name, elapsed);
+        }
+        self.shared.metrics.bytes(Direction::ServerToClient, frame.len());
         self.client.queue(&frame);
         Ok(flow)
     }
@@ -416,6 +429,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     fn primary_idle(&mut self, at: Instant) {
         if !std::mem::take(&mut self.primary_dirty) {
             return;
+        }
+        if self.pinned_since.is_none()
+            && self.shared.config.consistency.read_your_writes != ReadYourWrites::Off
+        {
+            self.pinned_since = Some(at);
+            self.shared.metrics.pin_started();
         }
         match self.shared.config.consistency.read_your_writes {
             ReadYourWrites::Off => {}
@@ -509,5 +528,13 @@ async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Serve
     let proxy = &shared.config.proxy;
     let backend = connect(addr, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = Arc::new(ServerKey { addr, key: backend.key });
-    Ok(Server { backend, node, cancel_key, state: ServerState::default() })
+    let gauge = shared.metrics.backend_connection(&shared.topology.nodes[node].config.name);
+    Ok(Server {
+        backend,
+        node,
+        cancel_key,
+        state: ServerState::default(),
+        started: std::collections::VecDeque::new(),
+        _gauge: gauge,
+    })
 }

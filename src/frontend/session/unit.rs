@@ -12,6 +12,7 @@ use super::state::Prepared;
 use super::{Flow, Server, Session, Target};
 use crate::backend::connection::Hidden;
 use crate::error::ProxyError;
+use crate::metrics::{Direction, RoleLabel};
 use crate::protocol::backend::{error_response, ready_for_query, Severity};
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
@@ -145,10 +146,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         classes: Vec<Arc<Classification>>,
         complete: bool,
     ) -> Result<(), ProxyError> {
-        let target = match self.bound {
-            Some(target) => target,
+        let (target, reason) = match self.bound {
+            Some(target) => (target, Reason::Transaction),
             None => match self.choose(&classes).await? {
-                Ok(target) => target,
+                Ok(chosen) => chosen,
                 Err(error) => {
                     // No server can take this unit: fail it, keep the session.
                     self.client.queue(&error);
@@ -159,9 +160,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         };
         self.replay(target, &frames);
         let extended = frames.iter().any(|f| f.tag() != b'Q' && f.tag() != b'F');
+        let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E' | b'F'));
+        if executes {
+            self.count_route(target, reason);
+        }
+        let bytes: usize = frames.iter().map(Frame::len).sum();
+        self.shared.metrics.bytes(Direction::ClientToServer, bytes);
         let Some(server) = self.server_mut(target) else { return Ok(()) };
         for frame in &frames {
             server.backend.queue(frame);
+        }
+        if complete {
+            server.started.push_back(Instant::now());
         }
         // Syncs sent while the server is in COPY IN are ignored by it.
         if complete && !server.backend.copy_in {
@@ -281,7 +291,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// Picks the server for a new unit, opening a replica connection if
     /// needed. `Ok(Err(frame))` fails just this unit with `frame`.
-    async fn choose(&mut self, classes: &[Arc<Classification>]) -> Result<Result<Target, Frame>, ProxyError> {
+    async fn choose(
+        &mut self,
+        classes: &[Arc<Classification>],
+    ) -> Result<Result<(Target, Reason), Frame>, ProxyError> {
         if std::mem::take(&mut self.catalog_stale) {
             self.catalog.refresh_now(self.shared.config.proxy.connect_timeout).await;
         }
@@ -301,12 +314,22 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         };
         tracing::trace!(reason = route.reason.as_str(), ?route.destination, "routed");
         match route.destination {
-            Destination::Primary(node) if node == self.primary.node => Ok(Ok(Target::Primary)),
+            Destination::Primary(node) if node == self.primary.node => {
+                Ok(Ok((Target::Primary, route.reason)))
+            }
             Destination::Primary(node) => {
                 let name = self.shared.topology.nodes[node].config.name.clone();
                 Err(ProxyError::PrimaryMoved { node: name })
             }
-            Destination::Replica(node) => Ok(Ok(self.use_replica(node).await)),
+            Destination::Replica(node) => match self.use_replica(node).await {
+                Target::Replica => {
+                    if let Some(since) = self.pinned_since.take() {
+                        self.shared.metrics.pin_ended(since.elapsed());
+                    }
+                    Ok(Ok((Target::Replica, route.reason)))
+                }
+                Target::Primary => Ok(Ok((Target::Primary, Reason::FallbackNoReplica))),
+            },
         }
     }
 
@@ -353,6 +376,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.refresh_watermark();
             tokio::time::sleep(REPLICA_WAIT_STEP).await;
         }
+    }
+
+    /// Counts a unit that executes statements, by node, role and reason.
+    fn count_route(&self, target: Target, reason: Reason) {
+        let Some(server) = self.server(target) else { return };
+        let node = &self.shared.topology.nodes[server.node].config.name;
+        let role = match target {
+            Target::Primary => RoleLabel::Primary,
+            Target::Replica => RoleLabel::Replica,
+        };
+        self.shared.metrics.routed(node, role, reason);
     }
 
     /// The transaction status to report for a locally answered query.
