@@ -31,6 +31,14 @@ pub enum ProxyError {
     NoTenant,
     #[error("too many client connections (max_client_connections = {0})")]
     TooManyClients(usize),
+    /// `tls.mode = "require"` and the client did not encrypt.
+    #[error("SSL required: pgnear accepts only TLS connections (connect with sslmode=require)")]
+    TlsRequired,
+    /// The TLS handshake with the client failed; nothing can be sent.
+    #[error("TLS handshake with the client failed: {0}")]
+    ClientTls(std::io::Error),
+    #[error("{0}")]
+    TlsNegotiation(&'static str),
     #[error("timed out waiting for the startup packet and authentication")]
     StartupTimeout,
     #[error("terminating connection: idle for longer than idle_client_timeout")]
@@ -58,6 +66,7 @@ impl ProxyError {
         use SqlState as S;
         let (severity, code) = match self {
             E::ClientGone(_)
+            | E::ClientTls(_)
             | E::ClientProtocol(ProtocolError::Truncated | ProtocolError::Io(_))
             | E::Startup(StartupError::Protocol(ProtocolError::Truncated | ProtocolError::Io(_))) => {
                 return None
@@ -68,6 +77,8 @@ impl ProxyError {
             E::Startup(_) => (Fatal, S::ProtocolViolation),
             E::NoUser | E::UnknownUser(_) | E::NoTenant => (Fatal, S::InvalidAuthorizationSpecification),
             E::BadPassword(_) => (Fatal, S::InvalidPassword),
+            E::TlsRequired => (Fatal, S::InvalidAuthorizationSpecification),
+            E::TlsNegotiation(_) => (Fatal, S::ProtocolViolation),
             E::Scram(crate::auth::ScramError::BadProof) => (Fatal, S::InvalidPassword),
             E::Scram(_) => (Fatal, S::ProtocolViolation),
             E::TooManyClients(_) => (Fatal, S::TooManyConnections),
@@ -87,8 +98,10 @@ impl ProxyError {
         use ProxyError as E;
         match self {
             E::ClientProtocol(_) | E::Startup(_) | E::Unsupported(_) => "client_protocol",
+            E::ClientTls(_) | E::TlsNegotiation(_) => "client_protocol",
             E::ClientGone(_) => "client_gone",
             E::NoUser | E::UnknownUser(_) | E::BadPassword(_) | E::Scram(_) | E::NoTenant => "auth",
+            E::TlsRequired => "auth",
             E::TooManyClients(_) => "limit",
             E::StartupTimeout | E::IdleTimeout => "timeout",
             E::NoPrimary(_) | E::Connect(_) => "backend_connect",

@@ -11,11 +11,14 @@
 //! - [`backend`]: server connections: connect, authenticate, relay.
 //! - [`router`]: pure decisions: statement classification and routes.
 //! - [`cluster`]: topology and the monitor that measures each node.
+//! - [`metrics`] and [`admin`]: Prometheus metrics; the admin HTTP listener.
 //! - [`protocol`]: bytes to messages and back.
 //! - [`error`]: proxy errors and their SQLSTATEs.
+//! - [`tls`]: rustls toward clients and toward servers.
 //! - [`lab`]: real PostgreSQL servers on loopback, for tests and the demo.
 //! - [`cli`] and [`demo`]: the command line.
 
+pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cli;
@@ -30,6 +33,7 @@ pub mod protocol;
 pub mod proxy;
 pub mod router;
 pub mod server;
+pub mod tls;
 
 pub use config::Config;
 pub use proxy::Proxy;

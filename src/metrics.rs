@@ -1,18 +1,58 @@
 //! pgnear's metrics, on its own prometheus Registry. Labels are node
 //! names and enums only: never SQL text, never client addresses.
 //!
-//! (Skeleton: the observability work fills in the prometheus collectors;
-//! the call sites in the session and server are final.)
+//! Two kinds live here:
+//! - event metrics (routed units, latency, connections, errors, bytes,
+//!   read-your-writes pins), updated on the request path and kept in
+//!   [`Metrics`]' registry;
+//! - state metrics (node up, role, RTT, replica lag, the classification
+//!   cache), read from the topology and the cache when `/metrics` is
+//!   scraped, so they are never stale and never outlive a node's role.
 
 use std::time::Duration;
 
-use crate::router::Reason;
+use prometheus::core::Collector;
+use prometheus::proto::MetricFamily;
+use prometheus::{
+    Encoder, GaugeVec, Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge,
+    IntGaugeVec, Opts, Registry, TextEncoder,
+};
+
+use crate::cluster::Role;
+use crate::frontend::Shared;
+use crate::router::{ClusterView, Reason};
+
+/// The content type of [`Metrics::render`]'s output.
+pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
+
+/// Query latency buckets: 100 µs (a loopback replica) to 10 s.
+const LATENCY_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0];
+
+/// Read-your-writes pin buckets: a replica catching up in a millisecond to
+/// a minute behind.
+const PIN_BUCKETS: &[f64] =
+    &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
+
+/// The error classes of `ProxyError::class`; anything else counts as
+/// `other`, so the label set stays bounded.
+const ERROR_CLASSES: [&str; 7] =
+    ["client_protocol", "client_gone", "auth", "limit", "timeout", "backend_connect", "backend_error"];
 
 /// The role label of a routed query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoleLabel {
     Primary,
     Replica,
+}
+
+impl RoleLabel {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoleLabel::Primary => "primary",
+            RoleLabel::Replica => "replica",
+        }
+    }
 }
 
 /// Client connection states.
@@ -24,6 +64,15 @@ pub enum ClientState {
     Active,
 }
 
+impl ClientState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ClientState::Handshake => "handshake",
+            ClientState::Active => "active",
+        }
+    }
+}
+
 /// Direction of relayed bytes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Direction {
@@ -31,48 +80,346 @@ pub enum Direction {
     ServerToClient,
 }
 
-/// Every metric pgnear exports.
-#[derive(Debug, Default)]
-pub struct Metrics {}
+impl Direction {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Direction::ClientToServer => "client_to_server",
+            Direction::ServerToClient => "server_to_client",
+        }
+    }
+}
+
+/// Every metric pgnear exports. Children whose labels are known up front
+/// are resolved once here, so the hot path does no label lookup for them;
+/// per-node children are looked up by name (a hash, no allocation).
+#[derive(Debug)]
+pub struct Metrics {
+    /// Only pgnear's own collectors: embedding pgnear never mixes in the
+    /// process-global default registry.
+    registry: Registry,
+    routed: IntCounterVec,
+    latency: HistogramVec,
+    /// Handshake and active, in [`ClientState`] order.
+    clients: [IntGauge; 2],
+    backends: IntGaugeVec,
+    /// One per entry of [`ERROR_CLASSES`], then `other`.
+    errors: Box<[IntCounter]>,
+    /// Client-to-server and server-to-client, in [`Direction`] order.
+    bytes: [IntCounter; 2],
+    pins: IntCounter,
+    pin_seconds: Histogram,
+}
 
 /// Decrements a gauge when dropped.
 #[derive(Debug)]
-pub struct GaugeGuard {}
+pub struct GaugeGuard {
+    gauge: IntGauge,
+}
+
+impl GaugeGuard {
+    fn new(gauge: IntGauge) -> GaugeGuard {
+        gauge.inc();
+        GaugeGuard { gauge }
+    }
+}
 
 impl Drop for GaugeGuard {
-    fn drop(&mut self) {}
+    fn drop(&mut self) {
+        self.gauge.dec();
+    }
 }
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics::new()
+    }
+}
+
+// === impl Metrics ===
 
 impl Metrics {
     pub fn new() -> Metrics {
-        Metrics {}
+        // The definitions are constants and a unit test builds them: this
+        // fails only on a programming error.
+        Metrics::build().expect("pgnear's metric definitions are valid")
+    }
+
+    fn build() -> prometheus::Result<Metrics> {
+        let registry = Registry::new();
+        let routed = IntCounterVec::new(
+            Opts::new("pgnear_queries_routed_total", "Units of work routed, by node, role and reason."),
+            &["node", "role", "reason"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "pgnear_query_duration_seconds",
+                "Time from dispatching a unit to its ReadyForQuery, by node.",
+            )
+            .buckets(LATENCY_BUCKETS.to_vec()),
+            &["node"],
+        )?;
+        let clients = IntGaugeVec::new(
+            Opts::new("pgnear_client_connections", "Client connections, by state."),
+            &["state"],
+        )?;
+        let backends = IntGaugeVec::new(
+            Opts::new("pgnear_backend_connections", "Open server connections, by node."),
+            &["node"],
+        )?;
+        let errors =
+            IntCounterVec::new(Opts::new("pgnear_errors_total", "Proxy errors, by class."), &["class"])?;
+        let bytes = IntCounterVec::new(
+            Opts::new("pgnear_bytes_total", "Bytes relayed between clients and servers, by direction."),
+            &["direction"],
+        )?;
+        let pins = IntCounter::new(
+            "pgnear_read_your_writes_pins_total",
+            "Sessions held on the primary after a write until a replica catches up.",
+        )?;
+        let pin_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "pgnear_read_your_writes_pin_seconds",
+                "How long a session stayed held on the primary after a write.",
+            )
+            .buckets(PIN_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(routed.clone()))?;
+        registry.register(Box::new(latency.clone()))?;
+        registry.register(Box::new(clients.clone()))?;
+        registry.register(Box::new(backends.clone()))?;
+        registry.register(Box::new(errors.clone()))?;
+        registry.register(Box::new(bytes.clone()))?;
+        registry.register(Box::new(pins.clone()))?;
+        registry.register(Box::new(pin_seconds.clone()))?;
+        let state = |s: ClientState| clients.get_metric_with_label_values(&[s.as_str()]);
+        let direction = |d: Direction| bytes.get_metric_with_label_values(&[d.as_str()]);
+        Ok(Metrics {
+            clients: [state(ClientState::Handshake)?, state(ClientState::Active)?],
+            errors: ERROR_CLASSES
+                .iter()
+                .chain(&["other"])
+                .map(|class| errors.get_metric_with_label_values(&[class]))
+                .collect::<prometheus::Result<_>>()?,
+            bytes: [direction(Direction::ClientToServer)?, direction(Direction::ServerToClient)?],
+            registry,
+            routed,
+            latency,
+            backends,
+            pins,
+            pin_seconds,
+        })
     }
 
     /// A unit of work routed to `node`.
-    pub fn routed(&self, _node: &str, _role: RoleLabel, _reason: Reason) {}
+    pub fn routed(&self, node: &str, role: RoleLabel, reason: Reason) {
+        self.routed.with_label_values(&[node, role.as_str(), reason.as_str()]).inc();
+    }
 
     /// A unit's time from dispatch to its ReadyForQuery on `node`.
-    pub fn query_latency(&self, _node: &str, _elapsed: Duration) {}
+    pub fn query_latency(&self, node: &str, elapsed: Duration) {
+        self.latency.with_label_values(&[node]).observe(elapsed.as_secs_f64());
+    }
 
     /// A client connection in `state`, counted until the guard drops.
-    pub fn client_connection(&self, _state: ClientState) -> GaugeGuard {
-        GaugeGuard {}
+    pub fn client_connection(&self, state: ClientState) -> GaugeGuard {
+        GaugeGuard::new(self.clients[state as usize].clone())
     }
 
     /// A server connection to `node`, counted until the guard drops.
-    pub fn backend_connection(&self, _node: &str) -> GaugeGuard {
-        GaugeGuard {}
+    pub fn backend_connection(&self, node: &str) -> GaugeGuard {
+        GaugeGuard::new(self.backends.with_label_values(&[node]))
     }
 
     /// An error of `class` (see `ProxyError::class`).
-    pub fn error(&self, _class: &str) {}
+    pub fn error(&self, class: &str) {
+        let i = ERROR_CLASSES.iter().position(|c| *c == class).unwrap_or(ERROR_CLASSES.len());
+        self.errors[i].inc();
+    }
 
     /// Bytes relayed.
-    pub fn bytes(&self, _direction: Direction, _count: usize) {}
+    pub fn bytes(&self, direction: Direction, count: usize) {
+        self.bytes[direction as usize].inc_by(count as u64);
+    }
 
     /// A session started being held on the primary after a write.
-    pub fn pin_started(&self) {}
+    pub fn pin_started(&self) {
+        self.pins.inc();
+    }
 
     /// A session's read-your-writes pin ended after `held`.
-    pub fn pin_ended(&self, _held: Duration) {}
+    pub fn pin_ended(&self, held: Duration) {
+        self.pin_seconds.observe(held.as_secs_f64());
+    }
+
+    /// Units routed to each node so far, summed over roles and reasons
+    /// (for the demo's node table).
+    pub fn routed_by_node(&self) -> Vec<(String, u64)> {
+        let mut totals: Vec<(String, u64)> = Vec::new();
+        for metric in self.routed.collect().iter().flat_map(|family| family.get_metric()) {
+            let Some(node) = metric.get_label().iter().find(|l| l.name() == "node") else { continue };
+            let count = metric.get_counter().get_value() as u64;
+            match totals.iter_mut().find(|(name, _)| name == node.value()) {
+                Some((_, total)) => *total += count,
+                None => totals.push((node.value().to_owned(), count)),
+            }
+        }
+        totals
+    }
+
+    /// Every metric in the Prometheus text format ([`CONTENT_TYPE`]): the
+    /// event metrics plus node and cache state read from `shared` now.
+    pub fn render(&self, shared: &Shared) -> prometheus::Result<String> {
+        let mut families = self.registry.gather();
+        families.extend(state_families(shared)?);
+        families.sort_by(|a, b| a.name().cmp(b.name()));
+        let mut out = Vec::new();
+        TextEncoder::new().encode(&families, &mut out)?;
+        String::from_utf8(out).map_err(|e| prometheus::Error::Msg(e.to_string()))
+    }
+}
+
+/// Node and cache state as metric families, gathered through a registry
+/// built for this one scrape: a node that changed role leaves no stale
+/// series behind.
+fn state_families(shared: &Shared) -> prometheus::Result<Vec<MetricFamily>> {
+    let view = ClusterView::capture(&shared.topology);
+    let registry = Registry::new();
+    let gauge = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<GaugeVec> {
+        let vec = GaugeVec::new(Opts::new(name, help), labels)?;
+        registry.register(Box::new(vec.clone()))?;
+        Ok(vec)
+    };
+    let up = gauge(
+        "pgnear_node_up",
+        "1 while the health check has the node in rotation.",
+        &["node", "role", "region", "cluster"],
+    )?;
+    let role = gauge("pgnear_node_role", "1 for the node's last observed role.", &["node", "role"])?;
+    let rtt =
+        gauge("pgnear_node_rtt_seconds", "Smoothed round-trip time of the monitor's probe.", &["node"])?;
+    let lag_bytes = gauge(
+        "pgnear_replica_lag_bytes",
+        "WAL bytes the primary has that the replica has not replayed.",
+        &["node"],
+    )?;
+    let lag_seconds = gauge(
+        "pgnear_replica_lag_seconds",
+        "How far the replica's replay is behind the primary.",
+        &["node"],
+    )?;
+    for node in &view.nodes {
+        let (name, status) = (node.config.name.as_str(), &node.status);
+        let config = node.config;
+        up.get_metric_with_label_values(&[
+            name,
+            status.role.as_str(),
+            config.region.as_str(),
+            config.cluster.as_str(),
+        ])?
+        .set(f64::from(u8::from(status.up)));
+        for r in [Role::Primary, Role::Replica, Role::Unknown] {
+            role.get_metric_with_label_values(&[name, r.as_str()])?
+                .set(f64::from(u8::from(status.role == r)));
+        }
+        if let Some(value) = status.rtt {
+            rtt.get_metric_with_label_values(&[name])?.set(value.as_secs_f64());
+        }
+        if let Some(bytes) = node.lag_bytes {
+            lag_bytes.get_metric_with_label_values(&[name])?.set(bytes as f64);
+        }
+        if let Some(lag) = node.lag {
+            lag_seconds.get_metric_with_label_values(&[name])?.set(lag.as_secs_f64());
+        }
+    }
+    let counter = |name: &str, help: &str, value: u64| -> prometheus::Result<()> {
+        let counter = IntCounter::new(name, help)?;
+        counter.inc_by(value);
+        registry.register(Box::new(counter))
+    };
+    counter(
+        "pgnear_classify_cache_hits_total",
+        "Statement classifications answered from the cache.",
+        shared.classifier.hits(),
+    )?;
+    counter(
+        "pgnear_classify_cache_misses_total",
+        "Statement classifications that parsed the SQL.",
+        shared.classifier.misses(),
+    )?;
+    Ok(registry.gather())
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly
+
+    use super::*;
+
+    fn sample(metrics: &Metrics, name: &str, labels: &[(&str, &str)]) -> Option<f64> {
+        let families = metrics.registry.gather();
+        let family = families.iter().find(|f| f.name() == name)?;
+        let metric = family.get_metric().iter().find(|m| {
+            labels.iter().all(|(k, v)| m.get_label().iter().any(|l| l.name() == *k && l.value() == *v))
+        })?;
+        Some(match family.get_field_type() {
+            prometheus::proto::MetricType::COUNTER => metric.get_counter().get_value(),
+            prometheus::proto::MetricType::GAUGE => metric.get_gauge().get_value(),
+            _ => metric.get_histogram().get_sample_count() as f64,
+        })
+    }
+
+    #[test]
+    fn the_definitions_build_and_known_series_start_at_zero() {
+        let metrics = Metrics::new();
+        assert_eq!(sample(&metrics, "pgnear_errors_total", &[("class", "auth")]), Some(0.0));
+        assert_eq!(sample(&metrics, "pgnear_errors_total", &[("class", "other")]), Some(0.0));
+        assert_eq!(sample(&metrics, "pgnear_client_connections", &[("state", "active")]), Some(0.0));
+        assert_eq!(sample(&metrics, "pgnear_bytes_total", &[("direction", "client_to_server")]), Some(0.0));
+    }
+
+    #[test]
+    fn gauge_guards_count_while_alive() {
+        let metrics = Metrics::new();
+        let a = metrics.backend_connection("n1");
+        let b = metrics.backend_connection("n1");
+        let c = metrics.client_connection(ClientState::Handshake);
+        assert_eq!(sample(&metrics, "pgnear_backend_connections", &[("node", "n1")]), Some(2.0));
+        assert_eq!(sample(&metrics, "pgnear_client_connections", &[("state", "handshake")]), Some(1.0));
+        drop((a, c));
+        assert_eq!(sample(&metrics, "pgnear_backend_connections", &[("node", "n1")]), Some(1.0));
+        assert_eq!(sample(&metrics, "pgnear_client_connections", &[("state", "handshake")]), Some(0.0));
+        drop(b);
+        assert_eq!(sample(&metrics, "pgnear_backend_connections", &[("node", "n1")]), Some(0.0));
+    }
+
+    #[test]
+    fn unknown_error_classes_count_as_other() {
+        let metrics = Metrics::new();
+        metrics.error("auth");
+        metrics.error("SELECT secret FROM t");
+        assert_eq!(sample(&metrics, "pgnear_errors_total", &[("class", "auth")]), Some(1.0));
+        assert_eq!(sample(&metrics, "pgnear_errors_total", &[("class", "other")]), Some(1.0));
+        let families = metrics.registry.gather();
+        let errors = families.iter().find(|f| f.name() == "pgnear_errors_total").unwrap();
+        assert_eq!(errors.get_metric().len(), ERROR_CLASSES.len() + 1);
+    }
+
+    #[test]
+    fn routed_units_latency_bytes_and_pins_are_counted() {
+        let metrics = Metrics::new();
+        metrics.routed("r1", RoleLabel::Replica, Reason::Read);
+        metrics.routed("r1", RoleLabel::Replica, Reason::Read);
+        metrics.routed("p", RoleLabel::Primary, Reason::Write);
+        let read = [("node", "r1"), ("role", "replica"), ("reason", "read")];
+        assert_eq!(sample(&metrics, "pgnear_queries_routed_total", &read), Some(2.0));
+        assert_eq!(metrics.routed_by_node(), vec![("p".to_string(), 1), ("r1".to_string(), 2)]);
+        metrics.query_latency("r1", Duration::from_micros(300));
+        assert_eq!(sample(&metrics, "pgnear_query_duration_seconds", &[("node", "r1")]), Some(1.0));
+        metrics.bytes(Direction::ServerToClient, 42);
+        assert_eq!(sample(&metrics, "pgnear_bytes_total", &[("direction", "server_to_client")]), Some(42.0));
+        metrics.pin_started();
+        metrics.pin_ended(Duration::from_millis(5));
+        assert_eq!(sample(&metrics, "pgnear_read_your_writes_pins_total", &[]), Some(1.0));
+        assert_eq!(sample(&metrics, "pgnear_read_your_writes_pin_seconds", &[]), Some(1.0));
+    }
 }

@@ -1,4 +1,5 @@
-//! A running pgnear: the client listener, the monitor and what they share.
+//! A running pgnear: the client listener, the admin listener, the monitor
+//! and what they share.
 //! Tests start one in-process on port 0; `pgnear run` starts one from the
 //! config file.
 
@@ -28,6 +29,8 @@ pub enum StartError {
     Resolve(std::io::Error),
     #[error("invalid user credential: {0}")]
     Credential(#[from] crate::auth::ScramError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A running proxy. Dropping it stops accepting; [`Proxy::shutdown`]
@@ -37,6 +40,9 @@ pub struct Proxy {
     shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
     server: JoinHandle<()>,
+    /// The admin listener's address and task, when `proxy.admin_listen` is
+    /// set.
+    admin: Option<(SocketAddr, JoinHandle<()>)>,
     _monitor: monitor::Monitor,
 }
 
@@ -48,7 +54,17 @@ impl Proxy {
         let addr = config.proxy.listen;
         let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+        let admin_listener = match config.proxy.admin_listen {
+            Some(addr) => {
+                let admin =
+                    TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+                let addr = admin.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+                Some((admin, addr))
+            }
+            None => None,
+        };
         let topology = Topology::new(&config.nodes).map_err(StartError::Resolve)?;
+        let tls = crate::tls::Tls::load(&config)?;
         let directory = {
             let config = config.clone();
             // PBKDF2 for every SCRAM user: keep it off the reactor.
@@ -69,16 +85,27 @@ impl Proxy {
             topology,
             directory,
             cancels: Arc::new(CancelRegistry::default()),
+            tls,
         });
         let (shutdown, watch) = watch::channel(false);
+        let admin = admin_listener.map(|(listener, admin_addr)| {
+            tracing::info!(addr = %admin_addr, "admin listener is up");
+            (admin_addr, tokio::spawn(crate::admin::run(listener, shared.clone(), watch.clone())))
+        });
         let server = tokio::spawn(crate::server::run(listener, shared.clone(), watch));
         tracing::info!(%addr, "pgnear is listening");
-        Ok(Proxy { addr, shared, shutdown, server, _monitor: monitor })
+        Ok(Proxy { addr, shared, shutdown, server, admin, _monitor: monitor })
     }
 
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The admin HTTP address (`/metrics`, `/health`, `/ready`), when
+    /// `proxy.admin_listen` is set.
+    pub fn admin_addr(&self) -> Option<SocketAddr> {
+        self.admin.as_ref().map(|(addr, _)| *addr)
     }
 
     /// What sessions share: the config and the live topology.
@@ -101,5 +128,8 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.server.abort();
+        if let Some((_, admin)) = &self.admin {
+            admin.abort();
+        }
     }
 }

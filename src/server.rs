@@ -1,5 +1,6 @@
 //! The client listener: accepts connections, enforces the connection
-//! limit, runs one task per client and drains on shutdown.
+//! limit, runs one task per client, reloads the TLS certificate on SIGHUP
+//! and drains on shutdown.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -7,12 +8,14 @@ use std::sync::Arc;
 
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::error::ProxyError;
+use crate::frontend::handshake::{negotiate, Opening};
 use crate::frontend::{serve, Shared};
-use crate::protocol::startup::{read_startup, StartupRequest};
+use crate::tls::Stream;
 
 /// Accepts clients until `shutdown` turns true, then waits for running
 /// sessions to finish.
@@ -20,6 +23,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
     let limit = Arc::new(Semaphore::new(shared.config.proxy.max_client_connections));
     let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
+    let mut hangup = hangup_signal(&shared);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -34,12 +38,42 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
                 }
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
+            Some(()) = recv(&mut hangup) => reload_certificate(&shared),
             _ = shutdown.changed() => break,
         }
     }
     drop(listener);
     tracing::info!(sessions = sessions.len(), "draining client sessions");
     while sessions.join_next().await.is_some() {}
+}
+
+/// SIGHUP, when there is a certificate to reload.
+fn hangup_signal(shared: &Shared) -> Option<Signal> {
+    shared.tls.acceptor.as_ref()?;
+    match signal(SignalKind::hangup()) {
+        Ok(signal) => Some(signal),
+        Err(error) => {
+            tracing::warn!(%error, "cannot listen for SIGHUP: the TLS certificate will not reload");
+            None
+        }
+    }
+}
+
+/// The next signal; never resolves without one. Cancel safe.
+async fn recv(signal: &mut Option<Signal>) -> Option<()> {
+    match signal {
+        Some(signal) => signal.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// New handshakes use the new certificate; running sessions keep theirs.
+fn reload_certificate(shared: &Shared) {
+    let Some(acceptor) = &shared.tls.acceptor else { return };
+    match acceptor.reload() {
+        Ok(()) => tracing::info!("TLS certificate reloaded"),
+        Err(error) => tracing::error!(%error, "TLS certificate reload failed; keeping the previous one"),
+    }
 }
 
 fn accept(
@@ -52,6 +86,7 @@ fn accept(
 ) {
     let _ = stream.set_nodelay(true);
     let shared = shared.clone();
+    let stream = Stream::plain(stream);
     match limit.clone().try_acquire_owned() {
         Ok(permit) => {
             sessions.spawn(async move {
@@ -67,21 +102,19 @@ fn accept(
 }
 
 /// Answers a client over the connection limit the way PostgreSQL does:
-/// after its startup packet, with 53300.
-async fn refuse_over_limit(mut stream: TcpStream, shared: Arc<Shared>) {
-    let read = async {
-        loop {
-            match read_startup(&mut stream).await {
-                Ok(Some(StartupRequest::Ssl | StartupRequest::GssEnc)) => {
-                    stream.write_all(b"N").await.ok()?
-                }
-                Ok(Some(_)) => return Some(()),
-                _ => return None,
-            }
+/// after its startup packet (inside TLS if it asked for TLS), with 53300.
+/// A CancelRequest is still forwarded: it is how a client gets out of a
+/// query that holds its connection.
+async fn refuse_over_limit(mut stream: Stream, shared: Arc<Shared>) {
+    let timeout = shared.config.proxy.startup_timeout;
+    let opening = tokio::time::timeout(timeout, negotiate(&mut stream, shared.tls.acceptor.as_ref())).await;
+    match opening {
+        Ok(Ok(Opening::Startup(_))) => {}
+        Ok(Ok(Opening::Cancel(key))) => {
+            return shared.cancels.cancel(key, shared.config.proxy.connect_timeout).await
         }
-    };
-    if tokio::time::timeout(shared.config.proxy.startup_timeout, read).await.ok().flatten().is_none() {
-        return;
+        Ok(Err(error)) => return crate::frontend::refuse(&mut stream, &error).await,
+        Ok(Ok(Opening::Closed)) | Err(_) => return,
     }
     let error = ProxyError::TooManyClients(shared.config.proxy.max_client_connections);
     if let Some(frame) = error.to_frame() {

@@ -1,5 +1,6 @@
 //! SCRAM-SHA-256 (RFC 5802, RFC 7677) from the server's side, as a state
-//! machine: client-first, then client-final.
+//! machine: client-first, then client-final. Over TLS it also offers
+//! SCRAM-SHA-256-PLUS with tls-server-end-point channel binding (RFC 5929).
 
 use base64::engine::general_purpose::STANDARD;
 use base64::Engine;
@@ -13,8 +14,8 @@ use crate::config::Secret;
 pub enum ScramError {
     #[error("malformed SCRAM message: {0}")]
     Malformed(&'static str),
-    #[error("channel binding is not supported")]
-    ChannelBinding,
+    #[error("channel binding: {0}")]
+    ChannelBinding(&'static str),
     #[error("the client's proof does not match")]
     BadProof,
     #[error("invalid SCRAM verifier in the config")]
@@ -69,31 +70,85 @@ fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {
     mac.finalize().into_bytes().to_vec()
 }
 
+const SCRAM_SHA_256: &str = "SCRAM-SHA-256";
+const SCRAM_SHA_256_PLUS: &str = "SCRAM-SHA-256-PLUS";
+
 /// The server side of one SCRAM exchange.
 #[derive(Debug)]
 pub enum ScramServer {
-    /// Waiting for the SASLInitialResponse.
-    Initial { server_nonce: String },
-    /// Sent server-first; waiting for client-final.
-    Challenged { gs2_header: String, nonce: String, client_first_bare: String, server_first: String },
+    /// Waiting for the SASLInitialResponse. `binding` is the
+    /// tls-server-end-point data when SCRAM-SHA-256-PLUS is offered.
+    Initial { server_nonce: String, binding: Option<Vec<u8>> },
+    /// Sent server-first; waiting for client-final. `channel_binding` is
+    /// what the client's `c=` must decode to: the gs2 header, plus the
+    /// binding data with `p=`.
+    Challenged { channel_binding: Vec<u8>, nonce: String, client_first_bare: String, server_first: String },
     /// The exchange has ended, well or badly.
     Done,
 }
 
+/// The gs2 channel binding flag of client-first.
+enum Gs2Flag {
+    /// `n`: the client does not support channel binding.
+    NotSupported,
+    /// `y`: the client supports it but thinks the server does not.
+    NotOffered,
+    /// `p=tls-server-end-point`.
+    TlsServerEndPoint,
+}
+
 impl ScramServer {
-    /// A new exchange with a random nonce.
+    /// A new exchange with a random nonce, without channel binding.
     pub fn new() -> ScramServer {
-        let bytes: [u8; 18] = rand::random();
-        ScramServer::Initial { server_nonce: STANDARD.encode(bytes) }
+        ScramServer::Initial { server_nonce: nonce(), binding: None }
     }
 
-    /// Takes the client-first message and returns server-first.
-    pub fn client_first(&mut self, message: &[u8], verifier: &ScramVerifier) -> Result<String, ScramError> {
-        let ScramServer::Initial { server_nonce } = std::mem::replace(self, ScramServer::Done) else {
+    /// A new exchange that also offers SCRAM-SHA-256-PLUS, binding to
+    /// `end_point` (the hash of pgnear's certificate).
+    pub fn with_channel_binding(end_point: Vec<u8>) -> ScramServer {
+        ScramServer::Initial { server_nonce: nonce(), binding: Some(end_point) }
+    }
+
+    /// The mechanisms to advertise, best first.
+    pub fn mechanisms(&self) -> &'static [&'static str] {
+        match self {
+            ScramServer::Initial { binding: Some(_), .. } => &[SCRAM_SHA_256_PLUS, SCRAM_SHA_256],
+            _ => &[SCRAM_SHA_256],
+        }
+    }
+
+    /// Takes the client's chosen mechanism and client-first message and
+    /// returns server-first.
+    pub fn client_first(
+        &mut self,
+        mechanism: &str,
+        message: &[u8],
+        verifier: &ScramVerifier,
+    ) -> Result<String, ScramError> {
+        let ScramServer::Initial { server_nonce, binding } = std::mem::replace(self, ScramServer::Done)
+        else {
             return Err(ScramError::Malformed("client-first out of order"));
         };
+        let plus = match mechanism {
+            SCRAM_SHA_256 => false,
+            SCRAM_SHA_256_PLUS if binding.is_some() => true,
+            _ => return Err(ScramError::Malformed("unsupported SASL mechanism")),
+        };
         let text = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
-        let (gs2_header, bare) = split_gs2(text)?;
+        let (flag, gs2_header, bare) = split_gs2(text)?;
+        let channel_binding = match (flag, plus, binding) {
+            (Gs2Flag::NotSupported, false, _) | (Gs2Flag::NotOffered, false, None) => {
+                gs2_header.as_bytes().to_vec()
+            }
+            (Gs2Flag::TlsServerEndPoint, true, Some(data)) => [gs2_header.as_bytes(), &data].concat(),
+            (Gs2Flag::NotOffered, false, Some(_)) => {
+                return Err(ScramError::ChannelBinding("the client thinks the server does not support it"))
+            }
+            (Gs2Flag::TlsServerEndPoint, false, _) => {
+                return Err(ScramError::ChannelBinding("requested without SCRAM-SHA-256-PLUS"))
+            }
+            (_, true, _) => return Err(ScramError::ChannelBinding("SCRAM-SHA-256-PLUS chosen without it")),
+        };
         let client_nonce = bare
             .split(',')
             .find_map(|a| a.strip_prefix("r="))
@@ -103,7 +158,7 @@ impl ScramServer {
         let salt = STANDARD.encode(&verifier.salt);
         let server_first = format!("r={nonce},s={salt},i={}", verifier.iterations);
         *self = ScramServer::Challenged {
-            gs2_header: gs2_header.to_string(),
+            channel_binding,
             nonce,
             client_first_bare: bare.to_string(),
             server_first: server_first.clone(),
@@ -113,7 +168,7 @@ impl ScramServer {
 
     /// Takes client-final; on a valid proof returns server-final.
     pub fn client_final(&mut self, message: &[u8], verifier: &ScramVerifier) -> Result<String, ScramError> {
-        let ScramServer::Challenged { gs2_header, nonce, client_first_bare, server_first } =
+        let ScramServer::Challenged { channel_binding, nonce, client_first_bare, server_first } =
             std::mem::replace(self, ScramServer::Done)
         else {
             return Err(ScramError::Malformed("client-final out of order"));
@@ -123,7 +178,7 @@ impl ScramServer {
         let mut attrs = without_proof.split(',');
         let binding =
             attrs.next().and_then(|a| a.strip_prefix("c=")).ok_or(ScramError::Malformed("no c="))?;
-        if STANDARD.decode(binding).ok().as_deref() != Some(gs2_header.as_bytes()) {
+        if STANDARD.decode(binding).ok().as_deref() != Some(channel_binding.as_slice()) {
             return Err(ScramError::Malformed("channel binding data does not match"));
         }
         if attrs.next().and_then(|a| a.strip_prefix("r=")) != Some(nonce.as_str()) {
@@ -151,17 +206,25 @@ impl Default for ScramServer {
     }
 }
 
-/// Splits `gs2-header` from `client-first-message-bare`.
-fn split_gs2(text: &str) -> Result<(&str, &str), ScramError> {
+fn nonce() -> String {
+    let bytes: [u8; 18] = rand::random();
+    STANDARD.encode(bytes)
+}
+
+/// Splits client-first into its channel binding flag, its whole
+/// `gs2-header` and `client-first-message-bare`.
+fn split_gs2(text: &str) -> Result<(Gs2Flag, &str, &str), ScramError> {
     let flag_end = text.find(',').ok_or(ScramError::Malformed("no gs2 header"))?;
-    match &text[..flag_end] {
-        "n" | "y" => {}
-        flag if flag.starts_with("p=") => return Err(ScramError::ChannelBinding),
+    let flag = match &text[..flag_end] {
+        "n" => Gs2Flag::NotSupported,
+        "y" => Gs2Flag::NotOffered,
+        "p=tls-server-end-point" => Gs2Flag::TlsServerEndPoint,
+        flag if flag.starts_with("p=") => return Err(ScramError::ChannelBinding("unsupported type")),
         _ => return Err(ScramError::Malformed("bad channel binding flag")),
-    }
+    };
     let authzid_end = text[flag_end + 1..].find(',').ok_or(ScramError::Malformed("no gs2 header"))?;
     let header_len = flag_end + 1 + authzid_end + 1;
-    Ok((&text[..header_len], &text[header_len..]))
+    Ok((flag, &text[..header_len], &text[header_len..]))
 }
 
 #[cfg(test)]
@@ -172,10 +235,18 @@ mod tests {
     use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 
     fn exchange(client_password: &str, server_password: &str) -> Result<(), ScramError> {
+        let client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
+        run(client, "SCRAM-SHA-256", ScramServer::new(), server_password)
+    }
+
+    fn run(
+        mut client: ScramSha256,
+        mechanism: &str,
+        mut server: ScramServer,
+        server_password: &str,
+    ) -> Result<(), ScramError> {
         let verifier = ScramVerifier::from_secret(&Secret::new(server_password)).unwrap();
-        let mut client = ScramSha256::new(client_password.as_bytes(), ChannelBinding::unsupported());
-        let mut server = ScramServer::new();
-        let server_first = server.client_first(client.message(), &verifier)?;
+        let server_first = server.client_first(mechanism, client.message(), &verifier)?;
         client.update(server_first.as_bytes()).unwrap();
         let server_final = server.client_final(client.message(), &verifier)?;
         client.finish(server_final.as_bytes()).map_err(|_| ScramError::BadProof)
@@ -204,18 +275,59 @@ mod tests {
         assert!(server.client_final(b"c=biws,r=x,p=AAAA", &verifier).is_err());
         for bad in [&b"garbage"[..], b"n,,", b"x,,n=,r=abc", b"\xff\xfe"] {
             let mut server = ScramServer::new();
-            assert!(server.client_first(bad, &verifier).is_err(), "{bad:?}");
+            assert!(server.client_first("SCRAM-SHA-256", bad, &verifier).is_err(), "{bad:?}");
         }
         let mut server = ScramServer::new();
+        assert!(matches!(
+            server.client_first("SCRAM-SHA-256", b"p=tls-server-end-point,,n=,r=abc", &verifier),
+            Err(ScramError::ChannelBinding(_))
+        ));
+        let mut server = ScramServer::new();
         assert_eq!(
-            server.client_first(b"p=tls-server-end-point,,n=,r=abc", &verifier),
-            Err(ScramError::ChannelBinding)
+            server.client_first("SCRAM-SHA-256-PLUS", b"p=tls-server-end-point,,n=,r=abc", &verifier),
+            Err(ScramError::Malformed("unsupported SASL mechanism"))
         );
         let mut server = ScramServer::new();
-        server.client_first(b"n,,n=,r=abc", &verifier).unwrap();
+        server.client_first("SCRAM-SHA-256", b"n,,n=,r=abc", &verifier).unwrap();
         assert_eq!(
             server.client_final(b"c=biws,r=wrongnonce,p=AAAA", &verifier),
             Err(ScramError::Malformed("nonce does not match"))
         );
+    }
+
+    #[test]
+    fn channel_binding_with_tls_server_end_point() {
+        let end_point = vec![7u8; 32];
+        let server = ScramServer::with_channel_binding(end_point.clone());
+        assert_eq!(server.mechanisms(), ["SCRAM-SHA-256-PLUS", "SCRAM-SHA-256"]);
+        let client = ScramSha256::new(b"pw", ChannelBinding::tls_server_end_point(end_point.clone()));
+        run(client, "SCRAM-SHA-256-PLUS", server, "pw").unwrap();
+        // A client that binds to another certificate (a man in the middle).
+        let client = ScramSha256::new(b"pw", ChannelBinding::tls_server_end_point(vec![8u8; 32]));
+        let server = ScramServer::with_channel_binding(end_point.clone());
+        assert_eq!(
+            run(client, "SCRAM-SHA-256-PLUS", server, "pw"),
+            Err(ScramError::Malformed("channel binding data does not match"))
+        );
+    }
+
+    #[test]
+    fn clients_without_channel_binding_still_authenticate_over_tls() {
+        // libpq with channel_binding=disable, or a driver without it.
+        let client = ScramSha256::new(b"pw", ChannelBinding::unsupported());
+        run(client, "SCRAM-SHA-256", ScramServer::with_channel_binding(vec![1; 32]), "pw").unwrap();
+        // Without TLS, "y" (supported by the client, not offered) is fine.
+        let client = ScramSha256::new(b"pw", ChannelBinding::unrequested());
+        run(client, "SCRAM-SHA-256", ScramServer::new(), "pw").unwrap();
+    }
+
+    #[test]
+    fn a_stripped_plus_offer_is_detected() {
+        // "y" while the server did offer PLUS: someone removed it in transit.
+        let client = ScramSha256::new(b"pw", ChannelBinding::unrequested());
+        assert!(matches!(
+            run(client, "SCRAM-SHA-256", ScramServer::with_channel_binding(vec![1; 32]), "pw"),
+            Err(ScramError::ChannelBinding(_))
+        ));
     }
 }

@@ -1,20 +1,29 @@
-//! Opening a server connection: TCP, startup, authentication, and the
-//! server's ParameterStatus and BackendKeyData, up to ReadyForQuery.
+//! Opening a server connection: TCP, TLS as the node's `sslmode` says,
+//! startup, authentication, and the server's ParameterStatus and
+//! BackendKeyData, up to ReadyForQuery.
 
 use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
-use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256, SCRAM_SHA_256};
+use std::sync::Arc;
+
+use postgres_protocol::authentication::sasl::{
+    ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
+};
 use postgres_protocol::message::frontend;
-use tokio::io::AsyncWriteExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
 use tokio::net::TcpStream;
 
 use super::Backend;
-use crate::config::Secret;
+use crate::config::{Secret, SslMode};
 use crate::protocol::backend::{parse_backend_key, ErrorFields};
 use crate::protocol::frame::{cstr, int32};
+use crate::protocol::startup::ssl_request;
 use crate::protocol::{Frame, FrameReader, ProtocolError};
+use crate::tls::{Connector, Stream};
+
+type ServerReader = FrameReader<ReadHalf<Stream>>;
 
 /// Who to log in as, and with which parameters.
 #[derive(Debug, Clone)]
@@ -32,6 +41,10 @@ pub enum ConnectError {
     Io { addr: SocketAddr, source: std::io::Error },
     #[error("timed out connecting to {0}")]
     Timeout(SocketAddr),
+    #[error("server at {0} does not accept TLS, which its sslmode requires")]
+    TlsRefused(SocketAddr),
+    #[error("TLS with {addr} failed: {source}")]
+    Tls { addr: SocketAddr, source: std::io::Error },
     /// The server refused the login; the frame is relayed verbatim.
     #[error("server refused the connection: {}", .fields.message)]
     Server { frame: Frame, fields: ErrorFields },
@@ -55,27 +68,41 @@ impl ConnectError {
 /// Opens and authenticates a connection within `timeout`.
 pub async fn connect(
     addr: SocketAddr,
+    tls: &Connector,
     login: &ServerLogin,
     timeout: Duration,
     limit: usize,
 ) -> Result<Backend, ConnectError> {
-    tokio::time::timeout(timeout, connect_inner(addr, login, limit))
+    tokio::time::timeout(timeout, connect_inner(addr, tls, login, limit))
         .await
         .map_err(|_| ConnectError::Timeout(addr))?
 }
 
-async fn connect_inner(addr: SocketAddr, login: &ServerLogin, limit: usize) -> Result<Backend, ConnectError> {
+async fn connect_inner(
+    addr: SocketAddr,
+    tls: &Connector,
+    login: &ServerLogin,
+    limit: usize,
+) -> Result<Backend, ConnectError> {
     let io = |source| ConnectError::Io { addr, source };
-    let stream = TcpStream::connect(addr).await.map_err(io)?;
-    stream.set_nodelay(true).map_err(io)?;
-    let (read, mut write) = stream.into_split();
+    let tcp = TcpStream::connect(addr).await.map_err(io)?;
+    tcp.set_nodelay(true).map_err(io)?;
+    let stream = secure(tcp, addr, tls).await?;
+    let encrypted = stream.is_tls();
+    let binding = match (encrypted, stream.end_point()) {
+        (true, Some(end_point)) => Binding::Available(end_point),
+        // TLS, but the certificate allows no binding: as if unsupported.
+        (true, None) | (false, _) => Binding::Unsupported,
+    };
+    let (read, mut write) = tokio::io::split(stream);
     let mut reader = FrameReader::new(read, limit);
     let mut buf = BytesMut::new();
     let params = std::iter::once(("user", login.user.as_str()))
         .chain(login.params.iter().map(|(k, v)| (k.as_str(), v.as_str())));
     frontend::startup_message(params, &mut buf).map_err(io)?;
     write.write_all(&buf).await.map_err(io)?;
-    authenticate(&mut reader, &mut write, login).await?;
+    write.flush().await.map_err(io)?;
+    authenticate(&mut reader, &mut write, addr, login, &binding).await?;
     let mut startup = Vec::new();
     let mut key = None;
     loop {
@@ -94,10 +121,40 @@ async fn connect_inner(addr: SocketAddr, login: &ServerLogin, limit: usize) -> R
         }
     }
     let key = key.ok_or(ProtocolError::Malformed { what: "server startup without BackendKeyData" })?;
-    Ok(Backend::new(addr, key, reader, write, startup))
+    Ok(Backend::new(addr, key, encrypted, reader, write, startup))
 }
 
-async fn next(reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>) -> Result<Frame, ConnectError> {
+/// Asks for TLS with an SSLRequest unless `sslmode = disable`, and starts
+/// it when the server agrees. A server that declines is used in plain text
+/// only with `prefer`.
+async fn secure(mut tcp: TcpStream, addr: SocketAddr, tls: &Connector) -> Result<Stream, ConnectError> {
+    if tls.mode() == SslMode::Disable {
+        return Ok(Stream::plain(tcp));
+    }
+    let io = |source| ConnectError::Io { addr, source };
+    tcp.write_all(&ssl_request()).await.map_err(io)?;
+    // Exactly one byte: anything the server sent after it would be
+    // unencrypted data injected ahead of the handshake.
+    let answer = tcp.read_u8().await.map_err(io)?;
+    match answer {
+        b'S' => tls.connect(tcp).await.map_err(|source| ConnectError::Tls { addr, source }),
+        b'N' if tls.mode() == SslMode::Prefer => Ok(Stream::plain(tcp)),
+        b'N' => Err(ConnectError::TlsRefused(addr)),
+        other => {
+            Err(ProtocolError::Unexpected { tag: other as char, when: "in answer to SSLRequest" }.into())
+        }
+    }
+}
+
+/// What SCRAM channel binding this connection can offer the server.
+enum Binding {
+    /// Plain text, or a certificate without a usable hash.
+    Unsupported,
+    /// TLS with tls-server-end-point data.
+    Available(Arc<[u8]>),
+}
+
+async fn next(reader: &mut ServerReader) -> Result<Frame, ConnectError> {
     reader.next().await?.ok_or(ConnectError::Protocol(ProtocolError::Truncated))
 }
 
@@ -108,9 +165,11 @@ fn server_error(frame: Frame) -> Result<ConnectError, ProtocolError> {
 
 /// Answers the server's authentication requests until AuthenticationOk.
 async fn authenticate(
-    reader: &mut FrameReader<tokio::net::tcp::OwnedReadHalf>,
-    write: &mut tokio::net::tcp::OwnedWriteHalf,
+    reader: &mut ServerReader,
+    write: &mut WriteHalf<Stream>,
+    addr: SocketAddr,
     login: &ServerLogin,
+    binding: &Binding,
 ) -> Result<(), ConnectError> {
     let mut scram: Option<ScramSha256> = None;
     loop {
@@ -144,19 +203,25 @@ async fn authenticate(
                 frontend::password_message(hash.as_bytes(), &mut out).map_err(wrap)?;
             }
             10 => {
-                let mut offers_scram = false;
+                let mut offers = (false, false);
                 loop {
                     let mechanism = cstr(&mut body, "AuthenticationSASL")?;
                     if mechanism.is_empty() {
                         break;
                     }
-                    offers_scram |= mechanism == SCRAM_SHA_256;
+                    offers.0 |= mechanism == SCRAM_SHA_256;
+                    offers.1 |= mechanism == SCRAM_SHA_256_PLUS;
                 }
-                if !offers_scram {
-                    return Err(ConnectError::Auth("server offers no SCRAM-SHA-256".into()));
-                }
-                let client = ScramSha256::new(password()?.expose().as_bytes(), ChannelBinding::unsupported());
-                frontend::sasl_initial_response(SCRAM_SHA_256, client.message(), &mut out).map_err(wrap)?;
+                let (mechanism, channel_binding) = match (binding, offers) {
+                    (Binding::Available(data), (_, true)) => {
+                        (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(data.to_vec()))
+                    }
+                    (Binding::Available(_), (true, false)) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
+                    (Binding::Unsupported, (true, _)) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                    _ => return Err(ConnectError::Auth("server offers no SCRAM-SHA-256".into())),
+                };
+                let client = ScramSha256::new(password()?.expose().as_bytes(), channel_binding);
+                frontend::sasl_initial_response(mechanism, client.message(), &mut out).map_err(wrap)?;
                 scram = Some(client);
             }
             11 => {
@@ -171,15 +236,10 @@ async fn authenticate(
             }
             other => return Err(ConnectError::UnsupportedAuth(other)),
         }
-        write
-            .write_all(&out)
-            .await
-            .map_err(|source| ConnectError::Io { addr: reader_addr(write), source })?;
+        let io = |source| ConnectError::Io { addr, source };
+        write.write_all(&out).await.map_err(io)?;
+        write.flush().await.map_err(io)?;
     }
-}
-
-fn reader_addr(write: &tokio::net::tcp::OwnedWriteHalf) -> SocketAddr {
-    write.peer_addr().unwrap_or_else(|_| SocketAddr::from(([0, 0, 0, 0], 0)))
 }
 
 /// Sends a CancelRequest for `key` to the server at `addr`.

@@ -5,11 +5,11 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use tokio::io::AsyncWriteExt;
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
 
 use crate::protocol::startup::CancelKey;
 use crate::protocol::{Frame, FrameReader, ProtocolError};
+use crate::tls::Stream;
 
 /// Server responses that pgnear caused itself and the client must not see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -30,8 +30,10 @@ pub struct Backend {
     pub addr: SocketAddr,
     /// The server's real key, for cancel requests.
     pub key: CancelKey,
-    reader: FrameReader<OwnedReadHalf>,
-    writer: OwnedWriteHalf,
+    /// Whether the connection is encrypted.
+    pub tls: bool,
+    reader: FrameReader<ReadHalf<Stream>>,
+    writer: WriteHalf<Stream>,
     out: BytesMut,
     /// ParameterStatus frames the server sent at startup.
     pub startup_params: Vec<Frame>,
@@ -51,13 +53,15 @@ impl Backend {
     pub(super) fn new(
         addr: SocketAddr,
         key: CancelKey,
-        reader: FrameReader<OwnedReadHalf>,
-        writer: OwnedWriteHalf,
+        tls: bool,
+        reader: FrameReader<ReadHalf<Stream>>,
+        writer: WriteHalf<Stream>,
         startup_params: Vec<Frame>,
     ) -> Backend {
         Backend {
             addr,
             key,
+            tls,
             reader,
             writer,
             out: BytesMut::with_capacity(8 * 1024),
@@ -92,6 +96,8 @@ impl Backend {
     pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
             self.writer.write_all(&self.out).await?;
+            // TLS holds records back until flushed.
+            self.writer.flush().await?;
             self.out.clear();
         }
         Ok(())

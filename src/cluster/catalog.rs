@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use arc_swap::ArcSwap;
 use tokio::sync::Notify;
-use tokio_postgres::{NoTls, SimpleQueryMessage};
+use tokio_postgres::SimpleQueryMessage;
 
 use super::Topology;
 use crate::config::MonitorConfig;
@@ -103,8 +103,10 @@ impl Catalogs {
         if let Some(password) = &self.config.password {
             pg.password(password.expose());
         }
+        let (sslmode, tls) = crate::tls::postgres_connector(node);
+        pg.ssl_mode(sslmode);
         let query = async {
-            let (client, connection) = pg.connect(NoTls).await?;
+            let (client, connection) = pg.connect(tls).await?;
             let driver = tokio::spawn(connection);
             let rows = client.simple_query(VOLATILE_FUNCTIONS_QUERY).await;
             drop(client);

@@ -6,6 +6,7 @@ pub mod lsn;
 pub mod monitor;
 
 use std::net::SocketAddr;
+use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -82,6 +83,9 @@ pub struct Node {
     pub config: NodeConfig,
     pub addr: SocketAddr,
     pub status: ArcSwap<NodeStatus>,
+    /// Units of work running on this node through pgnear, for spreading
+    /// reads across replicas that are equally near.
+    pub outstanding: Arc<AtomicU32>,
 }
 
 /// Every configured node, in config order; indexes are node ids.
@@ -103,9 +107,25 @@ impl Topology {
                 config: config.clone(),
                 addr,
                 status: ArcSwap::from_pointee(NodeStatus::default()),
+                outstanding: Arc::new(AtomicU32::new(0)),
             });
         }
         Ok(Arc::new(Topology { nodes }))
+    }
+
+    /// Takes a node out of rotation at once after a connection error on the
+    /// data path; the monitor brings it back after enough good probes.
+    pub fn suspect(&self, node: usize) {
+        let Some(node) = self.nodes.get(node) else { return };
+        let old = node.status.load();
+        if old.up {
+            tracing::warn!(node = node.config.name.as_str(), "node is suspect after a connection error");
+            node.status.store(Arc::new(NodeStatus {
+                up: false,
+                consecutive_successes: 0,
+                ..(**old).clone()
+            }));
+        }
     }
 
     /// The one verified primary of `cluster`, if exactly one node is up and

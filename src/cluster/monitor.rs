@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
-use tokio_postgres::{Client, NoTls, SimpleQueryMessage};
+use tokio_postgres::{Client, SimpleQueryMessage};
 
 use super::{Lsn, Node, NodeStatus, Role, Topology};
 use crate::config::MonitorConfig;
@@ -155,7 +155,8 @@ async fn connect(node: &Node, config: &MonitorConfig) -> Result<Client, tokio_po
     if let Some(password) = &config.password {
         pg.password(password.expose());
     }
-    let (client, connection) = pg.connect(NoTls).await?;
+    let (sslmode, tls) = crate::tls::postgres_connector(&node.config);
+    let (client, connection) = pg.ssl_mode(sslmode).connect(tls).await?;
     tokio::spawn(async move {
         let _ = connection.await;
     });
@@ -203,16 +204,27 @@ fn next_status(
     }
 }
 
+/// Logs each state change once, when the published status flips: up,
+/// down, never reached, promoted, demoted. A steady state logs nothing, so
+/// a node that stays down costs one line, not one per probe.
 fn log_changes(node: &Node, old: &NodeStatus, new: &NodeStatus, error: Option<&String>) {
     let name = node.config.name.as_str();
+    let error = error.map(String::as_str);
     if old.up != new.up {
         if new.up {
             tracing::info!(node = name, role = new.role.as_str(), "node is up");
         } else {
-            tracing::warn!(node = name, error = error.map(String::as_str), "node is down");
+            tracing::warn!(node = name, error, failures = new.consecutive_failures, "node is down");
         }
+    } else if !new.up && new.role == Role::Unknown && new.consecutive_failures == 1 {
+        // Never reached: `up` has nothing to flip from, so say it once here.
+        tracing::warn!(node = name, error, "node is unreachable");
     }
     if old.role != new.role && old.role != Role::Unknown {
-        tracing::warn!(node = name, from = old.role.as_str(), to = new.role.as_str(), "node changed role");
+        let (from, to) = (old.role.as_str(), new.role.as_str());
+        match new.role {
+            Role::Primary => tracing::warn!(node = name, from, to, "node was promoted"),
+            _ => tracing::warn!(node = name, from, to, "node changed role"),
+        }
     }
 }

@@ -295,9 +295,13 @@ fn node(n: NodeFile, i: usize, default_region: &str, faults: &mut Faults) -> Nod
         ("verify-ca", S::VerifyCa),
         ("verify-full", S::VerifyFull),
     ];
+    let sslmode = choice(n.sslmode.as_deref(), S::Prefer, &ssl_opts, &format!("{path}.sslmode"), faults);
+    if matches!(sslmode, S::VerifyCa | S::VerifyFull) && n.sslrootcert.is_none() {
+        faults.add(format!("{path}.sslrootcert"), "is required by sslmode verify-ca and verify-full");
+    }
     NodeConfig {
         role: choice(n.role.as_deref(), R::Auto, &role_opts, &format!("{path}.role"), faults),
-        sslmode: choice(n.sslmode.as_deref(), S::Prefer, &ssl_opts, &format!("{path}.sslmode"), faults),
+        sslmode,
         name: n.name,
         host: n.host,
         port: u16::try_from(port).unwrap_or(5432),

@@ -1,5 +1,8 @@
-//! A client's first moments: the startup packet (with SSLRequest and
-//! GSSENCRequest answered), a CancelRequest, or authentication.
+//! A client's first moments: TLS negotiation (SSLRequest, direct TLS),
+//! GSSENCRequest, the startup packet or a CancelRequest, then
+//! authentication.
+
+use std::sync::Arc;
 
 use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
@@ -7,12 +10,17 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 use super::Shared;
 use crate::auth::md5::Md5Secret;
 use crate::auth::{Credential, ScramServer, ScramVerifier};
-use crate::config::UserConfig;
+use crate::config::{TlsMode, UserConfig};
 use crate::error::ProxyError;
 use crate::protocol::backend::{auth_md5, auth_ok, auth_sasl, auth_sasl_continue, auth_sasl_final};
 use crate::protocol::frontend::{password, sasl_initial};
-use crate::protocol::startup::{read_startup, StartupRequest};
+use crate::protocol::startup::{read_startup, CancelKey, StartupRequest};
 use crate::protocol::{Frame, FrameReader, ProtocolError};
+use crate::tls::{Acceptor, Stream, ALPN_POSTGRESQL};
+
+/// The first byte of a TLS ClientHello record: a client that starts TLS
+/// without asking first (PostgreSQL 17 `sslnegotiation=direct`).
+const TLS_HANDSHAKE_RECORD: u8 = 0x16;
 
 /// Authentication messages are small; anything larger is hostile.
 const AUTH_MESSAGE_LIMIT: usize = 16 * 1024;
@@ -44,30 +52,73 @@ impl Login {
     }
 }
 
-/// Runs the startup phase on `stream`.
-pub async fn handshake<S>(stream: &mut S, shared: &Shared) -> Result<Handshake, ProxyError>
-where
-    S: AsyncRead + AsyncWrite + Unpin,
-{
-    let params = loop {
-        match read_startup(stream).await? {
-            None => return Ok(Handshake::Closed),
-            Some(StartupRequest::Ssl | StartupRequest::GssEnc) => {
-                stream.write_all(b"N").await.map_err(ProxyError::ClientGone)?;
+/// What a connection asked for once TLS was settled.
+#[derive(Debug)]
+pub enum Opening {
+    Startup(Vec<(String, String)>),
+    Cancel(CancelKey),
+    /// The client went away before asking.
+    Closed,
+}
+
+/// Reads packets until a StartupMessage or CancelRequest, answering
+/// SSLRequest and GSSENCRequest and switching to TLS on the way.
+///
+/// With `tls.mode = "require"` a plaintext StartupMessage is refused; a
+/// plaintext CancelRequest is still honoured, since its key is the secret
+/// and libpq before 17 never encrypts one.
+pub async fn negotiate(stream: &mut Stream, tls: Option<&Acceptor>) -> Result<Opening, ProxyError> {
+    if let Some(acceptor) = tls {
+        let first = stream.peek_first().await.map_err(ProxyError::ClientGone)?;
+        if first == Some(TLS_HANDSHAKE_RECORD) {
+            stream.accept(acceptor).await.map_err(ProxyError::ClientTls)?;
+            if stream.alpn() != Some(ALPN_POSTGRESQL) {
+                return Err(ProxyError::TlsNegotiation("direct TLS connection without ALPN \"postgresql\""));
             }
-            Some(StartupRequest::Cancel(key)) => {
-                shared.cancels.cancel(key, shared.config.proxy.connect_timeout).await;
-                return Ok(Handshake::Cancelled);
-            }
-            Some(StartupRequest::Startup(params)) => break params,
         }
+    }
+    loop {
+        match read_startup(stream).await? {
+            None => return Ok(Opening::Closed),
+            Some(StartupRequest::Ssl | StartupRequest::GssEnc) if stream.is_tls() => {
+                return Err(ProxyError::TlsNegotiation("encryption requested on an encrypted connection"));
+            }
+            Some(StartupRequest::Ssl) => match tls {
+                Some(acceptor) => {
+                    stream.write_all(b"S").await.map_err(ProxyError::ClientGone)?;
+                    stream.accept(acceptor).await.map_err(ProxyError::ClientTls)?;
+                }
+                None => stream.write_all(b"N").await.map_err(ProxyError::ClientGone)?,
+            },
+            Some(StartupRequest::GssEnc) => stream.write_all(b"N").await.map_err(ProxyError::ClientGone)?,
+            Some(StartupRequest::Cancel(key)) => return Ok(Opening::Cancel(key)),
+            Some(StartupRequest::Startup(params)) => {
+                if tls.is_some_and(|a| a.mode() == TlsMode::Require) && !stream.is_tls() {
+                    return Err(ProxyError::TlsRequired);
+                }
+                return Ok(Opening::Startup(params));
+            }
+        }
+    }
+}
+
+/// Runs the startup phase on `stream`.
+pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake, ProxyError> {
+    let params = match negotiate(stream, shared.tls.acceptor.as_ref()).await? {
+        Opening::Closed => return Ok(Handshake::Closed),
+        Opening::Cancel(key) => {
+            shared.cancels.cancel(key, shared.config.proxy.connect_timeout).await;
+            return Ok(Handshake::Cancelled);
+        }
+        Opening::Startup(params) => params,
     };
     let user_name =
         params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).ok_or(ProxyError::NoUser)?;
     let user = shared.config.user(&user_name).cloned().ok_or(ProxyError::UnknownUser(user_name.clone()))?;
     let credential = shared.directory.get(&user_name).ok_or(ProxyError::UnknownUser(user_name))?;
+    let end_point = stream.end_point();
     let mut reader = FrameReader::new(&mut *stream, AUTH_MESSAGE_LIMIT);
-    authenticate(&mut reader, &user, credential).await?;
+    authenticate(&mut reader, &user, credential, end_point).await?;
     let (stream, buffered) = reader.into_parts();
     send(stream, &auth_ok()).await?;
     let params = params.into_iter().filter(|(k, _)| k != "user").collect();
@@ -75,7 +126,8 @@ where
 }
 
 async fn send<S: AsyncWrite + Unpin>(stream: &mut S, frame: &Frame) -> Result<(), ProxyError> {
-    stream.write_all(frame.raw()).await.map_err(ProxyError::ClientGone)
+    stream.write_all(frame.raw()).await.map_err(ProxyError::ClientGone)?;
+    stream.flush().await.map_err(ProxyError::ClientGone)
 }
 
 /// Reads the next password-family message ('p').
@@ -95,11 +147,12 @@ async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     reader: &mut FrameReader<&mut S>,
     user: &UserConfig,
     credential: &Credential,
+    end_point: Option<Arc<[u8]>>,
 ) -> Result<(), ProxyError> {
     match credential {
         Credential::Trust => Ok(()),
         Credential::Md5(secret) => md5(reader, user, secret).await,
-        Credential::Scram(verifier) => scram(reader, verifier).await.map_err(|e| match e {
+        Credential::Scram(verifier) => scram(reader, verifier, end_point).await.map_err(|e| match e {
             ProxyError::Scram(crate::auth::ScramError::BadProof) => {
                 ProxyError::BadPassword(user.name.clone())
             }
@@ -123,18 +176,21 @@ async fn md5<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// SCRAM-SHA-256, and SCRAM-SHA-256-PLUS (tls-server-end-point) when the
+/// connection is TLS and the certificate allows channel binding.
 async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     reader: &mut FrameReader<&mut S>,
     verifier: &ScramVerifier,
+    end_point: Option<Arc<[u8]>>,
 ) -> Result<(), ProxyError> {
-    send(reader.get_mut(), &auth_sasl(&["SCRAM-SHA-256"])).await?;
+    let mut exchange = match end_point {
+        Some(data) => ScramServer::with_channel_binding(data.to_vec()),
+        None => ScramServer::new(),
+    };
+    send(reader.get_mut(), &auth_sasl(exchange.mechanisms())).await?;
     let initial = read_password(reader).await?;
     let (mechanism, client_first) = sasl_initial(&initial)?;
-    if mechanism != "SCRAM-SHA-256" {
-        return Err(ProxyError::Scram(crate::auth::ScramError::Malformed("unsupported SASL mechanism")));
-    }
-    let mut exchange = ScramServer::new();
-    let server_first = exchange.client_first(client_first, verifier).map_err(ProxyError::Scram)?;
+    let server_first = exchange.client_first(mechanism, client_first, verifier).map_err(ProxyError::Scram)?;
     send(reader.get_mut(), &auth_sasl_continue(server_first.as_bytes())).await?;
     let response = read_password(reader).await?;
     let server_final = exchange.client_final(response.body(), verifier).map_err(ProxyError::Scram)?;

@@ -8,7 +8,7 @@ pub mod session;
 
 use std::sync::Arc;
 
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tracing::Instrument;
 
 use crate::auth::Directory;
@@ -19,6 +19,7 @@ use crate::error::ProxyError;
 use crate::metrics::{ClientState, Metrics};
 use crate::router::cache::ClassifyCache;
 use crate::router::consistency::SharedWatermark;
+use crate::tls::{Stream, Tls};
 use cancel::CancelRegistry;
 use handshake::{handshake, Handshake, Login};
 use session::Session;
@@ -38,14 +39,14 @@ pub struct Shared {
     /// The proxy-wide watermark for `read_your_writes = "proxy"`.
     pub watermark: SharedWatermark,
     pub metrics: Arc<Metrics>,
+    /// The client-facing acceptor (reloaded on SIGHUP) and one connector
+    /// per node.
+    pub tls: Tls,
 }
 
 /// Serves one client connection to its end. Never panics on bad input;
 /// every failure the client can be told about is sent as ErrorResponse.
-pub async fn serve<S>(mut stream: S, peer: std::net::SocketAddr, shared: Arc<Shared>, session_id: u64)
-where
-    S: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-{
+pub async fn serve(mut stream: Stream, peer: std::net::SocketAddr, shared: Arc<Shared>, session_id: u64) {
     let span = tracing::info_span!("session", id = session_id, %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     async move {
         let handshake_gauge = shared.metrics.client_connection(ClientState::Handshake);

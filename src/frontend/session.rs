@@ -12,6 +12,7 @@ mod local;
 mod state;
 mod unit;
 
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -78,6 +79,8 @@ impl<S: AsyncRead + AsyncWrite> Client<S> {
     async fn flush(&mut self) -> Result<(), ProxyError> {
         if !self.out.is_empty() {
             self.writer.write_all(&self.out).await.map_err(ProxyError::ClientGone)?;
+            // TLS buffers records until flushed.
+            self.writer.flush().await.map_err(ProxyError::ClientGone)?;
             self.out.clear();
         }
         Ok(())
@@ -93,7 +96,36 @@ struct Server {
     state: ServerState,
     /// When each complete unit in flight was sent, for the latency metric.
     started: std::collections::VecDeque<Instant>,
+    /// This connection's share of the node's outstanding units.
+    load: Load,
     _gauge: GaugeGuard,
+}
+
+/// Units a server connection adds to its node's outstanding count; given
+/// back when they finish or the connection goes.
+struct Load {
+    node: Arc<AtomicU32>,
+    held: u32,
+}
+
+impl Load {
+    fn add(&mut self) {
+        self.held += 1;
+        self.node.fetch_add(1, Ordering::Relaxed);
+    }
+
+    fn done(&mut self) {
+        if self.held > 0 {
+            self.held -= 1;
+            self.node.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.node.fetch_sub(self.held, Ordering::Relaxed);
+    }
 }
 
 /// Extended-protocol messages waiting for their Sync, with the
@@ -111,7 +143,9 @@ pub struct Session<S> {
     login: ServerLogin,
     cluster: String,
     catalog: Arc<Catalog>,
-    primary: Server,
+    /// The connection to the cluster's primary, opened at startup (or on
+    /// the first write, if the primary was unreachable then).
+    primary: Option<Server>,
     replica: Option<Server>,
     /// Where the current unit of work runs. Set when a unit starts and
     /// cleared when that server reports idle.
@@ -132,6 +166,10 @@ pub struct Session<S> {
     /// responses still in flight have reached the client, so that the
     /// client sees answers in the order it asked.
     held: Option<Frame>,
+    /// The read running on the replica, kept until its first response
+    /// reaches the client so that it can be retried elsewhere if the
+    /// replica fails first.
+    retry: Option<Batch>,
     /// Since when reads have been held on the primary after a write.
     pinned_since: Option<Instant>,
     registration: Registration,
@@ -158,20 +196,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             password: login.user.server_password.clone(),
             params,
         };
-        let opened = match shared.topology.primary(&cluster) {
-            Ok(node) => open(&shared, node, &server_login).await,
-            Err(no_primary) => Err(no_primary.into()),
-        };
-        let primary = match opened {
-            Ok(primary) => primary,
+        let (primary, replica) = match first_server(&shared, &cluster, &server_login).await {
+            Ok(servers) => servers,
             Err(error) => {
                 super::refuse(&mut stream, &error).await;
                 return Err(error);
             }
         };
+        let Some(home) = primary.as_ref().or(replica.as_ref()) else {
+            return Err(ProxyError::NoPrimary(crate::cluster::NoPrimary::Unreachable));
+        };
+        let startup_params = home.backend.startup_params.clone();
+        let registration = shared.cancels.register(home.backend.key.pid);
         let database = login.param("database").unwrap_or(&login.user.name).to_string();
         let catalog = shared.catalogs.get(&cluster, &database).await;
-        let registration = shared.cancels.register(primary.backend.key.pid);
         let (read, writer) = tokio::io::split(stream);
         let limit = shared.config.proxy.max_message_bytes;
         let mut client = Client {
@@ -179,7 +217,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             writer,
             out: BytesMut::with_capacity(16 * 1024),
         };
-        for frame in &primary.backend.startup_params {
+        for frame in &startup_params {
             client.queue(frame);
         }
         client.queue(&backend_key_data(registration.key));
@@ -192,7 +230,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             cluster,
             catalog,
             primary,
-            replica: None,
+            replica,
             bound: None,
             open_batch: false,
             batch: Batch::default(),
@@ -204,6 +242,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             catalog_stale: false,
             held: None,
             pinned_since: None,
+            retry: None,
             registration,
         })
     }
@@ -245,7 +284,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     async fn close(mut self) {
-        let busy: Vec<ServerKey> = [Some(&self.primary), self.replica.as_ref()]
+        let busy: Vec<ServerKey> = [self.primary.as_ref(), self.replica.as_ref()]
             .into_iter()
             .flatten()
             .filter(|s| s.backend.in_flight > 0)
@@ -259,7 +298,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if let Some(replica) = self.replica.take() {
             replica.backend.terminate().await;
         }
-        self.primary.backend.terminate().await;
+        if let Some(primary) = self.primary.take() {
+            primary.backend.terminate().await;
+        }
         let _ = self.client.writer.shutdown().await;
         drop(self.registration);
     }
@@ -286,14 +327,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// Whether any server still owes the client responses.
     fn in_flight(&self) -> bool {
-        self.primary.backend.in_flight > 0 || self.replica.as_ref().is_some_and(|r| r.backend.in_flight > 0)
+        [self.primary.as_ref(), self.replica.as_ref()].into_iter().flatten().any(|s| s.backend.in_flight > 0)
     }
 
     async fn flush_all(&mut self) -> Result<(), ProxyError> {
         for target in [Target::Primary, Target::Replica] {
             let Some(server) = self.server_mut(target) else { continue };
             if server.backend.has_output() && server.backend.flush().await.is_err() {
-                return self.server_lost(target);
+                return self.server_lost(target).await;
             }
         }
         self.client.flush().await
@@ -322,10 +363,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 None => std::future::pending().await,
             }
         };
+        let primary = async {
+            match self.primary.as_mut() {
+                Some(server) => server.backend.next().await,
+                None => std::future::pending().await,
+            }
+        };
         let held = self.held.is_some();
         tokio::select! {
             frame = self.client.reader.next(), if !held => Event::Client(frame),
-            frame = self.primary.backend.next() => Event::Server(Target::Primary, frame),
+            frame = primary => Event::Server(Target::Primary, frame),
             frame = replica => Event::Server(Target::Replica, frame),
             () = tick => Event::WatermarkTick,
             () = idle => Event::IdleTimeout,
@@ -338,11 +385,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Event::Client(Ok(None)) => Ok(Flow::End),
             Event::Client(Err(error)) => Err(error.into()),
             Event::Server(target, Ok(Some(frame))) => self.on_server(target, frame),
-            Event::Server(target, Ok(None)) => self.server_lost(target).map(|()| Flow::Continue),
+            Event::Server(target, Ok(None)) => self.server_lost(target).await.map(|()| Flow::Continue),
             Event::Server(target, Err(error)) => {
                 let node = self.node_name(target);
                 tracing::warn!(node, %error, "server broke the protocol");
-                self.server_lost(target).map(|()| Flow::Continue)
+                self.server_lost(target).await.map(|()| Flow::Continue)
             }
             Event::WatermarkTick => {
                 self.refresh_watermark();
@@ -354,14 +401,23 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// A server connection closed or failed. Losing the primary ends the
     /// session; losing a replica fails only the unit running there.
-    fn server_lost(&mut self, target: Target) -> Result<(), ProxyError> {
+    async fn server_lost(&mut self, target: Target) -> Result<(), ProxyError> {
         let node = self.node_name(target);
         if target == Target::Primary {
             return Err(ProxyError::BackendLost { node });
         }
         tracing::warn!(node, "replica connection lost");
         let was_bound = self.bound == Some(Target::Replica);
-        self.replica = None;
+        if let Some(lost) = self.replica.take() {
+            self.shared.topology.suspect(lost.node);
+        }
+        if let (true, Some(unit)) = (was_bound, self.retry.take()) {
+            // Nothing of this read reached the client yet: run it again on
+            // the next eligible node, unnoticed.
+            self.bound = None;
+            self.open_batch = false;
+            return self.dispatch(unit.frames, unit.classes, true).await;
+        }
         if was_bound {
             self.bound = None;
             self.open_batch = false;
@@ -372,7 +428,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 &message,
             );
             self.client.queue(&error);
-            self.client.queue(&ready_for_query(self.primary.backend.tx_status));
+            let status = self.primary.as_ref().map_or(b'I', |p| p.backend.tx_status);
+            self.client.queue(&ready_for_query(status));
         }
         Ok(())
     }
@@ -384,11 +441,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if server.backend.swallow(&frame) {
             return Ok(Flow::Continue);
         }
+        if target == Target::Replica {
+            self.retry = None;
+        }
+        let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
         let mut flow = Flow::Continue;
         match frame.tag() {
             b'Z' => {
                 let status = ready_status(&frame)?;
-                latency = server.started.pop_front().map(|started| (server.node, started.elapsed()));
+                latency = server.started.pop_front().map(|started| {
+                    server.load.done();
+                    (server.node, started.elapsed())
+                });
                 server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
                 server.backend.tx_status = status;
                 let idle = server.backend.is_idle();
@@ -448,7 +512,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// The monitor's latest primary sample, for resolving watermarks.
     fn primary_sample(&self) -> Option<PrimarySample> {
-        let status = self.shared.topology.nodes[self.primary.node].status.load();
+        let node = self.shared.topology.primary(&self.cluster).ok()?;
+        let status = self.shared.topology.nodes[node].status.load();
         Some(PrimarySample { sent_at: status.probe_sent?, lsn: status.insert_lsn? })
     }
 
@@ -484,14 +549,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     fn server(&self, target: Target) -> Option<&Server> {
         match target {
-            Target::Primary => Some(&self.primary),
+            Target::Primary => self.primary.as_ref(),
             Target::Replica => self.replica.as_ref(),
         }
     }
 
     fn server_mut(&mut self, target: Target) -> Option<&mut Server> {
         match target {
-            Target::Primary => Some(&mut self.primary),
+            Target::Primary => self.primary.as_mut(),
             Target::Replica => self.replica.as_mut(),
         }
     }
@@ -523,10 +588,31 @@ fn startup_settings(login: &Login) -> Result<(ProxySettings, Vec<(String, String
     Ok((settings, params))
 }
 
+/// The session's first server: the primary, or, while no primary is
+/// reachable, a replica so that reads keep working.
+async fn first_server(
+    shared: &Shared,
+    cluster: &str,
+    login: &ServerLogin,
+) -> Result<(Option<Server>, Option<Server>), ProxyError> {
+    let view = crate::router::ClusterView::capture(&shared.topology);
+    match view.primary(cluster) {
+        Ok(node) => Ok((Some(open(shared, node, login).await?), None)),
+        Err(no_primary) => match view.replica_for_startup(cluster) {
+            Some(node) => {
+                tracing::warn!(error = %no_primary, "starting the session on a replica: writes will fail until a primary is back");
+                Ok((None, Some(open(shared, node, login).await?)))
+            }
+            None => Err(no_primary.into()),
+        },
+    }
+}
+
 async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Server, ProxyError> {
     let addr = shared.topology.nodes[node].addr;
     let proxy = &shared.config.proxy;
-    let backend = connect(addr, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
+    let tls = &shared.tls.connectors[node];
+    let backend = connect(addr, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = Arc::new(ServerKey { addr, key: backend.key });
     let gauge = shared.metrics.backend_connection(&shared.topology.nodes[node].config.name);
     Ok(Server {
@@ -535,6 +621,7 @@ async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Serve
         cancel_key,
         state: ServerState::default(),
         started: std::collections::VecDeque::new(),
+        load: Load { node: shared.topology.nodes[node].outstanding.clone(), held: 0 },
         _gauge: gauge,
     })
 }

@@ -94,6 +94,14 @@ fn parameters(mut buf: &[u8]) -> Result<Vec<(String, String)>, ProtocolError> {
     Ok(params)
 }
 
+/// Encodes an SSLRequest packet.
+pub fn ssl_request() -> [u8; 8] {
+    let mut out = [0u8; 8];
+    out[0..4].copy_from_slice(&8i32.to_be_bytes());
+    out[4..8].copy_from_slice(&SSL_CODE.to_be_bytes());
+    out
+}
+
 /// Encodes a CancelRequest packet.
 pub fn cancel_request(key: CancelKey) -> [u8; 16] {
     let mut out = [0u8; 16];

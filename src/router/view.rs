@@ -17,6 +17,8 @@ pub struct NodeView<'a> {
     pub lag_bytes: Option<u64>,
     /// How far behind in time; zero when everything is replayed.
     pub lag: Option<Duration>,
+    /// Units of work running there through this pgnear.
+    pub outstanding: u32,
 }
 
 /// Every node's status at one moment.
@@ -38,7 +40,13 @@ impl<'a> ClusterView<'a> {
         let nodes = topology
             .nodes
             .iter()
-            .map(|n| NodeView { config: &n.config, status: n.status.load_full(), lag_bytes: None, lag: None })
+            .map(|n| NodeView {
+                config: &n.config,
+                status: n.status.load_full(),
+                lag_bytes: None,
+                lag: None,
+                outstanding: n.outstanding.load(std::sync::atomic::Ordering::Relaxed),
+            })
             .collect();
         Self::with_lag(nodes)
     }
@@ -103,13 +111,16 @@ impl<'a> ClusterView<'a> {
         limits: &Limits,
     ) -> Result<usize, Reason> {
         let mut why = Reason::FallbackNoReplica;
-        let mut best: Option<(usize, (bool, Duration))> = None;
+        let mut best: Option<(usize, (bool, u128, u32))> = None;
         for (i, node) in self.replicas(cluster) {
             if let Err(reason) = eligible(node, limits) {
                 why = stricter(why, reason);
                 continue;
             }
-            let rank = (node.config.region != region, node.status.rtt.unwrap_or(Duration::MAX));
+            // Same region first, then RTT to the millisecond; equally near
+            // replicas split the load by outstanding work.
+            let rtt_ms = node.status.rtt.map_or(u128::MAX, |r| r.as_millis());
+            let rank = (node.config.region != region, rtt_ms, node.outstanding);
             if best.as_ref().is_none_or(|(_, b)| rank < *b) {
                 best = Some((i, rank));
             }
@@ -121,6 +132,12 @@ impl<'a> ClusterView<'a> {
     /// for reads while no primary is reachable.
     pub(super) fn any_replica(&self, cluster: &str) -> Option<usize> {
         self.replicas(cluster).map(|(i, _)| i).next()
+    }
+
+    /// A replica to open a session on while no primary is reachable: the
+    /// nearest that is up, ignoring lag.
+    pub fn replica_for_startup(&self, cluster: &str) -> Option<usize> {
+        self.any_replica(cluster)
     }
 
     fn replicas<'s>(&'s self, cluster: &'s str) -> impl Iterator<Item = (usize, &'s NodeView<'a>)> + 's {

@@ -43,6 +43,8 @@ public class JdbcCheck {
     static final String URL = "jdbc:postgresql://" + env("PGNEAR_HOST", "127.0.0.1") + ":" + env("PGNEAR_PORT", "6432")
             + "/" + env("PGNEAR_DB", "postgres");
     static final String SERVER_USER = env("PGNEAR_SERVER_USER", "postgres");
+    /** False in DIRECT=1 control runs, which have no replica behind them. */
+    static final boolean REQUIRE_REPLICA = env("PGNEAR_REQUIRE_REPLICA", "1").equals("1");
     static final List<String> failures = new ArrayList<>();
     static final ExecutorService pool = Executors.newCachedThreadPool(r -> {
         Thread t = new Thread(r);
@@ -205,6 +207,62 @@ public class JdbcCheck {
         }
     }
 
+    /** With no writes in this session, pgnear sends reads to the replica once it has replayed the proxy's latest write. */
+    static void waitForReplicaRead(Connection c, String what) throws Exception {
+        long deadline = System.currentTimeMillis() + 5000;
+        try (PreparedStatement ps = c.prepareStatement("SELECT pg_is_in_recovery() WHERE ?::int = 1")) {
+            for (;;) {
+                ps.setInt(1, 1);
+                try (ResultSet rs = ps.executeQuery()) {
+                    if (rs.next() && (rs.getBoolean(1) || !REQUIRE_REPLICA)) return;
+                }
+                check(System.currentTimeMillis() < deadline, what + ": no read reached the replica within 5s");
+                Thread.sleep(50);
+            }
+        }
+    }
+
+    static void readThenWrite(Connection c, int id, String what) throws Exception {
+        try (PreparedStatement ps = c.prepareStatement("INSERT INTO " + TABLE + " (id, name) VALUES (?, ?)")) {
+            ps.setInt(1, id);
+            ps.setString(2, what);
+            check(ps.executeUpdate() == 1, what + ": insert");
+        }
+        try (PreparedStatement ps = c.prepareStatement("SELECT name FROM " + TABLE + " WHERE id = ?")) {
+            ps.setInt(1, id);
+            try (ResultSet rs = ps.executeQuery()) {
+                check(rs.next() && rs.getString(1).equals(what), what + ": read-your-write");
+            }
+        }
+    }
+
+    static void replicaReadThenWrite() throws Exception {
+        // A session whose first statements are reads (served by the replica)
+        // then writes (must go to the primary) and reads its own write.
+        try (Connection c = connect()) {
+            waitForReplicaRead(c, "prepared statements");
+            readThenWrite(c, 500, "after replica read");
+        }
+        // Read-only transactions (setReadOnly: BEGIN READ ONLY), then a write.
+        try (Connection c = connect()) {
+            waitForReplicaRead(c, "before a read-only transaction");
+            c.setReadOnly(true);
+            c.setAutoCommit(false);
+            try (PreparedStatement ps = c.prepareStatement("SELECT count(*) FROM " + TABLE + " WHERE id > ?")) {
+                for (int i = 0; i < 6; i++) {
+                    ps.setInt(1, 0);
+                    try (ResultSet rs = ps.executeQuery()) {
+                        check(rs.next() && rs.getLong(1) > 0, "read-only transaction count");
+                    }
+                }
+            }
+            c.commit();
+            c.setAutoCommit(true);
+            c.setReadOnly(false);
+            readThenWrite(c, 501, "after a read-only transaction");
+        }
+    }
+
     static void preparedStatements() throws Exception {
         try (Connection c = connect()) {
             // One PreparedStatement executed 12 times: unnamed for the first 4, then S_1.
@@ -250,7 +308,7 @@ public class JdbcCheck {
             }
             // In a transaction, with a fetch size (portal, Execute with a row limit).
             c.setAutoCommit(false);
-            try (PreparedStatement ps = c.prepareStatement("SELECT id FROM " + TABLE + " WHERE id >= ? ORDER BY id")) {
+            try (PreparedStatement ps = c.prepareStatement("SELECT id FROM " + TABLE + " WHERE id BETWEEN ? AND 20 ORDER BY id")) {
                 ps.setFetchSize(3);
                 for (int round = 0; round < 7; round++) {
                     ps.setInt(1, 1);
@@ -494,6 +552,7 @@ public class JdbcCheck {
         step("create_table", JdbcCheck::createTable);
         if (failures.isEmpty()) {
             step("insert_and_select_params", JdbcCheck::insertAndSelectParams);
+            step("replica_read_then_write", JdbcCheck::replicaReadThenWrite);
             step("prepared_statements", JdbcCheck::preparedStatements);
             step("transaction_rollback", JdbcCheck::transactionRollback);
             step("error_then_continue", JdbcCheck::errorThenContinue);

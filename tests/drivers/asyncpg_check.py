@@ -32,6 +32,8 @@ PARAMS = dict(
 )
 
 SERVER_USER = os.environ.get("PGNEAR_SERVER_USER", "postgres")
+# 0 in DIRECT=1 control runs, which have no replica behind them.
+REQUIRE_REPLICA = os.environ.get("PGNEAR_REQUIRE_REPLICA", "1") == "1"
 failures = []
 
 
@@ -123,6 +125,27 @@ async def insert_and_select_params():
         check(n == 20, f"count {n}")
         status = await conn.execute(f"UPDATE {TABLE} SET amount = amount + $1 WHERE id = $2", Decimal(1), 1)
         check(status == "UPDATE 1", f"update status {status!r}")
+    finally:
+        await conn.close()
+
+
+async def replica_read_then_write():
+    # A session whose first statements are reads (served by the replica)
+    # then writes (must go to the primary) and reads its own write. asyncpg
+    # prepares each new statement with Parse/Describe/Flush (no Sync).
+    deadline = time.monotonic() + 5
+    while True:
+        conn = await connect()
+        if await conn.fetchval("SELECT pg_is_in_recovery()") or not REQUIRE_REPLICA:
+            break
+        await conn.close()
+        check(time.monotonic() < deadline, "no session's first read reached the replica within 5s")
+        await asyncio.sleep(0.05)
+    try:
+        status = await conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES ($1, $2)", 500, "after replica read")
+        check(status == "INSERT 0 1", f"insert status {status!r}")
+        v = await conn.fetchval(f"SELECT name FROM {TABLE} WHERE id = $1", 500)
+        check(v == "after replica read", f"read-your-write {v!r}")
     finally:
         await conn.close()
 
@@ -411,7 +434,8 @@ async def cleanup():
 
 async def main():
     print(f"  asyncpg {asyncpg.__version__}")
-    for fn in (scram_login, wrong_password_refused, create_table, insert_and_select_params, prepared_statements,
+    for fn in (scram_login, wrong_password_refused, create_table, insert_and_select_params, replica_read_then_write,
+               prepared_statements,
                transaction_rollback, error_then_continue, copy_in_out, cursor_in_transaction, listen_notify,
                cancel_query, pool_usage, cleanup):
         await step(fn)

@@ -2,19 +2,22 @@
 //
 // Connects as PGNEAR_USER/PGNEAR_PASSWORD (SCRAM-SHA-256 against pgnear).
 // Every step runs even if an earlier one failed; prints "node: ok" when all
-// pass, else each failure and exits 1. COPY uses pg-copy-streams, the
-// package node-postgres' documentation points to.
+// pass, else each failure and exits 1. COPY uses pg-copy-streams and
+// cursors pg-cursor, the packages node-postgres' documentation points to.
 'use strict'
 
 const pg = require('pg')
 const { pipeline } = require('stream/promises')
 const { Readable, Writable } = require('stream')
-let copyStreams = null
-try {
-  copyStreams = require('pg-copy-streams')
-} catch (e) {
-  copyStreams = null
+function optional(name) {
+  try {
+    return require(name)
+  } catch (e) {
+    return null
+  }
 }
+const copyStreams = optional('pg-copy-streams')
+const Cursor = optional('pg-cursor')
 
 const DRIVER = 'node'
 const STEP_TIMEOUT_MS = 20000
@@ -31,6 +34,8 @@ const CONFIG = {
 }
 
 const SERVER_USER = process.env.PGNEAR_SERVER_USER || 'postgres'
+// 0 in DIRECT=1 control runs, which have no replica behind them.
+const REQUIRE_REPLICA = (process.env.PGNEAR_REQUIRE_REPLICA || '1') === '1'
 const failures = []
 
 function check(cond, msg) {
@@ -146,6 +151,52 @@ async function insertAndSelectParams() {
     check(a.fields.map((f) => f.name).join() === 'id,name', 'fields')
     const n = await c.query(`SELECT count(*)::int AS n FROM ${TABLE} WHERE name LIKE $1`, ['row %'])
     check(n.rows[0].n === 20, `count ${n.rows[0].n}`)
+  })
+}
+
+async function waitForReplicaRead(c, what) {
+  // With no writes in this session, pgnear sends reads to the replica once
+  // it has replayed the proxy's latest write.
+  const deadline = Date.now() + 5000
+  for (;;) {
+    const r = await c.query('SELECT pg_is_in_recovery() AS r WHERE $1::int = 1', [1])
+    if (r.rows[0].r || !REQUIRE_REPLICA) return
+    check(Date.now() < deadline, `${what}: no read reached the replica within 5s`)
+    await new Promise((res) => setTimeout(res, 50))
+  }
+}
+
+async function readThenWrite(c, id, what) {
+  const ins = await c.query(`INSERT INTO ${TABLE} (id, name) VALUES ($1, $2)`, [id, what])
+  check(ins.rowCount === 1, `${what}: insert`)
+  const r = await c.query(`SELECT name FROM ${TABLE} WHERE id = $1`, [id])
+  check(r.rows.length === 1 && r.rows[0].name === what, `${what}: read-your-write ${JSON.stringify(r.rows)}`)
+}
+
+async function replicaReadThenWrite() {
+  // A session whose first statements are reads (served by the replica)
+  // then writes (must go to the primary) and reads its own write.
+  await withClient(async (c) => {
+    await waitForReplicaRead(c, 'unnamed statements')
+    await readThenWrite(c, 500, 'after replica read')
+  })
+  await withClient(async (c) => {
+    await waitForReplicaRead(c, 'before a named statement')
+    const r = await c.query({ name: 'recovery', text: 'SELECT pg_is_in_recovery() AS r', values: [] })
+    console.log(`       (named read served by the ${r.rows[0].r ? 'replica' : 'primary'})`)
+    await readThenWrite(c, 501, 'after a named read')
+  })
+  // pg-cursor: Execute with a row limit followed by Flush, Sync only at close.
+  if (!Cursor) throw new Error('pg-cursor is not installed')
+  await withClient(async (c) => {
+    await waitForReplicaRead(c, 'before a cursor')
+    const cursor = c.query(new Cursor('SELECT pg_is_in_recovery() AS r, g FROM generate_series(1, $1::int) g', [10]))
+    const first = await cursor.read(3)
+    const rest = await cursor.read(100)
+    await cursor.close()
+    check(first.length === 3 && rest.length === 7, `cursor rows ${first.length} + ${rest.length}`)
+    console.log(`       (cursor read served by the ${first[0].r ? 'replica' : 'primary'})`)
+    await readThenWrite(c, 502, 'after a cursor read')
   })
 }
 
@@ -361,15 +412,35 @@ async function cleanup() {
   await withClient((c) => c.query(`DROP TABLE ${TABLE}`))
 }
 
+function versionOf(name) {
+  // Some packages do not export their package.json: find it from the entry point.
+  const fs = require('fs')
+  const path = require('path')
+  let dir
+  try {
+    dir = path.dirname(require.resolve(name))
+  } catch (e) {
+    return 'missing'
+  }
+  for (; dir !== path.dirname(dir); dir = path.dirname(dir)) {
+    const file = path.join(dir, 'package.json')
+    if (fs.existsSync(file)) {
+      const pkg = JSON.parse(fs.readFileSync(file, 'utf8'))
+      if (pkg.name === name) return pkg.version
+    }
+  }
+  return 'unknown'
+}
+
 async function main() {
-  const version = require('pg/package.json').version
-  const copyVersion = copyStreams ? require('pg-copy-streams/package.json').version : 'missing'
-  console.log(`  pg ${version}, pg-copy-streams ${copyVersion}, node ${process.version}`)
+  const versions = ['pg', 'pg-copy-streams', 'pg-cursor'].map((p) => `${p} ${versionOf(p)}`).join(', ')
+  console.log(`  ${versions}, node ${process.version}`)
   const steps = [
     ['scram_login', scramLogin],
     ['wrong_password_refused', wrongPasswordRefused],
     ['create_table', createTable],
     ['insert_and_select_params', insertAndSelectParams],
+    ['replica_read_then_write', replicaReadThenWrite],
     ['prepared_statements', preparedStatements],
     ['pipeline_mode', pipelineMode],
     ['transaction_rollback', transactionRollback],

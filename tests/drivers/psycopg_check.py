@@ -32,6 +32,8 @@ CONNINFO = psycopg.conninfo.make_conninfo(
 )
 
 SERVER_USER = os.environ.get("PGNEAR_SERVER_USER", "postgres")
+# 0 in DIRECT=1 control runs, which have no replica behind them.
+REQUIRE_REPLICA = os.environ.get("PGNEAR_REQUIRE_REPLICA", "1") == "1"
 failures = []
 
 
@@ -141,6 +143,45 @@ def insert_and_select_params():
         n = conn.execute(f"SELECT count(*) FROM {TABLE} WHERE name LIKE %s", ("row %",)).fetchone()[0]
         check(n == 20, f"count {n}")
         conn.commit()
+
+
+def wait_for_replica_read(conn, what, **kw):
+    """A read-only, parameterized query until the replica serves it (with
+    no writes in this session, pgnear sends reads to the replica once it
+    has replayed the proxy's latest write)."""
+    deadline = time.monotonic() + 5
+    while not conn.execute("SELECT pg_is_in_recovery() WHERE %s::int = 1", (1,), **kw).fetchone()[0]:
+        if not REQUIRE_REPLICA:
+            return
+        check(time.monotonic() < deadline, f"{what}: no read reached the replica within 5s")
+        time.sleep(0.05)
+
+
+def replica_read_then_write():
+    # A session whose first statements are reads (served by the replica)
+    # then writes (must go to the primary) and reads its own write.
+    with connect(autocommit=True) as conn:
+        wait_for_replica_read(conn, "extended query", prepare=True)
+        conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES (%s, %s)", (500, "after replica read"))
+        row = conn.execute(f"SELECT name FROM {TABLE} WHERE id = %s", (500,), prepare=True).fetchone()
+        check(row == ("after replica read",), f"read-your-write {row}")
+    # The same in a transaction block: BEGIN; SELECT; INSERT; COMMIT.
+    with connect() as conn:
+        conn.execute("SELECT 1")
+        conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES (%s, %s)", (501, "read then write in a transaction"))
+        conn.commit()
+        check(conn.execute(f"SELECT count(*) FROM {TABLE} WHERE id = 501").fetchone() == (1,), "committed row")
+        conn.commit()
+    # Pipeline mode: fetching a result mid-pipeline makes libpq send a Flush.
+    with connect(autocommit=True) as conn:
+        wait_for_replica_read(conn, "before the pipeline")
+        with conn.pipeline():
+            cur = conn.execute("SELECT pg_is_in_recovery(), %s::int", (1,))
+            on_replica = cur.fetchone()[0]
+        print(f"       (pipelined read served by the {'replica' if on_replica else 'primary'})")
+        conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES (%s, %s)", (502, "after a pipelined read"))
+        row = conn.execute(f"SELECT name FROM {TABLE} WHERE id = %s", (502,)).fetchone()
+        check(row == ("after a pipelined read",), f"read-your-write after pipeline {row}")
 
 
 def prepared_statements():
@@ -324,7 +365,7 @@ def server_side_cursor():
     with connect() as conn:
         with conn.cursor(name="drv_cur") as cur:
             cur.itersize = 7
-            cur.execute(f"SELECT id FROM {TABLE} WHERE id >= %s AND id < %s ORDER BY id", (200, 900))
+            cur.execute(f"SELECT id FROM {TABLE} WHERE id >= %s AND id < %s ORDER BY id", (200, 400))
             ids = [r[0] for r in cur]
             check(len(ids) == 110 and ids[0] == 200, f"named cursor rows {len(ids)}")
         conn.commit()
@@ -424,7 +465,7 @@ def cleanup():
 
 def main():
     print(f"  psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}, impl {psycopg.pq.__impl__})")
-    for fn in (scram_login, wrong_password_refused, create_table, insert_and_select_params,
+    for fn in (scram_login, wrong_password_refused, create_table, insert_and_select_params, replica_read_then_write,
                prepared_statements, pipeline_mode, transaction_rollback, error_then_continue,
                copy_in_out, server_side_cursor, listen_notify, cancel_query, async_connection, cleanup):
         step(fn)

@@ -65,12 +65,15 @@ if wants psycopg || wants asyncpg; then
 fi
 if wants node; then
     command -v node >/dev/null || apt_install nodejs npm
-    if [ ! -f "$CACHE/node/node_modules/pg/package.json" ] ||
-       [ ! -f "$CACHE/node/node_modules/pg-copy-streams/package.json" ]; then
-        say "installing npm pg and pg-copy-streams into $CACHE/node"
-        mkdir -p "$CACHE/node"
-        (cd "$CACHE/node" && npm install --silent --no-audit --no-fund --no-save pg pg-copy-streams >/dev/null)
-    fi
+    node_pkgs=(pg pg-copy-streams pg-cursor)
+    for p in "${node_pkgs[@]}"; do
+        if [ ! -f "$CACHE/node/node_modules/$p/package.json" ]; then
+            say "installing npm ${node_pkgs[*]} into $CACHE/node"
+            mkdir -p "$CACHE/node"
+            (cd "$CACHE/node" && npm install --silent --no-audit --no-fund --no-save "${node_pkgs[@]}" >/dev/null)
+            break
+        fi
+    done
 fi
 JDBC_JAR=/usr/share/java/postgresql.jar
 if wants jdbc; then
@@ -206,6 +209,12 @@ server_user = "postgres"
 
 [monitor]
 interval_ms = 50
+
+# Read-your-writes across sessions: each check reads rows an earlier
+# session wrote, which a replica may not have replayed yet under the
+# default (per-session) guarantee.
+[consistency]
+read_your_writes = "proxy"
 EOF
 "$PGNEAR" check --config "$WORK/pgnear.toml" >/dev/null || die "pgnear check rejected the config"
 
@@ -229,6 +238,7 @@ export PGNEAR_SERVER_USER=postgres
 if [ "${DIRECT:-0}" = 1 ]; then
     say "DIRECT=1: the drivers connect to the primary, not to pgnear"
     PGNEAR_PORT="$PRIMARY_PORT" PGNEAR_SERVER_USER=app
+    export PGNEAR_REQUIRE_REPLICA=0
 fi
 export PGNEAR_PRIMARY_PORT="$PRIMARY_PORT" PGNEAR_REPLICA_PORT="$REPLICA_PORT"
 

@@ -140,7 +140,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Routes a unit (unless a transaction or earlier unit holds the
     /// session on a server) and sends it. `complete` units end with
     /// Query, Sync or FunctionCall and so get a ReadyForQuery back.
-    async fn dispatch(
+    pub(super) async fn dispatch(
         &mut self,
         frames: Vec<Frame>,
         classes: Vec<Arc<Classification>>,
@@ -164,6 +164,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if executes {
             self.count_route(target, reason);
         }
+        if target == Target::Replica && complete && self.bound.is_none() {
+            self.retry = Some(super::Batch { frames: frames.clone(), classes: classes.clone() });
+        }
         let bytes: usize = frames.iter().map(Frame::len).sum();
         self.shared.metrics.bytes(Direction::ClientToServer, bytes);
         let Some(server) = self.server_mut(target) else { return Ok(()) };
@@ -172,6 +175,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         if complete {
             server.started.push_back(Instant::now());
+            server.load.add();
         }
         // Syncs sent while the server is in COPY IN are ignored by it.
         if complete && !server.backend.copy_in {
@@ -199,7 +203,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
         let classifier = &self.shared.classifier;
         let (state, ran_on, mut others) =
-            split_state(&mut self.state, &mut self.primary, self.replica.as_mut(), target);
+            split_state(&mut self.state, self.primary.as_mut(), self.replica.as_mut(), target);
         let Some(ran_on) = ran_on else { return };
         if executes {
             for class in classes {
@@ -314,13 +318,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         };
         tracing::trace!(reason = route.reason.as_str(), ?route.destination, "routed");
         match route.destination {
-            Destination::Primary(node) if node == self.primary.node => {
-                Ok(Ok((Target::Primary, route.reason)))
-            }
-            Destination::Primary(node) => {
-                let name = self.shared.topology.nodes[node].config.name.clone();
-                Err(ProxyError::PrimaryMoved { node: name })
-            }
+            Destination::Primary(node) => Ok(self.use_primary(node).await?.map(|t| (t, route.reason))),
             Destination::Replica(node) => match self.use_replica(node).await {
                 Target::Replica => {
                     if let Some(since) = self.pinned_since.take() {
@@ -328,7 +326,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     }
                     Ok(Ok((Target::Replica, route.reason)))
                 }
-                Target::Primary => Ok(Ok((Target::Primary, Reason::FallbackNoReplica))),
+                // The replica is now suspect: route again without it.
+                Target::Primary => Box::pin(self.choose(classes)).await,
             },
         }
     }
@@ -344,6 +343,30 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         };
         let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
         route(classes, &session, &view, &policy, &self.catalog.volatile.load())
+    }
+
+    /// Makes `node` the session's primary connection. A session whose
+    /// primary moved (failover) ends, since its server-side state is gone;
+    /// one that had none (started while no primary was reachable) opens it.
+    async fn use_primary(&mut self, node: usize) -> Result<Result<Target, Frame>, ProxyError> {
+        match &self.primary {
+            Some(primary) if primary.node == node => Ok(Ok(Target::Primary)),
+            Some(_) => {
+                let name = self.shared.topology.nodes[node].config.name.clone();
+                Err(ProxyError::PrimaryMoved { node: name })
+            }
+            None => match super::open(&self.shared, node, &self.login).await {
+                Ok(server) => {
+                    self.primary = Some(server);
+                    Ok(Ok(Target::Primary))
+                }
+                Err(error) => {
+                    self.shared.topology.suspect(node);
+                    let message = format!("cannot reach the primary: {error}");
+                    Ok(Err(error_response(Severity::Error, SqlState::ConnectionFailure, &message)))
+                }
+            },
+        }
     }
 
     /// Makes `node` the session's replica connection; falls back to the
@@ -362,7 +385,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
             Err(error) => {
                 let name = &self.shared.topology.nodes[node].config.name;
-                tracing::warn!(node = name.as_str(), %error, "cannot open a replica connection; using the primary");
+                tracing::warn!(node = name.as_str(), %error, "cannot open a replica connection");
+                self.shared.topology.suspect(node);
                 Target::Primary
             }
         }
@@ -391,21 +415,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// The transaction status to report for a locally answered query.
     fn bound_status(&self) -> u8 {
-        self.bound
-            .and_then(|t| self.server(t))
-            .map_or(self.primary.backend.tx_status, |s| s.backend.tx_status)
+        self.bound.and_then(|t| self.server(t)).map_or(b'I', |s| s.backend.tx_status)
     }
 }
 
 /// Borrows the session state, the server `target` and the other server.
 fn split_state<'a>(
     state: &'a mut super::state::SessionState,
-    primary: &'a mut Server,
+    primary: Option<&'a mut Server>,
     replica: Option<&'a mut Server>,
     target: Target,
 ) -> (&'a mut super::state::SessionState, Option<&'a mut Server>, Vec<&'a mut Server>) {
     match target {
-        Target::Primary => (state, Some(primary), replica.into_iter().collect()),
-        Target::Replica => (state, replica, vec![primary]),
+        Target::Primary => (state, primary, replica.into_iter().collect()),
+        Target::Replica => (state, replica, primary.into_iter().collect()),
     }
 }

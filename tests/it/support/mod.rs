@@ -1,5 +1,6 @@
 //! Test fixtures: a cluster plus an in-process pgnear in front of it.
 
+pub mod certs;
 pub mod wire;
 
 use std::time::Duration;
@@ -25,6 +26,8 @@ pub struct ProxyConfig {
     sections: Vec<String>,
     monitor: String,
     proxy: String,
+    /// `[[nodes]]` TOML replacing the generated ones.
+    nodes: Option<String>,
 }
 
 impl Default for ProxyConfig {
@@ -34,6 +37,7 @@ impl Default for ProxyConfig {
             sections: Vec::new(),
             monitor: "[monitor]\ninterval_ms = 20\n".into(),
             proxy: String::new(),
+            nodes: None,
         }
     }
 }
@@ -49,6 +53,13 @@ impl ProxyConfig {
     #[allow(dead_code)] // not every test binary build uses every builder method
     pub fn section(mut self, toml: &str) -> Self {
         self.sections.push(format!("{toml}\n"));
+        self
+    }
+
+    /// Replaces the generated `[[nodes]]` (e.g. to put relays in front).
+    #[allow(dead_code)] // not every test binary build uses every builder method
+    pub fn nodes(mut self, toml: &str) -> Self {
+        self.nodes = Some(toml.to_string());
         self
     }
 
@@ -70,13 +81,14 @@ impl ProxyConfig {
         let mut text = format!("[proxy]\nlisten = \"127.0.0.1:0\"\nregion = \"eu-west\"\n{}\n", self.proxy);
         let nodes = std::iter::once((cluster.primary(), "us-east"))
             .chain(cluster.replicas().iter().map(|r| (r, "eu-west")));
-        for (node, region) in nodes {
+        for (node, region) in nodes.filter(|_| self.nodes.is_none()) {
             text.push_str(&format!(
                 "[[nodes]]\nname = \"{}\"\nhost = \"127.0.0.1\"\nport = {}\nregion = \"{region}\"\n\n",
                 node.name(),
                 node.port()
             ));
         }
+        text.push_str(self.nodes.as_deref().unwrap_or(""));
         for block in self.users.iter().chain(&self.sections) {
             text.push_str(block);
             text.push('\n');
@@ -113,6 +125,12 @@ impl Env {
     /// A tokio-postgres client through pgnear as `postgres`.
     pub async fn client(&self) -> Client {
         self.client_with("postgres", "").await
+    }
+
+    /// A client through pgnear, or the error connecting.
+    #[allow(dead_code)] // not every test binary build uses every helper
+    pub async fn client_result(&self) -> Result<Client, tokio_postgres::Error> {
+        connect(&self.conn_string("postgres", "")).await
     }
 
     pub async fn client_with(&self, user: &str, extra: &str) -> Client {
