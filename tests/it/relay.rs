@@ -205,3 +205,14 @@ async fn psql_works_through_pgnear() {
             .await;
     assert!(out.contains("CREATE TABLE"), "{out}");
 }
+
+#[tokio::test]
+async fn a_client_leaving_mid_query_cancels_its_server_work() {
+    let env = primary_only().await;
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    wire.send(&query("SELECT pg_sleep(60) /* abandoned */")).await;
+    let active = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%abandoned%' AND state = 'active' AND pid <> pg_backend_pid()";
+    env.cluster.primary().poll_query_until(active, "1", PATIENCE).await.unwrap();
+    drop(wire);
+    env.cluster.primary().poll_query_until(active, "0", PATIENCE).await.unwrap();
+}

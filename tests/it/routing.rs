@@ -257,3 +257,23 @@ async fn pgbench_prepared_with_reads_on_replicas() {
     };
     assert!(on_replicas > 100, "replicas served only {on_replicas} transactions");
 }
+
+#[tokio::test]
+async fn pgnear_settings_through_the_extended_protocol() {
+    let env = two_replicas(ProxyConfig::default()).await;
+    let c = env.client().await;
+    eventually_on_replica(&env, &c, "SELECT inet_server_port()").await;
+    // tokio-postgres sends these as Parse/Describe/Sync + Bind/Execute/Sync.
+    c.execute("SET pgnear.route = primary", &[]).await.unwrap();
+    let row = c.query_one("SHOW pgnear.route", &[]).await.unwrap();
+    assert_eq!(row.get::<_, &str>(0), "primary");
+    for _ in 0..5 {
+        assert_eq!(where_(&env, &c, "SELECT inet_server_port()").await, Ran::Primary);
+    }
+    let stmt = c.prepare("SET pgnear.route = auto").await.unwrap();
+    c.execute(&stmt, &[]).await.unwrap();
+    eventually_on_replica(&env, &c, "SELECT inet_server_port()").await;
+    let error = c.execute("SET pgnear.nonsense = 1", &[]).await.unwrap_err();
+    assert_eq!(error.code().unwrap().code(), "42704");
+    assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}

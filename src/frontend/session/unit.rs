@@ -13,7 +13,7 @@ use super::{Flow, Server, Session, Target};
 use crate::backend::connection::Hidden;
 use crate::error::ProxyError;
 use crate::metrics::{Direction, RoleLabel};
-use crate::protocol::backend::{error_response, ready_for_query, Severity};
+use crate::protocol::backend::{error_response, no_data, parse_complete, ready_for_query, Severity};
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
 use crate::router::classify::{Class, Classification, ProxyCommand};
@@ -110,6 +110,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     async fn on_sync(&mut self, frame: Frame) -> Result<(), ProxyError> {
+        if self.batch.classes.iter().any(|c| matches!(c.class, Class::ProxyLocal(_))) {
+            if self.in_flight() {
+                self.held = Some(frame);
+                return Ok(());
+            }
+            let batch = std::mem::take(&mut self.batch);
+            self.answer_local_batch(&batch.frames, &batch.classes);
+            return Ok(());
+        }
         let mut batch = std::mem::take(&mut self.batch);
         batch.frames.push(frame);
         self.dispatch(batch.frames, batch.classes, true).await
@@ -400,6 +409,67 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.refresh_watermark();
             tokio::time::sleep(REPLICA_WAIT_STEP).await;
         }
+    }
+
+    /// Answers an extended-protocol batch that runs a `pgnear.*` command
+    /// (JDBC and others send even SET this way) as a server would.
+    fn answer_local_batch(&mut self, frames: &[Frame], classes: &[Arc<Classification>]) {
+        let command = classes.iter().find_map(|c| match &c.class {
+            Class::ProxyLocal(command) => Some(command.clone()),
+            _ => None,
+        });
+        let mixed = classes.iter().any(|c| !matches!(c.class, Class::ProxyLocal(_)));
+        let report = Report { write_lsn: self.watermark.lsn() };
+        let mut failed = false;
+        for frame in frames {
+            if failed {
+                break;
+            }
+            let (Some(command), false) = (&command, mixed) else {
+                let message = "pgnear.* commands must be sent on their own, not with other statements";
+                self.client.queue(&error_response(Severity::Error, SqlState::FeatureNotSupported, message));
+                break;
+            };
+            let show = matches!(command, ProxyCommand::Show { .. });
+            match frame.tag() {
+                b'P' => {
+                    if let Some(parse) = frontend::parse(frame).ok().filter(|p| !p.name.is_empty()) {
+                        // Later Binds of this name are answered here too.
+                        let class = self.shared.classifier.classify(parse.query);
+                        let prepared = Prepared { parse: frame.clone(), class };
+                        self.state.prepared.insert(parse.name.to_string(), prepared);
+                    }
+                    self.client.queue(&parse_complete());
+                }
+                b'B' => self.client.queue(&Frame::new(b'2', &[])),
+                b'C' => self.client.queue(&Frame::new(b'3', &[])),
+                b'D' if matches!(frontend::target(frame), Ok(Named::Statement(_))) && !show => {
+                    self.client.queue(&Frame::new(b't', &0i16.to_be_bytes()));
+                    self.client.queue(&no_data());
+                }
+                b'D' if show => {
+                    if matches!(frontend::target(frame), Ok(Named::Statement(_))) {
+                        self.client.queue(&Frame::new(b't', &0i16.to_be_bytes()));
+                    }
+                    let responses = self.settings.execute(command, &report);
+                    if let Some(description) = responses.iter().find(|f| f.tag() == b'T') {
+                        self.client.queue(description);
+                    }
+                }
+                b'D' => self.client.queue(&no_data()),
+                b'E' => {
+                    for response in self.settings.execute(command, &report) {
+                        failed |= response.tag() == b'E';
+                        if response.tag() != b'T' {
+                            self.client.queue(&response);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let status = self.bound_status();
+        self.client.queue(&ready_for_query(status));
     }
 
     /// Counts a unit that executes statements, by node, role and reason.
