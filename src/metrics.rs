@@ -251,8 +251,8 @@ impl Metrics {
         self.pin_seconds.observe(held.as_secs_f64());
     }
 
-    /// Units routed to each node so far, summed over roles and reasons
-    /// (for the demo's node table).
+    /// Units routed to each node so far, summed over roles and reasons,
+    /// by node name (for the demo's node table).
     pub fn routed_by_node(&self) -> Vec<(String, u64)> {
         let mut totals: Vec<(String, u64)> = Vec::new();
         for metric in self.routed.collect().iter().flat_map(|family| family.get_metric()) {
@@ -263,6 +263,7 @@ impl Metrics {
                 None => totals.push((node.value().to_owned(), count)),
             }
         }
+        totals.sort();
         totals
     }
 

@@ -520,6 +520,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Resolves pending watermarks and reports a new one to the client as
     /// ParameterStatus `pgnear.write_lsn`.
     fn refresh_watermark(&mut self) {
+        let proxy_scope = self.shared.config.consistency.read_your_writes == ReadYourWrites::Proxy;
+        if !self.watermark.is_pending() && !(proxy_scope && self.shared.watermark.get().is_pending()) {
+            return;
+        }
         let sample = self.primary_sample();
         self.watermark.resolve(sample);
         self.shared.watermark.resolve(sample);

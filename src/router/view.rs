@@ -53,10 +53,10 @@ impl<'a> ClusterView<'a> {
 
     /// Fills in each replica's lag against its cluster's primary.
     pub fn with_lag(mut nodes: Vec<NodeView<'a>>) -> ClusterView<'a> {
-        let primaries: Vec<(String, Option<crate::cluster::Lsn>)> = nodes
+        let primaries: Vec<(&'a str, Option<crate::cluster::Lsn>)> = nodes
             .iter()
             .filter(|n| n.status.up && n.status.role == Role::Primary)
-            .map(|n| (n.config.cluster.clone(), n.status.lsn))
+            .map(|n| (n.config.cluster.as_str(), n.status.lsn))
             .collect();
         for node in nodes.iter_mut().filter(|n| n.status.role == Role::Replica) {
             let primary_lsn = primaries.iter().find(|(c, _)| *c == node.config.cluster).and_then(|(_, l)| *l);

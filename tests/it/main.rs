@@ -7,6 +7,7 @@ mod auth;
 mod config;
 mod consistency;
 mod hostile;
+mod limits;
 mod observability;
 mod relay;
 mod routing;

@@ -1,0 +1,241 @@
+//! Limits and timeouts: the startup timeout, the idle client timeout, the
+//! server connect timeout, PostgreSQL's own statement_timeout, and 10,000
+//! connections that never speak.
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use tokio::io::AsyncReadExt;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::support::certs::{tls_section, Ca};
+use crate::support::wire::{startup_packet, Wire};
+use crate::support::{sqlstate, start, Env, ProxyConfig, PATIENCE};
+use pgnear::lab::cluster::Cluster;
+
+#[tokio::test]
+async fn startup_timeout_drops_clients_that_stall() {
+    let ca = Ca::new("ca");
+    let cert = ca.server("pgnear", &["127.0.0.1"]);
+    let config = ProxyConfig::default()
+        .proxy("startup_timeout_ms = 300")
+        .user("name = \"app\"\npassword = \"secret\"\nserver_user = \"postgres\"")
+        .section(&tls_section("prefer", &cert));
+    let env = start(Cluster::builder(), config).await;
+    let bystander = env.client().await;
+    // Half a startup packet, then nothing.
+    let mut half = Wire::connect(env.proxy.addr()).await;
+    half.send(&startup_packet(&[("user", "postgres")])[..10]).await;
+    // Not a byte.
+    let mut silent = Wire::connect(env.proxy.addr()).await;
+    // Asked for the password, never answers.
+    let mut mute = Wire::connect(env.proxy.addr()).await;
+    mute.send(&startup_packet(&[("user", "app")])).await;
+    assert_eq!(mute.recv().await.map(|m| m.tag), Some(b'R'));
+    for wire in [&mut half, &mut silent, &mut mute] {
+        assert_eq!(wire.expect_fatal().await, "08P01");
+    }
+    // Asked for TLS, then never starts the handshake: only a close is
+    // possible.
+    let mut stalled = Wire::connect(env.proxy.addr()).await;
+    stalled.send(&[0, 0, 0, 8, 4, 210, 22, 47]).await;
+    let mut answer = [0u8; 1];
+    stalled.stream.read_exact(&mut answer).await.unwrap();
+    assert_eq!(&answer, b"S");
+    stalled.expect_closed().await;
+    assert_eq!(bystander.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+#[tokio::test]
+async fn idle_clients_are_closed_with_57p05() {
+    let env = start(Cluster::builder(), ProxyConfig::default().proxy("idle_client_timeout_ms = 300")).await;
+    let (mut idle, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    // A query that runs longer than the timeout is not idleness.
+    let busy = env.client().await;
+    busy.batch_execute("SELECT pg_sleep(0.8)").await.unwrap();
+    assert_eq!(idle.expect_fatal().await, "57P05");
+}
+
+#[tokio::test]
+async fn statement_timeout_stays_postgresqls_own() {
+    let env = start(Cluster::builder(), ProxyConfig::default()).await;
+    let client = env.client_with("postgres", "options='-c statement_timeout=200'").await;
+    assert_eq!(sqlstate(client.batch_execute("SELECT pg_sleep(5)").await), "57014");
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    client.batch_execute("SET statement_timeout = 100").await.unwrap();
+    assert_eq!(sqlstate(client.query("SELECT pg_sleep(5)", &[]).await), "57014");
+    assert_eq!(client.query_one("SHOW statement_timeout", &[]).await.unwrap().get::<_, &str>(0), "100ms");
+}
+
+/// A TCP forwarder that can go silent: from then on it accepts new
+/// connections and holds them without a byte, like a partitioned link that
+/// still completes TCP handshakes. Connections already forwarded go on.
+struct Gate {
+    addr: SocketAddr,
+    silent: Arc<AtomicBool>,
+    task: JoinHandle<()>,
+}
+
+impl Gate {
+    async fn start(target: SocketAddr) -> Gate {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let silent = Arc::new(AtomicBool::new(false));
+        let flag = silent.clone();
+        let task = tokio::spawn(async move {
+            let mut forwarded = JoinSet::new();
+            let mut held = Vec::new();
+            while let Ok((mut inbound, _)) = listener.accept().await {
+                if flag.load(Ordering::SeqCst) {
+                    held.push(inbound);
+                    continue;
+                }
+                forwarded.spawn(async move {
+                    let mut outbound = TcpStream::connect(target).await?;
+                    tokio::io::copy_bidirectional(&mut inbound, &mut outbound).await
+                });
+            }
+        });
+        Gate { addr, silent, task }
+    }
+
+    fn silence(&self) {
+        self.silent.store(true, Ordering::SeqCst);
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test]
+async fn server_connect_timeout() {
+    let cluster = Cluster::builder().start().await.unwrap();
+    let gate = Gate::start(cluster.primary().addr()).await;
+    let nodes = format!("[[nodes]]\nname = \"primary\"\nhost = \"127.0.0.1\"\nport = {}\n", gate.addr.port());
+    let config = ProxyConfig::default().nodes(&nodes).proxy("connect_timeout_ms = 500");
+    let proxy = pgnear::Proxy::start(config.build(&cluster)).await.unwrap();
+    let env = Env { proxy, cluster };
+    let bystander = env.client().await;
+    gate.silence();
+    let started = Instant::now();
+    let mut wire = Wire::connect(env.proxy.addr()).await;
+    wire.send(&startup_packet(&[("user", "postgres"), ("database", "postgres")])).await;
+    let error = loop {
+        let msg = wire.recv().await.expect("closed without an error");
+        if msg.tag == b'E' {
+            break msg;
+        }
+    };
+    assert_eq!(error.sqlstate().as_deref(), Some("08001"), "{error:?}");
+    let text = error.field(b'M').unwrap_or_default();
+    assert!(text.contains("timed out connecting"), "{text}");
+    assert!(wire.recv().await.is_none());
+    assert!(started.elapsed() < PATIENCE);
+    // The session whose server connection was already open is unaffected.
+    assert_eq!(bystander.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+}
+
+/// Resident memory of process `pid`, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let line = status.lines().find(|l| l.starts_with("VmRSS:")).unwrap();
+    line.split_whitespace().nth(1).unwrap().parse().unwrap()
+}
+
+fn open_fds(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map(|d| d.count()).unwrap_or(0)
+}
+
+const SILENT_CLIENTS: usize = 10_000;
+
+/// pgnear runs as its own process here: 10,000 connections are 20,000
+/// descriptors in one process, over this machine's limit of 20,000 open
+/// files. This also makes the RSS figure pgnear's alone.
+///
+/// Reproduce the figure with
+/// `cargo test --test it limits::ten_thousand -- --nocapture`.
+#[tokio::test]
+async fn ten_thousand_connections_that_never_speak() {
+    let cluster = Cluster::builder().start().await.unwrap();
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let toml = ProxyConfig::default()
+        .proxy("max_client_connections = 10100\nstartup_timeout_ms = 15000")
+        .toml(&cluster)
+        .replace("listen = \"127.0.0.1:0\"", &format!("listen = \"127.0.0.1:{port}\""));
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("proxy.toml"), toml).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgnear"))
+        .arg("--config")
+        .arg(dir.path().join("proxy.toml"))
+        .env("RUST_LOG", "error")
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let pid = child.id().unwrap();
+    let conn = format!("host=127.0.0.1 port={port} user=postgres dbname=postgres");
+    let client = poll_connect(&conn).await;
+    assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
+    let (rss_before, fds_before) = (rss_kib(pid), open_fds(pid));
+
+    let opened = Instant::now();
+    let addr: SocketAddr = ([127, 0, 0, 1], port).into();
+    let mut silent = Vec::with_capacity(SILENT_CLIENTS);
+    for _ in 0..SILENT_CLIENTS / 250 {
+        let batch = (0..250).map(|_| TcpStream::connect(addr));
+        silent.extend(futures_util::future::join_all(batch).await.into_iter().map(Result::unwrap));
+    }
+    let deadline = Instant::now() + PATIENCE;
+    while open_fds(pid) < fds_before + SILENT_CLIENTS {
+        assert!(Instant::now() < deadline, "pgnear accepted only {} descriptors", open_fds(pid));
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let rss_idle = rss_kib(pid);
+    // The listener still serves, and so does the open session.
+    let fresh = connect_once(&conn).await;
+    assert_eq!(fresh.query_one("SELECT 2", &[]).await.unwrap().get::<_, i32>(0), 2);
+    assert_eq!(client.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0), 3);
+    let opening = opened.elapsed();
+
+    // Each is dropped once the startup timeout passes.
+    let closes = silent.into_iter().map(|mut stream| async move {
+        let mut sink = Vec::new();
+        tokio::time::timeout(Duration::from_secs(15) + PATIENCE, stream.read_to_end(&mut sink)).await.is_ok()
+    });
+    let closed = futures_util::future::join_all(closes).await.into_iter().filter(|&c| c).count();
+    assert_eq!(closed, SILENT_CLIENTS);
+    let rss_after = rss_kib(pid);
+    eprintln!(
+        "10,000 silent connections: pgnear RSS {rss_before} KiB before, {rss_idle} KiB with them open \
+         ({:.1} KiB each), {rss_after} KiB after they were dropped; opened and checked in {opening:?}",
+        (rss_idle.saturating_sub(rss_before)) as f64 / SILENT_CLIENTS as f64
+    );
+    assert_eq!(client.query_one("SELECT 4", &[]).await.unwrap().get::<_, i32>(0), 4);
+    child.start_kill().unwrap();
+    let _ = child.wait().await;
+}
+
+async fn connect_once(conn: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await.unwrap();
+    tokio::spawn(connection);
+    client
+}
+
+/// Connects once the child pgnear listens.
+async fn poll_connect(conn: &str) -> tokio_postgres::Client {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        if let Ok((client, connection)) = tokio_postgres::connect(conn, tokio_postgres::NoTls).await {
+            tokio::spawn(connection);
+            return client;
+        }
+        assert!(Instant::now() < deadline, "pgnear did not start listening");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
