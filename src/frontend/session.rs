@@ -98,6 +98,13 @@ struct Server {
     started: std::collections::VecDeque<Instant>,
     /// This connection's share of the node's outstanding units.
     load: Load,
+    /// Session effects (SET, DISCARD ...) of each complete unit in flight,
+    /// applied when the unit succeeds.
+    effects: std::collections::VecDeque<Vec<Arc<Classification>>>,
+    /// Effects of units sent ahead of their Sync (after a Flush).
+    carry: Vec<Arc<Classification>>,
+    /// The unit now answering has reported an error.
+    unit_failed: bool,
     _gauge: GaugeGuard,
 }
 
@@ -438,6 +445,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let open_batch = self.open_batch;
         let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
         let mut latency = None;
+        let mut finished = None;
         if server.backend.swallow(&frame) {
             return Ok(Flow::Continue);
         }
@@ -453,6 +461,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     server.load.done();
                     (server.node, started.elapsed())
                 });
+                let failed = std::mem::take(&mut server.unit_failed);
+                finished = server.effects.pop_front().filter(|e| !failed && !e.is_empty());
                 server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
                 server.backend.tx_status = status;
                 let idle = server.backend.is_idle();
@@ -466,12 +476,19 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             b'G' => {
                 server.backend.copy_in = true;
                 if std::mem::take(&mut server.backend.last_unit_synced) {
+                    // Its ReadyForQuery comes with the Sync after CopyDone,
+                    // which counts as a unit of its own.
+                    if server.started.pop_back().is_some() {
+                        server.load.done();
+                    }
+                    server.effects.pop_back();
                     // The Sync sent with this COPY's Execute reached the
                     // server in COPY IN mode, where it is ignored.
                     server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
                 }
             }
-            b'E' if ErrorFields::parse(&frame)?.is_fatal() => {
+            b'E' if !ErrorFields::parse(&frame)?.is_fatal() => server.unit_failed = true,
+            b'E' => {
                 if target == Target::Replica && self.bound != Some(Target::Replica) {
                     // An idle replica going away is not the client's business.
                     self.replica = None;
@@ -481,12 +498,26 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
             _ => {}
         }
+        if let Some(effects) = finished {
+            self.unit_done(target, &effects);
+        }
         if let Some((node, elapsed)) = latency {
             self.shared.metrics.query_latency(&self.shared.topology.nodes[node].config.name, elapsed);
         }
         self.shared.metrics.bytes(Direction::ServerToClient, frame.len());
         self.client.queue(&frame);
         Ok(flow)
+    }
+
+    /// A unit with session effects succeeded on `target`: record them.
+    fn unit_done(&mut self, target: Target, effects: &[Arc<Classification>]) {
+        let (state, ran_on, mut others) =
+            unit::split_state(&mut self.state, self.primary.as_mut(), self.replica.as_mut(), target);
+        let Some(ran_on) = ran_on else { return };
+        let mut others: Vec<&mut ServerState> = others.iter_mut().map(|s| &mut s.state).collect();
+        for class in effects {
+            state.apply(class, &mut ran_on.state, &mut others);
+        }
     }
 
     /// The primary finished its work: a write, if any, has committed.
@@ -626,6 +657,9 @@ async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Serve
         state: ServerState::default(),
         started: std::collections::VecDeque::new(),
         load: Load { node: shared.topology.nodes[node].outstanding.clone(), held: 0 },
+        effects: std::collections::VecDeque::new(),
+        carry: Vec::new(),
+        unit_failed: false,
         _gauge: gauge,
     })
 }

@@ -42,6 +42,22 @@ def check(cond, msg):
         raise AssertionError(msg)
 
 
+class Case:
+    """Names the part of a step that failed: `async with Case("..."):`."""
+
+    def __init__(self, label):
+        self.label = label
+
+    async def __aenter__(self):
+        return self
+
+    async def __aexit__(self, typ, e, tb):
+        if e is not None and isinstance(e, Exception) and not isinstance(e, asyncio.TimeoutError):
+            state = getattr(e, "sqlstate", None)
+            raise AssertionError(f"{self.label}: {type(e).__name__}: {e}" + (f" [SQLSTATE {state}]" if state else "")) from e
+        return False
+
+
 async def connect(**kw):
     return await asyncpg.connect(**{**PARAMS, **kw})
 
@@ -129,23 +145,67 @@ async def insert_and_select_params():
         await conn.close()
 
 
-async def replica_read_then_write():
-    # A session whose first statements are reads (served by the replica)
-    # then writes (must go to the primary) and reads its own write. asyncpg
-    # prepares each new statement with Parse/Describe/Flush (no Sync).
+async def replica_session():
+    """A new connection whose first read the replica served (with no writes
+    in it, pgnear sends reads to the replica once it has replayed the
+    proxy's latest write)."""
     deadline = time.monotonic() + 5
     while True:
         conn = await connect()
         if await conn.fetchval("SELECT pg_is_in_recovery()") or not REQUIRE_REPLICA:
-            break
+            return conn
         await conn.close()
         check(time.monotonic() < deadline, "no session's first read reached the replica within 5s")
         await asyncio.sleep(0.05)
+
+
+async def replica_read_then_write():
+    # Sessions whose first statements are reads (served by the replica)
+    # then write (must go to the primary) and read their own write. asyncpg
+    # prepares each new statement with Parse/Describe/Flush (no Sync) and
+    # then sends Bind/Execute/Sync.
+    async with Case("read, then a parameterized write"):
+        await read_then_write_plain()
+    async with Case("prepare() a read, then execute() a write with no arguments"):
+        await prepare_then_simple_write()
+    async with Case("copy_records_to_table after a replica read"):
+        await copy_after_replica_read()
+
+
+async def read_then_write_plain():
+    conn = await replica_session()
     try:
         status = await conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES ($1, $2)", 500, "after replica read")
         check(status == "INSERT 0 1", f"insert status {status!r}")
         v = await conn.fetchval(f"SELECT name FROM {TABLE} WHERE id = $1", 500)
         check(v == "after replica read", f"read-your-write {v!r}")
+    finally:
+        await conn.close()
+
+
+async def prepare_then_simple_write():
+    # prepare() a read up front (Parse/Describe/Flush, never executed),
+    # then a write with no arguments (a simple Query).
+    conn = await replica_session()
+    try:
+        stmt = await conn.prepare(f"SELECT name FROM {TABLE} WHERE id = $1")
+        status = await conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES (501, 'after prepare()')")
+        check(status == "INSERT 0 1", f"insert status {status!r}")
+        check(await stmt.fetchval(501) == "after prepare()", "prepared read-your-write")
+    finally:
+        await conn.close()
+
+
+async def copy_after_replica_read():
+    # copy_records_to_table prepares "SELECT cols FROM table LIMIT 1"
+    # (Parse/Describe/Flush) to learn the column types, then sends COPY.
+    conn = await replica_session()
+    try:
+        res = await conn.copy_records_to_table(TABLE, records=[(502, "copied after a replica read")],
+                                               columns=["id", "name"])
+        check(res == "COPY 1", f"copy_records_to_table {res!r}")
+        check(await conn.fetchval(f"SELECT name FROM {TABLE} WHERE id = $1", 502) == "copied after a replica read",
+              "read-your-copy")
     finally:
         await conn.close()
 

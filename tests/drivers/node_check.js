@@ -42,6 +42,17 @@ function check(cond, msg) {
   if (!cond) throw new Error('assertion failed: ' + msg)
 }
 
+// Names the part of a step that failed.
+async function kase(label, fn) {
+  try {
+    return await fn()
+  } catch (err) {
+    const wrapped = new Error(`${label}: ${err.message}`)
+    wrapped.code = err.code
+    throw wrapped
+  }
+}
+
 async function connect(extra = {}) {
   const client = new pg.Client({ ...CONFIG, ...extra })
   // An 'error' event without a listener would crash the process.
@@ -176,19 +187,19 @@ async function readThenWrite(c, id, what) {
 async function replicaReadThenWrite() {
   // A session whose first statements are reads (served by the replica)
   // then writes (must go to the primary) and reads its own write.
-  await withClient(async (c) => {
+  await kase('read, then a write', () => withClient(async (c) => {
     await waitForReplicaRead(c, 'unnamed statements')
     await readThenWrite(c, 500, 'after replica read')
-  })
-  await withClient(async (c) => {
+  }))
+  await kase('named read, then a write', () => withClient(async (c) => {
     await waitForReplicaRead(c, 'before a named statement')
     const r = await c.query({ name: 'recovery', text: 'SELECT pg_is_in_recovery() AS r', values: [] })
     console.log(`       (named read served by the ${r.rows[0].r ? 'replica' : 'primary'})`)
     await readThenWrite(c, 501, 'after a named read')
-  })
+  }))
   // pg-cursor: Execute with a row limit followed by Flush, Sync only at close.
   if (!Cursor) throw new Error('pg-cursor is not installed')
-  await withClient(async (c) => {
+  await kase('pg-cursor read (Execute with a row limit + Flush), then a write', () => withClient(async (c) => {
     await waitForReplicaRead(c, 'before a cursor')
     const cursor = c.query(new Cursor('SELECT pg_is_in_recovery() AS r, g FROM generate_series(1, $1::int) g', [10]))
     const first = await cursor.read(3)
@@ -197,7 +208,7 @@ async function replicaReadThenWrite() {
     check(first.length === 3 && rest.length === 7, `cursor rows ${first.length} + ${rest.length}`)
     console.log(`       (cursor read served by the ${first[0].r ? 'replica' : 'primary'})`)
     await readThenWrite(c, 502, 'after a cursor read')
-  })
+  }))
 }
 
 async function preparedStatements() {

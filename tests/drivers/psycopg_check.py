@@ -74,6 +74,22 @@ def check(cond, msg):
         raise AssertionError(msg)
 
 
+class Case:
+    """Names the part of a step that failed: `with Case("..."):`."""
+
+    def __init__(self, label):
+        self.label = label
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, typ, e, tb):
+        if e is not None and isinstance(e, Exception) and not isinstance(e, StepTimeout):
+            state = getattr(e, "sqlstate", None)
+            raise AssertionError(f"{self.label}: {type(e).__name__}: {e}" + (f" [SQLSTATE {state}]" if state else "")) from e
+        return False
+
+
 def connect(**kw):
     return psycopg.connect(CONNINFO, **kw)
 
@@ -160,20 +176,20 @@ def wait_for_replica_read(conn, what, **kw):
 def replica_read_then_write():
     # A session whose first statements are reads (served by the replica)
     # then writes (must go to the primary) and reads its own write.
-    with connect(autocommit=True) as conn:
+    with Case("read, then a write (autocommit)"), connect(autocommit=True) as conn:
         wait_for_replica_read(conn, "extended query", prepare=True)
         conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES (%s, %s)", (500, "after replica read"))
         row = conn.execute(f"SELECT name FROM {TABLE} WHERE id = %s", (500,), prepare=True).fetchone()
         check(row == ("after replica read",), f"read-your-write {row}")
     # The same in a transaction block: BEGIN; SELECT; INSERT; COMMIT.
-    with connect() as conn:
+    with Case("read, then a write in a transaction"), connect() as conn:
         conn.execute("SELECT 1")
         conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES (%s, %s)", (501, "read then write in a transaction"))
         conn.commit()
         check(conn.execute(f"SELECT count(*) FROM {TABLE} WHERE id = 501").fetchone() == (1,), "committed row")
         conn.commit()
     # Pipeline mode: fetching a result mid-pipeline makes libpq send a Flush.
-    with connect(autocommit=True) as conn:
+    with Case("pipelined read (Flush), then a write"), connect(autocommit=True) as conn:
         wait_for_replica_read(conn, "before the pipeline")
         with conn.pipeline():
             cur = conn.execute("SELECT pg_is_in_recovery(), %s::int", (1,))

@@ -87,7 +87,7 @@ if [ -n "${PGNEAR_BIN:-}" ]; then
     [ -x "$PGNEAR" ] || die "PGNEAR_BIN=$PGNEAR_BIN is not executable"
 else
     say "cargo build --release"
-    (cd "$ROOT" && cargo build --release --quiet)
+    (cd "$ROOT" && cargo build --release --locked --quiet)
     PGNEAR="$ROOT/target/release/pgnear"
 fi
 
@@ -304,6 +304,11 @@ if [ $failed -gt 0 ]; then
     echo "failed: ${failures[*]}"
     echo "pgnear warnings and errors:"
     grep -E ' (WARN|ERROR) ' "$WORK/pgnear.log" | tail -30 | sed 's/^/    /' || true
+    echo "writes pgnear sent to the replica (which refused them), by client:"
+    awk '/ERROR:  cannot execute .* (in a read-only transaction|during recovery)/ {
+             split($0, a, "ERROR:  "); err = a[2]; match($0, /@[^ ]+ /); who = substr($0, RSTART + 1, RLENGTH - 2); next_stmt = 1; next }
+         next_stmt && /STATEMENT:  / { split($0, b, "STATEMENT:  "); print who ": " err " <- " b[2]; next_stmt = 0 }' \
+        "$WORK/replica.log" | sort | uniq -c | sort -rn | head -20 | cut -c1-200 | sed 's/^/    /' || true
     echo "logs (pgnear.log, primary.log, replica.log, <driver>.log) are copied to $LOGS"
 fi
 echo "took $(( $(date +%s) - START_TS ))s"

@@ -173,8 +173,8 @@ async fn ten_thousand_connections_that_never_speak() {
     let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgnear"))
         .arg("--config")
         .arg(dir.path().join("proxy.toml"))
-        .env("RUST_LOG", "error")
-        .stdout(std::process::Stdio::null())
+        .env("RUST_LOG", "info")
+        .stdout(std::fs::File::create("/tmp/t10k/child.log").unwrap())
         .kill_on_drop(true)
         .spawn()
         .unwrap();
@@ -187,7 +187,8 @@ async fn ten_thousand_connections_that_never_speak() {
     let opened = Instant::now();
     let addr: SocketAddr = ([127, 0, 0, 1], port).into();
     let mut silent = Vec::with_capacity(SILENT_CLIENTS);
-    for _ in 0..SILENT_CLIENTS / 250 {
+    for i in 0..SILENT_CLIENTS / 250 {
+        eprintln!("batch {i} at {:?} fds {}", opened.elapsed(), open_fds(pid));
         let batch = (0..250).map(|_| TcpStream::connect(addr));
         silent.extend(futures_util::future::join_all(batch).await.into_iter().map(Result::unwrap));
     }

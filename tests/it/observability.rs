@@ -172,14 +172,17 @@ async fn metrics_count_routed_units_by_node_and_reason() {
     env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
     until_reads_reach_the_replica(&env, &client).await;
 
+    // Extended protocol: a prepare unit executes nothing and is not
+    // counted. The statement lives until the end, so no Close unit races
+    // the writes below.
+    let statement = client.prepare("SELECT inet_server_port()").await.unwrap();
+
     let before = scrape(&env).await;
     for _ in 0..8 {
         assert_eq!(server_port(&client).await, env.cluster.replica(0).port());
     }
-    // Extended protocol: the prepare unit executes nothing and is not
-    // counted; the execute unit is.
     for _ in 0..2 {
-        let port: i32 = client.query_one("SELECT inet_server_port()", &[]).await.unwrap().get(0);
+        let port: i32 = client.query_one(&statement, &[]).await.unwrap().get(0);
         assert_eq!(port, i32::from(env.cluster.replica(0).port()));
     }
     for i in 0..3 {
@@ -214,7 +217,7 @@ async fn metrics_count_routed_units_by_node_and_reason() {
     promtool_check(&after);
 
     // The connection gauges are guards: a closed client stops counting.
-    drop(client);
+    drop((statement, client));
     let deadline = tokio::time::Instant::now() + PATIENCE;
     while value(&scrape(&env).await, "pgnear_client_connections", &[("state", "active")]) != 0.0 {
         assert!(tokio::time::Instant::now() < deadline, "the active client gauge never went back to 0");

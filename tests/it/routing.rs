@@ -163,6 +163,9 @@ async fn settings_follow_the_session_to_every_backend() {
         .await
         .unwrap();
     c.batch_execute("SET search_path = app, public; SET TIME ZONE 'Asia/Tokyo'").await.unwrap();
+    // A SET the server refuses is not replayed anywhere.
+    let refused = c.batch_execute("SET work_mem = 'lots'").await.unwrap_err();
+    assert_eq!(refused.code().unwrap().code(), "22023");
     let sql = "SELECT inet_server_port(), current_setting('TimeZone'), (SELECT id FROM items)";
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {

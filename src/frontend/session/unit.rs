@@ -191,7 +191,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             server.backend.in_flight += 1;
         }
         server.backend.last_unit_synced = complete && extended;
-        self.track(target, &frames, &classes);
+        self.track(target, &frames, &classes, complete);
         self.bound = Some(target);
         if let Some(server) = self.server(target) {
             self.registration.target.set(&server.cancel_key);
@@ -201,7 +201,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     /// Records what the unit changes: session state, prepared statements,
     /// whether the primary may have written, whether DDL ran.
-    fn track(&mut self, target: Target, frames: &[Frame], classes: &[Arc<Classification>]) {
+    fn track(&mut self, target: Target, frames: &[Frame], classes: &[Arc<Classification>], complete: bool) {
         let volatile = self.catalog.volatile.load();
         let writes =
             classes.iter().any(|c| c.class == Class::Write || c.unparsed || c.calls_volatile(&volatile));
@@ -215,13 +215,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             split_state(&mut self.state, self.primary.as_mut(), self.replica.as_mut(), target);
         let Some(ran_on) = ran_on else { return };
         if executes {
-            for class in classes {
-                state.apply(
-                    class,
-                    &mut ran_on.state,
-                    &mut others.iter_mut().map(|s| &mut s.state).collect::<Vec<_>>(),
-                );
-            }
+            // Pins hold at once; other effects wait for the unit to succeed
+            // (see `Session::unit_done`), so a failed SET is never replayed.
+            state.pinned |= classes.iter().any(|c| c.pins().next().is_some());
+            ran_on.carry.extend(classes.iter().filter(|c| !c.effects.is_empty()).cloned());
+        }
+        if complete {
+            let effects = std::mem::take(&mut ran_on.carry);
+            ran_on.effects.push_back(effects);
         }
         for frame in frames {
             match (frame.tag(), frontend::parse(frame), frontend::target(frame)) {
@@ -319,7 +320,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     let message = format!("cannot route this statement: {no_primary}");
                     return Ok(Err(error_response(Severity::Error, SqlState::ConnectionFailure, &message)));
                 }
-                Ok(route) if route.reason == Reason::PinnedAfterWrite && Instant::now() < deadline => {
+                Ok(route)
+                    if matches!(route.reason, Reason::PinnedAfterWrite | Reason::ReplicaLagging)
+                        && Instant::now() < deadline =>
+                {
                     tokio::time::sleep(REPLICA_WAIT_STEP.min(deadline - Instant::now())).await;
                 }
                 Ok(route) => break route,
@@ -490,7 +494,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 }
 
 /// Borrows the session state, the server `target` and the other server.
-fn split_state<'a>(
+pub(super) fn split_state<'a>(
     state: &'a mut super::state::SessionState,
     primary: Option<&'a mut Server>,
     replica: Option<&'a mut Server>,
