@@ -552,7 +552,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// ParameterStatus `pgnear.write_lsn`.
     fn refresh_watermark(&mut self) {
         let proxy_scope = self.shared.config.consistency.read_your_writes == ReadYourWrites::Proxy;
-        if !self.watermark.is_pending() && !(proxy_scope && self.shared.watermark.get().is_pending()) {
+        let pending = self.watermark.is_pending() || (proxy_scope && self.shared.watermark.get().is_pending());
+        if !pending {
             return;
         }
         let sample = self.primary_sample();
