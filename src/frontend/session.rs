@@ -177,6 +177,8 @@ pub struct Session<S> {
     /// reaches the client so that it can be retried elsewhere if the
     /// replica fails first.
     retry: Option<Batch>,
+    /// The server reports `default_transaction_read_only = on`.
+    default_read_only: bool,
     /// Since when reads have been held on the primary after a write.
     pinned_since: Option<Instant>,
     registration: Registration,
@@ -249,6 +251,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             catalog_stale: false,
             held: None,
             pinned_since: None,
+            default_read_only: startup_params.iter().any(is_read_only_default),
             retry: None,
             registration,
         })
@@ -443,6 +446,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
 
     fn on_server(&mut self, target: Target, frame: Frame) -> Result<Flow, ProxyError> {
         let open_batch = self.open_batch;
+        let no_primary = self.primary.is_none();
+        let mut read_only = None;
         let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
         let mut latency = None;
         let mut finished = None;
@@ -473,6 +478,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     self.primary_idle(Instant::now());
                 }
             }
+            b'S' if target == Target::Primary || no_primary => {
+                if let Ok((name, value)) = crate::protocol::backend::parse_parameter_status(&frame) {
+                    if name == "default_transaction_read_only" {
+                        read_only = Some(value == "on");
+                    }
+                }
+            }
             b'G' => {
                 server.backend.copy_in = true;
                 if std::mem::take(&mut server.backend.last_unit_synced) {
@@ -500,6 +512,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         if let Some(effects) = finished {
             self.unit_done(target, &effects);
+        }
+        if let Some(read_only) = read_only {
+            self.default_read_only = read_only;
         }
         if let Some((node, elapsed)) = latency {
             self.shared.metrics.query_latency(&self.shared.topology.nodes[node].config.name, elapsed);
@@ -552,7 +567,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// ParameterStatus `pgnear.write_lsn`.
     fn refresh_watermark(&mut self) {
         let proxy_scope = self.shared.config.consistency.read_your_writes == ReadYourWrites::Proxy;
-        let pending = self.watermark.is_pending() || (proxy_scope && self.shared.watermark.get().is_pending());
+        let pending =
+            self.watermark.is_pending() || (proxy_scope && self.shared.watermark.get().is_pending());
         if !pending {
             return;
         }
@@ -596,6 +612,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Target::Replica => self.replica.as_mut(),
         }
     }
+}
+
+/// A ParameterStatus saying new transactions are read-only by default.
+fn is_read_only_default(frame: &Frame) -> bool {
+    crate::protocol::backend::parse_parameter_status(frame)
+        .is_ok_and(|(name, value)| name == "default_transaction_read_only" && value == "on")
 }
 
 /// Splits `pgnear.*` settings out of the startup `options`; the rest of

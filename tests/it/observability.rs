@@ -372,7 +372,6 @@ async fn no_secret_reaches_the_logs_or_the_metrics() {
     env.proxy.shutdown().await;
 
     let logs = String::from_utf8(capture.0.lock().unwrap().clone()).unwrap();
-    eprintln!("CAPTURED\n{logs}");
     assert!(logs.contains("auth"), "the capture saw the refused logins:\n{logs}");
     for secret in [CLIENT_PW, SERVER_PW, WRONG_PW, MD5_PW, BAD_SERVER_PW, PARAM] {
         assert!(!logs.contains(secret), "{secret} appears in the logs:\n{logs}");

@@ -125,6 +125,22 @@ async fn transactions_stay_on_one_node() {
     c.batch_execute("COMMIT").await.unwrap();
     let sql = "BEGIN; SELECT 1; COMMIT; SELECT inet_server_port()";
     assert_eq!(where_(&env, &c, sql).await, Ran::Primary);
+    // default_transaction_read_only = on makes a plain BEGIN read-only.
+    c.batch_execute("SET default_transaction_read_only = on").await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        c.batch_execute("BEGIN").await.unwrap();
+        let ran_on = where_(&env, &c, "SELECT inet_server_port()").await;
+        c.batch_execute("COMMIT").await.unwrap();
+        if ran_on == Ran::Replica {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "read-only BEGIN never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.batch_execute("BEGIN READ WRITE").await.unwrap();
+    assert_eq!(where_(&env, &c, "SELECT inet_server_port()").await, Ran::Primary);
+    c.batch_execute("COMMIT").await.unwrap();
 }
 
 #[tokio::test]

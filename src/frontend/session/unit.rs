@@ -16,7 +16,7 @@ use crate::metrics::{Direction, RoleLabel};
 use crate::protocol::backend::{error_response, no_data, parse_complete, ready_for_query, Severity};
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
-use crate::router::classify::{Class, Classification, ProxyCommand};
+use crate::router::classify::{Class, Classification, ProxyCommand, Tx};
 use crate::router::{route, ClusterView, Destination, Policy, Reason, Route, SessionView};
 
 /// How often a read waiting under `replica_wait_ms` looks again.
@@ -56,7 +56,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     async fn on_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
-        let class = self.shared.classifier.classify(frontend::query_text(&frame)?);
+        let text = frontend::query_text(&frame)?;
+        let class = self.read_only_begin(self.shared.classifier.classify(text), text);
         if let Class::ProxyLocal(command) = &class.class {
             if self.in_flight() {
                 self.held = Some(frame);
@@ -80,7 +81,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Buffers an extended-protocol message until its Sync or Flush.
     fn on_extended(&mut self, frame: Frame) -> Result<(), ProxyError> {
         let class = match frame.tag() {
-            b'P' => Some(self.shared.classifier.classify(frontend::parse(&frame)?.query)),
+            b'P' => {
+                let text = frontend::parse(&frame)?.query;
+                Some(self.read_only_begin(self.shared.classifier.classify(text), text))
+            }
             b'B' => self.statement_class(frontend::bind(&frame)?.statement),
             b'D' => match frontend::target(&frame)? {
                 Named::Statement(name) => self.statement_class(name),
@@ -98,6 +102,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         self.batch.classes.extend(class);
         self.batch.frames.push(frame);
         Ok(())
+    }
+
+    /// Under `default_transaction_read_only = on` (as the server reports
+    /// it), a plain BEGIN starts a read-only transaction, which a replica
+    /// may run. `BEGIN READ WRITE` keeps its primary.
+    fn read_only_begin(&self, class: Arc<Classification>, text: &str) -> Arc<Classification> {
+        let plain_begin = class.class == Class::Transaction(Tx::Begin { read_only: false });
+        if !self.default_read_only || !plain_begin || text.to_ascii_lowercase().contains("read write") {
+            return class;
+        }
+        Arc::new(Classification {
+            class: Class::Transaction(Tx::Begin { read_only: true }),
+            ..(*class).clone()
+        })
     }
 
     /// The classification of a statement parsed earlier, by name; the
