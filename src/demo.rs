@@ -5,10 +5,8 @@
 //! front, prints a connection string and shows each node live.
 
 use std::process::ExitCode;
-use std::sync::Arc;
 use std::time::Duration;
 
-use crate::cluster::Topology;
 use crate::config::Config;
 use crate::lab::cluster::Cluster;
 use crate::lab::relay::Relay;
@@ -53,11 +51,11 @@ async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     );
     println!("eu-replica is local. Press Ctrl-C to stop and clean up.");
     println!();
-    let topology = proxy.shared().topology.clone();
+    let shared = proxy.shared().clone();
     let mut ticker = tokio::time::interval(REFRESH);
     loop {
         tokio::select! {
-            _ = ticker.tick() => print_nodes(&topology),
+            _ = ticker.tick() => print_nodes(&shared),
             () = crate::cli::shutdown_signal() => break,
         }
     }
@@ -74,6 +72,7 @@ fn demo_config(port: u16, cluster: &Cluster, to_us: &Relay, to_ap: &Relay) -> St
         r#"
 [proxy]
 listen = "127.0.0.1:{port}"
+admin_listen = "127.0.0.1:0"
 region = "eu-west"
 
 [[nodes]]
@@ -107,21 +106,33 @@ interval_ms = 100
     )
 }
 
-/// Prints one line per node from the monitor's published status.
-fn print_nodes(topology: &Arc<Topology>) {
-    println!("{:<12} {:<8} {:<13} {:<5} {:>9} {:>12}", "node", "role", "region", "up", "rtt_ms", "lsn");
-    for node in &topology.nodes {
-        let s = node.status.load();
+/// Prints one line per node from the monitor's published status and the
+/// routing metrics: role, region, RTT, lag, and the share of queries.
+fn print_nodes(shared: &crate::frontend::Shared) {
+    let view = crate::router::ClusterView::capture(&shared.topology);
+    let routed = shared.metrics.routed_by_node();
+    let total: u64 = routed.iter().map(|(_, n)| n).sum();
+    println!(
+        "{:<12} {:<8} {:<13} {:<5} {:>8} {:>10} {:>8} {:>7}",
+        "node", "role", "region", "up", "rtt_ms", "lag_bytes", "lag_ms", "queries"
+    );
+    for node in &view.nodes {
+        let s = &node.status;
         let rtt = s.rtt.map(|r| format!("{:.1}", r.as_secs_f64() * 1000.0)).unwrap_or_else(|| "-".into());
-        let lsn = s.lsn.map(|l| l.to_string()).unwrap_or_else(|| "-".into());
+        let lag_bytes = node.lag_bytes.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
+        let lag_ms = node.lag.map(|l| l.as_millis().to_string()).unwrap_or_else(|| "-".into());
+        let count = routed.iter().find(|(n, _)| *n == node.config.name).map_or(0, |(_, c)| *c);
+        let share = if total == 0 { "-".to_string() } else { format!("{}%", count * 100 / total) };
         println!(
-            "{:<12} {:<8} {:<13} {:<5} {:>9} {:>12}",
+            "{:<12} {:<8} {:<13} {:<5} {:>8} {:>10} {:>8} {:>7}",
             node.config.name,
             s.role.as_str(),
             node.config.region,
             s.up,
             rtt,
-            lsn
+            lag_bytes,
+            lag_ms,
+            share
         );
     }
     println!();

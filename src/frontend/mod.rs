@@ -84,8 +84,9 @@ pub async fn serve(mut stream: Stream, peer: std::net::SocketAddr, shared: Arc<S
                 }
             },
             Err(error) => {
+                // The client was told, and `refuse` logged it.
                 shared.metrics.error(error.class());
-                tracing::warn!(class = error.class(), %error, "session could not start");
+                tracing::debug!(class = error.class(), %error, "session could not start");
             }
         }
     }

@@ -157,6 +157,8 @@ pub struct Session<S> {
     /// Where the current unit of work runs. Set when a unit starts and
     /// cleared when that server reports idle.
     bound: Option<Target>,
+    /// Why the bound server was chosen, for units pipelined behind.
+    bound_reason: crate::router::Reason,
     /// A Flush sent part of a batch ahead of its Sync: stay bound.
     open_batch: bool,
     batch: Batch,
@@ -241,6 +243,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             primary,
             replica,
             bound: None,
+            bound_reason: crate::router::Reason::Transaction,
             open_batch: false,
             batch: Batch::default(),
             state: SessionState::default(),

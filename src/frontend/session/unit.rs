@@ -174,7 +174,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         complete: bool,
     ) -> Result<(), ProxyError> {
         let (target, reason) = match self.bound {
-            Some(target) => (target, Reason::Transaction),
+            // Inside a transaction, or pipelined behind the unit that
+            // chose this server and so sharing its reason.
+            Some(target) => match self.server(target).map(|s| s.backend.tx_status) {
+                Some(b'T' | b'E') => (target, Reason::Transaction),
+                _ => (target, self.bound_reason),
+            },
             None => match self.choose(&classes).await? {
                 Ok(chosen) => chosen,
                 Err(error) => {
@@ -210,6 +215,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         server.backend.last_unit_synced = complete && extended;
         self.track(target, &frames, &classes, complete);
+        if self.bound.is_none() {
+            self.bound_reason = reason;
+        }
         self.bound = Some(target);
         if let Some(server) = self.server(target) {
             self.registration.target.set(&server.cancel_key);
