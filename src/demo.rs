@@ -122,7 +122,7 @@ fn print_nodes(shared: &crate::frontend::Shared) {
         let lag_bytes = node.lag_bytes.map(|b| b.to_string()).unwrap_or_else(|| "-".into());
         let lag_ms = node.lag.map(|l| l.as_millis().to_string()).unwrap_or_else(|| "-".into());
         let count = routed.iter().find(|(n, _)| *n == node.config.name).map_or(0, |(_, c)| *c);
-        let share = if total == 0 { "-".to_string() } else { format!("{}%", count * 100 / total) };
+        let share = (count * 100).checked_div(total).map_or_else(|| "-".to_string(), |p| format!("{p}%"));
         println!(
             "{:<12} {:<8} {:<13} {:<5} {:>8} {:>10} {:>8} {:>7}",
             node.config.name,
