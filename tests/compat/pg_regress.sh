@@ -349,7 +349,7 @@ start_pgnear() {
     local mode=$1 port=$2 config=$3 log="$WORK/logs/pgnear-$1.log"
     "$PGNEAR_BIN" check --config "$config" >"$WORK/logs/pgnear-check-$mode.log" 2>&1 ||
         die_log "$WORK/logs/pgnear-check-$mode.log" "pgnear check rejected $config"
-    RUST_LOG=${RUST_LOG:-pgnear=info} "$PGNEAR_BIN" --config "$config" >"$log" 2>&1 &
+    NO_COLOR=1 RUST_LOG=${RUST_LOG:-pgnear=info} "$PGNEAR_BIN" --config "$config" >"$log" 2>&1 &
     PGNEAR_PID=$!
     local i
     for i in $(seq 1 200); do
@@ -493,9 +493,9 @@ say "PostgreSQL $SERVER_VERSION; regression tree $TREE; work directory $WORK"
 
 PPORT=$(free_port)
 say "direct run against the primary (port $PPORT)"
-new_primary primary "$PPORT"
+new_primary direct-primary "$PPORT"
 run_suite direct "$PPORT"
-stop_cluster primary
+stop_cluster direct-primary
 STATUS=0
 REPLICA_REGRESSED=0
 
@@ -503,12 +503,12 @@ if [ "$MODE" = primary ] || [ "$MODE" = all ]; then
     PPORT=$(free_port)
     NPORT=$(free_port)
     say "through pgnear, primary only (pgnear port $NPORT, primary port $PPORT)"
-    new_primary primary "$PPORT"
+    new_primary primary-only-primary "$PPORT"
     write_config "$WORK/pgnear-primary-only.toml" "$NPORT" "$PPORT"
     start_pgnear primary-only "$NPORT" "$WORK/pgnear-primary-only.toml"
     run_suite primary-only "$NPORT"
     stop_pgnear
-    stop_cluster primary
+    stop_cluster primary-only-primary
 fi
 
 if [ "$MODE" = replica ] || [ "$MODE" = all ]; then
@@ -516,14 +516,14 @@ if [ "$MODE" = replica ] || [ "$MODE" = all ]; then
     RPORT=$(free_port)
     NPORT=$(free_port)
     say "through pgnear, primary + streaming replica (pgnear port $NPORT, primary $PPORT, replica $RPORT)"
-    new_primary primary "$PPORT"
-    new_replica replica "$RPORT" "$PPORT"
+    new_primary replica-primary "$PPORT"
+    new_replica replica-replica "$RPORT" "$PPORT"
     write_config "$WORK/pgnear-replica.toml" "$NPORT" "$PPORT" "$RPORT"
     start_pgnear replica "$NPORT" "$WORK/pgnear-replica.toml"
     run_suite replica "$NPORT"
     stop_pgnear
-    stop_cluster replica
-    stop_cluster primary
+    stop_cluster replica-replica
+    stop_cluster replica-primary
 fi
 FAILED_SETUP=0
 

@@ -296,3 +296,47 @@ async fn pgnear_settings_through_the_extended_protocol() {
     assert_eq!(error.code().unwrap().code(), "42704");
     assert_eq!(c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
+
+#[tokio::test]
+async fn flushed_prepares_do_not_hold_the_session_on_a_replica() {
+    use crate::support::wire::{message, query, Wire};
+    let env = two_replicas(ProxyConfig::default()).await;
+    let c = env.client().await;
+    eventually_on_replica(&env, &c, "SELECT inet_server_port()").await;
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let parse = |name: &str, sql: &str| message(b'P', format!("{name}\0{sql}\0\0\0").as_bytes());
+    let describe = |name: &str| message(b'D', format!("S{name}\0").as_bytes());
+    let bind = |name: &str| message(b'B', format!("\0{name}\0\0\0\0\0\0\0").as_bytes());
+    let execute = message(b'E', b"\0\0\0\0\0");
+    let (flush, sync) = (message(b'H', b""), message(b'S', b""));
+    // asyncpg's pattern: Parse/Describe/Flush, then Bind/Execute/Sync.
+    for round in 0..5 {
+        let read = format!("r{round}");
+        wire.send(&[parse(&read, "SELECT inet_server_port()"), describe(&read), flush.clone()].concat())
+            .await;
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(wire.recv().await.unwrap().tag);
+        }
+        assert_eq!(got, b"1tT");
+        wire.send(&[bind(&read), execute.clone(), sync.clone()].concat()).await;
+        let msgs = wire.until_ready().await;
+        assert!(msgs.iter().all(|m| m.tag != b'E'), "{msgs:?}");
+        let write = format!("w{round}");
+        let sql = format!("INSERT INTO items VALUES ({}, 'x') RETURNING inet_server_port()", 100 + round);
+        wire.send(&[parse(&write, &sql), describe(&write), flush.clone()].concat()).await;
+        wire.send(&[bind(&write), execute.clone(), sync.clone()].concat()).await;
+        let msgs = wire.until_ready().await;
+        assert!(msgs.iter().all(|m| m.tag != b'E'), "the write failed: {msgs:?}");
+        // A prepare never run, then a simple-protocol write.
+        let idle = format!("i{round}");
+        wire.send(&[parse(&idle, "SELECT 1"), describe(&idle), flush.clone()].concat()).await;
+        let mut got = Vec::new();
+        while got.len() < 3 {
+            got.push(wire.recv().await.unwrap().tag);
+        }
+        wire.send(&query(&format!("UPDATE items SET v = 'y' WHERE id = {}", 100 + round))).await;
+        let msgs = wire.until_ready().await;
+        assert!(msgs.iter().all(|m| m.tag != b'E'), "the simple write failed: {msgs:?}");
+    }
+}

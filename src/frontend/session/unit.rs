@@ -147,9 +147,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             return Ok(()); // nothing is pending anywhere: nothing to flush
         }
         let mut batch = std::mem::take(&mut self.batch);
+        let opens = !batch.frames.is_empty();
         batch.frames.push(frame);
         self.dispatch(batch.frames, batch.classes, false).await?;
-        self.open_batch = true;
+        // Messages sent ahead of their Sync keep the session on that server,
+        // unless the next unit can go elsewhere (see `reopen`).
+        self.open_batch |= opens;
         Ok(())
     }
 
@@ -173,6 +176,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         classes: Vec<Arc<Classification>>,
         complete: bool,
     ) -> Result<(), ProxyError> {
+        if self.open_batch {
+            self.reopen(&frames, &classes).await?;
+        }
         let (target, reason) = match self.bound {
             // Inside a transaction, or pipelined behind the unit that
             // chose this server and so sharing its reason.
@@ -219,9 +225,35 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             self.bound_reason = reason;
         }
         self.bound = Some(target);
+        if complete {
+            self.open_batch = false;
+        }
         if let Some(server) = self.server(target) {
             self.registration.target.set(&server.cancel_key);
         }
+        Ok(())
+    }
+
+    /// The session is held on a server only by extended messages sent ahead
+    /// of a Sync (after a Flush; asyncpg prepares that way). If the server
+    /// is otherwise idle and the next unit does not use the unnamed
+    /// statement or portal left there, route it afresh; when it belongs
+    /// elsewhere, end the open batch with a Sync of pgnear's own.
+    async fn reopen(&mut self, frames: &[Frame], classes: &[Arc<Classification>]) -> Result<(), ProxyError> {
+        let Some(held) = self.bound else { return Ok(()) };
+        let quiet = self.server(held).is_some_and(|s| s.backend.is_idle());
+        if !quiet || uses_unnamed(frames) {
+            return Ok(());
+        }
+        let Ok((target, _)) = self.choose(classes).await? else { return Ok(()) };
+        if target == held {
+            return Ok(());
+        }
+        if let Some(server) = self.server_mut(held) {
+            server.backend.queue_hidden(&Frame::new(b'S', &[]), Hidden::UntilReady);
+        }
+        self.open_batch = false;
+        self.bound = None;
         Ok(())
     }
 
@@ -530,4 +562,41 @@ pub(super) fn split_state<'a>(
         Target::Primary => (state, primary, replica.into_iter().collect()),
         Target::Replica => (state, replica, primary.into_iter().collect()),
     }
+}
+
+/// Whether a unit uses what only the held server has: the unnamed
+/// statement, or any portal, that the unit does not create itself.
+fn uses_unnamed(frames: &[Frame]) -> bool {
+    let mut parsed_unnamed = false;
+    let mut portals: Vec<&str> = Vec::new();
+    for frame in frames {
+        let portal = match frame.tag() {
+            b'P' => {
+                parsed_unnamed |= frontend::parse(frame).is_ok_and(|p| p.name.is_empty());
+                continue;
+            }
+            b'B' => {
+                let Ok(bind) = frontend::bind(frame) else { continue };
+                if bind.statement.is_empty() && !parsed_unnamed {
+                    return true;
+                }
+                portals.push(bind.portal);
+                continue;
+            }
+            b'D' | b'C' => match frontend::target(frame) {
+                Ok(Named::Statement("")) if frame.tag() == b'D' && !parsed_unnamed => return true,
+                Ok(Named::Portal(name)) => name,
+                _ => continue,
+            },
+            b'E' => match frontend::execute_portal(frame) {
+                Ok(name) => name,
+                Err(_) => continue,
+            },
+            _ => continue,
+        };
+        if !portals.contains(&portal) {
+            return true;
+        }
+    }
+    false
 }
