@@ -134,13 +134,25 @@ die_log() {
     exit 1
 }
 
+# Ports below the kernel's ephemeral range, so that no client socket of
+# this run (walreceiver, psql, pgnear's own connections) can hold one.
 USED_PORTS=" "
+PORT_LO=15000
+PORT_HI=$(awk '{print $1 - 1}' /proc/sys/net/ipv4/ip_local_port_range 2>/dev/null || echo 32767)
+[ "$PORT_HI" -gt $((PORT_LO + 1000)) ] || { PORT_LO=61000; PORT_HI=65000; }
+port_in_use() {
+    if command -v ss >/dev/null 2>&1; then
+        [ -n "$(ss -Htan "( sport = :$1 )" 2>/dev/null)" ]
+    else
+        (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null
+    fi
+}
 free_port() {
     local p i
     for i in $(seq 1 200); do
-        p=$((20000 + RANDOM % 30000))
+        p=$((PORT_LO + RANDOM % (PORT_HI - PORT_LO)))
         case "$USED_PORTS" in *" $p "*) continue ;; esac
-        if ! (exec 3<>"/dev/tcp/127.0.0.1/$p") 2>/dev/null; then
+        if ! port_in_use "$p"; then
             USED_PORTS="$USED_PORTS$p "
             echo "$p"
             return 0

@@ -387,7 +387,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Ok(route) => break route,
             }
         };
-        tracing::trace!(reason = route.reason.as_str(), ?route.destination, "routed");
+        let node = match route.destination {
+            Destination::Primary(n) | Destination::Replica(n) => self.shared.topology.nodes[n].config.name.as_str(),
+        };
+        tracing::debug!(node, reason = route.reason.as_str(), "routed");
         match route.destination {
             Destination::Primary(node) => Ok(self.use_primary(node).await?.map(|t| (t, route.reason))),
             Destination::Replica(node) => match self.use_replica(node).await {
