@@ -75,8 +75,11 @@ pub async fn serve(mut stream: Stream, peer: std::net::SocketAddr, shared: Arc<S
                 return refuse(&mut stream, &error).await;
             }
         };
-        match Session::start(shared.clone(), stream, login, cluster).await {
-            Ok(session) => match session.run().await {
+        // Boxed: the session's futures are large, and a connection still in
+        // its handshake (maybe one of thousands that never speak) should
+        // not carry their space.
+        match Box::pin(Session::start(shared.clone(), stream, login, cluster)).await {
+            Ok(session) => match Box::pin(session.run()).await {
                 Ok(()) => tracing::debug!("session ended"),
                 Err(error) => {
                     shared.metrics.error(error.class());

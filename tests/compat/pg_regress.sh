@@ -20,7 +20,12 @@
 #                        is always run first)
 #   PGNEAR_COMPAT_KEEP=1 keep the work directory (logs, results) on success
 #   PGNEAR_COMPAT_REPLICA_STRICT=1  also fail when the replica mode differs
-#   RUST_LOG             pgnear's log filter (default pgnear=info)
+#   PGNEAR_COMPAT_RYW    read_your_writes in replica mode (default session)
+#   PGNEAR_COMPAT_LOG_STATEMENTS=1  log_statement = 'all' on every server
+#                        (server-*.log then show, by application_name
+#                        pg_regress/TEST, which statement ran on which node)
+#   RUST_LOG             pgnear's log filter (default pgnear=info;
+#                        pgnear=debug logs every routing decision)
 #
 # The regression files and regress.so are not in Debian's binary packages:
 # the script fetches the Debian source package of the installed server
@@ -306,7 +311,10 @@ max_prepared_transactions = 10
 max_wal_senders = 5
 wal_level = replica
 hot_standby = on
-hot_standby_feedback = on
+# Feedback would hold back the primary's xmin horizon, so that VACUUM in
+# test_setup could not mark tenk1 all-visible and plans would change
+# (create_index) for a reason that has nothing to do with pgnear.
+hot_standby_feedback = off
 fsync = off
 full_page_writes = off
 synchronous_commit = off
@@ -316,6 +324,9 @@ log_line_prefix = '%m %b[%p] %q%a '
 log_lock_waits = on
 log_temp_files = 128kB
 EOF
+    if [ "${PGNEAR_COMPAT_LOG_STATEMENTS:-0}" = 1 ]; then
+        echo "log_statement = 'all'" | as_pg tee -a "$d/postgresql.conf" >/dev/null
+    fi
     start_cluster "$name"
 }
 
@@ -484,7 +495,7 @@ host = "127.0.0.1"
 port = $rport
 
 [consistency]
-read_your_writes = "session"
+read_your_writes = "${PGNEAR_COMPAT_RYW:-session}"
 EOF
     fi
     cat >>"$file" <<EOF

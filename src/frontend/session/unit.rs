@@ -388,7 +388,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
         };
         let node = match route.destination {
-            Destination::Primary(n) | Destination::Replica(n) => self.shared.topology.nodes[n].config.name.as_str(),
+            Destination::Primary(n) | Destination::Replica(n) => {
+                self.shared.topology.nodes[n].config.name.as_str()
+            }
         };
         tracing::debug!(node, reason = route.reason.as_str(), "routed");
         match route.destination {

@@ -1,0 +1,543 @@
+#!/usr/bin/env bash
+# End-to-end benchmark: pgnear against direct PostgreSQL and PgBouncer.
+#
+#   benches/pgbench/run.sh            # everything, about 45 minutes
+#   DURATION=5 ROUNDS=1 benches/pgbench/run.sh      # a quick pass
+#   PHASES="pgbench" benches/pgbench/run.sh          # only the pgbench matrix
+#
+# It builds pgnear (release), starts its own primary and streaming replica
+# on free loopback ports (as the postgres OS user when run as root), a
+# PgBouncer in transaction mode on the primary (installing Debian's
+# pgbouncer if missing), two pgnear instances (`routing.default = "primary"`
+# for a like-for-like comparison with PgBouncer, and the default read/write
+# split), then runs the phases below and prints one table per phase.
+# Everything it starts is stopped and its temporary directory removed on
+# exit; results stay in $OUT.
+#
+# Phases (PHASES, space separated; default "pgbench wan memory"):
+#   pgbench  pgbench -S in simple/extended/prepared at -c 1/16/64 and the
+#            TPC-B-like mix at -c 16, interleaving targets, ROUNDS rounds of
+#            DURATION seconds; medians, ratios, added latency at -c 1, peak RSS
+#   wan      the primary behind a 40 ms (each way) delay relay, the replica
+#            local: a 90/10 read/write mix (read and write p50/p99) and
+#            read-after-write p50, pgnear against direct-to-primary
+#   memory   pgnear RSS streaming a 1 GB result to a slow reader; with idle
+#            authenticated clients; with 10,000 idle TCP-only clients; and
+#            what 10,000 authenticated clients do
+#   profile  perf record of pgnear under pgbench -S -c 16 (simple, prepared)
+#            and the TPC-B-like mix; syscalls per transaction (perf stat)
+#
+# Settings (environment):
+#   DURATION=10  ROUNDS=3  SCALE=10  CLIENTS="1 16 64"  MODES="simple extended prepared"
+#   OUT=target/pgbench-results/<timestamp>   KEEP=1 keeps the cluster directory
+#   WAN_DELAY_MS=40 WAN_CLIENTS=4 WAN_DURATION=20 RAW_ITERATIONS=100
+#   IDLE_AUTH=1000 IDLE_TCP=10000 STREAM_RATE_MB=16
+#   PROFILE_SECONDS=10 PROFILE_CASES="simple prepared tpcb-simple"
+#   TARGETS="direct pgbouncer pgnear-primary pgnear-split" (add pgnear-primary-w1
+#   for pgnear on a one-worker runtime)
+#   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
+set -euo pipefail
+
+HERE=$(cd "$(dirname "$0")" && pwd)
+ROOT=$(cd "$HERE/../.." && pwd)
+TOOLS="python3 $HERE/tools.py"
+
+DURATION=${DURATION:-10}
+ROUNDS=${ROUNDS:-3}
+SCALE=${SCALE:-10}
+CLIENTS=${CLIENTS:-"1 16 64"}
+MODES=${MODES:-"simple extended prepared"}
+PHASES=${PHASES:-"pgbench wan memory"}
+WAN_DELAY_MS=${WAN_DELAY_MS:-40}
+WAN_CLIENTS=${WAN_CLIENTS:-4}
+WAN_DURATION=${WAN_DURATION:-20}
+RAW_ITERATIONS=${RAW_ITERATIONS:-100}
+IDLE_AUTH=${IDLE_AUTH:-1000}
+IDLE_TCP=${IDLE_TCP:-10000}
+STREAM_RATE_MB=${STREAM_RATE_MB:-16}
+PROFILE_SECONDS=${PROFILE_SECONDS:-10}
+PROFILE_CASES=${PROFILE_CASES:-"simple prepared tpcb-simple"}
+PG_BIN=${PGNEAR_PG_BIN:-/usr/lib/postgresql/15/bin}
+OUT=${OUT:-$ROOT/target/pgbench-results/$(date +%Y%m%d-%H%M%S)}
+MAX_CONNECTIONS=$((IDLE_AUTH + 150))
+
+has_phase() { [[ " $PHASES " == *" $1 "* ]]; }
+log() { printf '[%s] %s\n' "$(date +%H:%M:%S)" "$*" >&2; }
+die() { log "error: $*"; exit 1; }
+load1() { cut -d' ' -f1 /proc/loadavg; }
+
+# --- prerequisites ----------------------------------------------------------
+
+[[ -x $PG_BIN/initdb ]] || die "no PostgreSQL in $PG_BIN (apt-get install postgresql-15, or set PGNEAR_PG_BIN)"
+PGBENCH=$PG_BIN/pgbench
+PSQL=$PG_BIN/psql
+command -v python3 >/dev/null || die "python3 is needed"
+if ! command -v pgbouncer >/dev/null; then
+    [[ $(id -u) == 0 ]] || die "pgbouncer is missing; install it (apt-get install pgbouncer) or run as root"
+    log "installing pgbouncer"
+    # The Debian package may try to start its own service; ours runs
+    # separately on its own port with its own config, so that is harmless.
+    apt-get install -y pgbouncer >/dev/null 2>&1 ||
+        { apt-get update >/dev/null && apt-get install -y pgbouncer >/dev/null; }
+fi
+if has_phase profile && ! command -v perf >/dev/null; then
+    [[ $(id -u) == 0 ]] || die "perf is missing (apt-get install linux-perf)"
+    apt-get install -y linux-perf >/dev/null 2>&1 ||
+        { apt-get update >/dev/null && apt-get install -y linux-perf >/dev/null; }
+fi
+ulimit -n "$(ulimit -Hn)" || true
+(($(ulimit -n) >= IDLE_TCP + 100)) || log "warning: ulimit -n is $(ulimit -n); the idle-client test may run out of descriptors"
+
+log "building pgnear (release)"
+(cd "$ROOT" && cargo build --release --bin pgnear --example wan_relay >&2)
+PGNEAR=$ROOT/target/release/pgnear
+RELAY=$ROOT/target/release/examples/wan_relay
+
+mkdir -p "$OUT"
+WORK=$(mktemp -d /tmp/pgnear-bench.XXXXXX)
+chmod 755 "$WORK"
+if [[ $(id -u) == 0 ]]; then
+    chown postgres: "$WORK"
+    as_pg() { runuser -u postgres -- "$@"; }
+else
+    as_pg() { "$@"; }
+fi
+
+PIDS=()
+cleanup() {
+    local status=$?
+    set +e
+    for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
+    for node in replica primary; do
+        [[ -f $WORK/$node/postmaster.pid ]] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/$node" -m immediate -w stop >/dev/null 2>&1
+    done
+    if [[ -n ${KEEP:-} ]]; then log "kept $WORK"; else rm -rf "$WORK"; fi
+    log "results in $OUT"
+    exit $status
+}
+trap cleanup EXIT
+trap 'exit 130' INT TERM
+
+read -r P_PRIMARY P_REPLICA P_BOUNCER P_NEAR_PRIMARY P_NEAR_SPLIT P_NEAR_WAN P_NEAR_MEM <<<"$($TOOLS freeport --count 7)"
+
+{
+    echo "# pgnear benchmark $(date -Is)"
+    echo "# host: $(nproc) cores, $(free -g | awk '/Mem:/{print $2}') GiB, $(uname -r)"
+    echo "# pgnear: $(cd "$ROOT" && git rev-parse --short HEAD 2>/dev/null)$(cd "$ROOT" && git diff --quiet -- src 2>/dev/null || echo '+dirty')"
+    echo "# $("$PG_BIN/postgres" --version); $(pgbouncer --version | head -1)"
+    echo "# DURATION=$DURATION ROUNDS=$ROUNDS SCALE=$SCALE CLIENTS=$CLIENTS MODES=$MODES"
+} >"$OUT/env.txt"
+cat "$OUT/env.txt" >&2
+
+# --- PostgreSQL: a primary and one streaming replica --------------------------
+
+log "starting a primary on $P_PRIMARY and a replica on $P_REPLICA in $WORK"
+as_pg "$PG_BIN/initdb" -D "$WORK/primary" -A trust -U postgres -E UTF8 --locale=C --no-sync --no-instructions >/dev/null
+cat >>"$WORK/primary/postgresql.conf" <<EOF
+# pgnear benchmark
+listen_addresses = '127.0.0.1'
+unix_socket_directories = '$WORK'
+max_connections = $MAX_CONNECTIONS
+shared_buffers = 256MB
+wal_level = replica
+max_wal_senders = 10
+wal_keep_size = 512MB
+hot_standby = on
+hot_standby_feedback = on
+fsync = off
+logging_collector = off
+EOF
+cat >"$WORK/primary/pg_hba.conf" <<EOF
+local all all trust
+local replication all trust
+host replication all 127.0.0.1/32 trust
+host all all 127.0.0.1/32 trust
+EOF
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -o "-p $P_PRIMARY" -l "$WORK/primary.log" -w start >/dev/null
+as_pg "$PG_BIN/pg_basebackup" -h 127.0.0.1 -p "$P_PRIMARY" -U postgres -D "$WORK/replica" -R -X stream --no-sync
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/replica" -o "-p $P_REPLICA" -l "$WORK/replica.log" -w start >/dev/null
+
+psql_at() { "$PSQL" -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "$2"; }
+[[ $(psql_at "$P_REPLICA" "SELECT pg_is_in_recovery()") == t ]] || die "the replica is not in recovery"
+
+log "pgbench -i -s $SCALE"
+"$PGBENCH" -i -s "$SCALE" -q -h 127.0.0.1 -p "$P_PRIMARY" -U postgres postgres >"$OUT/pgbench-init.log" 2>&1
+psql_at "$P_PRIMARY" "VACUUM ANALYZE" >/dev/null
+
+wait_replica() {
+    local lsn
+    lsn=$(psql_at "$P_PRIMARY" "SELECT pg_current_wal_lsn()")
+    for _ in $(seq 600); do
+        [[ $(psql_at "$P_REPLICA" "SELECT pg_last_wal_replay_lsn() >= '$lsn'") == t ]] && return 0
+        sleep 0.1
+    done
+    die "the replica did not catch up"
+}
+wait_replica
+
+# --- PgBouncer --------------------------------------------------------------
+
+start_pgbouncer() {
+    echo '"postgres" ""' >"$WORK/userlist.txt"
+    cat >"$WORK/pgbouncer.ini" <<EOF
+[databases]
+* = host=127.0.0.1 port=$P_PRIMARY
+
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = $P_BOUNCER
+unix_socket_dir =
+auth_type = trust
+auth_file = $WORK/userlist.txt
+pool_mode = transaction
+max_client_conn = 1000
+default_pool_size = 20
+logfile = $WORK/pgbouncer.log
+pidfile = $WORK/pgbouncer.pid
+admin_users = postgres
+EOF
+    chown postgres: "$WORK"/userlist.txt "$WORK"/pgbouncer.ini 2>/dev/null || true
+    as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+    PIDS+=("$!")
+    wait_port "$P_BOUNCER" pgbouncer
+    # runuser may stay in between: the pidfile names pgbouncer itself.
+    BOUNCER_PID=$(cat "$WORK/pgbouncer.pid")
+    PIDS+=("$BOUNCER_PID")
+}
+
+# --- pgnear -------------------------------------------------------------------
+
+# write_pgnear_config FILE PORT PRIMARY_PORT ROUTING_DEFAULT [EXTRA_PROXY_KEYS]
+write_pgnear_config() {
+    cat >"$1" <<EOF
+[proxy]
+listen = "127.0.0.1:$2"
+region = "local"
+$5
+
+[[nodes]]
+name = "primary"
+host = "127.0.0.1"
+port = $3
+region = "${6:-local}"
+
+[[nodes]]
+name = "replica"
+host = "127.0.0.1"
+port = $P_REPLICA
+region = "local"
+
+[[users]]
+name = "postgres"
+auth = "trust"
+
+[routing]
+default = "$4"
+
+[monitor]
+interval_ms = 50
+EOF
+}
+
+wait_port() {
+    for _ in $(seq 300); do
+        "$PSQL" -X -q -At -h 127.0.0.1 -p "$1" -U postgres -d postgres -c "SELECT 1" >/dev/null 2>&1 && return 0
+        sleep 0.1
+    done
+    die "$2 on port $1 did not come up"
+}
+
+# start_pgnear NAME CONFIG PORT [ENV=VALUE...]: sets NEAR_PID
+start_pgnear() {
+    env "${@:4}" "$PGNEAR" --config "$2" >"$OUT/$1.log" 2>&1 &
+    NEAR_PID=$!
+    PIDS+=("$NEAR_PID")
+    wait_port "$3" "pgnear ($1)"
+}
+
+stop_pid() {
+    kill "$1" 2>/dev/null || true
+    wait "$1" 2>/dev/null || true
+}
+
+rss_kb() { $TOOLS rss "$1"; } # "VmRSS VmHWM"
+
+# --- phase: pgbench -----------------------------------------------------------
+
+# cpu_ticks PID: user + system clock ticks so far
+cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
+
+# run_pgbench TARGET PORT PROXY_PID|- NAME ARGS... -> "tps lat_ms status cpu_us_per_txn"
+run_pgbench() {
+    local target=$1 port=$2 pid=$3 name=$4
+    shift 4
+    local log="$OUT/runs/$name.$target.r$ROUND.log"
+    local rc=0 before=0 after=0
+    [[ $pid != - ]] && before=$(cpu_ticks "$pid")
+    "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?
+    [[ $pid != - ]] && after=$(cpu_ticks "$pid")
+    local tps lat txns cpu=nan
+    tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$log")
+    lat=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$log")
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$log")
+    if [[ $pid != - && ${txns:-0} -gt 0 ]]; then
+        cpu=$(awk -v t=$((after - before)) -v n="$txns" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}')
+    fi
+    if [[ $rc != 0 || -z $tps ]]; then
+        echo "nan nan failed nan"
+    else
+        echo "$tps $lat ok $cpu"
+    fi
+}
+
+# Targets: direct, pgbouncer, pgnear-primary (routing.default = "primary",
+# like for like with PgBouncer), pgnear-split (the default read/write
+# split); optional pgnear-primary-w1 (as pgnear-primary on a one-worker
+# tokio runtime, TOKIO_WORKER_THREADS=1).
+TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-split"}
+
+phase_pgbench() {
+    mkdir -p "$OUT/runs"
+    local targets=($TARGETS)
+    declare -A port=([direct]=$P_PRIMARY) pid=([direct]=-)
+    local bouncer_prepared=0
+    if [[ " $TARGETS " == *" pgbouncer "* ]]; then
+        start_pgbouncer
+        port[pgbouncer]=$P_BOUNCER
+        pid[pgbouncer]=$BOUNCER_PID
+        # PgBouncer supports protocol-level prepared statements in
+        # transaction mode from 1.21 (max_prepared_statements).
+        if pgbouncer --version | head -1 | awk '{split($2, v, "."); exit !(v[1] > 1 || v[2] >= 21)}'; then
+            bouncer_prepared=1
+            echo "max_prepared_statements = 100" >>"$WORK/pgbouncer.ini"
+            kill -HUP "$BOUNCER_PID"
+        fi
+    fi
+    local t p routing
+    for t in "${targets[@]}"; do
+        [[ $t == pgnear-* ]] || continue
+        read -r p _ <<<"$($TOOLS freeport)"
+        routing=primary
+        [[ $t == pgnear-split ]] && routing=auto
+        write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" ""
+        if [[ $t == pgnear-primary-w1 ]]; then
+            start_pgnear "$t" "$WORK/$t.toml" "$p" TOKIO_WORKER_THREADS=1
+        else
+            start_pgnear "$t" "$WORK/$t.toml" "$p"
+        fi
+        port[$t]=$p
+        pid[$t]=$NEAR_PID
+    done
+
+    local cases=()
+    for mode in $MODES; do
+        for c in $CLIENTS; do cases+=("S-$mode-c$c"); done
+    done
+    cases+=("tpcb-simple-c16")
+
+    log "warm-up"
+    ROUND=0
+    for t in "${targets[@]}"; do run_pgbench "$t" "${port[$t]}" - warmup -S -c 4 -j 2 -T 2 >/dev/null; done
+
+    printf 'round\tcase\ttarget\ttps\tlatency_ms\tstatus\tload1\tproxy_cpu_us_per_txn\n' >"$OUT/results.tsv"
+    for ROUND in $(seq "$ROUNDS"); do
+        local k=0
+        for cs in "${cases[@]}"; do
+            k=$((k + 1))
+            IFS=- read -r kind mode c <<<"$cs"
+            c=${c#c}
+            local args=(-M "$mode" -c "$c" -j $((c < 2 ? c : 2)) -T "$DURATION")
+            [[ $kind == S ]] && args+=(-S)
+            # Rotate the order of targets from case to case and round to round.
+            local n=${#targets[@]} i
+            for ((i = 0; i < n; i++)); do
+                t=${targets[$(((i + ROUND + k) % n))]}
+                local load
+                load=$(load1)
+                if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]]; then
+                    printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
+                    continue
+                fi
+                read -r tps lat status cpu <<<"$(run_pgbench "$t" "${port[$t]}" "${pid[$t]}" "$cs" "${args[@]}")"
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$cs" "$t" "$tps" "$lat" "$status" "$load" "$cpu" >>"$OUT/results.tsv"
+                log "round $ROUND $cs $t: tps=$tps lat=${lat}ms proxy_cpu=${cpu}us/txn ($status, load $load)"
+            done
+        done
+    done
+    : >"$OUT/rss.tsv"
+    for t in "${targets[@]}"; do
+        [[ $t == pgnear-* ]] || continue
+        read -r rss hwm <<<"$(rss_kb "${pid[$t]}")"
+        printf '%s\t%s\t%s\n' "$t" "$rss" "$hwm" >>"$OUT/rss.tsv"
+    done
+    if [[ -n ${pid[pgbouncer]:-} ]]; then
+        read -r rss hwm <<<"$(rss_kb "${pid[pgbouncer]}")"
+        printf '%s\t%s\t%s\n' pgbouncer "$rss" "$hwm" >>"$OUT/rss.tsv"
+    fi
+    $TOOLS summarize --results "$OUT/results.tsv" --rss "$OUT/rss.tsv" | tee "$OUT/summary.txt"
+    for t in "${targets[@]}"; do [[ ${pid[$t]} != - ]] && stop_pid "${pid[$t]}"; done
+    return 0
+}
+
+# --- phase: WAN -------------------------------------------------------------------
+
+phase_wan() {
+    mkdir -p "$OUT/wan"
+    "$RELAY" --target "127.0.0.1:$P_PRIMARY" --delay-ms "$WAN_DELAY_MS" --port-file "$WORK/relay.port" >/dev/null 2>"$OUT/relay.log" &
+    local relay_pid=$!
+    PIDS+=("$relay_pid")
+    for _ in $(seq 100); do [[ -s $WORK/relay.port ]] && break; sleep 0.1; done
+    local p_relay
+    p_relay=$(cat "$WORK/relay.port")
+    log "relay on $p_relay: primary $WAN_DELAY_MS ms away each way"
+    # This pgnear runs next to the replica; the primary is across the WAN.
+    write_pgnear_config "$WORK/pgnear-wan.toml" "$P_NEAR_WAN" "$p_relay" auto "" remote
+    start_pgnear pgnear-wan "$WORK/pgnear-wan.toml" "$P_NEAR_WAN"
+    local near_wan=$NEAR_PID
+    sleep 2 # a few monitor rounds: RTT and lag known
+
+    cat >"$WORK/read.sql" <<EOF
+\\set aid random(1, 100000 * $SCALE)
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+EOF
+    cat >"$WORK/write.sql" <<EOF
+\\set aid random(1, 100000 * $SCALE)
+\\set delta random(-5000, 5000)
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+EOF
+    declare -A port=([direct-wan]=$p_relay [pgnear-wan]=$P_NEAR_WAN)
+    printf 'round\ttarget\tread_n\tread_p50_ms\tread_p99_ms\twrite_n\twrite_p50_ms\twrite_p99_ms\traw_write_p50_ms\traw_read_p50_ms\traw_read_p99_ms\tstale_reads\ttps\tload1\n' >"$OUT/wan.tsv"
+    for ROUND in $(seq "$ROUNDS"); do
+        local targets=(direct-wan pgnear-wan)
+        ((ROUND % 2 == 0)) && targets=(pgnear-wan direct-wan)
+        for t in "${targets[@]}"; do
+            local load prefix="$OUT/wan/$t.r$ROUND"
+            load=$(load1)
+            rm -f "$prefix".log*
+            "$PGBENCH" -n -h 127.0.0.1 -p "${port[$t]}" -U postgres -M simple -c "$WAN_CLIENTS" -j 2 -T "$WAN_DURATION" \
+                -f "$WORK/read.sql@9" -f "$WORK/write.sql@1" -l --log-prefix="$prefix.log" postgres >"$prefix.out" 2>&1 ||
+                log "pgbench failed against $t: see $prefix.out"
+            local tps mix raw
+            tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$prefix.out")
+            mix=$($TOOLS pct --prefix "$prefix.log" --names read,write)
+            raw=$($TOOLS raw --port "${port[$t]}" --iterations "$RAW_ITERATIONS" --rows $((100000 * SCALE)))
+            log "WAN round $ROUND $t: $mix $raw tps=$tps (load $load)"
+            # key=value pairs into the TSV columns
+            local -A v=()
+            for kv in $mix $raw; do v[${kv%%=*}]=${kv#*=}; done
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$t" \
+                "${v[read_n]}" "${v[read_p50_ms]}" "${v[read_p99_ms]}" "${v[write_n]}" "${v[write_p50_ms]}" "${v[write_p99_ms]}" \
+                "${v[raw_write_p50_ms]}" "${v[raw_read_p50_ms]}" "${v[raw_read_p99_ms]}" "${v[stale_reads]}" "${tps:-nan}" "$load" >>"$OUT/wan.tsv"
+        done
+    done
+    $TOOLS summarize-wan --wan "$OUT/wan.tsv" | tee -a "$OUT/summary.txt"
+    stop_pid "$near_wan"
+    stop_pid "$relay_pid"
+}
+
+# --- phase: memory ------------------------------------------------------------
+
+# A fresh pgnear per test, so that each RSS figure is about that test alone.
+mem_start() {
+    write_pgnear_config "$WORK/pgnear-mem.toml" "$P_NEAR_MEM" "$P_PRIMARY" auto \
+        "max_client_connections = 20000
+startup_timeout_ms = 3600000"
+    start_pgnear "pgnear-mem-$1" "$WORK/pgnear-mem.toml" "$P_NEAR_MEM"
+    MEM_PID=$NEAR_PID
+    sleep 1
+    read -r MEM_BASE _ <<<"$(rss_kb "$MEM_PID")"
+}
+
+# poll_rss PID FILE: the highest VmRSS seen, written to FILE until killed
+poll_rss() {
+    local max=0 rss
+    while kill -0 "$1" 2>/dev/null; do
+        read -r rss _ <<<"$($TOOLS rss "$1" 2>/dev/null || echo 0 0)"
+        ((rss > max)) && max=$rss && echo "$max" >"$2"
+        sleep 0.2
+    done
+}
+
+# idle_test NAME MODE COUNT: holds COUNT connections, records RSS
+idle_test() {
+    mem_start "$1"
+    local out="$OUT/memory-$1.out"
+    $TOOLS idle --port "$P_NEAR_MEM" --mode "$2" --count "$3" >"$out" 2>&1 &
+    local idle_pid=$!
+    PIDS+=("$idle_pid")
+    for _ in $(seq 1200); do grep -q READY "$out" && break; sleep 0.5; done
+    sleep 3
+    local rss hwm
+    read -r rss hwm <<<"$(rss_kb "$MEM_PID")"
+    local outcome
+    outcome=$(grep READY "$out" | cut -d' ' -f2-)
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' "$1" "$MEM_BASE" "$rss" "$hwm" "$(load1)" "$outcome" >>"$OUT/memory.tsv"
+    log "memory $1: baseline ${MEM_BASE} kB, now ${rss} kB, peak ${hwm} kB; $outcome"
+    stop_pid "$idle_pid"
+    stop_pid "$MEM_PID"
+}
+
+phase_memory() {
+    printf 'test\tbaseline_kb\trss_kb\thwm_kb\tload1\toutcome\n' >"$OUT/memory.tsv"
+
+    mem_start stream
+    poll_rss "$MEM_PID" "$WORK/stream.max" &
+    local poller=$!
+    PIDS+=("$poller")
+    log "streaming 1M rows of 1000 bytes through pgnear to a reader limited to $STREAM_RATE_MB MB/s"
+    local result
+    result=$($TOOLS stream --port "$P_NEAR_MEM" --rate-mb "$STREAM_RATE_MB")
+    local rss hwm
+    read -r rss hwm <<<"$(rss_kb "$MEM_PID")"
+    stop_pid "$poller"
+    printf '%s\t%s\t%s\t%s\t%s\t%s\n' stream-1GB-slow-reader "$MEM_BASE" "$(cat "$WORK/stream.max")" "$hwm" "$(load1)" "$result" >>"$OUT/memory.tsv"
+    log "memory stream: baseline ${MEM_BASE} kB, polled max ${rss} kB, VmHWM ${hwm} kB; $result"
+    stop_pid "$MEM_PID"
+
+    idle_test "idle-auth-$IDLE_AUTH" auth "$IDLE_AUTH"
+    idle_test "idle-tcp-$IDLE_TCP" tcp "$IDLE_TCP"
+    idle_test "auth-attempt-$IDLE_TCP" auth "$IDLE_TCP"
+    $TOOLS summarize-memory --memory "$OUT/memory.tsv" | tee -a "$OUT/summary.txt"
+}
+
+# --- phase: profile -------------------------------------------------------------
+
+phase_profile() {
+    mkdir -p "$OUT/profile"
+    write_pgnear_config "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY" "$P_PRIMARY" primary ""
+    start_pgnear pgnear-profile "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY"
+    local pid=$NEAR_PID
+    local events=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,syscalls:sys_enter_write,syscalls:sys_enter_read
+    for name in $PROFILE_CASES; do
+        local dir=$OUT/profile/$name mode=${name#tpcb-} select=-S
+        [[ $name == tpcb-* ]] && select=
+        mkdir -p "$dir"
+        log "profiling pgnear under pgbench $select -c 16 -M $mode (load $(load1))"
+        "$PGBENCH" -n $select -M "$mode" -c 16 -j 2 -T $((2 * PROFILE_SECONDS + 6)) -h 127.0.0.1 -p "$P_NEAR_PRIMARY" \
+            -U postgres postgres >"$dir/pgbench.out" 2>&1 &
+        local bench=$!
+        sleep 2
+        # Syscalls per transaction (tracepoints work without a PMU), then a
+        # sampled profile with DWARF call graphs (cpu-clock: no PMU in VMs).
+        perf stat -e "$events" -p "$pid" -o "$dir/syscalls.txt" -- sleep "$PROFILE_SECONDS" >/dev/null 2>&1 || true
+        sleep 1
+        perf record -F 499 -e cpu-clock --call-graph dwarf,16384 -p "$pid" -o "$dir/perf.data" \
+            -- sleep "$PROFILE_SECONDS" >/dev/null 2>&1
+        wait "$bench" || true
+        local report=(perf report -i "$dir/perf.data" --stdio --percent-limit 0.3)
+        "${report[@]}" --no-children --sort symbol -g none >"$dir/self.txt" 2>/dev/null
+        "${report[@]}" --children --sort symbol -g none >"$dir/children.txt" 2>/dev/null
+        "${report[@]}" --no-children --sort dso -g none >"$dir/dso.txt" 2>/dev/null
+        "${report[@]}" --no-children --sort symbol -g caller,0.5,callee,function,percent --dsos pgnear \
+            >"$dir/callers-pgnear.txt" 2>/dev/null
+        log "profile ($name): $(grep -m1 '^tps' "$dir/pgbench.out"); reports and perf.data in $dir"
+    done
+    stop_pid "$pid"
+}
+
+has_phase pgbench && phase_pgbench
+has_phase wan && phase_wan
+has_phase memory && phase_memory
+has_phase profile && phase_profile
+log "done"

@@ -1,0 +1,473 @@
+#!/usr/bin/env python3
+"""Helpers for benches/pgbench/run.sh, standard library only.
+
+Subcommands:
+  idle        open N client connections (authenticated, or TCP only) and
+              hold them until killed
+  stream      run one query and read its result slowly (bounded rate)
+  raw         read-after-write latency: UPDATE a row, then SELECT it
+  pct         percentiles per script from pgbench --log files
+  freeport    print N free loopback TCP ports
+  rss         print VmRSS/VmHWM (kB) of a pid
+"""
+
+import argparse
+import asyncio
+import glob
+import os
+import socket
+import struct
+import sys
+import time
+
+# --- the wire protocol, just enough -----------------------------------------
+
+
+def startup_packet(user, database):
+    body = struct.pack("!i", 196608)
+    for k, v in (("user", user), ("database", database), ("application_name", "pgnear-bench")):
+        body += k.encode() + b"\0" + v.encode() + b"\0"
+    body += b"\0"
+    return struct.pack("!i", len(body) + 4) + body
+
+
+def query_message(sql):
+    body = sql.encode() + b"\0"
+    return b"Q" + struct.pack("!i", len(body) + 4) + body
+
+
+def error_text(body):
+    fields = {}
+    for part in body.split(b"\0"):
+        if part:
+            fields[chr(part[0])] = part[1:].decode(errors="replace")
+    return f"{fields.get('C', '?')} {fields.get('M', '')}"
+
+
+class Conn:
+    """A blocking connection with a receive buffer."""
+
+    def __init__(self, host, port, user, database):
+        self.sock = socket.create_connection((host, port))
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.buf = bytearray()
+        self.sock.sendall(startup_packet(user, database))
+        while True:
+            tag, body = self.message()
+            if tag == b"R" and struct.unpack("!i", body[:4])[0] != 0:
+                raise RuntimeError("this helper only does trust authentication")
+            if tag == b"E":
+                raise RuntimeError(error_text(body))
+            if tag == b"Z":
+                return
+
+    def message(self):
+        while True:
+            if len(self.buf) >= 5:
+                length = struct.unpack("!i", self.buf[1:5])[0]
+                if len(self.buf) >= length + 1:
+                    tag = bytes(self.buf[0:1])
+                    body = bytes(self.buf[5 : length + 1])
+                    del self.buf[: length + 1]
+                    return tag, body
+            chunk = self.sock.recv(65536)
+            if not chunk:
+                raise RuntimeError("connection closed")
+            self.buf += chunk
+
+    def query(self, sql):
+        """Runs a simple query; returns (first value of the first row, error)."""
+        self.sock.sendall(query_message(sql))
+        value, error = None, None
+        while True:
+            tag, body = self.message()
+            if tag == b"D" and value is None:
+                n = struct.unpack("!i", body[2:6])[0]
+                value = body[6 : 6 + n].decode() if n >= 0 else None
+            elif tag == b"E":
+                error = error_text(body)
+            elif tag == b"Z":
+                return value, error
+
+
+def percentile(values, p):
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * p / 100.0
+    lo = int(k)
+    hi = min(lo + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+# --- idle -------------------------------------------------------------------
+
+
+async def open_one(host, port, mode, user, database, results, writers, sem):
+    async with sem:
+        try:
+            reader, writer = await asyncio.wait_for(asyncio.open_connection(host, port), 30)
+        except Exception as e:  # noqa: BLE001 - counted, not fatal
+            results["connect_failed:" + type(e).__name__] = results.get("connect_failed:" + type(e).__name__, 0) + 1
+            return
+        if mode == "tcp":
+            writers.append(writer)
+            results["held"] = results.get("held", 0) + 1
+            return
+        try:
+            writer.write(startup_packet(user, database))
+            await writer.drain()
+            while True:
+                header = await asyncio.wait_for(reader.readexactly(5), 60)
+                length = struct.unpack("!i", header[1:5])[0]
+                body = await reader.readexactly(length - 4)
+                if header[:1] == b"E":
+                    key = "refused:" + error_text(body)[:80]
+                    results[key] = results.get(key, 0) + 1
+                    writer.close()
+                    return
+                if header[:1] == b"Z":
+                    writers.append(writer)
+                    results["held"] = results.get("held", 0) + 1
+                    return
+        except Exception as e:  # noqa: BLE001
+            key = "failed:" + type(e).__name__
+            results[key] = results.get(key, 0) + 1
+            writer.close()
+
+
+async def idle_main(args):
+    results, writers = {}, []
+    sem = asyncio.Semaphore(args.parallel)
+    start = time.monotonic()
+    await asyncio.gather(
+        *(open_one(args.host, args.port, args.mode, args.user, args.database, results, writers, sem)
+          for _ in range(args.count))
+    )
+    summary = " ".join(f"{k}={v}" for k, v in sorted(results.items()))
+    print(f"READY mode={args.mode} asked={args.count} {summary} seconds={time.monotonic() - start:.1f}", flush=True)
+    await asyncio.sleep(args.hold)
+    for w in writers:
+        w.close()
+
+
+# --- stream -----------------------------------------------------------------
+
+
+def stream_main(args):
+    conn = Conn(args.host, args.port, args.user, args.database)
+    conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 256 * 1024)
+    conn.sock.sendall(query_message(args.sql))
+    start = time.monotonic()
+    total, rows, pending = 0, 0, bytearray()
+    per_chunk = 64 * 1024
+    rate = args.rate_mb * 1024 * 1024
+    done = False
+    while not done:
+        chunk = conn.sock.recv(per_chunk)
+        if not chunk:
+            break
+        total += len(chunk)
+        pending += chunk
+        while len(pending) >= 5:
+            length = struct.unpack("!i", pending[1:5])[0]
+            if len(pending) < length + 1:
+                break
+            tag = pending[0]
+            if tag == ord("D"):
+                rows += 1
+            elif tag == ord("E"):
+                print("error:", error_text(bytes(pending[5 : length + 1])), file=sys.stderr)
+            elif tag == ord("Z"):
+                done = True
+            del pending[: length + 1]
+        # Throttle: never get ahead of the target rate.
+        ahead = total / rate - (time.monotonic() - start)
+        if ahead > 0:
+            time.sleep(ahead)
+    elapsed = time.monotonic() - start
+    print(f"rows={rows} bytes={total} seconds={elapsed:.1f} rate_mb_s={total / elapsed / 1048576:.1f}")
+
+
+# --- raw: read after write --------------------------------------------------
+
+
+def raw_main(args):
+    conn = Conn(args.host, args.port, args.user, args.database)
+    writes, reads, mismatches = [], [], 0
+    import random
+
+    rng = random.Random(args.seed)
+    for i in range(args.warmup + args.iterations):
+        aid = rng.randint(1, args.rows)
+        value = rng.randint(-1_000_000, 1_000_000)
+        t0 = time.perf_counter()
+        _, err = conn.query(f"UPDATE pgbench_accounts SET abalance = {value} WHERE aid = {aid}")
+        t1 = time.perf_counter()
+        got, err2 = conn.query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}")
+        t2 = time.perf_counter()
+        if err or err2:
+            print("error:", err or err2, file=sys.stderr)
+            sys.exit(1)
+        if i < args.warmup:
+            continue
+        if got != str(value):
+            mismatches += 1
+        writes.append((t1 - t0) * 1e3)
+        reads.append((t2 - t1) * 1e3)
+        if args.pause_ms:
+            time.sleep(args.pause_ms / 1e3)
+    print(
+        f"raw_n={len(reads)} raw_write_p50_ms={percentile(writes, 50):.2f} raw_write_p99_ms={percentile(writes, 99):.2f} "
+        f"raw_read_p50_ms={percentile(reads, 50):.2f} raw_read_p99_ms={percentile(reads, 99):.2f} "
+        f"stale_reads={mismatches}"
+    )
+
+
+# --- pct: pgbench logs ------------------------------------------------------
+
+
+def pct_main(args):
+    """pgbench --log lines: client txno latency_us script_no epoch epoch_us."""
+    by_script = {}
+    for path in glob.glob(args.prefix + "*"):
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 4 or parts[2] in ("skipped", "failed"):
+                    continue
+                by_script.setdefault(int(parts[3]), []).append(int(parts[2]) / 1000.0)
+    out = []
+    for script, name in enumerate(args.names.split(",")):
+        values = by_script.get(script, [])
+        out.append(
+            f"{name}_n={len(values)} {name}_p50_ms={percentile(values, 50):.2f} "
+            f"{name}_p99_ms={percentile(values, 99):.2f}"
+        )
+    print(" ".join(out))
+
+
+# --- summaries -------------------------------------------------------------
+
+
+def read_tsv(path):
+    with open(path) as f:
+        header = f.readline().rstrip("\n").split("\t")
+        return [dict(zip(header, line.rstrip("\n").split("\t"))) for line in f if line.strip()]
+
+
+def median(values):
+    values = sorted(v for v in values if v == v)  # drop NaN
+    if not values:
+        return float("nan")
+    mid = len(values) // 2
+    return values[mid] if len(values) % 2 else (values[mid - 1] + values[mid]) / 2
+
+
+def fmt(x, spec):
+    return "n/a" if x != x else format(x, spec)
+
+
+def summarize_main(args):
+    rows = read_tsv(args.results)
+    cases, targets, cell = [], [], {}
+    for r in rows:
+        if r["case"] not in cases:
+            cases.append(r["case"])
+        if r["target"] not in targets:
+            targets.append(r["target"])
+        c = cell.setdefault((r["case"], r["target"]), {"tps": [], "lat": [], "load": [], "cpu": [], "status": set()})
+        c["status"].add(r["status"])
+        c["load"].append(float(r["load1"]))
+        if r["status"] == "ok":
+            c["tps"].append(float(r["tps"]))
+            c["lat"].append(float(r["latency_ms"]))
+            c["cpu"].append(float(r.get("proxy_cpu_us_per_txn", "nan")))
+    rounds = len({r["round"] for r in rows})
+    med = {k: (median(v["tps"]), median(v["lat"])) for k, v in cell.items()}
+    print(f"pgbench -n, -j 2 (-j 1 at -c 1), medians of {rounds} interleaved round(s); "
+          "TPS excludes connection time;\nproxy CPU: user+system CPU of the proxy process per transaction, microseconds")
+    print(f"{'case':<20} {'target':<15} {'TPS':>9} {'lat ms':>8} {'x direct':>9} {'x bouncer':>10} "
+          f"{'proxy CPU':>10} {'load1':>6}  runs (TPS)")
+    for case in cases:
+        for t in targets:
+            if (case, t) not in cell:
+                continue
+            tps, lat = med[(case, t)]
+            d = med.get((case, "direct"), (float("nan"),))[0]
+            b = med.get((case, "pgbouncer"), (float("nan"),))[0]
+            c = cell[(case, t)]
+            runs = " ".join(f"{x:.0f}" for x in c["tps"]) or "/".join(sorted(c["status"]))
+            print(f"{case:<20} {t:<15} {fmt(tps, '.0f'):>9} {fmt(lat, '.3f'):>8} {fmt(tps / d, '.2f'):>9} "
+                  f"{fmt(tps / b, '.2f'):>10} {fmt(median(c['cpu']), '.1f'):>10} {median(c['load']):>6.2f}  {runs}")
+        print()
+    print("added latency per query at -c 1 (median latency minus direct's), microseconds:")
+    for case in cases:
+        if not case.endswith("-c1"):
+            continue
+        direct = med.get((case, "direct"), (0, float("nan")))[1]
+        parts = []
+        for t in targets:
+            if t != "direct" and (case, t) in med:
+                parts.append(f"{t} {fmt((med[(case, t)][1] - direct) * 1000, '+.0f')}")
+        print(f"  {case:<20} " + ", ".join(parts))
+    if args.rss:
+        print("\npgnear memory over the whole pgbench phase (kB): ", end="")
+        with open(args.rss) as f:
+            print("; ".join(f"{n} VmRSS {r} VmHWM {h}" for n, r, h in (l.split() for l in f if l.strip())))
+    print("\ntargets (issue #8):")
+
+    def check(label, ok):
+        print(f"  [{'PASS' if ok else 'MISS'}] {label}")
+
+    for t in [t for t in targets if t.startswith("pgnear")]:
+        for mode in ("simple", "extended"):
+            case = f"S-{mode}-c16"
+            if (case, t) in med:
+                tps = med[(case, t)][0]
+                d, b = med[(case, "direct")][0], med.get((case, "pgbouncer"), (float("nan"),))[0]
+                check(f"{t} {case}: {tps / b:.2f}x PgBouncer (>= 1.0), {tps / d:.2f}x direct (>= 0.8)",
+                      tps >= b and tps >= 0.8 * d)
+        case = "S-prepared-c16"
+        if (case, t) in med:
+            r = med[(case, t)][0] / med[(case, "direct")][0]
+            check(f"{t} {case}: {r:.2f}x direct (>= 0.6)", r >= 0.6)
+        case = "tpcb-simple-c16"
+        if (case, t) in med:
+            r = med[(case, t)][0] / med[(case, "pgbouncer")][0]
+            check(f"{t} {case}: {r:.2f}x PgBouncer (>= 1.0)", r >= 1.0)
+        for case in cases:
+            if case.endswith("-c1") and (case, t) in med:
+                added = (med[(case, t)][1] - med[(case, "direct")][1]) * 1000
+                check(f"{t} {case}: added latency {added:.0f} us (< 40)", added < 40)
+
+
+def summarize_wan_main(args):
+    rows = read_tsv(args.wan)
+    cols = ["read_p50_ms", "read_p99_ms", "write_p50_ms", "write_p99_ms", "raw_write_p50_ms", "raw_read_p50_ms", "raw_read_p99_ms", "tps"]
+    print("\nWAN: primary behind the delay relay, replica local; 90/10 read/write mix (pgbench -M simple, "
+          "per-transaction logs) and read-after-write (UPDATE then SELECT of the same row, one client);")
+    print("medians over rounds of each round's percentile; ms")
+    print(f"{'target':<12} " + " ".join(f"{c:>16}" for c in cols) + f" {'stale':>6} {'load1':>6}")
+    med = {}
+    for t in dict.fromkeys(r["target"] for r in rows):
+        rs = [r for r in rows if r["target"] == t]
+        med[t] = {c: median([float(r[c] or "nan") for r in rs]) for c in cols}
+        stale = sum(int(r["stale_reads"] or 0) for r in rs)
+        load = median([float(r["load1"]) for r in rs])
+        print(f"{t:<12} " + " ".join(f"{fmt(med[t][c], '.2f'):>16}" for c in cols) + f" {stale:>6} {load:>6.2f}")
+    if "pgnear-wan" in med and "direct-wan" in med:
+        p, d = med["pgnear-wan"], med["direct-wan"]
+        print("targets (issue #8):")
+        for c in ("write_p50_ms", "write_p99_ms"):
+            r = p[c] / d[c]
+            print(f"  [{'PASS' if r <= 1.05 else 'MISS'}] WAN {c}: pgnear {p[c]:.2f} vs direct {d[c]:.2f} "
+                  f"({(r - 1) * 100:+.1f}%, within 5%)")
+        print(f"  [info] WAN read p50: pgnear {p['read_p50_ms']:.2f} vs direct {d['read_p50_ms']:.2f}; "
+              f"read-after-write p50: pgnear {p['raw_read_p50_ms']:.2f} vs direct {d['raw_read_p50_ms']:.2f}")
+
+
+def summarize_memory_main(args):
+    rows = read_tsv(args.memory)
+    print("\nmemory: a fresh pgnear per test; kB")
+    print(f"{'test':<26} {'baseline':>9} {'RSS':>9} {'VmHWM':>9} {'load1':>6}  outcome")
+    for r in rows:
+        print(f"{r['test']:<26} {r['baseline_kb']:>9} {r['rss_kb']:>9} {r['hwm_kb']:>9} {r['load1']:>6}  {r['outcome']}")
+    print("targets (issue #8):")
+    for r in rows:
+        if r["test"].startswith("stream"):
+            mb = int(r["hwm_kb"]) / 1024
+            print(f"  [{'PASS' if mb < 50 else 'MISS'}] 1 GB stream, slow reader: peak {mb:.1f} MB (< 50)")
+        if r["test"].startswith("idle-tcp"):
+            mb = int(r["rss_kb"]) / 1024
+            print(f"  [{'PASS' if mb < 200 else 'MISS'}] {r['test']} (TCP connected, no startup packet): "
+                  f"{mb:.1f} MB (< 200)")
+        if r["test"].startswith("idle-auth"):
+            held = dict(kv.split("=", 1) for kv in r["outcome"].split() if "=" in kv).get("held", "0")
+            per = (int(r["rss_kb"]) - int(r["baseline_kb"])) / max(int(held), 1)
+            print(f"  [info] {r['test']}: {held} authenticated idle sessions, {per:.1f} kB each "
+                  f"(10,000 would be about {(int(r['baseline_kb']) + per * 10000) / 1024:.0f} MB)")
+
+
+# --- misc -------------------------------------------------------------------
+
+
+def freeport_main(args):
+    socks = []
+    for _ in range(args.count):
+        s = socket.socket()
+        s.bind(("127.0.0.1", 0))
+        socks.append(s)
+    print(" ".join(str(s.getsockname()[1]) for s in socks))
+    for s in socks:
+        s.close()
+
+
+def rss_main(args):
+    fields = {}
+    with open(f"/proc/{args.pid}/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()[0] if value.split() else ""
+    print(fields.get("VmRSS", "0"), fields.get("VmHWM", "0"))
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+
+    def conn_args(sp):
+        sp.add_argument("--host", default="127.0.0.1")
+        sp.add_argument("--port", type=int, required=True)
+        sp.add_argument("--user", default="postgres")
+        sp.add_argument("--database", default="postgres")
+
+    sp = sub.add_parser("idle")
+    conn_args(sp)
+    sp.add_argument("--count", type=int, default=10000)
+    sp.add_argument("--mode", choices=["auth", "tcp"], default="auth")
+    sp.add_argument("--parallel", type=int, default=64)
+    sp.add_argument("--hold", type=float, default=3600)
+    sp = sub.add_parser("stream")
+    conn_args(sp)
+    sp.add_argument("--sql", default="SELECT repeat('x', 1000) FROM generate_series(1, 1000000)")
+    sp.add_argument("--rate-mb", type=float, default=20.0)
+    sp = sub.add_parser("raw")
+    conn_args(sp)
+    sp.add_argument("--iterations", type=int, default=200)
+    sp.add_argument("--warmup", type=int, default=5)
+    sp.add_argument("--rows", type=int, default=1_000_000)
+    sp.add_argument("--pause-ms", type=float, default=0)
+    sp.add_argument("--seed", type=int, default=7)
+    sp = sub.add_parser("pct")
+    sp.add_argument("--prefix", required=True)
+    sp.add_argument("--names", required=True)
+    sp = sub.add_parser("summarize")
+    sp.add_argument("--results", required=True)
+    sp.add_argument("--rss")
+    sp = sub.add_parser("summarize-wan")
+    sp.add_argument("--wan", required=True)
+    sp = sub.add_parser("summarize-memory")
+    sp.add_argument("--memory", required=True)
+    sp = sub.add_parser("freeport")
+    sp.add_argument("--count", type=int, default=1)
+    sp = sub.add_parser("rss")
+    sp.add_argument("pid", type=int)
+    args = p.parse_args()
+    if args.cmd == "idle":
+        asyncio.run(idle_main(args))
+    else:
+        {
+            "stream": stream_main,
+            "raw": raw_main,
+            "pct": pct_main,
+            "summarize": summarize_main,
+            "summarize-wan": summarize_wan_main,
+            "summarize-memory": summarize_memory_main,
+            "freeport": freeport_main,
+            "rss": rss_main,
+        }[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
