@@ -50,6 +50,8 @@ pub enum ProxyError {
     Connect(#[from] ConnectError),
     #[error("server connection to {node} was lost")]
     BackendLost { node: String },
+    #[error("terminating connection: the session's settings could not be restored on a server: {0}")]
+    SettingsLost(String),
     #[error("terminating connection: the primary is now {node}; reconnect")]
     PrimaryMoved { node: String },
     #[error("server {node} broke the protocol: {source}")]
@@ -88,6 +90,7 @@ impl ProxyError {
             E::Connect(_) => (Fatal, S::SqlclientUnableToEstablishSqlconnection),
             E::BackendLost { .. } | E::BackendProtocol { .. } => (Fatal, S::ConnectionFailure),
             E::PrimaryMoved { .. } => (Fatal, S::AdminShutdown),
+            E::SettingsLost(_) => (Fatal, S::ConnectionFailure),
             E::Unsupported(_) => (Fatal, S::FeatureNotSupported),
         };
         Some(error_response(severity, code, &self.to_string()))
@@ -105,7 +108,10 @@ impl ProxyError {
             E::TooManyClients(_) => "limit",
             E::StartupTimeout | E::IdleTimeout => "timeout",
             E::NoPrimary(_) | E::Connect(_) => "backend_connect",
-            E::BackendLost { .. } | E::BackendProtocol { .. } | E::PrimaryMoved { .. } => "backend_error",
+            E::BackendLost { .. }
+            | E::BackendProtocol { .. }
+            | E::PrimaryMoved { .. }
+            | E::SettingsLost(_) => "backend_error",
         }
     }
 }

@@ -36,6 +36,27 @@ impl Catalog {
     }
 }
 
+impl Catalogs {
+    async fn connect(
+        &self,
+        node: usize,
+        database: &str,
+    ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+        let node = &self.topology.nodes[node].config;
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&node.host).port(node.port).user(&self.config.user).dbname(database);
+        pg.application_name("pgnear-catalog").connect_timeout(self.timeout);
+        if let Some(password) = &self.config.password {
+            pg.password(password.expose());
+        }
+        let (sslmode, tls) = crate::tls::postgres_connector(node);
+        pg.ssl_mode(sslmode);
+        let (client, connection) = pg.connect(tls).await?;
+        tokio::spawn(connection);
+        Ok(client)
+    }
+}
+
 /// Catalogs by (cluster, database).
 #[derive(Debug)]
 pub struct Catalogs {
@@ -79,9 +100,11 @@ impl Catalogs {
     }
 
     async fn refresh_loop(self: Arc<Self>, key: (String, String), catalog: std::sync::Weak<Catalog>) {
+        // One connection, kept between refreshes.
+        let mut conn: Option<(usize, tokio_postgres::Client)> = None;
         loop {
             let Some(c) = catalog.upgrade() else { return };
-            match self.load(&key.0, &key.1).await {
+            match self.load(&key.0, &key.1, &mut conn).await {
                 Ok(set) => c.volatile.store(Arc::new(set)),
                 Err(error) => tracing::warn!(database = key.1, %error, "cannot load volatile functions"),
             }
@@ -94,29 +117,35 @@ impl Catalogs {
         }
     }
 
-    async fn load(&self, cluster: &str, database: &str) -> Result<VolatileFunctions, String> {
+    async fn load(
+        &self,
+        cluster: &str,
+        database: &str,
+        conn: &mut Option<(usize, tokio_postgres::Client)>,
+    ) -> Result<VolatileFunctions, String> {
         let node = self.topology.primary(cluster).map_err(|e| e.to_string())?;
-        let node = &self.topology.nodes[node].config;
-        let mut pg = tokio_postgres::Config::new();
-        pg.host(&node.host).port(node.port).user(&self.config.user).dbname(database);
-        pg.application_name("pgnear-catalog").connect_timeout(self.timeout);
-        if let Some(password) = &self.config.password {
-            pg.password(password.expose());
+        let reusable = conn.as_ref().is_some_and(|(n, c)| *n == node && !c.is_closed());
+        if !reusable {
+            *conn = None;
+            let client = tokio::time::timeout(self.timeout, self.connect(node, database))
+                .await
+                .map_err(|_| "timed out connecting".to_string())?
+                .map_err(|e| e.to_string())?;
+            *conn = Some((node, client));
         }
-        let (sslmode, tls) = crate::tls::postgres_connector(node);
-        pg.ssl_mode(sslmode);
-        let query = async {
-            let (client, connection) = pg.connect(tls).await?;
-            let driver = tokio::spawn(connection);
-            let rows = client.simple_query(VOLATILE_FUNCTIONS_QUERY).await;
-            drop(client);
-            let _ = driver.await;
-            rows
-        };
-        let rows = tokio::time::timeout(self.timeout, query)
-            .await
-            .map_err(|_| "timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+        let Some((_, client)) = conn.as_ref() else { return Err("no connection".into()) };
+        let rows =
+            match tokio::time::timeout(self.timeout, client.simple_query(VOLATILE_FUNCTIONS_QUERY)).await {
+                Ok(Ok(rows)) => rows,
+                Ok(Err(error)) => {
+                    *conn = None;
+                    return Err(error.to_string());
+                }
+                Err(_) => {
+                    *conn = None;
+                    return Err("timed out".into());
+                }
+            };
         Ok(VolatileFunctions::new(rows.iter().filter_map(|m| match m {
             SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
             _ => None,

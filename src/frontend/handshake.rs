@@ -69,13 +69,7 @@ pub enum Opening {
 /// and libpq before 17 never encrypts one.
 pub async fn negotiate(stream: &mut Stream, tls: Option<&Acceptor>) -> Result<Opening, ProxyError> {
     if let Some(acceptor) = tls {
-        let first = stream.peek_first().await.map_err(ProxyError::ClientGone)?;
-        if first == Some(TLS_HANDSHAKE_RECORD) {
-            stream.accept(acceptor).await.map_err(ProxyError::ClientTls)?;
-            if stream.alpn() != Some(ALPN_POSTGRESQL) {
-                return Err(ProxyError::TlsNegotiation("direct TLS connection without ALPN \"postgresql\""));
-            }
-        }
+        direct_tls(stream, acceptor).await?;
     }
     loop {
         match read_startup(stream).await? {
@@ -83,13 +77,7 @@ pub async fn negotiate(stream: &mut Stream, tls: Option<&Acceptor>) -> Result<Op
             Some(StartupRequest::Ssl | StartupRequest::GssEnc) if stream.is_tls() => {
                 return Err(ProxyError::TlsNegotiation("encryption requested on an encrypted connection"));
             }
-            Some(StartupRequest::Ssl) => match tls {
-                Some(acceptor) => {
-                    stream.write_all(b"S").await.map_err(ProxyError::ClientGone)?;
-                    stream.accept(acceptor).await.map_err(ProxyError::ClientTls)?;
-                }
-                None => stream.write_all(b"N").await.map_err(ProxyError::ClientGone)?,
-            },
+            Some(StartupRequest::Ssl) => ssl_request(stream, tls).await?,
             Some(StartupRequest::GssEnc) => stream.write_all(b"N").await.map_err(ProxyError::ClientGone)?,
             Some(StartupRequest::Cancel(key)) => return Ok(Opening::Cancel(key)),
             Some(StartupRequest::Startup(params)) => {
@@ -100,6 +88,29 @@ pub async fn negotiate(stream: &mut Stream, tls: Option<&Acceptor>) -> Result<Op
             }
         }
     }
+}
+
+/// Starts TLS at once if the client's first byte begins a TLS record
+/// (PostgreSQL 17 `sslnegotiation=direct`). As in PostgreSQL, that needs
+/// ALPN `postgresql`, so that TLS meant for another protocol is refused.
+async fn direct_tls(stream: &mut Stream, acceptor: &Acceptor) -> Result<(), ProxyError> {
+    if stream.peek_first().await.map_err(ProxyError::ClientGone)? != Some(TLS_HANDSHAKE_RECORD) {
+        return Ok(());
+    }
+    stream.accept(acceptor).await.map_err(ProxyError::ClientTls)?;
+    if stream.alpn() != Some(ALPN_POSTGRESQL) {
+        return Err(ProxyError::TlsNegotiation("direct TLS connection without ALPN \"postgresql\""));
+    }
+    Ok(())
+}
+
+/// Answers SSLRequest: 'S' and the TLS handshake, or 'N' without TLS.
+async fn ssl_request(stream: &mut Stream, tls: Option<&Acceptor>) -> Result<(), ProxyError> {
+    let Some(acceptor) = tls else {
+        return stream.write_all(b"N").await.map_err(ProxyError::ClientGone);
+    };
+    stream.write_all(b"S").await.map_err(ProxyError::ClientGone)?;
+    stream.accept(acceptor).await.map_err(ProxyError::ClientTls)
 }
 
 /// Runs the startup phase on `stream`.

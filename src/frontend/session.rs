@@ -9,10 +9,11 @@
 //! responses to pgnear's own replays are swallowed.
 
 mod local;
+mod reply;
+mod server;
 mod state;
 mod unit;
 
-use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,20 +23,18 @@ use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
 use super::cancel::{Registration, ServerKey};
 use super::handshake::Login;
 use super::Shared;
-use crate::backend::{connect, Backend, ServerLogin};
+use crate::backend::ServerLogin;
 use crate::cluster::catalog::Catalog;
 use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
-use crate::metrics::{Direction, GaugeGuard};
-use crate::protocol::backend::{
-    backend_key_data, parameter_status, ready_for_query, ready_status, ErrorFields,
-};
+use crate::protocol::backend::{backend_key_data, ready_for_query};
 use crate::protocol::{Frame, FrameReader, ProtocolError};
 use crate::router::classify::Classification;
-use crate::router::consistency::{PrimarySample, Watermark};
+use crate::router::consistency::Watermark;
 use local::ProxySettings;
-use state::{ServerState, SessionState};
+use server::{first_server, Server};
+use state::SessionState;
 
 /// Client output is flushed once it grows past this, even mid-batch.
 const FLUSH_AT: usize = 64 * 1024;
@@ -52,6 +51,8 @@ pub enum Target {
 enum Flow {
     Continue,
     End,
+    /// A server is going away; handle it as lost.
+    Lost(Target),
 }
 
 /// Something the loop must handle.
@@ -84,54 +85,6 @@ impl<S: AsyncRead + AsyncWrite> Client<S> {
             self.out.clear();
         }
         Ok(())
-    }
-}
-
-/// A server connection, the key a cancel should use, and what it has of
-/// the session state.
-struct Server {
-    backend: Backend,
-    node: usize,
-    cancel_key: Arc<ServerKey>,
-    state: ServerState,
-    /// When each complete unit in flight was sent, for the latency metric.
-    started: std::collections::VecDeque<Instant>,
-    /// This connection's share of the node's outstanding units.
-    load: Load,
-    /// Session effects (SET, DISCARD ...) of each complete unit in flight,
-    /// applied when the unit succeeds.
-    effects: std::collections::VecDeque<Vec<Arc<Classification>>>,
-    /// Effects of units sent ahead of their Sync (after a Flush).
-    carry: Vec<Arc<Classification>>,
-    /// The unit now answering has reported an error.
-    unit_failed: bool,
-    _gauge: GaugeGuard,
-}
-
-/// Units a server connection adds to its node's outstanding count; given
-/// back when they finish or the connection goes.
-struct Load {
-    node: Arc<AtomicU32>,
-    held: u32,
-}
-
-impl Load {
-    fn add(&mut self) {
-        self.held += 1;
-        self.node.fetch_add(1, Ordering::Relaxed);
-    }
-
-    fn done(&mut self) {
-        if self.held > 0 {
-            self.held -= 1;
-            self.node.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
-}
-
-impl Drop for Load {
-    fn drop(&mut self) {
-        self.node.fetch_sub(self.held, Ordering::Relaxed);
     }
 }
 
@@ -179,6 +132,12 @@ pub struct Session<S> {
     /// reaches the client so that it can be retried elsewhere if the
     /// replica fails first.
     retry: Option<Batch>,
+    /// Where the unnamed statement was last parsed.
+    unnamed_on: Option<Target>,
+    /// A replica refused the session's settings: reads stay on the primary.
+    settings_refused: bool,
+    /// Session effects of the open transaction, applied if it commits.
+    tx_effects: Vec<Arc<Classification>>,
     /// The server reports `default_transaction_read_only = on`.
     default_read_only: bool,
     /// Since when reads have been held on the primary after a write.
@@ -234,6 +193,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         client.queue(&backend_key_data(registration.key));
         client.queue(&ready_for_query(b'I'));
         client.flush().await?;
+        let shared_mode = shared.config.consistency.read_your_writes;
+        let shared_watermark = shared.watermark.get();
         Ok(Session {
             shared,
             client,
@@ -248,12 +209,18 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             batch: Batch::default(),
             state: SessionState::default(),
             settings,
-            watermark: Watermark::default(),
+            watermark: match shared_mode {
+                ReadYourWrites::Off => Watermark::default(),
+                ReadYourWrites::Session | ReadYourWrites::Proxy => shared_watermark,
+            },
             reported_lsn: None,
             primary_dirty: false,
             catalog_stale: false,
             held: None,
             pinned_since: None,
+            unnamed_on: None,
+            settings_refused: false,
+            tx_effects: Vec::new(),
             default_read_only: startup_params.iter().any(is_read_only_default),
             retry: None,
             registration,
@@ -397,7 +364,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Event::Client(Ok(Some(frame))) => self.on_client(frame).await,
             Event::Client(Ok(None)) => Ok(Flow::End),
             Event::Client(Err(error)) => Err(error.into()),
-            Event::Server(target, Ok(Some(frame))) => self.on_server(target, frame),
+            Event::Server(target, Ok(Some(frame))) => match self.on_server(target, frame)? {
+                Flow::Lost(target) => self.server_lost(target).await.map(|()| Flow::Continue),
+                flow => Ok(flow),
+            },
             Event::Server(target, Ok(None)) => self.server_lost(target).await.map(|()| Flow::Continue),
             Event::Server(target, Err(error)) => {
                 let node = self.node_name(target);
@@ -409,189 +379,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Ok(Flow::Continue)
             }
             Event::IdleTimeout => Err(ProxyError::IdleTimeout),
-        }
-    }
-
-    /// A server connection closed or failed. Losing the primary ends the
-    /// session; losing a replica fails only the unit running there.
-    async fn server_lost(&mut self, target: Target) -> Result<(), ProxyError> {
-        let node = self.node_name(target);
-        if target == Target::Primary {
-            return Err(ProxyError::BackendLost { node });
-        }
-        tracing::warn!(node, "replica connection lost");
-        let was_bound = self.bound == Some(Target::Replica);
-        if let Some(lost) = self.replica.take() {
-            self.shared.topology.suspect(lost.node);
-        }
-        if let (true, Some(unit)) = (was_bound, self.retry.take()) {
-            // Nothing of this read reached the client yet: run it again on
-            // the next eligible node, unnoticed.
-            self.bound = None;
-            self.open_batch = false;
-            return self.dispatch(unit.frames, unit.classes, true).await;
-        }
-        if was_bound {
-            self.bound = None;
-            self.open_batch = false;
-            let message = format!("connection to replica {node} was lost; the statement did not complete");
-            let error = crate::protocol::backend::error_response(
-                crate::protocol::backend::Severity::Error,
-                crate::protocol::SqlState::ConnectionFailure,
-                &message,
-            );
-            self.client.queue(&error);
-            let status = self.primary.as_ref().map_or(b'I', |p| p.backend.tx_status);
-            self.client.queue(&ready_for_query(status));
-        }
-        Ok(())
-    }
-
-    fn on_server(&mut self, target: Target, frame: Frame) -> Result<Flow, ProxyError> {
-        let open_batch = self.open_batch;
-        let no_primary = self.primary.is_none();
-        let mut read_only = None;
-        let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
-        let mut latency = None;
-        let mut finished = None;
-        if server.backend.swallow(&frame) {
-            return Ok(Flow::Continue);
-        }
-        if target == Target::Replica {
-            self.retry = None;
-        }
-        let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
-        let mut flow = Flow::Continue;
-        match frame.tag() {
-            b'Z' => {
-                let status = ready_status(&frame)?;
-                latency = server.started.pop_front().map(|started| {
-                    server.load.done();
-                    (server.node, started.elapsed())
-                });
-                let failed = std::mem::take(&mut server.unit_failed);
-                finished = server.effects.pop_front().filter(|e| !failed && !e.is_empty());
-                server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
-                server.backend.tx_status = status;
-                let idle = server.backend.is_idle();
-                if idle && !open_batch && self.bound == Some(target) {
-                    self.bound = None;
-                }
-                if idle && target == Target::Primary {
-                    self.primary_idle(Instant::now());
-                }
-            }
-            b'S' if target == Target::Primary || no_primary => {
-                if let Ok((name, value)) = crate::protocol::backend::parse_parameter_status(&frame) {
-                    if name == "default_transaction_read_only" {
-                        read_only = Some(value == "on");
-                    }
-                }
-            }
-            b'G' => {
-                server.backend.copy_in = true;
-                if std::mem::take(&mut server.backend.last_unit_synced) {
-                    // Its ReadyForQuery comes with the Sync after CopyDone,
-                    // which counts as a unit of its own.
-                    if server.started.pop_back().is_some() {
-                        server.load.done();
-                    }
-                    server.effects.pop_back();
-                    // The Sync sent with this COPY's Execute reached the
-                    // server in COPY IN mode, where it is ignored.
-                    server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
-                }
-            }
-            b'E' if !ErrorFields::parse(&frame)?.is_fatal() => server.unit_failed = true,
-            b'E' => {
-                if target == Target::Replica && self.bound != Some(Target::Replica) {
-                    // An idle replica going away is not the client's business.
-                    self.replica = None;
-                    return Ok(Flow::Continue);
-                }
-                flow = Flow::End;
-            }
-            _ => {}
-        }
-        if let Some(effects) = finished {
-            self.unit_done(target, &effects);
-        }
-        if let Some(read_only) = read_only {
-            self.default_read_only = read_only;
-        }
-        if let Some((node, elapsed)) = latency {
-            self.shared.metrics.query_latency(&self.shared.topology.nodes[node].config.name, elapsed);
-        }
-        self.shared.metrics.bytes(Direction::ServerToClient, frame.len());
-        self.client.queue(&frame);
-        Ok(flow)
-    }
-
-    /// A unit with session effects succeeded on `target`: record them.
-    fn unit_done(&mut self, target: Target, effects: &[Arc<Classification>]) {
-        let (state, ran_on, mut others) =
-            unit::split_state(&mut self.state, self.primary.as_mut(), self.replica.as_mut(), target);
-        let Some(ran_on) = ran_on else { return };
-        let mut others: Vec<&mut ServerState> = others.iter_mut().map(|s| &mut s.state).collect();
-        for class in effects {
-            state.apply(class, &mut ran_on.state, &mut others);
-        }
-    }
-
-    /// The primary finished its work: a write, if any, has committed.
-    fn primary_idle(&mut self, at: Instant) {
-        if !std::mem::take(&mut self.primary_dirty) {
-            return;
-        }
-        if self.pinned_since.is_none()
-            && self.shared.config.consistency.read_your_writes != ReadYourWrites::Off
-        {
-            self.pinned_since = Some(at);
-            self.shared.metrics.pin_started();
-        }
-        match self.shared.config.consistency.read_your_writes {
-            ReadYourWrites::Off => {}
-            ReadYourWrites::Session => self.watermark.wrote(at),
-            ReadYourWrites::Proxy => {
-                self.watermark.wrote(at);
-                self.shared.watermark.wrote(at);
-            }
-        }
-    }
-
-    /// The monitor's latest primary sample, for resolving watermarks.
-    fn primary_sample(&self) -> Option<PrimarySample> {
-        let node = self.shared.topology.primary(&self.cluster).ok()?;
-        let status = self.shared.topology.nodes[node].status.load();
-        Some(PrimarySample { sent_at: status.probe_sent?, lsn: status.insert_lsn? })
-    }
-
-    /// Resolves pending watermarks and reports a new one to the client as
-    /// ParameterStatus `pgnear.write_lsn`.
-    fn refresh_watermark(&mut self) {
-        let proxy_scope = self.shared.config.consistency.read_your_writes == ReadYourWrites::Proxy;
-        let pending =
-            self.watermark.is_pending() || (proxy_scope && self.shared.watermark.get().is_pending());
-        if !pending {
-            return;
-        }
-        let sample = self.primary_sample();
-        self.watermark.resolve(sample);
-        self.shared.watermark.resolve(sample);
-        let lsn = self.watermark.lsn();
-        if lsn.is_some() && lsn != self.reported_lsn {
-            self.reported_lsn = lsn;
-            let value = lsn.map(|l| l.to_string()).unwrap_or_default();
-            self.client.queue(&parameter_status("pgnear.write_lsn", &value));
-        }
-    }
-
-    /// The watermark reads must respect under the configured scope.
-    fn effective_watermark(&self) -> Watermark {
-        match self.shared.config.consistency.read_your_writes {
-            ReadYourWrites::Off => Watermark::default(),
-            ReadYourWrites::Session => self.watermark,
-            ReadYourWrites::Proxy => self.watermark.merge(self.shared.watermark.get()),
         }
     }
 
@@ -647,45 +434,4 @@ fn startup_settings(login: &Login) -> Result<(ProxySettings, Vec<(String, String
         params.push(("database".into(), login.user.name.clone()));
     }
     Ok((settings, params))
-}
-
-/// The session's first server: the primary, or, while no primary is
-/// reachable, a replica so that reads keep working.
-async fn first_server(
-    shared: &Shared,
-    cluster: &str,
-    login: &ServerLogin,
-) -> Result<(Option<Server>, Option<Server>), ProxyError> {
-    let view = crate::router::ClusterView::capture(&shared.topology);
-    match view.primary(cluster) {
-        Ok(node) => Ok((Some(open(shared, node, login).await?), None)),
-        Err(no_primary) => match view.replica_for_startup(cluster) {
-            Some(node) => {
-                tracing::warn!(error = %no_primary, "starting the session on a replica: writes will fail until a primary is back");
-                Ok((None, Some(open(shared, node, login).await?)))
-            }
-            None => Err(no_primary.into()),
-        },
-    }
-}
-
-async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Server, ProxyError> {
-    let addr = shared.topology.nodes[node].addr;
-    let proxy = &shared.config.proxy;
-    let tls = &shared.tls.connectors[node];
-    let backend = connect(addr, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
-    let cancel_key = Arc::new(ServerKey { addr, key: backend.key });
-    let gauge = shared.metrics.backend_connection(&shared.topology.nodes[node].config.name);
-    Ok(Server {
-        backend,
-        node,
-        cancel_key,
-        state: ServerState::default(),
-        started: std::collections::VecDeque::new(),
-        load: Load { node: shared.topology.nodes[node].outstanding.clone(), held: 0 },
-        effects: std::collections::VecDeque::new(),
-        carry: Vec::new(),
-        unit_failed: false,
-        _gauge: gauge,
-    })
 }

@@ -156,3 +156,35 @@ impl VolatileFunctions {
         self.names.is_empty()
     }
 }
+
+/// Functions whose answer belongs to one node (its process, its recovery
+/// state, its statistics): a session asking them means its own primary
+/// backend, the one whose PID it was given, so they run on the primary.
+/// (`inet_server_port()` stays a read: it names whichever node answered.)
+pub fn reads_node_state(name: &str) -> bool {
+    const NAMES: &[&str] = &[
+        "pg_backend_pid",
+        "pg_is_in_recovery",
+        "pg_blocking_pids",
+        "pg_safe_snapshot_blocking_pids",
+        "pg_postmaster_start_time",
+        "pg_conf_load_time",
+        "pg_get_wal_replay_pause_state",
+        "pg_is_wal_replay_paused",
+        "pg_last_xact_replay_timestamp",
+        "pg_my_temp_schema",
+        "pg_current_snapshot",
+        "txid_current_snapshot",
+    ];
+    const PREFIXES: &[&str] = &["pg_stat_", "pg_current_wal", "pg_last_wal", "pg_ls_"];
+    NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}
+
+/// System views that describe one node rather than the data: activity,
+/// statistics, locks, prepared transactions, replication.
+pub fn is_node_state_relation(name: &str) -> bool {
+    const NAMES: &[&str] =
+        &["pg_locks", "pg_prepared_xacts", "pg_replication_slots", "pg_backend_memory_contexts"];
+    const PREFIXES: &[&str] = &["pg_stat_", "pg_statio_"];
+    NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
+}

@@ -163,6 +163,13 @@ fn need(
     if hint == Some(Hint::Primary) {
         return Need::Primary(Reason::Hint);
     }
+    let node_state = |c: &Arc<Classification>| {
+        c.functions.iter().any(|f| functions::reads_node_state(f))
+            || c.tables.iter().any(|t| functions::is_node_state_relation(t))
+    };
+    if unit.iter().any(node_state) {
+        return Need::Primary(Reason::Rule);
+    }
     let mut max_staleness = None;
     for rule in policy.rules {
         if !unit.iter().any(|c| c.tables.iter().any(|t| rule.tables.contains(t))) {

@@ -1,6 +1,7 @@
 //! Malformed and out-of-order input, one test per kind: each gets the
 //! exact SQLSTATE (or the close the protocol calls for), and a concurrent
-//! well-behaved session is unaffected.
+//! well-behaved session is unaffected. The last row of the matrix, 10,000
+//! connections that never speak, is in `limits.rs`.
 //!
 //! Cancel keys follow PostgreSQL: the key is the secret, so whoever
 //! presents a session's key may cancel that session's query, from any

@@ -163,7 +163,8 @@ const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 /// files. This also makes the RSS figure pgnear's alone.
 ///
 /// Reproduce the figure with
-/// `cargo test --test it limits::ten_thousand -- --nocapture`.
+/// `cargo test --test it limits::ten_thousand -- --nocapture`, and for a
+/// release build with `cargo build --release` and `PGNEAR_BIN=target/release/pgnear`.
 #[tokio::test]
 async fn ten_thousand_connections_that_never_speak() {
     let cluster = Cluster::builder().start().await.unwrap();
@@ -176,7 +177,9 @@ async fn ten_thousand_connections_that_never_speak() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(dir.path().join("proxy.toml"), toml).unwrap();
     let log = dir.path().join("pgnear.log");
-    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgnear"))
+    // PGNEAR_BIN measures another build, e.g. target/release/pgnear.
+    let bin = std::env::var("PGNEAR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pgnear").to_string());
+    let mut child = tokio::process::Command::new(bin)
         .arg("--config")
         .arg(dir.path().join("proxy.toml"))
         .args(["--log-format", "json"])

@@ -16,6 +16,9 @@ pub struct Prepared {
     pub class: Arc<Classification>,
 }
 
+/// DateStyle SETs kept for replay (each may change only part of it).
+const DATESTYLE_HISTORY: usize = 8;
+
 /// The session's settings, as the statements that produced them.
 #[derive(Debug, Default)]
 pub struct Settings {
@@ -26,10 +29,11 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// The hidden query that brings a server from any earlier state to
-    /// this one, or `None` when nothing was ever set.
+    /// The query that brings a server from any earlier state to this one.
+    /// `RESET ALL` leaves the role and session authorization alone, so
+    /// those are reset first.
     pub fn replay_sql(&self) -> String {
-        let mut sql = String::from("RESET ALL");
+        let mut sql = String::from("RESET SESSION AUTHORIZATION;\nRESET ROLE;\nRESET ALL");
         for (_, statement) in &self.statements {
             sql.push_str(";\n");
             sql.push_str(statement);
@@ -37,16 +41,33 @@ impl Settings {
         sql
     }
 
+    /// Records a SET, replayed in execution order: `SET SESSION
+    /// AUTHORIZATION` clears an earlier `SET ROLE`, so order matters.
+    /// DateStyle merges partial values with the current ones, so its
+    /// history is kept (bounded) instead of only its last value.
     fn set(&mut self, name: &str, statement: &str) {
-        match self.statements.iter_mut().find(|(n, _)| n == name) {
-            Some(entry) => entry.1 = statement.to_string(),
-            None => self.statements.push((name.to_string(), statement.to_string())),
+        if name == "datestyle" {
+            let history = self.statements.iter().filter(|(n, _)| n == name).count();
+            if history >= DATESTYLE_HISTORY {
+                if let Some(first) = self.statements.iter().position(|(n, _)| n == name) {
+                    self.statements.remove(first);
+                }
+            }
+        } else {
+            self.statements.retain(|(n, _)| n != name);
         }
+        if name == "session_authorization" {
+            self.statements.retain(|(n, _)| n != "role");
+        }
+        self.statements.push((name.to_string(), statement.to_string()));
         self.version += 1;
     }
 
     fn reset(&mut self, name: &str) {
         self.statements.retain(|(n, _)| n != name);
+        if name == "session_authorization" {
+            self.statements.retain(|(n, _)| n != "role");
+        }
         self.version += 1;
     }
 
@@ -146,9 +167,21 @@ mod tests {
         }
         assert_eq!(a.settings_version, state.settings.version);
         assert_ne!(b.settings_version, state.settings.version);
-        assert_eq!(state.settings.replay_sql(), "RESET ALL;\nSET search_path TO other;\nSET TIME ZONE 'UTC'");
+        let prefix = "RESET SESSION AUTHORIZATION;\nRESET ROLE;\nRESET ALL";
+        assert_eq!(
+            state.settings.replay_sql(),
+            format!("{prefix};\nSET TIME ZONE 'UTC';\nSET search_path TO other")
+        );
         state.apply(&classify("RESET timezone"), &mut a, &mut [&mut b]);
-        assert_eq!(state.settings.replay_sql(), "RESET ALL;\nSET search_path TO other");
+        assert_eq!(state.settings.replay_sql(), format!("{prefix};\nSET search_path TO other"));
+        for sql in
+            ["SET datestyle TO iso", "SET datestyle TO ymd", "SET ROLE r1", "SET SESSION AUTHORIZATION u1"]
+        {
+            state.apply(&classify(sql), &mut a, &mut [&mut b]);
+        }
+        let replay = state.settings.replay_sql();
+        assert!(replay.contains("SET datestyle TO iso;\nSET datestyle TO ymd"), "{replay}");
+        assert!(!replay.contains("\nSET ROLE r1"), "{replay}");
     }
 
     #[test]

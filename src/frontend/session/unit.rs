@@ -179,21 +179,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if self.open_batch {
             self.reopen(&frames, &classes).await?;
         }
-        let (target, reason) = match self.bound {
-            // Inside a transaction, or pipelined behind the unit that
-            // chose this server and so sharing its reason.
-            Some(target) => match self.server(target).map(|s| s.backend.tx_status) {
-                Some(b'T' | b'E') => (target, Reason::Transaction),
-                _ => (target, self.bound_reason),
+        let affinity =
+            self.unnamed_on.filter(|t| self.server(*t).is_some() && uses_unnamed_statement(&frames));
+        let (target, reason) = match (self.bound, affinity) {
+            (None, Some(target)) => (target, self.bound_reason),
+            (bound, _) => match bound {
+                // Inside a transaction, or pipelined behind the unit that
+                // chose this server and so sharing its reason.
+                Some(target) => match self.server(target).map(|s| s.backend.tx_status) {
+                    Some(b'T' | b'E') => (target, Reason::Transaction),
+                    _ => (target, self.bound_reason),
+                },
+                None => match self.choose(&classes).await? {
+                    Ok(chosen) => chosen,
+                    Err(error) => {
+                        // No server can take this unit: fail it, keep the session.
+                        self.client.queue(&error);
+                        self.client.queue(&ready_for_query(b'I'));
+                        return Ok(());
+                    }
+                },
             },
-            None => match self.choose(&classes).await? {
-                Ok(chosen) => chosen,
-                Err(error) => {
-                    // No server can take this unit: fail it, keep the session.
-                    self.client.queue(&error);
-                    self.client.queue(&ready_for_query(b'I'));
-                    return Ok(());
+        };
+        let (target, reason) = match self.bound {
+            Some(_) => (target, reason),
+            None => match self.sync_settings(target).await? {
+                None => (target, reason),
+                Some(message) if target == Target::Replica => {
+                    // Keep this session's reads on the primary from now on.
+                    let node = self.node_name(target);
+                    tracing::warn!(node, message, "cannot restore session settings on the replica");
+                    self.settings_refused = true;
+                    if let Some(replica) = self.replica.take() {
+                        replica.backend.terminate().await;
+                    }
+                    match self.choose(&classes).await? {
+                        Ok((Target::Primary, reason)) => match self.sync_settings(Target::Primary).await? {
+                            None => (Target::Primary, reason),
+                            Some(message) => return Err(ProxyError::SettingsLost(message)),
+                        },
+                        _ => return Err(ProxyError::SettingsLost(message)),
+                    }
                 }
+                Some(message) => return Err(ProxyError::SettingsLost(message)),
             },
         };
         self.replay(target, &frames);
@@ -221,6 +249,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         server.backend.last_unit_synced = complete && extended;
         self.track(target, &frames, &classes, complete);
+        if frames.iter().any(|f| f.tag() == b'P' && frontend::parse(f).is_ok_and(|p| p.name.is_empty())) {
+            self.unnamed_on = Some(target);
+        }
         if self.bound.is_none() {
             self.bound_reason = reason;
         }
@@ -266,7 +297,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if target == Target::Primary && writes {
             self.primary_dirty = true;
         }
-        self.catalog_stale |= classes.iter().any(|c| c.ddl);
+        // Only DDL that may create a volatile function needs the catalog
+        // reloaded, and only where a replica could otherwise be chosen.
+        if classes.iter().any(|c| c.ddl) && may_define_functions(frames) && self.cluster_has_replicas() {
+            self.catalog_stale = true;
+        }
         let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
         let classifier = &self.shared.classifier;
         let (state, ran_on, mut others) =
@@ -276,7 +311,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             // Pins hold at once; other effects wait for the unit to succeed
             // (see `Session::unit_done`), so a failed SET is never replayed.
             state.pinned |= classes.iter().any(|c| c.pins().next().is_some());
-            ran_on.carry.extend(classes.iter().filter(|c| !c.effects.is_empty()).cloned());
+            let rollback = |c: &&Arc<Classification>| c.class == Class::Transaction(Tx::Rollback);
+            ran_on.carry.extend(classes.iter().filter(|c| !c.effects.is_empty() || rollback(c)).cloned());
         }
         if complete {
             let effects = std::mem::take(&mut ran_on.carry);
@@ -297,21 +333,49 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
     }
 
-    /// Queues, ahead of a unit, what `target` is missing of the session:
-    /// settings, Closes of statements closed elsewhere, and Parses of the
-    /// named statements the unit uses. Their responses are swallowed.
-    fn replay(&mut self, target: Target, frames: &[Frame]) {
+    /// Brings `target`'s settings up to date before a new unit, waiting
+    /// for the result: a statement must never run with settings (a role,
+    /// a search_path) other than the session's. On failure the error's
+    /// message is returned and the server is left out of date.
+    async fn sync_settings(&mut self, target: Target) -> Result<Option<String>, ProxyError> {
         let version = self.state.settings.version;
-        let replay_sql = self.state.settings.replay_sql();
+        let mut body = self.state.settings.replay_sql().into_bytes();
+        body.push(0);
+        let Some(server) = self.server_mut(target) else { return Ok(None) };
+        if server.state.settings_version == version {
+            return Ok(None);
+        }
+        server.backend.queue(&Frame::new(b'Q', &body));
+        let lost = |_| ProxyError::BackendLost { node: format!("{target:?}") };
+        server.backend.flush().await.map_err(lost)?;
+        let mut failure = None;
+        loop {
+            let frame = match server.backend.next().await {
+                Ok(Some(frame)) => frame,
+                Ok(None) => return Err(ProxyError::BackendLost { node: format!("{target:?}") }),
+                Err(source) => {
+                    return Err(ProxyError::BackendProtocol { node: format!("{target:?}"), source })
+                }
+            };
+            match frame.tag() {
+                b'E' => failure = Some(crate::protocol::backend::ErrorFields::parse(&frame)?.message),
+                b'Z' => break,
+                _ => {}
+            }
+        }
+        if failure.is_none() {
+            server.state.settings_version = version;
+        }
+        Ok(failure)
+    }
+
+    /// Queues, ahead of a unit, what `target` is missing of the session:
+    /// Closes of statements closed elsewhere, and Parses of the named
+    /// statements the unit uses. Their responses are swallowed.
+    fn replay(&mut self, target: Target, frames: &[Frame]) {
         let needed = self.missing_statements(target, frames);
         let extended = frames.iter().any(|f| matches!(f.tag(), b'P' | b'B' | b'D' | b'C' | b'E'));
         let Some(server) = self.server_mut(target) else { return };
-        if server.state.settings_version != version {
-            let mut body = replay_sql.into_bytes();
-            body.push(0);
-            server.backend.queue_hidden(&Frame::new(b'Q', &body), Hidden::UntilReady);
-            server.state.settings_version = version;
-        }
         if !extended {
             return;
         }
@@ -414,7 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let session = SessionView {
             cluster: &self.cluster,
             setting: self.settings.route,
-            pinned: self.state.pinned,
+            pinned: self.state.pinned || self.settings_refused,
             freshness: self.effective_watermark().freshness(self.settings.min_lsn),
         };
         let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
@@ -431,7 +495,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 let name = self.shared.topology.nodes[node].config.name.clone();
                 Err(ProxyError::PrimaryMoved { node: name })
             }
-            None => match super::open(&self.shared, node, &self.login).await {
+            None => match super::server::open(&self.shared, node, &self.login).await {
                 Ok(server) => {
                     self.primary = Some(server);
                     Ok(Ok(Target::Primary))
@@ -454,7 +518,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if let Some(old) = self.replica.take() {
             old.backend.terminate().await;
         }
-        match super::open(&self.shared, node, &self.login).await {
+        match super::server::open(&self.shared, node, &self.login).await {
             Ok(server) => {
                 self.replica = Some(server);
                 Target::Replica
@@ -539,6 +603,11 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         self.client.queue(&ready_for_query(status));
     }
 
+    fn cluster_has_replicas(&self) -> bool {
+        let nodes = &self.shared.topology.nodes;
+        nodes.iter().filter(|n| n.config.cluster == self.cluster).count() > 1
+    }
+
     /// Counts a unit that executes statements, by node, role and reason.
     fn count_route(&self, target: Target, reason: Reason) {
         let Some(server) = self.server(target) else { return };
@@ -601,6 +670,37 @@ fn uses_unnamed(frames: &[Frame]) -> bool {
         };
         if !portals.contains(&portal) {
             return true;
+        }
+    }
+    false
+}
+
+/// Whether the unit's SQL could define or replace a function: then the
+/// volatile-function catalog is reloaded before the next routing decision.
+fn may_define_functions(frames: &[Frame]) -> bool {
+    frames.iter().any(|frame| {
+        let text = match frame.tag() {
+            b'Q' => frontend::query_text(frame).ok(),
+            b'P' => frontend::parse(frame).ok().map(|p| p.query),
+            _ => None,
+        };
+        text.is_some_and(|t| {
+            let t = t.to_ascii_lowercase();
+            ["function", "procedure", "extension", "aggregate", "language"].iter().any(|w| t.contains(w))
+                || t.trim_start().starts_with("do")
+        })
+    })
+}
+
+/// Whether a unit binds or describes the unnamed statement without parsing
+/// it: psql's `\gdesc` parses in one unit and describes in the next.
+fn uses_unnamed_statement(frames: &[Frame]) -> bool {
+    for frame in frames {
+        match frame.tag() {
+            b'P' if frontend::parse(frame).is_ok_and(|p| p.name.is_empty()) => return false,
+            b'B' if frontend::bind(frame).is_ok_and(|b| b.statement.is_empty()) => return true,
+            b'D' if matches!(frontend::target(frame), Ok(Named::Statement(""))) => return true,
+            _ => {}
         }
     }
     false

@@ -1,0 +1,245 @@
+//! The server side of the relay: what each server message does to the
+//! session (ReadyForQuery ends units, errors mark them failed, FATAL ends
+//! the session), a lost server connection, and the write watermark.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use tokio::io::{AsyncRead, AsyncWrite};
+
+use super::state::ServerState;
+use super::{unit, Flow, Session, Target};
+use crate::config::ReadYourWrites;
+use crate::error::ProxyError;
+use crate::metrics::Direction;
+use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, ErrorFields};
+use crate::protocol::Frame;
+use crate::router::classify::{Class, Classification, Tx};
+use crate::router::consistency::{PrimarySample, Watermark};
+
+impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+    /// A server connection closed or failed. Losing the primary ends the
+    /// session; losing a replica fails only the unit running there.
+    pub(super) async fn server_lost(&mut self, target: Target) -> Result<(), ProxyError> {
+        let node = self.node_name(target);
+        if target == Target::Primary {
+            return Err(ProxyError::BackendLost { node });
+        }
+        tracing::warn!(node, "replica connection lost");
+        let was_bound = self.bound == Some(Target::Replica);
+        if let Some(lost) = self.replica.take() {
+            self.shared.topology.suspect(lost.node);
+        }
+        if let (true, Some(unit)) = (was_bound, self.retry.take()) {
+            // Nothing of this read reached the client yet: run it again on
+            // the next eligible node, unnoticed.
+            self.bound = None;
+            self.open_batch = false;
+            return self.dispatch(unit.frames, unit.classes, true).await;
+        }
+        if was_bound {
+            self.bound = None;
+            self.open_batch = false;
+            let message = format!("connection to replica {node} was lost; the statement did not complete");
+            let error = crate::protocol::backend::error_response(
+                crate::protocol::backend::Severity::Error,
+                crate::protocol::SqlState::ConnectionFailure,
+                &message,
+            );
+            self.client.queue(&error);
+            let status = self.primary.as_ref().map_or(b'I', |p| p.backend.tx_status);
+            self.client.queue(&ready_for_query(status));
+        }
+        Ok(())
+    }
+
+    pub(super) fn on_server(&mut self, target: Target, frame: Frame) -> Result<Flow, ProxyError> {
+        let open_batch = self.open_batch;
+        let no_primary = self.primary.is_none();
+        let mut read_only = None;
+        let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
+        let mut latency = None;
+        let mut finished = None;
+        if server.backend.swallow(&frame) {
+            return Ok(Flow::Continue);
+        }
+        // Notices (PostgreSQL warns before an immediate shutdown) and
+        // ParameterStatus are not results: the read may still be retried.
+        if target == Target::Replica && !matches!(frame.tag(), b'N' | b'S' | b'E') {
+            self.retry = None;
+        }
+        let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
+        let mut flow = Flow::Continue;
+        match frame.tag() {
+            b'Z' => {
+                let status = ready_status(&frame)?;
+                latency = server.started.pop_front().map(|started| {
+                    server.load.done();
+                    (server.node, started.elapsed())
+                });
+                let failed = std::mem::take(&mut server.unit_failed);
+                let before = server.backend.tx_status;
+                finished = server.effects.pop_front().map(|e| (e, failed, before, status));
+                server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
+                server.backend.tx_status = status;
+                let idle = server.backend.is_idle();
+                if idle && !open_batch && self.bound == Some(target) {
+                    self.bound = None;
+                }
+                if idle && target == Target::Primary {
+                    self.primary_idle(Instant::now());
+                }
+            }
+            b'S' if target == Target::Primary || no_primary => {
+                if let Ok((name, value)) = crate::protocol::backend::parse_parameter_status(&frame) {
+                    if name == "default_transaction_read_only" {
+                        read_only = Some(value == "on");
+                    }
+                }
+            }
+            b'G' => {
+                server.backend.copy_in = true;
+                if std::mem::take(&mut server.backend.last_unit_synced) {
+                    // Its ReadyForQuery comes with the Sync after CopyDone,
+                    // which counts as a unit of its own.
+                    if server.started.pop_back().is_some() {
+                        server.load.done();
+                    }
+                    server.effects.pop_back();
+                    // The Sync sent with this COPY's Execute reached the
+                    // server in COPY IN mode, where it is ignored.
+                    server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
+                }
+            }
+            b'E' if !ErrorFields::parse(&frame)?.is_fatal() => {
+                server.unit_failed = true;
+                if target == Target::Replica {
+                    self.retry = None;
+                }
+            }
+            b'E' => {
+                if target == Target::Replica && self.bound != Some(Target::Replica) {
+                    // An idle replica going away is not the client's business.
+                    self.replica = None;
+                    return Ok(Flow::Continue);
+                }
+                if target == Target::Replica && self.retry.is_some() {
+                    // The replica is going away before the read produced
+                    // anything: run it elsewhere instead.
+                    return Ok(Flow::Lost(Target::Replica));
+                }
+                flow = Flow::End;
+            }
+            _ => {}
+        }
+        if let Some((effects, failed, before, after)) = finished {
+            self.unit_finished(target, effects, failed, before, after);
+        }
+        if let Some(read_only) = read_only {
+            self.default_read_only = read_only;
+        }
+        if let Some((node, elapsed)) = latency {
+            self.shared.metrics.query_latency(&self.shared.topology.nodes[node].config.name, elapsed);
+        }
+        self.shared.metrics.bytes(Direction::ServerToClient, frame.len());
+        self.client.queue(&frame);
+        Ok(flow)
+    }
+
+    /// A unit ended with ReadyForQuery status `after`. Its session effects
+    /// count if it succeeded and, inside a transaction block, only once
+    /// the block commits: a rolled-back SET is gone on the server too.
+    fn unit_finished(
+        &mut self,
+        target: Target,
+        effects: Vec<Arc<Classification>>,
+        failed: bool,
+        before: u8,
+        after: u8,
+    ) {
+        let rollback = effects.iter().any(|c| c.class == Class::Transaction(Tx::Rollback));
+        let effects: Vec<Arc<Classification>> =
+            if failed { Vec::new() } else { effects.into_iter().filter(|c| !c.effects.is_empty()).collect() };
+        if after != b'I' {
+            self.tx_effects.extend(effects);
+            return;
+        }
+        let committed = !rollback && before != b'E';
+        let mut done = std::mem::take(&mut self.tx_effects);
+        if !committed {
+            done.clear();
+        }
+        done.extend(effects);
+        if !done.is_empty() {
+            self.unit_done(target, &done);
+        }
+    }
+
+    /// A unit with session effects succeeded on `target`: record them.
+    fn unit_done(&mut self, target: Target, effects: &[Arc<Classification>]) {
+        let (state, ran_on, mut others) =
+            unit::split_state(&mut self.state, self.primary.as_mut(), self.replica.as_mut(), target);
+        let Some(ran_on) = ran_on else { return };
+        let mut others: Vec<&mut ServerState> = others.iter_mut().map(|s| &mut s.state).collect();
+        for class in effects {
+            state.apply(class, &mut ran_on.state, &mut others);
+        }
+    }
+
+    /// The primary finished its work: a write, if any, has committed.
+    fn primary_idle(&mut self, at: Instant) {
+        if !std::mem::take(&mut self.primary_dirty) {
+            return;
+        }
+        if self.pinned_since.is_none()
+            && self.shared.config.consistency.read_your_writes != ReadYourWrites::Off
+        {
+            self.pinned_since = Some(at);
+            self.shared.metrics.pin_started();
+        }
+        match self.shared.config.consistency.read_your_writes {
+            ReadYourWrites::Off => {}
+            // The proxy-wide watermark is kept in both scopes: sessions
+            // start from it, so a client that reconnects (psql's `\c`, a
+            // pool opening a new connection) still reads what it wrote.
+            ReadYourWrites::Session | ReadYourWrites::Proxy => {
+                self.watermark.wrote(at);
+                self.shared.watermark.wrote(at);
+            }
+        }
+    }
+
+    /// The monitor's latest primary sample, for resolving watermarks.
+    fn primary_sample(&self) -> Option<PrimarySample> {
+        let node = self.shared.topology.primary(&self.cluster).ok()?;
+        let status = self.shared.topology.nodes[node].status.load();
+        Some(PrimarySample { sent_at: status.probe_sent?, lsn: status.insert_lsn? })
+    }
+
+    /// Resolves pending watermarks and reports a new one to the client as
+    /// ParameterStatus `pgnear.write_lsn`.
+    pub(super) fn refresh_watermark(&mut self) {
+        let pending = self.watermark.is_pending() || self.shared.watermark.get().is_pending();
+        if !pending {
+            return;
+        }
+        let sample = self.primary_sample();
+        self.watermark.resolve(sample);
+        self.shared.watermark.resolve(sample);
+        let lsn = self.watermark.lsn();
+        if lsn.is_some() && lsn != self.reported_lsn {
+            self.reported_lsn = lsn;
+            let value = lsn.map(|l| l.to_string()).unwrap_or_default();
+            self.client.queue(&parameter_status("pgnear.write_lsn", &value));
+        }
+    }
+
+    /// The watermark reads must respect under the configured scope.
+    pub(super) fn effective_watermark(&self) -> Watermark {
+        match self.shared.config.consistency.read_your_writes {
+            ReadYourWrites::Off => Watermark::default(),
+            ReadYourWrites::Session => self.watermark,
+            ReadYourWrites::Proxy => self.watermark.merge(self.shared.watermark.get()),
+        }
+    }
+}

@@ -1,0 +1,102 @@
+//! One server connection as the session holds it, and opening one.
+
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+use super::state::ServerState;
+use crate::backend::{connect, Backend, ServerLogin};
+use crate::error::ProxyError;
+use crate::frontend::cancel::ServerKey;
+use crate::frontend::Shared;
+use crate::metrics::GaugeGuard;
+use crate::router::classify::Classification;
+
+/// A server connection, the key a cancel should use, and what it has of
+/// the session state.
+pub(super) struct Server {
+    pub(super) backend: Backend,
+    pub(super) node: usize,
+    pub(super) cancel_key: Arc<ServerKey>,
+    pub(super) state: ServerState,
+    /// When each complete unit in flight was sent, for the latency metric.
+    pub(super) started: std::collections::VecDeque<Instant>,
+    /// This connection's share of the node's outstanding units.
+    pub(super) load: Load,
+    /// Session effects (SET, DISCARD ...) of each complete unit in flight,
+    /// applied when the unit succeeds.
+    pub(super) effects: std::collections::VecDeque<Vec<Arc<Classification>>>,
+    /// Effects of units sent ahead of their Sync (after a Flush).
+    pub(super) carry: Vec<Arc<Classification>>,
+    /// The unit now answering has reported an error.
+    pub(super) unit_failed: bool,
+    pub(super) _gauge: GaugeGuard,
+}
+
+/// Units a server connection adds to its node's outstanding count; given
+/// back when they finish or the connection goes.
+pub(super) struct Load {
+    node: Arc<AtomicU32>,
+    held: u32,
+}
+
+impl Load {
+    pub(super) fn add(&mut self) {
+        self.held += 1;
+        self.node.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(super) fn done(&mut self) {
+        if self.held > 0 {
+            self.held -= 1;
+            self.node.fetch_sub(1, Ordering::Relaxed);
+        }
+    }
+}
+
+impl Drop for Load {
+    fn drop(&mut self) {
+        self.node.fetch_sub(self.held, Ordering::Relaxed);
+    }
+}
+
+/// The session's first server: the primary, or, while no primary is
+/// reachable, a replica so that reads keep working.
+pub(super) async fn first_server(
+    shared: &Shared,
+    cluster: &str,
+    login: &ServerLogin,
+) -> Result<(Option<Server>, Option<Server>), ProxyError> {
+    let view = crate::router::ClusterView::capture(&shared.topology);
+    match view.primary(cluster) {
+        Ok(node) => Ok((Some(open(shared, node, login).await?), None)),
+        Err(no_primary) => match view.replica_for_startup(cluster) {
+            Some(node) => {
+                tracing::warn!(error = %no_primary, "starting the session on a replica: writes will fail until a primary is back");
+                Ok((None, Some(open(shared, node, login).await?)))
+            }
+            None => Err(no_primary.into()),
+        },
+    }
+}
+
+pub(super) async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Server, ProxyError> {
+    let addr = shared.topology.nodes[node].addr;
+    let proxy = &shared.config.proxy;
+    let tls = &shared.tls.connectors[node];
+    let backend = connect(addr, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
+    let cancel_key = Arc::new(ServerKey { addr, key: backend.key });
+    let gauge = shared.metrics.backend_connection(&shared.topology.nodes[node].config.name);
+    Ok(Server {
+        backend,
+        node,
+        cancel_key,
+        state: ServerState::default(),
+        started: std::collections::VecDeque::new(),
+        load: Load { node: shared.topology.nodes[node].outstanding.clone(), held: 0 },
+        effects: std::collections::VecDeque::new(),
+        carry: Vec::new(),
+        unit_failed: false,
+        _gauge: gauge,
+    })
+}
