@@ -52,7 +52,7 @@ impl Proxy {
     pub async fn start(config: Config) -> Result<Proxy, StartError> {
         let config = Arc::new(config);
         let addr = config.proxy.listen;
-        let listener = TcpListener::bind(addr).await.map_err(|source| StartError::Listen { addr, source })?;
+        let listener = client_listener(addr).map_err(|source| StartError::Listen { addr, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
         let admin_listener = match config.proxy.admin_listen {
             Some(addr) => {
@@ -132,4 +132,13 @@ impl Drop for Proxy {
             admin.abort();
         }
     }
+}
+
+/// The client listener, with a deep accept backlog so that a burst of
+/// connections on a loaded host is queued rather than dropped.
+fn client_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(4096)
 }
