@@ -71,6 +71,18 @@ impl Settings {
         self.version += 1;
     }
 
+    /// Forgets placeholder settings of a library just loaded: `LOAD`
+    /// removes those the library does not define, so replaying them would
+    /// bring back what the server dropped.
+    pub fn forget_prefix(&mut self, library: &str) {
+        let prefix = format!("{library}.");
+        let before = self.statements.len();
+        self.statements.retain(|(n, _)| !n.starts_with(&prefix));
+        if self.statements.len() != before {
+            self.version += 1;
+        }
+    }
+
     fn clear(&mut self) {
         self.statements.clear();
         self.version += 1;

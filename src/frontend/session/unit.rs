@@ -249,6 +249,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
         server.backend.last_unit_synced = complete && extended;
         self.track(target, &frames, &classes, complete);
+        if let Some(library) = loaded_library(&frames) {
+            self.state.settings.forget_prefix(&library);
+            let version = self.state.settings.version;
+            if let Some(server) = self.server_mut(target) {
+                server.state.settings_version = version;
+            }
+        }
         if frames.iter().any(|f| f.tag() == b'P' && frontend::parse(f).is_ok_and(|p| p.name.is_empty())) {
             self.unnamed_on = Some(target);
         }
@@ -704,4 +711,15 @@ fn uses_unnamed_statement(frames: &[Frame]) -> bool {
         }
     }
     false
+}
+
+/// The library a simple `LOAD 'name'` loads (its base name), if that is
+/// what the unit is.
+fn loaded_library(frames: &[Frame]) -> Option<String> {
+    let [frame] = frames else { return None };
+    let text = frontend::query_text(frame).ok()?.trim().trim_end_matches(';').trim();
+    text.get(..4).filter(|w| w.eq_ignore_ascii_case("load"))?;
+    let path = text[4..].trim().trim_matches('\'');
+    let base = path.rsplit('/').next()?.split('.').next()?;
+    (!base.is_empty()).then(|| base.to_ascii_lowercase())
 }
