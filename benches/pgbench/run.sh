@@ -24,15 +24,16 @@
 #   memory   pgnear RSS streaming a 1 GB result to a slow reader; with idle
 #            authenticated clients; with 10,000 idle TCP-only clients; and
 #            what 10,000 authenticated clients do
-#   profile  perf record of pgnear under pgbench -S -c 16 (simple, prepared)
-#            and the TPC-B-like mix; syscalls per transaction (perf stat)
+#   profile  syscalls per transaction (pgnear and PgBouncer, perf stat) and a
+#            perf record of pgnear, under pgbench -S -c 16 (simple, extended,
+#            prepared) and the TPC-B-like mix
 #
 # Settings (environment):
 #   DURATION=10  ROUNDS=3  SCALE=10  CLIENTS="1 16 64"  MODES="simple extended prepared"
 #   OUT=target/pgbench-results/<timestamp>   KEEP=1 keeps the cluster directory
 #   WAN_DELAY_MS=40 WAN_CLIENTS=4 WAN_DURATION=20 RAW_ITERATIONS=100
 #   IDLE_AUTH=1000 IDLE_TCP=10000 STREAM_RATE_MB=16
-#   PROFILE_SECONDS=10 PROFILE_CASES="simple prepared tpcb-simple"
+#   PROFILE_SECONDS=10 PROFILE_CASES="simple extended prepared tpcb-simple"
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-split" (add pgnear-primary-w1
 #   for pgnear on a one-worker runtime)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
@@ -56,7 +57,7 @@ IDLE_AUTH=${IDLE_AUTH:-1000}
 IDLE_TCP=${IDLE_TCP:-10000}
 STREAM_RATE_MB=${STREAM_RATE_MB:-16}
 PROFILE_SECONDS=${PROFILE_SECONDS:-10}
-PROFILE_CASES=${PROFILE_CASES:-"simple prepared tpcb-simple"}
+PROFILE_CASES=${PROFILE_CASES:-"simple extended prepared tpcb-simple"}
 PG_BIN=${PGNEAR_PG_BIN:-/usr/lib/postgresql/15/bin}
 OUT=${OUT:-$ROOT/target/pgbench-results/$(date +%Y%m%d-%H%M%S)}
 MAX_CONNECTIONS=$((IDLE_AUTH + 150))
@@ -503,25 +504,52 @@ phase_memory() {
 
 # --- phase: profile -------------------------------------------------------------
 
+# count_syscalls TARGET PID PORT NAME PGBENCH_ARGS...: one row of syscalls.tsv
+count_syscalls() {
+    local target=$1 pid=$2 port=$3 name=$4
+    shift 4
+    local events=sendto,recvfrom,epoll_wait,futex,write,read
+    local file="$OUT/profile/$name/syscalls-$target.txt"
+    perf stat -e "$(sed 's/\([a-z_][a-z_]*\)/syscalls:sys_enter_\1/g' <<<"$events")" -p "$pid" -o "$file" &
+    local perf_pid=$!
+    sleep 0.5
+    "$PGBENCH" -n "$@" -T "$PROFILE_SECONDS" -h 127.0.0.1 -p "$port" -U postgres postgres >"$file.pgbench" 2>&1 || true
+    kill -INT "$perf_pid"
+    wait "$perf_pid" || true
+    local txns
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$file.pgbench")
+    printf '%s\t%s\t%s' "$name" "$target" "${txns:-0}" >>"$OUT/profile/syscalls.tsv"
+    for e in ${events//,/ }; do
+        local n
+        n=$(awk -v e="syscalls:sys_enter_$e" '$2 == e {gsub(",", "", $1); print $1}' "$file")
+        printf '\t%s' "$(awk -v n="${n:-0}" -v t="${txns:-0}" 'BEGIN{printf "%.2f", t ? n / t : 0}')" >>"$OUT/profile/syscalls.tsv"
+    done
+    printf '\n' >>"$OUT/profile/syscalls.tsv"
+}
+
 phase_profile() {
     mkdir -p "$OUT/profile"
     write_pgnear_config "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY" "$P_PRIMARY" primary ""
     start_pgnear pgnear-profile "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY"
     local pid=$NEAR_PID
-    local events=syscalls:sys_enter_sendto,syscalls:sys_enter_recvfrom,syscalls:sys_enter_epoll_wait,syscalls:sys_enter_futex,syscalls:sys_enter_write,syscalls:sys_enter_read
+    start_pgbouncer
+    printf 'case\ttarget\ttransactions\tsendto\trecvfrom\tepoll_wait\tfutex\twrite\tread\n' >"$OUT/profile/syscalls.tsv"
     for name in $PROFILE_CASES; do
-        local dir=$OUT/profile/$name mode=${name#tpcb-} select=-S
-        [[ $name == tpcb-* ]] && select=
+        local dir=$OUT/profile/$name mode=${name#tpcb-} args=(-c 16 -j 2)
+        [[ $name == tpcb-* ]] || args+=(-S)
+        args+=(-M "$mode")
         mkdir -p "$dir"
-        log "profiling pgnear under pgbench $select -c 16 -M $mode (load $(load1))"
-        "$PGBENCH" -n $select -M "$mode" -c 16 -j 2 -T $((2 * PROFILE_SECONDS + 6)) -h 127.0.0.1 -p "$P_NEAR_PRIMARY" \
+        # Syscalls per transaction (tracepoints work without a PMU), pgnear
+        # and PgBouncer on the same pgbench.
+        log "syscalls per transaction under pgbench ${args[*]} (load $(load1))"
+        count_syscalls pgnear "$pid" "$P_NEAR_PRIMARY" "$name" "${args[@]}"
+        [[ $mode == prepared ]] || count_syscalls pgbouncer "$BOUNCER_PID" "$P_BOUNCER" "$name" "${args[@]}"
+        # A sampled profile with DWARF call graphs (cpu-clock: no PMU in VMs).
+        log "profiling pgnear under pgbench ${args[*]} (load $(load1))"
+        "$PGBENCH" -n "${args[@]}" -T $((PROFILE_SECONDS + 4)) -h 127.0.0.1 -p "$P_NEAR_PRIMARY" \
             -U postgres postgres >"$dir/pgbench.out" 2>&1 &
         local bench=$!
         sleep 2
-        # Syscalls per transaction (tracepoints work without a PMU), then a
-        # sampled profile with DWARF call graphs (cpu-clock: no PMU in VMs).
-        perf stat -e "$events" -p "$pid" -o "$dir/syscalls.txt" -- sleep "$PROFILE_SECONDS" >/dev/null 2>&1 || true
-        sleep 1
         perf record -F 499 -e cpu-clock --call-graph dwarf,16384 -p "$pid" -o "$dir/perf.data" \
             -- sleep "$PROFILE_SECONDS" >/dev/null 2>&1
         wait "$bench" || true
@@ -529,11 +557,11 @@ phase_profile() {
         "${report[@]}" --no-children --sort symbol -g none >"$dir/self.txt" 2>/dev/null
         "${report[@]}" --children --sort symbol -g none >"$dir/children.txt" 2>/dev/null
         "${report[@]}" --no-children --sort dso -g none >"$dir/dso.txt" 2>/dev/null
-        "${report[@]}" --no-children --sort symbol -g caller,0.5,callee,function,percent --dsos pgnear \
-            >"$dir/callers-pgnear.txt" 2>/dev/null
         log "profile ($name): $(grep -m1 '^tps' "$dir/pgbench.out"); reports and perf.data in $dir"
     done
+    column -t "$OUT/profile/syscalls.tsv" | tee -a "$OUT/summary.txt"
     stop_pid "$pid"
+    stop_pid "$BOUNCER_PID"
 }
 
 has_phase pgbench && phase_pgbench

@@ -6,7 +6,8 @@ use std::sync::Arc;
 
 use quick_cache::sync::Cache;
 
-use super::classify::{classify, Classification};
+use super::classify::{classify, Class, Classification};
+use super::shape::shape;
 
 /// Texts longer than this are classified on every call and never stored:
 /// they are rarely repeated and would crowd out the short statements that
@@ -16,6 +17,9 @@ pub const MAX_CACHED_SQL_LEN: usize = 16 * 1024;
 /// Classifications by SQL text. `Sync`: one instance serves every session.
 pub struct ClassifyCache {
     entries: Cache<String, Arc<Classification>>,
+    /// Classifications by shape (literals replaced), for those that do not
+    /// depend on literal values.
+    shapes: Cache<String, Arc<Classification>>,
     /// Lookups answered from the cache (for the hit-rate metric).
     hits: AtomicU64,
     /// Lookups that parsed, including texts too long to cache.
@@ -25,7 +29,12 @@ pub struct ClassifyCache {
 impl ClassifyCache {
     /// A cache holding at most `capacity` statement texts.
     pub fn new(capacity: usize) -> Self {
-        Self { entries: Cache::new(capacity.max(1)), hits: AtomicU64::new(0), misses: AtomicU64::new(0) }
+        Self {
+            entries: Cache::new(capacity.max(1)),
+            shapes: Cache::new(capacity.max(1)),
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+        }
     }
 
     /// The classification of `sql`, from the cache when present. A hit
@@ -35,10 +44,24 @@ impl ClassifyCache {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return found;
         }
+        // Statements that differ only in literals (the simple protocol's
+        // interpolated parameters) share the entry of their shape, when
+        // the classification does not depend on the literals.
+        let shape = (sql.len() <= MAX_CACHED_SQL_LEN).then(|| shape(sql)).flatten();
+        if let Some(found) = shape.as_deref().and_then(|s| self.shapes.get(s)) {
+            self.hits.fetch_add(1, Ordering::Relaxed);
+            return found;
+        }
         self.misses.fetch_add(1, Ordering::Relaxed);
         let classification = Arc::new(classify(sql));
-        if sql.len() <= MAX_CACHED_SQL_LEN {
-            self.entries.insert(sql.to_owned(), Arc::clone(&classification));
+        match shape {
+            Some(shape) if shareable(&classification) => {
+                self.shapes.insert(shape, Arc::clone(&classification));
+            }
+            _ if sql.len() <= MAX_CACHED_SQL_LEN => {
+                self.entries.insert(sql.to_owned(), Arc::clone(&classification));
+            }
+            _ => {}
         }
         classification
     }
@@ -62,6 +85,12 @@ impl ClassifyCache {
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }
+}
+
+/// Whether a classification holds for every text of its shape: session
+/// effects carry the statement text and pgnear commands their value.
+fn shareable(c: &Classification) -> bool {
+    c.effects.is_empty() && !matches!(c.class, Class::ProxyLocal(_))
 }
 
 impl std::fmt::Debug for ClassifyCache {

@@ -8,6 +8,7 @@ pub mod cache;
 pub mod classify;
 pub mod consistency;
 pub mod functions;
+pub mod shape;
 pub mod view;
 
 use std::sync::Arc;

@@ -1,0 +1,146 @@
+//! The shape of a statement: its text with numeric and string literals
+//! replaced by `?`, so that `... WHERE aid = 17` and `... WHERE aid = 42`
+//! share one cache entry. Only classifications that do not depend on
+//! literal values (no session effects, no pgnear command) are shared.
+
+/// The text with literals replaced, or `None` when the text cannot be
+/// scanned with certainty (an unterminated quote or comment) or has no
+/// literal to replace.
+pub fn shape(sql: &str) -> Option<String> {
+    let bytes = sql.as_bytes();
+    let mut out = String::with_capacity(sql.len());
+    let mut i = 0;
+    let mut replaced = false;
+    let mut last = 0; // start of the text not yet copied
+    while i < bytes.len() {
+        let b = bytes[i];
+        let prev_ident = i > 0 && is_ident(bytes[i - 1]);
+        let end = match b {
+            b'\'' => {
+                let escapes =
+                    i > 0 && matches!(bytes[i - 1], b'E' | b'e') && !(i > 1 && is_ident(bytes[i - 2]));
+                let start = if escapes { i - 1 } else { i };
+                let close = quoted_end(bytes, i, escapes)?;
+                Some((start, close))
+            }
+            b'"' => {
+                i = closing(bytes, i + 1, b'"')? + 1;
+                continue;
+            }
+            b'-' if bytes.get(i + 1) == Some(&b'-') => {
+                i = bytes[i..].iter().position(|&c| c == b'\n').map_or(bytes.len(), |p| i + p);
+                continue;
+            }
+            b'/' if bytes.get(i + 1) == Some(&b'*') => {
+                i = block_comment_end(bytes, i)?;
+                continue;
+            }
+            b'$' if !prev_ident => {
+                let tag_end = i + 1 + bytes[i + 1..].iter().position(|&c| !is_ident(c) || c == b'$')?;
+                if bytes.get(tag_end) != Some(&b'$') {
+                    i += 1; // a $1 parameter
+                    continue;
+                }
+                let tag = &sql[i..=tag_end];
+                let body = sql[tag_end + 1..].find(tag)?;
+                Some((i, tag_end + 1 + body + tag.len()))
+            }
+            b'0'..=b'9' if !prev_ident => {
+                let len =
+                    bytes[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'.' || c == b'_'));
+                Some((i, len.map_or(bytes.len(), |l| i + l)))
+            }
+            _ => None,
+        };
+        match end {
+            Some((start, stop)) => {
+                out.push_str(&sql[last..start]);
+                out.push('?');
+                replaced = true;
+                last = stop;
+                i = stop;
+            }
+            None => i += 1,
+        }
+    }
+    out.push_str(&sql[last..]);
+    replaced.then_some(out)
+}
+
+fn is_ident(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
+}
+
+/// The index just past a single-quoted string starting at `open`.
+fn quoted_end(bytes: &[u8], open: usize, escapes: bool) -> Option<usize> {
+    let mut i = open + 1;
+    while i < bytes.len() {
+        match bytes[i] {
+            b'\\' if escapes => i += 2,
+            b'\'' if bytes.get(i + 1) == Some(&b'\'') => i += 2,
+            b'\'' => return Some(i + 1),
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+fn closing(bytes: &[u8], from: usize, quote: u8) -> Option<usize> {
+    bytes[from..].iter().position(|&c| c == quote).map(|p| from + p)
+}
+
+/// The index just past a (possibly nested) block comment at `open`.
+fn block_comment_end(bytes: &[u8], open: usize) -> Option<usize> {
+    let (mut depth, mut i) = (0usize, open);
+    while i + 1 < bytes.len() {
+        match (bytes[i], bytes[i + 1]) {
+            (b'/', b'*') => {
+                depth += 1;
+                i += 2;
+            }
+            (b'*', b'/') => {
+                depth -= 1;
+                i += 2;
+                if depth == 0 {
+                    return Some(i);
+                }
+            }
+            _ => i += 1,
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::shape;
+
+    #[test]
+    fn literals_become_placeholders() {
+        let a = shape("UPDATE pgbench_accounts SET abalance = abalance + -4230 WHERE aid = 63711;");
+        let b = shape("UPDATE pgbench_accounts SET abalance = abalance + -12 WHERE aid = 5;");
+        assert_eq!(a, b);
+        assert_eq!(a.as_deref(), Some("UPDATE pgbench_accounts SET abalance = abalance + -? WHERE aid = ?;"));
+        assert_eq!(
+            shape("SELECT * FROM t WHERE s = 'it''s' AND e = E'a\\'b'").as_deref(),
+            Some("SELECT * FROM t WHERE s = ? AND e = ?")
+        );
+        assert_eq!(shape("SELECT $$a;b$$, $x$q$x$").as_deref(), Some("SELECT ?, ?"));
+    }
+
+    #[test]
+    fn identifiers_comments_and_parameters_stay() {
+        assert_eq!(shape("SELECT t1.c2 FROM \"t 3\" WHERE x = $1"), None);
+        assert_eq!(shape("/* pgnear:primary */ SELECT 1").as_deref(), Some("/* pgnear:primary */ SELECT ?"));
+        assert_eq!(shape("SELECT 1 -- 2 'x\nFROM t").as_deref(), Some("SELECT ? -- 2 'x\nFROM t"));
+        assert_eq!(shape("SELECT \"a'b\", 5").as_deref(), Some("SELECT \"a'b\", ?"));
+    }
+
+    #[test]
+    fn uncertain_text_has_no_shape() {
+        assert_eq!(shape("SELECT 'unterminated; DELETE FROM t"), None);
+        assert_eq!(shape("SELECT 1 /* open"), None);
+        assert_eq!(shape("SELECT $a$ never closed"), None);
+        assert_eq!(shape("SELECT \"open"), None);
+    }
+}
