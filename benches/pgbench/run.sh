@@ -513,12 +513,19 @@ count_syscalls() {
     perf stat -e "$(sed 's/\([a-z_][a-z_]*\)/syscalls:sys_enter_\1/g' <<<"$events")" -p "$pid" -o "$file" &
     local perf_pid=$!
     sleep 0.5
+    local before after
+    before=$(awk '{print $14, $15}' "/proc/$pid/stat")
     "$PGBENCH" -n "$@" -T "$PROFILE_SECONDS" -h 127.0.0.1 -p "$port" -U postgres postgres >"$file.pgbench" 2>&1 || true
+    after=$(awk '{print $14, $15}' "/proc/$pid/stat")
     kill -INT "$perf_pid"
     wait "$perf_pid" || true
     local txns
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$file.pgbench")
     printf '%s\t%s\t%s' "$name" "$target" "${txns:-0}" >>"$OUT/profile/syscalls.tsv"
+    # user and system CPU per transaction, microseconds
+    awk -v b="$before" -v a="$after" -v t="${txns:-0}" -v hz="$(getconf CLK_TCK)" 'BEGIN {
+        split(b, x, " "); split(a, y, " ");
+        printf "\t%.1f\t%.1f", t ? (y[1] - x[1]) * 1e6 / hz / t : 0, t ? (y[2] - x[2]) * 1e6 / hz / t : 0 }' >>"$OUT/profile/syscalls.tsv"
     for e in ${events//,/ }; do
         local n
         n=$(awk -v e="syscalls:sys_enter_$e" '$2 == e {gsub(",", "", $1); print $1}' "$file")
@@ -533,7 +540,7 @@ phase_profile() {
     start_pgnear pgnear-profile "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY"
     local pid=$NEAR_PID
     start_pgbouncer
-    printf 'case\ttarget\ttransactions\tsendto\trecvfrom\tepoll_wait\tfutex\twrite\tread\n' >"$OUT/profile/syscalls.tsv"
+    printf 'case\ttarget\ttransactions\tuser_us\tsys_us\tsendto\trecvfrom\tepoll_wait\tfutex\twrite\tread\n' >"$OUT/profile/syscalls.tsv"
     for name in $PROFILE_CASES; do
         local dir=$OUT/profile/$name mode=${name#tpcb-} args=(-c 16 -j 2)
         [[ $name == tpcb-* ]] || args+=(-S)

@@ -210,7 +210,7 @@ public class JdbcCheck {
     /** With no writes in this session, pgnear sends reads to the replica once it has replayed the proxy's latest write. */
     static void waitForReplicaRead(Connection c, String what) throws Exception {
         long deadline = System.currentTimeMillis() + 5000;
-        try (PreparedStatement ps = c.prepareStatement("SELECT pg_is_in_recovery() WHERE ?::int = 1")) {
+        try (PreparedStatement ps = c.prepareStatement("SELECT current_setting('in_hot_standby')::bool WHERE ?::int = 1")) {
             for (;;) {
                 ps.setInt(1, 1);
                 try (ResultSet rs = ps.executeQuery()) {

@@ -152,7 +152,7 @@ async def replica_session():
     deadline = time.monotonic() + 5
     while True:
         conn = await connect()
-        if await conn.fetchval("SELECT pg_is_in_recovery()") or not REQUIRE_REPLICA:
+        if await conn.fetchval("SELECT current_setting('in_hot_standby')::bool") or not REQUIRE_REPLICA:
             return conn
         await conn.close()
         check(time.monotonic() < deadline, "no session's first read reached the replica within 5s")

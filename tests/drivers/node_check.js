@@ -170,7 +170,7 @@ async function waitForReplicaRead(c, what) {
   // it has replayed the proxy's latest write.
   const deadline = Date.now() + 5000
   for (;;) {
-    const r = await c.query('SELECT pg_is_in_recovery() AS r WHERE $1::int = 1', [1])
+    const r = await c.query('SELECT current_setting(\'in_hot_standby\')::bool AS r WHERE $1::int = 1', [1])
     if (r.rows[0].r || !REQUIRE_REPLICA) return
     check(Date.now() < deadline, `${what}: no read reached the replica within 5s`)
     await new Promise((res) => setTimeout(res, 50))
@@ -193,7 +193,7 @@ async function replicaReadThenWrite() {
   }))
   await kase('named read, then a write', () => withClient(async (c) => {
     await waitForReplicaRead(c, 'before a named statement')
-    const r = await c.query({ name: 'recovery', text: 'SELECT pg_is_in_recovery() AS r', values: [] })
+    const r = await c.query({ name: 'recovery', text: 'SELECT current_setting(\'in_hot_standby\')::bool AS r', values: [] })
     console.log(`       (named read served by the ${r.rows[0].r ? 'replica' : 'primary'})`)
     await readThenWrite(c, 501, 'after a named read')
   }))
@@ -201,7 +201,7 @@ async function replicaReadThenWrite() {
   if (!Cursor) throw new Error('pg-cursor is not installed')
   await kase('pg-cursor read (Execute with a row limit + Flush), then a write', () => withClient(async (c) => {
     await waitForReplicaRead(c, 'before a cursor')
-    const cursor = c.query(new Cursor('SELECT pg_is_in_recovery() AS r, g FROM generate_series(1, $1::int) g', [10]))
+    const cursor = c.query(new Cursor('SELECT current_setting(\'in_hot_standby\')::bool AS r, g FROM generate_series(1, $1::int) g', [10]))
     const first = await cursor.read(3)
     const rest = await cursor.read(100)
     await cursor.close()

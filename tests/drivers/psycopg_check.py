@@ -166,7 +166,7 @@ def wait_for_replica_read(conn, what, **kw):
     no writes in this session, pgnear sends reads to the replica once it
     has replayed the proxy's latest write)."""
     deadline = time.monotonic() + 5
-    while not conn.execute("SELECT pg_is_in_recovery() WHERE %s::int = 1", (1,), **kw).fetchone()[0]:
+    while not conn.execute("SELECT current_setting('in_hot_standby')::bool WHERE %s::int = 1", (1,), **kw).fetchone()[0]:
         if not REQUIRE_REPLICA:
             return
         check(time.monotonic() < deadline, f"{what}: no read reached the replica within 5s")
@@ -192,7 +192,7 @@ def replica_read_then_write():
     with Case("pipelined read (Flush), then a write"), connect(autocommit=True) as conn:
         wait_for_replica_read(conn, "before the pipeline")
         with conn.pipeline():
-            cur = conn.execute("SELECT pg_is_in_recovery(), %s::int", (1,))
+            cur = conn.execute("SELECT current_setting('in_hot_standby')::bool, %s::int", (1,))
             on_replica = cur.fetchone()[0]
         print(f"       (pipelined read served by the {'replica' if on_replica else 'primary'})")
         conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES (%s, %s)", (502, "after a pipelined read"))
