@@ -109,6 +109,8 @@ cleanup() {
     local status=$?
     set +e
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
+    # PgBouncer runs under runuser as root: its pidfile names the process.
+    [[ -s $WORK/pgbouncer.pid ]] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
     for node in replica primary; do
         [[ -f $WORK/$node/postmaster.pid ]] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/$node" -m immediate -w stop >/dev/null 2>&1
