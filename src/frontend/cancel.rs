@@ -26,8 +26,13 @@ pub struct CancelTarget {
 }
 
 impl CancelTarget {
+    /// Points cancels at `server`. Called for every unit, so it stores
+    /// only when the server changed: an ArcSwap store waits for readers.
     pub fn set(&self, server: &Arc<ServerKey>) {
-        self.current.store(Some(server.clone()));
+        let same = self.current.load().as_ref().is_some_and(|current| Arc::ptr_eq(current, server));
+        if !same {
+            self.current.store(Some(server.clone()));
+        }
     }
 }
 

@@ -130,14 +130,8 @@ impl<'a> ClusterView<'a> {
 
     /// Any replica of `cluster` that is up, ignoring lag: the last resort
     /// for reads while no primary is reachable.
-    pub(super) fn any_replica(&self, cluster: &str) -> Option<usize> {
+    pub fn any_replica(&self, cluster: &str) -> Option<usize> {
         self.replicas(cluster).map(|(i, _)| i).next()
-    }
-
-    /// A replica to open a session on while no primary is reachable: the
-    /// nearest that is up, ignoring lag.
-    pub fn replica_for_startup(&self, cluster: &str) -> Option<usize> {
-        self.any_replica(cluster)
     }
 
     fn replicas<'s>(&'s self, cluster: &'s str) -> impl Iterator<Item = (usize, &'s NodeView<'a>)> + 's {

@@ -70,7 +70,7 @@ pub(super) async fn first_server(
     let view = crate::router::ClusterView::capture(&shared.topology);
     match view.primary(cluster) {
         Ok(node) => Ok((Some(open(shared, node, login).await?), None)),
-        Err(no_primary) => match view.replica_for_startup(cluster) {
+        Err(no_primary) => match view.any_replica(cluster) {
             Some(node) => {
                 tracing::warn!(error = %no_primary, "starting the session on a replica: writes will fail until a primary is back");
                 Ok((None, Some(open(shared, node, login).await?)))
