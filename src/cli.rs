@@ -46,7 +46,9 @@ pub enum Command {
 pub fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let builder =
+        tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).with_ansi(ansi);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -58,18 +60,32 @@ pub fn main(cli: Cli) -> ExitCode {
     match cli.command.unwrap_or(Command::Run) {
         Command::Check => check(&cli.config),
         Command::Run => {
+            let config = match Config::load(&cli.config) {
+                Ok(config) => config,
+                Err(errors) => {
+                    eprintln!("{}: invalid configuration\n{errors}", cli.config.display());
+                    return ExitCode::FAILURE;
+                }
+            };
             init_logging(cli.log_format);
-            runtime().block_on(run(&cli.config))
+            runtime(config.proxy.workers()).block_on(run(config))
         }
         Command::Demo { port } => {
             init_logging(cli.log_format);
-            runtime().block_on(crate::demo::run(port))
+            runtime(crate::config::default_workers()).block_on(crate::demo::run(port))
         }
     }
 }
 
-fn runtime() -> tokio::runtime::Runtime {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+/// The async runtime: one thread runs everything on a current-thread
+/// runtime (no work stealing, no cross-thread wakeups); more threads run
+/// the multi-threaded scheduler.
+fn runtime(workers: usize) -> tokio::runtime::Runtime {
+    let built = match workers {
+        0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
+        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
+    };
+    match built {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("pgnear: cannot start the async runtime: {error}");
@@ -94,14 +110,8 @@ fn check(path: &std::path::Path) -> ExitCode {
     }
 }
 
-async fn run(path: &std::path::Path) -> ExitCode {
-    let config = match Config::load(path) {
-        Ok(config) => config,
-        Err(errors) => {
-            eprintln!("{}: invalid configuration\n{errors}", path.display());
-            return ExitCode::FAILURE;
-        }
-    };
+async fn run(config: Config) -> ExitCode {
+    tracing::info!(worker_threads = config.proxy.workers(), "starting");
     let proxy = match crate::Proxy::start(config).await {
         Ok(proxy) => proxy,
         Err(error) => {

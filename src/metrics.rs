@@ -91,7 +91,7 @@ impl Direction {
 
 /// Every metric pgnear exports. Children whose labels are known up front
 /// are resolved once here, so the hot path does no label lookup for them;
-/// per-node children are looked up by name (a hash, no allocation).
+/// per-node children are resolved once per server connection ([`NodeMetrics`]).
 #[derive(Debug)]
 pub struct Metrics {
     /// Only pgnear's own collectors: embedding pgnear never mixes in the
@@ -108,6 +108,36 @@ pub struct Metrics {
     bytes: [IntCounter; 2],
     pins: IntCounter,
     pin_seconds: Histogram,
+}
+
+/// One server connection's metric children: its node's latency histogram,
+/// the routed counters it has used so far (usually one or two), and its
+/// place in the open-connections gauge.
+#[derive(Debug)]
+pub struct NodeMetrics {
+    name: Box<str>,
+    routed: IntCounterVec,
+    by_reason: Vec<(RoleLabel, Reason, IntCounter)>,
+    latency: Histogram,
+    _connection: GaugeGuard,
+}
+
+impl NodeMetrics {
+    /// A unit of work routed to this node.
+    pub fn routed(&mut self, role: RoleLabel, reason: Reason) {
+        if let Some((_, _, counter)) = self.by_reason.iter().find(|(r, why, _)| *r == role && *why == reason)
+        {
+            return counter.inc();
+        }
+        let counter = self.routed.with_label_values(&[&self.name, role.as_str(), reason.as_str()]);
+        counter.inc();
+        self.by_reason.push((role, reason, counter));
+    }
+
+    /// A unit's time from dispatch to its ReadyForQuery.
+    pub fn query_latency(&self, elapsed: Duration) {
+        self.latency.observe(elapsed.as_secs_f64());
+    }
 }
 
 /// Decrements a gauge when dropped.
@@ -210,14 +240,16 @@ impl Metrics {
         })
     }
 
-    /// A unit of work routed to `node`.
-    pub fn routed(&self, node: &str, role: RoleLabel, reason: Reason) {
-        self.routed.with_label_values(&[node, role.as_str(), reason.as_str()]).inc();
-    }
-
-    /// A unit's time from dispatch to its ReadyForQuery on `node`.
-    pub fn query_latency(&self, node: &str, elapsed: Duration) {
-        self.latency.with_label_values(&[node]).observe(elapsed.as_secs_f64());
+    /// `node`'s children, for one server connection to it: the request
+    /// path then counts without hashing label values.
+    pub fn node(&self, node: &str) -> NodeMetrics {
+        NodeMetrics {
+            name: node.into(),
+            routed: self.routed.clone(),
+            by_reason: Vec::new(),
+            latency: self.latency.with_label_values(&[node]),
+            _connection: self.backend_connection(node),
+        }
     }
 
     /// A client connection in `state`, counted until the guard drops.
@@ -226,7 +258,7 @@ impl Metrics {
     }
 
     /// A server connection to `node`, counted until the guard drops.
-    pub fn backend_connection(&self, node: &str) -> GaugeGuard {
+    fn backend_connection(&self, node: &str) -> GaugeGuard {
         GaugeGuard::new(self.backends.with_label_values(&[node]))
     }
 
@@ -239,6 +271,12 @@ impl Metrics {
     /// Bytes relayed.
     pub fn bytes(&self, direction: Direction, count: usize) {
         self.bytes[direction as usize].inc_by(count as u64);
+    }
+
+    /// The relayed-bytes counter of one direction, for a caller that adds
+    /// up a batch before counting it.
+    pub fn bytes_counter(&self, direction: Direction) -> IntCounter {
+        self.bytes[direction as usize].clone()
     }
 
     /// A session started being held on the primary after a write.
@@ -408,14 +446,23 @@ mod tests {
     #[test]
     fn routed_units_latency_bytes_and_pins_are_counted() {
         let metrics = Metrics::new();
-        metrics.routed("r1", RoleLabel::Replica, Reason::Read);
-        metrics.routed("r1", RoleLabel::Replica, Reason::Read);
-        metrics.routed("p", RoleLabel::Primary, Reason::Write);
+        let mut r1 = metrics.node("r1");
+        let mut also_r1 = metrics.node("r1");
+        let mut p = metrics.node("p");
+        assert_eq!(sample(&metrics, "pgnear_backend_connections", &[("node", "r1")]), Some(2.0));
+        r1.routed(RoleLabel::Replica, Reason::Read);
+        also_r1.routed(RoleLabel::Replica, Reason::Read);
+        r1.routed(RoleLabel::Replica, Reason::Rule);
+        p.routed(RoleLabel::Primary, Reason::Write);
         let read = [("node", "r1"), ("role", "replica"), ("reason", "read")];
         assert_eq!(sample(&metrics, "pgnear_queries_routed_total", &read), Some(2.0));
-        assert_eq!(metrics.routed_by_node(), vec![("p".to_string(), 1), ("r1".to_string(), 2)]);
-        metrics.query_latency("r1", Duration::from_micros(300));
+        let rule = [("node", "r1"), ("role", "replica"), ("reason", "rule")];
+        assert_eq!(sample(&metrics, "pgnear_queries_routed_total", &rule), Some(1.0));
+        assert_eq!(metrics.routed_by_node(), vec![("p".to_string(), 1), ("r1".to_string(), 3)]);
+        r1.query_latency(Duration::from_micros(300));
         assert_eq!(sample(&metrics, "pgnear_query_duration_seconds", &[("node", "r1")]), Some(1.0));
+        drop((r1, also_r1));
+        assert_eq!(sample(&metrics, "pgnear_backend_connections", &[("node", "r1")]), Some(0.0));
         metrics.bytes(Direction::ServerToClient, 42);
         assert_eq!(sample(&metrics, "pgnear_bytes_total", &[("direction", "server_to_client")]), Some(42.0));
         metrics.pin_started();

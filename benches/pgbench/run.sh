@@ -33,9 +33,10 @@
 #   OUT=target/pgbench-results/<timestamp>   KEEP=1 keeps the cluster directory
 #   WAN_DELAY_MS=40 WAN_CLIENTS=4 WAN_DURATION=20 RAW_ITERATIONS=100
 #   IDLE_AUTH=1000 IDLE_TCP=10000 STREAM_RATE_MB=16
+#   CASES="S-simple-c16 tpcb-simple-c16" (instead of the MODES x CLIENTS matrix)
 #   PROFILE_SECONDS=10 PROFILE_CASES="simple extended prepared tpcb-simple"
-#   TARGETS="direct pgbouncer pgnear-primary pgnear-split" (add pgnear-primary-w1
-#   for pgnear on a one-worker runtime)
+#   TARGETS="direct pgbouncer pgnear-primary pgnear-split" (add pgnear-primary-mt
+#   for pgnear with worker_threads = the number of cores)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
 set -euo pipefail
 
@@ -296,8 +297,8 @@ run_pgbench() {
 
 # Targets: direct, pgbouncer, pgnear-primary (routing.default = "primary",
 # like for like with PgBouncer), pgnear-split (the default read/write
-# split); optional pgnear-primary-w1 (as pgnear-primary on a one-worker
-# tokio runtime, TOKIO_WORKER_THREADS=1).
+# split); optional pgnear-primary-mt (as pgnear-primary with one runtime
+# thread per core instead of the default half).
 TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-split"}
 
 phase_pgbench() {
@@ -323,12 +324,10 @@ phase_pgbench() {
         read -r p _ <<<"$($TOOLS freeport)"
         routing=primary
         [[ $t == pgnear-split ]] && routing=auto
-        write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" ""
-        if [[ $t == pgnear-primary-w1 ]]; then
-            start_pgnear "$t" "$WORK/$t.toml" "$p" TOKIO_WORKER_THREADS=1
-        else
-            start_pgnear "$t" "$WORK/$t.toml" "$p"
-        fi
+        local extra=""
+        [[ $t == pgnear-primary-mt ]] && extra="worker_threads = $(nproc)"
+        write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
+        start_pgnear "$t" "$WORK/$t.toml" "$p"
         port[$t]=$p
         pid[$t]=$NEAR_PID
     done
@@ -338,6 +337,8 @@ phase_pgbench() {
         for c in $CLIENTS; do cases+=("S-$mode-c$c"); done
     done
     cases+=("tpcb-simple-c16")
+    # CASES overrides the matrix, e.g. CASES="S-simple-c16 tpcb-simple-c16".
+    [[ -n ${CASES:-} ]] && read -r -a cases <<<"$CASES"
 
     log "warm-up"
     ROUND=0

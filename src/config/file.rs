@@ -20,6 +20,7 @@ pub struct ProxyFile {
     pub default_cluster: Option<String>,
     pub require_tenant: Option<bool>,
     pub classify_cache_entries: Option<u64>,
+    pub worker_threads: Option<u64>,
 }
 
 /// One `[[nodes]]` entry.

@@ -65,6 +65,26 @@ pub struct ProxySettings {
     /// Refuse connections that no `[[tenants]]` rule maps.
     pub require_tenant: bool,
     pub classify_cache_entries: usize,
+    /// Runtime threads serving clients; `None` sizes the runtime for the
+    /// machine (see [`ProxySettings::workers`]).
+    pub worker_threads: Option<usize>,
+}
+
+impl ProxySettings {
+    /// Threads for the async runtime: `proxy.worker_threads`, or half the
+    /// machine's cores (at least one). pgnear is a sidecar: it shares the
+    /// host with the application (and, in tests and benchmarks, with
+    /// PostgreSQL); one thread already relays tens of thousands of
+    /// queries a second, and fewer threads mean fewer cross-thread wakeups.
+    pub fn workers(&self) -> usize {
+        self.worker_threads.unwrap_or_else(default_workers)
+    }
+}
+
+/// Half the machine's cores, at least one.
+pub fn default_workers() -> usize {
+    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
+    (cores / 2).max(1)
 }
 
 /// What the config says about a node's role.

@@ -242,6 +242,10 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
     if max_clients == 0 {
         faults.add("proxy.max_client_connections", "must be at least 1");
     }
+    let worker_threads = p.worker_threads.filter(|&n| n > 0);
+    if worker_threads.is_some_and(|n| n > 1024) {
+        faults.add("proxy.worker_threads", "must be between 1 and 1024 (0 or absent: half the cores)");
+    }
     ProxySettings {
         listen,
         admin_listen,
@@ -254,6 +258,7 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
         default_cluster: p.default_cluster.unwrap_or_else(|| "default".into()),
         require_tenant: p.require_tenant.unwrap_or(false),
         classify_cache_entries: p.classify_cache_entries.unwrap_or(10_000) as usize,
+        worker_threads: worker_threads.map(|n| n as usize),
     }
 }
 

@@ -46,55 +46,70 @@ pub struct Shared {
 
 /// Serves one client connection to its end. Never panics on bad input;
 /// every failure the client can be told about is sent as ErrorResponse.
-pub async fn serve(mut stream: Stream, peer: std::net::SocketAddr, shared: Arc<Shared>, session_id: u64) {
+pub async fn serve(stream: Stream, peer: std::net::SocketAddr, shared: Arc<Shared>, session_id: u64) {
     let span = tracing::info_span!("session", id = session_id, %peer, user = tracing::field::Empty, database = tracing::field::Empty);
-    async move {
-        let handshake_gauge = shared.metrics.client_connection(ClientState::Handshake);
-        let startup = shared.config.proxy.startup_timeout;
-        let outcome = match tokio::time::timeout(startup, handshake(&mut stream, &shared)).await {
-            Ok(outcome) => outcome,
-            Err(_) => Err(ProxyError::StartupTimeout),
-        };
-        let login = match outcome {
-            Ok(Handshake::Authenticated(login)) => login,
-            Ok(Handshake::Cancelled | Handshake::Closed) => return,
-            Err(error) => {
-                shared.metrics.error(error.class());
-                return refuse(&mut stream, &error).await;
-            }
-        };
-        drop(handshake_gauge);
-        let _active_gauge = shared.metrics.client_connection(ClientState::Active);
-        let span = tracing::Span::current();
-        span.record("user", login.user.name.as_str());
-        span.record("database", login.param("database").unwrap_or(""));
-        let cluster = match tenant_cluster(&shared.config, &login) {
-            Ok(cluster) => cluster,
-            Err(error) => {
-                shared.metrics.error(error.class());
-                return refuse(&mut stream, &error).await;
-            }
-        };
-        // Boxed: the session's futures are large, and a connection still in
-        // its handshake (maybe one of thousands that never speak) should
-        // not carry their space.
-        match Box::pin(Session::start(shared.clone(), stream, login, cluster)).await {
-            Ok(session) => match Box::pin(session.run()).await {
-                Ok(()) => tracing::debug!("session ended"),
-                Err(error) => {
-                    shared.metrics.error(error.class());
-                    tracing::info!(class = error.class(), %error, "session ended with an error");
-                }
-            },
-            Err(error) => {
-                // The client was told, and `refuse` logged it.
-                shared.metrics.error(error.class());
-                tracing::debug!(class = error.class(), %error, "session could not start");
-            }
+    let handshake_gauge = shared.metrics.client_connection(ClientState::Handshake);
+    let Some(session) = open_session(stream, &shared, span.clone()).instrument(span.clone()).await else {
+        return;
+    };
+    drop(handshake_gauge);
+    let _active_gauge = shared.metrics.client_connection(ClientState::Active);
+    // The relay loop is not instrumented: entering and leaving a span on
+    // every poll would cost more than the rest of a round trip's
+    // bookkeeping. The session's events name the span as their parent.
+    // Boxed: the session's futures are large, and a connection still in
+    // its handshake (maybe one of thousands that never speak) should not
+    // carry their space.
+    match Box::pin(session.run()).await {
+        Ok(()) => tracing::debug!(parent: &span, "session ended"),
+        Err(error) => {
+            shared.metrics.error(error.class());
+            tracing::info!(parent: &span, class = error.class(), %error, "session ended with an error");
         }
     }
-    .instrument(span)
-    .await
+}
+
+/// The handshake and the session's start: authentication, the tenant's
+/// cluster, the first server connection. `None` when the connection ends
+/// here (refused, cancelled, closed).
+async fn open_session(
+    mut stream: Stream,
+    shared: &Arc<Shared>,
+    span: tracing::Span,
+) -> Option<Session<Stream>> {
+    let startup = shared.config.proxy.startup_timeout;
+    let outcome = match tokio::time::timeout(startup, handshake(&mut stream, shared)).await {
+        Ok(outcome) => outcome,
+        Err(_) => Err(ProxyError::StartupTimeout),
+    };
+    let login = match outcome {
+        Ok(Handshake::Authenticated(login)) => login,
+        Ok(Handshake::Cancelled | Handshake::Closed) => return None,
+        Err(error) => {
+            shared.metrics.error(error.class());
+            refuse(&mut stream, &error).await;
+            return None;
+        }
+    };
+    span.record("user", login.user.name.as_str());
+    span.record("database", login.param("database").unwrap_or(""));
+    let cluster = match tenant_cluster(&shared.config, &login) {
+        Ok(cluster) => cluster,
+        Err(error) => {
+            shared.metrics.error(error.class());
+            refuse(&mut stream, &error).await;
+            return None;
+        }
+    };
+    match Box::pin(Session::start(shared.clone(), stream, login, cluster, span)).await {
+        Ok(session) => Some(session),
+        Err(error) => {
+            // The client was told, and `refuse` logged it.
+            shared.metrics.error(error.class());
+            tracing::debug!(class = error.class(), %error, "session could not start");
+            None
+        }
+    }
 }
 
 /// Sends a startup failure to the client and closes.

@@ -14,6 +14,7 @@ mod server;
 mod state;
 mod unit;
 
+use std::pin::Pin;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -70,11 +71,20 @@ struct Client<S> {
     reader: FrameReader<ReadHalf<S>>,
     writer: WriteHalf<S>,
     out: BytesMut,
+    /// Server bytes in `out`, counted in the metrics when flushed.
+    relayed: u64,
+    relayed_counter: prometheus::IntCounter,
 }
 
 impl<S: AsyncRead + AsyncWrite> Client<S> {
     fn queue(&mut self, frame: &Frame) {
         self.out.extend_from_slice(frame.raw());
+    }
+
+    /// Queues a server message for the client.
+    fn relay(&mut self, frame: &Frame) {
+        self.queue(frame);
+        self.relayed += frame.len() as u64;
     }
 
     async fn flush(&mut self) -> Result<(), ProxyError> {
@@ -83,8 +93,34 @@ impl<S: AsyncRead + AsyncWrite> Client<S> {
             // TLS buffers records until flushed.
             self.writer.flush().await.map_err(ProxyError::ClientGone)?;
             self.out.clear();
+            self.relayed_counter.inc_by(std::mem::take(&mut self.relayed));
         }
         Ok(())
+    }
+}
+
+/// The session's two timers, created once and re-armed only when they
+/// fire: a timer made afresh on every wait would register and cancel an
+/// entry in the runtime's timer wheel for every message relayed.
+struct Timers {
+    /// Re-checks a pending write watermark while the session is quiet.
+    tick: Pin<Box<tokio::time::Sleep>>,
+    tick_armed: bool,
+    /// `proxy.idle_client_timeout`, counted from `last_activity`.
+    idle: Pin<Box<tokio::time::Sleep>>,
+    last_activity: Instant,
+}
+
+impl Timers {
+    fn new(idle_timeout: Option<std::time::Duration>) -> Timers {
+        let now = tokio::time::Instant::now();
+        let far = now + std::time::Duration::from_secs(86_400 * 365);
+        Timers {
+            tick: Box::pin(tokio::time::sleep_until(far)),
+            tick_armed: false,
+            idle: Box::pin(tokio::time::sleep_until(idle_timeout.map_or(far, |after| now + after))),
+            last_activity: Instant::now(),
+        }
     }
 }
 
@@ -142,6 +178,10 @@ pub struct Session<S> {
     default_read_only: bool,
     /// Since when reads have been held on the primary after a write.
     pinned_since: Option<Instant>,
+    timers: Timers,
+    /// The session's span (id, peer, user, database): the parent of the
+    /// relay's log events.
+    span: tracing::Span,
     registration: Registration,
 }
 
@@ -153,6 +193,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         mut stream: S,
         login: Login,
         cluster: String,
+        span: tracing::Span,
     ) -> Result<Self, ProxyError> {
         let (settings, params) = match startup_settings(&login) {
             Ok(split) => split,
@@ -185,7 +226,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let mut client = Client {
             reader: FrameReader::with_buffered(read, limit, login.buffered),
             writer,
-            out: BytesMut::with_capacity(16 * 1024),
+            out: BytesMut::with_capacity(2 * 1024),
+            relayed: 0,
+            relayed_counter: shared.metrics.bytes_counter(crate::metrics::Direction::ServerToClient),
         };
         for frame in &startup_params {
             client.queue(frame);
@@ -194,6 +237,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         client.queue(&ready_for_query(b'I'));
         client.flush().await?;
         let shared_mode = shared.config.consistency.read_your_writes;
+        let shared_idle_timeout = shared.config.proxy.idle_client_timeout;
         let shared_watermark = shared.watermark.get();
         Ok(Session {
             shared,
@@ -223,6 +267,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             tx_effects: Vec::new(),
             default_read_only: startup_params.iter().any(is_read_only_default),
             retry: None,
+            timers: Timers::new(shared_idle_timeout),
+            span,
             registration,
         })
     }
@@ -251,6 +297,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             };
             if self.handle(event).await? == Flow::End {
                 return self.client.flush().await;
+            }
+            if self.shared.config.proxy.idle_client_timeout.is_some() {
+                self.timers.last_activity = Instant::now();
             }
             if self.held.is_some() && !self.in_flight() {
                 if let Some(frame) = self.held.take() {
@@ -323,20 +372,13 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// Waits for the next frame from any side. Every branch is cancel
     /// safe: frame readers only move bytes into their own buffers.
     async fn wait_event(&mut self) -> Event {
-        let idle_timeout = self.shared.config.proxy.idle_client_timeout.filter(|_| self.bound.is_none());
-        let idle = async {
-            match idle_timeout {
-                Some(after) => tokio::time::sleep(after).await,
-                None => std::future::pending().await,
-            }
-        };
-        let tick_every = (self.watermark.is_pending()).then(|| self.shared.config.monitor.interval / 2);
-        let tick = async {
-            match tick_every {
-                Some(every) => tokio::time::sleep(every).await,
-                None => std::future::pending().await,
-            }
-        };
+        let idle_on = self.shared.config.proxy.idle_client_timeout.is_some() && self.bound.is_none();
+        let tick_on = self.watermark.is_pending();
+        if tick_on && !self.timers.tick_armed {
+            let every = self.shared.config.monitor.interval / 2;
+            self.timers.tick.as_mut().reset(tokio::time::Instant::now() + every);
+            self.timers.tick_armed = true;
+        }
         let replica = async {
             match self.replica.as_mut() {
                 Some(server) => server.backend.next().await,
@@ -350,13 +392,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
         };
         let held = self.held.is_some();
+        let timers = &mut self.timers;
         tokio::select! {
-            frame = self.client.reader.next(), if !held => Event::Client(frame),
+            // Servers first: responses drain before new work is taken.
+            biased;
             frame = primary => Event::Server(Target::Primary, frame),
             frame = replica => Event::Server(Target::Replica, frame),
-            () = tick => Event::WatermarkTick,
-            () = idle => Event::IdleTimeout,
+            frame = self.client.reader.next(), if !held => Event::Client(frame),
+            () = timers.tick.as_mut(), if tick_on => {
+                timers.tick_armed = false;
+                Event::WatermarkTick
+            }
+            () = timers.idle.as_mut(), if idle_on => Event::IdleTimeout,
         }
+    }
+
+    /// The idle timer fired: the client really has been idle that long,
+    /// or it was active since and the timer moves to the new deadline.
+    fn idle_expired(&mut self) -> bool {
+        let Some(after) = self.shared.config.proxy.idle_client_timeout else { return false };
+        let deadline = self.timers.last_activity + after;
+        if Instant::now() >= deadline {
+            return true;
+        }
+        self.timers.idle.as_mut().reset(tokio::time::Instant::from_std(deadline));
+        false
     }
 
     async fn handle(&mut self, event: Event) -> Result<Flow, ProxyError> {
@@ -371,14 +431,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Event::Server(target, Ok(None)) => self.server_lost(target).await.map(|()| Flow::Continue),
             Event::Server(target, Err(error)) => {
                 let node = self.node_name(target);
-                tracing::warn!(node, %error, "server broke the protocol");
+                tracing::warn!(parent: &self.span, node, %error, "server broke the protocol");
                 self.server_lost(target).await.map(|()| Flow::Continue)
             }
             Event::WatermarkTick => {
                 self.refresh_watermark();
                 Ok(Flow::Continue)
             }
-            Event::IdleTimeout => Err(ProxyError::IdleTimeout),
+            Event::IdleTimeout if self.idle_expired() => Err(ProxyError::IdleTimeout),
+            Event::IdleTimeout => Ok(Flow::Continue),
         }
     }
 

@@ -36,6 +36,14 @@ impl Frame {
         Frame { raw: raw.freeze() }
     }
 
+    /// The same message in its own allocation. A decoded frame shares the
+    /// reader's buffer; one kept for the whole session (a prepared
+    /// statement's Parse, the startup ParameterStatus messages) would pin
+    /// that buffer's memory and make the reader allocate a new one.
+    pub fn detached(&self) -> Frame {
+        Frame { raw: Bytes::copy_from_slice(&self.raw) }
+    }
+
     /// The message type byte.
     pub fn tag(&self) -> u8 {
         self.raw[0]
@@ -82,23 +90,29 @@ pub fn decode(buf: &mut BytesMut, limit: usize) -> Result<Option<Frame>, Protoco
 }
 
 /// Reads frames from one side of a connection into a reused buffer.
+///
+/// The buffer starts small, so that thousands of idle connections cost
+/// little, and its growth step doubles (up to [`MAX_READ_CHUNK`]) while
+/// reads keep filling it, so that a large result moves in few syscalls.
 #[derive(Debug)]
 pub struct FrameReader<R> {
     inner: R,
     buf: BytesMut,
     limit: usize,
+    chunk: usize,
 }
 
-const READ_CHUNK: usize = 16 * 1024;
+const MIN_READ_CHUNK: usize = 4 * 1024;
+const MAX_READ_CHUNK: usize = 64 * 1024;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub fn new(inner: R, limit: usize) -> Self {
-        FrameReader { inner, buf: BytesMut::with_capacity(READ_CHUNK), limit }
+        Self::with_buffered(inner, limit, BytesMut::with_capacity(MIN_READ_CHUNK))
     }
 
     /// Bytes already read but not yet taken as frames.
     pub fn with_buffered(inner: R, limit: usize, buffered: BytesMut) -> Self {
-        FrameReader { inner, buf: buffered, limit }
+        FrameReader { inner, buf: buffered, limit, chunk: MIN_READ_CHUNK }
     }
 
     /// A frame already in the buffer, without reading.
@@ -116,10 +130,15 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Ok(Some(frame));
             }
             if self.buf.capacity() - self.buf.len() < 1024 {
-                self.buf.reserve(READ_CHUNK);
+                self.buf.reserve(self.chunk);
             }
-            if self.inner.read_buf(&mut self.buf).await? == 0 {
+            let spare = self.buf.capacity() - self.buf.len();
+            let read = self.inner.read_buf(&mut self.buf).await?;
+            if read == 0 {
                 return if self.buf.is_empty() { Ok(None) } else { Err(ProtocolError::Truncated) };
+            }
+            if read == spare {
+                self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
             }
         }
     }

@@ -33,6 +33,13 @@ pub fn parse(frame: &Frame) -> Result<Parse<'_>, ProtocolError> {
     Ok(Parse { name, query })
 }
 
+/// The statement name of a Parse, without checking the rest (for the
+/// relay's bookkeeping; the Parse was validated when it arrived).
+pub fn parse_name(frame: &Frame) -> Result<&str, ProtocolError> {
+    let mut buf = frame.body();
+    cstr(&mut buf, "Parse")
+}
+
 /// A Bind message: portal and statement names.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Bind<'a> {

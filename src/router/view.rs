@@ -4,6 +4,8 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use smallvec::SmallVec;
+
 use super::{Freshness, Policy, Reason};
 use crate::cluster::{NoPrimary, NodeStatus, Role, Topology};
 use crate::config::{NodeConfig, RoleSetting};
@@ -21,11 +23,16 @@ pub struct NodeView<'a> {
     pub outstanding: u32,
 }
 
-/// Every node's status at one moment.
+/// Every node's status at one moment. Captured for every routing
+/// decision, so a typical topology (a primary and a few replicas) lives on
+/// the stack.
 #[derive(Debug, Clone)]
 pub struct ClusterView<'a> {
-    pub nodes: Vec<NodeView<'a>>,
+    pub nodes: Nodes<'a>,
 }
+
+/// A view's nodes, inline up to four.
+pub type Nodes<'a> = SmallVec<[NodeView<'a>; 4]>;
 
 /// What makes a replica eligible for one read.
 pub(super) struct Limits<'a> {
@@ -37,7 +44,7 @@ pub(super) struct Limits<'a> {
 impl<'a> ClusterView<'a> {
     /// Loads every node's latest status (lock-free) and derives lag.
     pub fn capture(topology: &'a Topology) -> ClusterView<'a> {
-        let nodes = topology
+        let nodes: Nodes<'a> = topology
             .nodes
             .iter()
             .map(|n| NodeView {
@@ -52,8 +59,9 @@ impl<'a> ClusterView<'a> {
     }
 
     /// Fills in each replica's lag against its cluster's primary.
-    pub fn with_lag(mut nodes: Vec<NodeView<'a>>) -> ClusterView<'a> {
-        let primaries: Vec<(&'a str, Option<crate::cluster::Lsn>)> = nodes
+    pub fn with_lag(nodes: impl Into<Nodes<'a>>) -> ClusterView<'a> {
+        let mut nodes = nodes.into();
+        let primaries: SmallVec<[(&'a str, Option<crate::cluster::Lsn>); 2]> = nodes
             .iter()
             .filter(|n| n.status.up && n.status.role == Role::Primary)
             .map(|n| (n.config.cluster.as_str(), n.status.lsn))
@@ -77,7 +85,7 @@ impl<'a> ClusterView<'a> {
     /// The one verified primary of `cluster`. A node the config names as
     /// primary wins a conflict; otherwise two claimants refuse writes.
     pub fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
-        let claims: Vec<usize> = self
+        let claims: SmallVec<[usize; 2]> = self
             .nodes
             .iter()
             .enumerate()

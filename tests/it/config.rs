@@ -60,6 +60,19 @@ fn bad_configs_name_every_key_at_fault_at_once() {
 }
 
 #[test]
+fn worker_threads_are_sized_or_checked() {
+    let parsed = |proxy: &str| Config::parse(&format!("[proxy]\n{proxy}\n{NODE}"), &env);
+    let auto = parsed("").unwrap().proxy;
+    assert_eq!(auto.worker_threads, None);
+    assert_eq!(auto.workers(), pgnear::config::default_workers());
+    assert!(auto.workers() >= 1);
+    assert_eq!(parsed("worker_threads = 0").unwrap().proxy.workers(), pgnear::config::default_workers());
+    assert_eq!(parsed("worker_threads = 3").unwrap().proxy.workers(), 3);
+    let errors = errors(&format!("[proxy]\nworker_threads = 5000\n{NODE}"));
+    assert!(errors.iter().any(|e| e.starts_with("proxy.worker_threads")), "{errors:#?}");
+}
+
+#[test]
 fn env_expansion_and_missing_variables() {
     let text = format!("{NODE}\n[[users]]\nname = \"app\"\npassword = \"${{APP_PASSWORD}}\"\n");
     let config = Config::parse(&text, &env).unwrap();

@@ -53,10 +53,20 @@ async fn startup_timeout_drops_clients_that_stall() {
 async fn idle_clients_are_closed_with_57p05() {
     let env = start(Cluster::builder(), ProxyConfig::default().proxy("idle_client_timeout_ms = 300")).await;
     let (mut idle, _) = Wire::login(env.proxy.addr(), "postgres").await;
-    // A query that runs longer than the timeout is not idleness.
+    // A query that runs longer than the timeout is not idleness, and
+    // neither is a client that keeps asking within it.
     let busy = env.client().await;
-    busy.batch_execute("SELECT pg_sleep(0.8)").await.unwrap();
+    let chatty = env.client().await;
+    let chatter = async {
+        for _ in 0..8 {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            chatty.batch_execute("SELECT 1").await.unwrap();
+        }
+    };
+    let (slept, ()) = tokio::join!(busy.batch_execute("SELECT pg_sleep(0.8)"), chatter);
+    slept.unwrap();
     assert_eq!(idle.expect_fatal().await, "57P05");
+    assert_eq!(chatty.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
 }
 
 #[tokio::test]

@@ -11,7 +11,6 @@ use super::state::ServerState;
 use super::{unit, Flow, Session, Target};
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
-use crate::metrics::Direction;
 use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, ErrorFields};
 use crate::protocol::Frame;
 use crate::router::classify::{Class, Classification, Tx};
@@ -25,7 +24,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if target == Target::Primary {
             return Err(ProxyError::BackendLost { node });
         }
-        tracing::warn!(node, "replica connection lost");
+        tracing::warn!(parent: &self.span, node, "replica connection lost");
         let was_bound = self.bound == Some(Target::Replica);
         if let Some(lost) = self.replica.take() {
             self.shared.topology.suspect(lost.node);
@@ -58,7 +57,6 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let no_primary = self.primary.is_none();
         let mut read_only = None;
         let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
-        let mut latency = None;
         let mut finished = None;
         if server.backend.swallow(&frame) {
             return Ok(Flow::Continue);
@@ -73,10 +71,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         match frame.tag() {
             b'Z' => {
                 let status = ready_status(&frame)?;
-                latency = server.started.pop_front().map(|started| {
+                if let Some(started) = server.started.pop_front() {
                     server.load.done();
-                    (server.node, started.elapsed())
-                });
+                    server.metrics.query_latency(started.elapsed());
+                }
                 let failed = std::mem::take(&mut server.unit_failed);
                 let before = server.backend.tx_status;
                 finished = server.effects.pop_front().map(|e| (e, failed, before, status));
@@ -138,11 +136,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if let Some(read_only) = read_only {
             self.default_read_only = read_only;
         }
-        if let Some((node, elapsed)) = latency {
-            self.shared.metrics.query_latency(&self.shared.topology.nodes[node].config.name, elapsed);
-        }
-        self.shared.metrics.bytes(Direction::ServerToClient, frame.len());
-        self.client.queue(&frame);
+        self.client.relay(&frame);
         Ok(flow)
     }
 

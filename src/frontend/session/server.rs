@@ -9,7 +9,7 @@ use crate::backend::{connect, Backend, ServerLogin};
 use crate::error::ProxyError;
 use crate::frontend::cancel::ServerKey;
 use crate::frontend::Shared;
-use crate::metrics::GaugeGuard;
+use crate::metrics::NodeMetrics;
 use crate::router::classify::Classification;
 
 /// A server connection, the key a cancel should use, and what it has of
@@ -30,7 +30,9 @@ pub(super) struct Server {
     pub(super) carry: Vec<Arc<Classification>>,
     /// The unit now answering has reported an error.
     pub(super) unit_failed: bool,
-    pub(super) _gauge: GaugeGuard,
+    /// This connection's metric children (and its place in the gauge of
+    /// open server connections).
+    pub(super) metrics: NodeMetrics,
 }
 
 /// Units a server connection adds to its node's outstanding count; given
@@ -86,7 +88,7 @@ pub(super) async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> R
     let tls = &shared.tls.connectors[node];
     let backend = connect(addr, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = Arc::new(ServerKey { addr, key: backend.key });
-    let gauge = shared.metrics.backend_connection(&shared.topology.nodes[node].config.name);
+    let metrics = shared.metrics.node(&shared.topology.nodes[node].config.name);
     Ok(Server {
         backend,
         node,
@@ -97,6 +99,6 @@ pub(super) async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> R
         effects: std::collections::VecDeque::new(),
         carry: Vec::new(),
         unit_failed: false,
-        _gauge: gauge,
+        metrics,
     })
 }

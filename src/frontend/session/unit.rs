@@ -208,7 +208,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 Some(message) if target == Target::Replica => {
                     // Keep this session's reads on the primary from now on.
                     let node = self.node_name(target);
-                    tracing::warn!(node, message, "cannot restore session settings on the replica");
+                    tracing::warn!(parent: &self.span, node, message, "cannot restore session settings on the replica");
                     self.settings_refused = true;
                     if let Some(replica) = self.replica.take() {
                         replica.backend.terminate().await;
@@ -256,7 +256,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 server.state.settings_version = version;
             }
         }
-        if frames.iter().any(|f| f.tag() == b'P' && frontend::parse(f).is_ok_and(|p| p.name.is_empty())) {
+        if frames.iter().any(|f| f.tag() == b'P' && frontend::parse_name(f).is_ok_and(str::is_empty)) {
             self.unnamed_on = Some(target);
         }
         if self.bound.is_none() {
@@ -326,15 +326,24 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             ran_on.effects.push_back(effects);
         }
         for frame in frames {
-            match (frame.tag(), frontend::parse(frame), frontend::target(frame)) {
-                (b'P', Ok(parse), _) if !parse.name.is_empty() => {
-                    let class = classifier.classify(parse.query);
-                    state.parsed(parse.name, Prepared { parse: frame.clone(), class }, &mut ran_on.state);
-                }
-                (b'C', _, Ok(Named::Statement(name))) if !name.is_empty() => {
-                    let mut others: Vec<_> = others.iter_mut().map(|s| &mut s.state).collect();
-                    state.closed(name, &mut ran_on.state, &mut others);
-                }
+            match frame.tag() {
+                b'P' => match frontend::parse(frame) {
+                    Ok(parse) if !parse.name.is_empty() => {
+                        let class = classifier.classify(parse.query);
+                        // A copy: the statement outlives the read buffer
+                        // this frame shares.
+                        let prepared = Prepared { parse: frame.detached(), class };
+                        state.parsed(parse.name, prepared, &mut ran_on.state);
+                    }
+                    _ => {}
+                },
+                b'C' => match frontend::target(frame) {
+                    Ok(Named::Statement(name)) if !name.is_empty() => {
+                        let mut others: Vec<_> = others.iter_mut().map(|s| &mut s.state).collect();
+                        state.closed(name, &mut ran_on.state, &mut others);
+                    }
+                    _ => {}
+                },
                 _ => {}
             }
         }
@@ -346,12 +355,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// message is returned and the server is left out of date.
     async fn sync_settings(&mut self, target: Target) -> Result<Option<String>, ProxyError> {
         let version = self.state.settings.version;
+        if self.server(target).is_none_or(|s| s.state.settings_version == version) {
+            return Ok(None);
+        }
         let mut body = self.state.settings.replay_sql().into_bytes();
         body.push(0);
         let Some(server) = self.server_mut(target) else { return Ok(None) };
-        if server.state.settings_version == version {
-            return Ok(None);
-        }
         server.backend.queue(&Frame::new(b'Q', &body));
         let lost = |_| ProxyError::BackendLost { node: format!("{target:?}") };
         server.backend.flush().await.map_err(lost)?;
@@ -408,8 +417,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         for frame in frames {
             let name = match frame.tag() {
                 b'P' => {
-                    if let Ok(parse) = frontend::parse(frame) {
-                        parsed_here.push(parse.name);
+                    if let Ok(name) = frontend::parse_name(frame) {
+                        parsed_here.push(name);
                     }
                     continue;
                 }
@@ -441,7 +450,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if std::mem::take(&mut self.catalog_stale) {
             self.catalog.refresh_now(self.shared.config.proxy.connect_timeout).await;
         }
-        let deadline = Instant::now() + self.shared.config.consistency.replica_wait;
+        let wait = self.shared.config.consistency.replica_wait;
+        let mut deadline = None;
         let route = loop {
             self.refresh_watermark();
             match self.decide(classes) {
@@ -450,10 +460,15 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     return Ok(Err(error_response(Severity::Error, SqlState::ConnectionFailure, &message)));
                 }
                 Ok(route)
-                    if matches!(route.reason, Reason::PinnedAfterWrite | Reason::ReplicaLagging)
-                        && Instant::now() < deadline =>
+                    if !wait.is_zero()
+                        && matches!(route.reason, Reason::PinnedAfterWrite | Reason::ReplicaLagging) =>
                 {
-                    tokio::time::sleep(REPLICA_WAIT_STEP.min(deadline - Instant::now())).await;
+                    let now = Instant::now();
+                    let until = *deadline.get_or_insert(now + wait);
+                    if now >= until {
+                        break route;
+                    }
+                    tokio::time::sleep(REPLICA_WAIT_STEP.min(until - now)).await;
                 }
                 Ok(route) => break route,
             }
@@ -463,7 +478,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 self.shared.topology.nodes[n].config.name.as_str()
             }
         };
-        tracing::debug!(node, reason = route.reason.as_str(), "routed");
+        tracing::debug!(parent: &self.span, node, reason = route.reason.as_str(), "routed");
         match route.destination {
             Destination::Primary(node) => Ok(self.use_primary(node).await?.map(|t| (t, route.reason))),
             Destination::Replica(node) => match self.use_replica(node).await {
@@ -532,7 +547,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             }
             Err(error) => {
                 let name = &self.shared.topology.nodes[node].config.name;
-                tracing::warn!(node = name.as_str(), %error, "cannot open a replica connection");
+                tracing::warn!(parent: &self.span, node = name.as_str(), %error, "cannot open a replica connection");
                 self.shared.topology.suspect(node);
                 Target::Primary
             }
@@ -574,7 +589,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                     if let Some(parse) = frontend::parse(frame).ok().filter(|p| !p.name.is_empty()) {
                         // Later Binds of this name are answered here too.
                         let class = self.shared.classifier.classify(parse.query);
-                        let prepared = Prepared { parse: frame.clone(), class };
+                        let prepared = Prepared { parse: frame.detached(), class };
                         self.state.prepared.insert(parse.name.to_string(), prepared);
                     }
                     self.client.queue(&parse_complete());
@@ -616,14 +631,14 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// Counts a unit that executes statements, by node, role and reason.
-    fn count_route(&self, target: Target, reason: Reason) {
-        let Some(server) = self.server(target) else { return };
-        let node = &self.shared.topology.nodes[server.node].config.name;
+    fn count_route(&mut self, target: Target, reason: Reason) {
         let role = match target {
             Target::Primary => RoleLabel::Primary,
             Target::Replica => RoleLabel::Replica,
         };
-        self.shared.metrics.routed(node, role, reason);
+        if let Some(server) = self.server_mut(target) {
+            server.metrics.routed(role, reason);
+        }
     }
 
     /// The transaction status to report for a locally answered query.
@@ -653,7 +668,7 @@ fn uses_unnamed(frames: &[Frame]) -> bool {
     for frame in frames {
         let portal = match frame.tag() {
             b'P' => {
-                parsed_unnamed |= frontend::parse(frame).is_ok_and(|p| p.name.is_empty());
+                parsed_unnamed |= frontend::parse_name(frame).is_ok_and(str::is_empty);
                 continue;
             }
             b'B' => {
@@ -704,7 +719,7 @@ fn may_define_functions(frames: &[Frame]) -> bool {
 fn uses_unnamed_statement(frames: &[Frame]) -> bool {
     for frame in frames {
         match frame.tag() {
-            b'P' if frontend::parse(frame).is_ok_and(|p| p.name.is_empty()) => return false,
+            b'P' if frontend::parse_name(frame).is_ok_and(str::is_empty) => return false,
             b'B' if frontend::bind(frame).is_ok_and(|b| b.statement.is_empty()) => return true,
             b'D' if matches!(frontend::target(frame), Ok(Named::Statement(""))) => return true,
             _ => {}
@@ -717,6 +732,10 @@ fn uses_unnamed_statement(frames: &[Frame]) -> bool {
 /// what the unit is.
 fn loaded_library(frames: &[Frame]) -> Option<String> {
     let [frame] = frames else { return None };
+    let start = frame.body().iter().position(|b| !b.is_ascii_whitespace())?;
+    if !frame.body()[start..].get(..4)?.eq_ignore_ascii_case(b"load") {
+        return None;
+    }
     let text = frontend::query_text(frame).ok()?.trim().trim_end_matches(';').trim();
     text.get(..4).filter(|w| w.eq_ignore_ascii_case("load"))?;
     let path = text[4..].trim().trim_matches('\'');
