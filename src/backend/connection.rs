@@ -64,7 +64,7 @@ impl Backend {
             tls,
             reader,
             writer,
-            out: BytesMut::with_capacity(1024),
+            out: BytesMut::new(),
             startup_params: startup_params.iter().map(Frame::detached).collect(),
             in_flight: 0,
             tx_status: b'I',

@@ -49,7 +49,7 @@ pub struct Shared {
 pub async fn serve(stream: Stream, peer: std::net::SocketAddr, shared: Arc<Shared>, session_id: u64) {
     let span = tracing::info_span!("session", id = session_id, %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     let handshake_gauge = shared.metrics.client_connection(ClientState::Handshake);
-    let Some(session) = open_session(stream, &shared, span.clone()).instrument(span.clone()).await else {
+    let Some(mut session) = open_session(stream, &shared, span.clone()).instrument(span.clone()).await else {
         return;
     };
     drop(handshake_gauge);

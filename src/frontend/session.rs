@@ -226,7 +226,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let mut client = Client {
             reader: FrameReader::with_buffered(read, limit, login.buffered),
             writer,
-            out: BytesMut::with_capacity(2 * 1024),
+            out: BytesMut::new(),
             relayed: 0,
             relayed_counter: shared.metrics.bytes_counter(crate::metrics::Direction::ServerToClient),
         };
@@ -274,7 +274,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     }
 
     /// Relays until the client leaves or the session fails.
-    pub async fn run(mut self) -> Result<(), ProxyError> {
+    ///
+    /// By reference: a by-value `self` would be stored twice in the future.
+    pub async fn run(&mut self) -> Result<(), ProxyError> {
         let result = self.relay().await;
         if let Err(error) = &result {
             if let Some(frame) = error.to_frame() {
@@ -282,7 +284,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 let _ = self.client.flush().await;
             }
         }
-        self.close().await;
+        // Boxed, like every rare path below: an async fn's future is as
+        // large as its largest await, and the session's future lives (and
+        // occupies memory) for as long as the client stays connected.
+        Box::pin(self.close()).await;
         result
     }
 
@@ -312,7 +317,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
     }
 
-    async fn close(mut self) {
+    async fn close(&mut self) {
         let busy: Vec<ServerKey> = [self.primary.as_ref(), self.replica.as_ref()]
             .into_iter()
             .flatten()
@@ -331,7 +336,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             primary.backend.terminate().await;
         }
         let _ = self.client.writer.shutdown().await;
-        drop(self.registration);
+        // The cancel registration goes with the session, right after.
     }
 
     /// A frame already read from any side, without waiting. Server frames
@@ -363,7 +368,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         for target in [Target::Primary, Target::Replica] {
             let Some(server) = self.server_mut(target) else { continue };
             if server.backend.has_output() && server.backend.flush().await.is_err() {
-                return self.server_lost(target).await;
+                return Box::pin(self.server_lost(target)).await;
             }
         }
         self.client.flush().await
@@ -425,14 +430,16 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
             Event::Client(Ok(None)) => Ok(Flow::End),
             Event::Client(Err(error)) => Err(error.into()),
             Event::Server(target, Ok(Some(frame))) => match self.on_server(target, frame)? {
-                Flow::Lost(target) => self.server_lost(target).await.map(|()| Flow::Continue),
+                Flow::Lost(target) => Box::pin(self.server_lost(target)).await.map(|()| Flow::Continue),
                 flow => Ok(flow),
             },
-            Event::Server(target, Ok(None)) => self.server_lost(target).await.map(|()| Flow::Continue),
+            Event::Server(target, Ok(None)) => {
+                Box::pin(self.server_lost(target)).await.map(|()| Flow::Continue)
+            }
             Event::Server(target, Err(error)) => {
                 let node = self.node_name(target);
                 tracing::warn!(parent: &self.span, node, %error, "server broke the protocol");
-                self.server_lost(target).await.map(|()| Flow::Continue)
+                Box::pin(self.server_lost(target)).await.map(|()| Flow::Continue)
             }
             Event::WatermarkTick => {
                 self.refresh_watermark();

@@ -102,7 +102,7 @@ pub struct FrameReader<R> {
     chunk: usize,
 }
 
-const MIN_READ_CHUNK: usize = 4 * 1024;
+const MIN_READ_CHUNK: usize = 2 * 1024;
 const MAX_READ_CHUNK: usize = 64 * 1024;
 
 impl<R: AsyncRead + Unpin> FrameReader<R> {

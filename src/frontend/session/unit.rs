@@ -203,7 +203,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         };
         let (target, reason) = match self.bound {
             Some(_) => (target, reason),
-            None => match self.sync_settings(target).await? {
+            None if self.settings_current(target) => (target, reason),
+            None => match Box::pin(self.sync_settings(target)).await? {
                 None => (target, reason),
                 Some(message) if target == Target::Replica => {
                     // Keep this session's reads on the primary from now on.
@@ -214,10 +215,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                         replica.backend.terminate().await;
                     }
                     match self.choose(&classes).await? {
-                        Ok((Target::Primary, reason)) => match self.sync_settings(Target::Primary).await? {
-                            None => (Target::Primary, reason),
-                            Some(message) => return Err(ProxyError::SettingsLost(message)),
-                        },
+                        Ok((Target::Primary, reason)) => {
+                            match Box::pin(self.sync_settings(Target::Primary)).await? {
+                                None => (Target::Primary, reason),
+                                Some(message) => return Err(ProxyError::SettingsLost(message)),
+                            }
+                        }
                         _ => return Err(ProxyError::SettingsLost(message)),
                     }
                 }
@@ -349,15 +352,20 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         }
     }
 
+    /// Whether `target` (if open) already has the session's settings.
+    fn settings_current(&self, target: Target) -> bool {
+        self.server(target).is_none_or(|s| s.state.settings_version == self.state.settings.version)
+    }
+
     /// Brings `target`'s settings up to date before a new unit, waiting
     /// for the result: a statement must never run with settings (a role,
     /// a search_path) other than the session's. On failure the error's
     /// message is returned and the server is left out of date.
     async fn sync_settings(&mut self, target: Target) -> Result<Option<String>, ProxyError> {
-        let version = self.state.settings.version;
-        if self.server(target).is_none_or(|s| s.state.settings_version == version) {
+        if self.settings_current(target) {
             return Ok(None);
         }
+        let version = self.state.settings.version;
         let mut body = self.state.settings.replay_sql().into_bytes();
         body.push(0);
         let Some(server) = self.server_mut(target) else { return Ok(None) };
@@ -448,7 +456,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         classes: &[Arc<Classification>],
     ) -> Result<Result<(Target, Reason), Frame>, ProxyError> {
         if std::mem::take(&mut self.catalog_stale) {
-            self.catalog.refresh_now(self.shared.config.proxy.connect_timeout).await;
+            Box::pin(self.catalog.refresh_now(self.shared.config.proxy.connect_timeout)).await;
         }
         let wait = self.shared.config.consistency.replica_wait;
         let mut deadline = None;
@@ -480,17 +488,31 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         };
         tracing::debug!(parent: &self.span, node, reason = route.reason.as_str(), "routed");
         match route.destination {
-            Destination::Primary(node) => Ok(self.use_primary(node).await?.map(|t| (t, route.reason))),
-            Destination::Replica(node) => match self.use_replica(node).await {
+            Destination::Primary(node) if self.primary.as_ref().is_some_and(|p| p.node == node) => {
+                Ok(Ok((Target::Primary, route.reason)))
+            }
+            Destination::Primary(node) => {
+                Ok(Box::pin(self.use_primary(node)).await?.map(|t| (t, route.reason)))
+            }
+            Destination::Replica(node) if self.replica.as_ref().is_some_and(|r| r.node == node) => {
+                self.replica_chosen();
+                Ok(Ok((Target::Replica, route.reason)))
+            }
+            Destination::Replica(node) => match Box::pin(self.use_replica(node)).await {
                 Target::Replica => {
-                    if let Some(since) = self.pinned_since.take() {
-                        self.shared.metrics.pin_ended(since.elapsed());
-                    }
+                    self.replica_chosen();
                     Ok(Ok((Target::Replica, route.reason)))
                 }
                 // The replica is now suspect: route again without it.
                 Target::Primary => Box::pin(self.choose(classes)).await,
             },
+        }
+    }
+
+    /// A read goes to the replica: a read-your-writes pin, if any, ends.
+    fn replica_chosen(&mut self) {
+        if let Some(since) = self.pinned_since.take() {
+            self.shared.metrics.pin_ended(since.elapsed());
         }
     }
 
@@ -517,7 +539,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
                 let name = self.shared.topology.nodes[node].config.name.clone();
                 Err(ProxyError::PrimaryMoved { node: name })
             }
-            None => match super::server::open(&self.shared, node, &self.login).await {
+            None => match Box::pin(super::server::open(&self.shared, node, &self.login)).await {
                 Ok(server) => {
                     self.primary = Some(server);
                     Ok(Ok(Target::Primary))
@@ -540,7 +562,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         if let Some(old) = self.replica.take() {
             old.backend.terminate().await;
         }
-        match super::server::open(&self.shared, node, &self.login).await {
+        match Box::pin(super::server::open(&self.shared, node, &self.login)).await {
             Ok(server) => {
                 self.replica = Some(server);
                 Target::Replica
