@@ -560,7 +560,7 @@ phase_profile() {
             -U postgres postgres >"$dir/pgbench.out" 2>&1 &
         local bench=$!
         sleep 2
-        perf record -F 499 -e cpu-clock --call-graph dwarf,16384 -p "$pid" -o "$dir/perf.data" \
+        perf record -F 1999 -e cpu-clock --call-graph dwarf,16384 -p "$pid" -o "$dir/perf.data" \
             -- sleep "$PROFILE_SECONDS" >/dev/null 2>&1
         wait "$bench" || true
         local report=(perf report -i "$dir/perf.data" --stdio --percent-limit 0.3)

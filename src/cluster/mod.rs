@@ -131,7 +131,16 @@ impl Topology {
     /// The one verified primary of `cluster`, if exactly one node is up and
     /// claims the role (or the config names it).
     pub fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
-        crate::router::ClusterView::capture(self).primary(cluster)
+        // The common case, one claimant, without capturing a whole view;
+        // anything else (none, a conflict) is settled by the view.
+        let mut claims = self.nodes.iter().enumerate().filter(|(_, n)| {
+            let status = n.status.load();
+            n.config.cluster == cluster && status.up && status.role == Role::Primary
+        });
+        match (claims.next(), claims.next()) {
+            (Some((one, _)), None) => Ok(one),
+            _ => crate::router::ClusterView::capture(self).primary(cluster),
+        }
     }
 }
 

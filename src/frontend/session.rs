@@ -378,7 +378,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
     /// safe: frame readers only move bytes into their own buffers.
     async fn wait_event(&mut self) -> Event {
         let idle_on = self.shared.config.proxy.idle_client_timeout.is_some() && self.bound.is_none();
-        let tick_on = self.watermark.is_pending();
+        // While a unit runs, its own responses wake the loop often enough.
+        let tick_on = self.bound.is_none() && self.watermark.is_pending();
         if tick_on && !self.timers.tick_armed {
             let every = self.shared.config.monitor.interval / 2;
             self.timers.tick.as_mut().reset(tokio::time::Instant::now() + every);

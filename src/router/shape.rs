@@ -8,7 +8,7 @@
 /// literal to replace.
 pub fn shape(sql: &str) -> Option<String> {
     let bytes = sql.as_bytes();
-    let mut out = String::with_capacity(sql.len());
+    let mut out = String::new();
     let mut i = 0;
     let mut replaced = false;
     let mut last = 0; // start of the text not yet copied
@@ -54,6 +54,9 @@ pub fn shape(sql: &str) -> Option<String> {
         };
         match end {
             Some((start, stop)) => {
+                if !replaced {
+                    out.reserve(sql.len());
+                }
                 out.push_str(&sql[last..start]);
                 out.push('?');
                 replaced = true;
