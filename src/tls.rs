@@ -7,6 +7,7 @@
 //! tls-server-end-point channel binding hash of a certificate.
 
 mod end_point;
+mod split;
 mod stream;
 mod verify;
 
@@ -21,6 +22,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::{Config, NodeConfig, SslMode, TlsConfig, TlsMode};
 pub use end_point::end_point;
+pub use split::{ReadHalf, Split, WriteHalf};
 pub use stream::Stream;
 
 /// The ALPN protocol name PostgreSQL 17 uses, and requires for direct TLS.

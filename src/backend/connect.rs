@@ -12,7 +12,7 @@ use postgres_protocol::authentication::sasl::{
     ChannelBinding, ScramSha256, SCRAM_SHA_256, SCRAM_SHA_256_PLUS,
 };
 use postgres_protocol::message::frontend;
-use tokio::io::{AsyncReadExt, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 
 use super::Backend;
@@ -21,9 +21,9 @@ use crate::protocol::backend::{parse_backend_key, ErrorFields};
 use crate::protocol::frame::{cstr, int32};
 use crate::protocol::startup::ssl_request;
 use crate::protocol::{Frame, FrameReader, ProtocolError};
-use crate::tls::{Connector, Stream};
+use crate::tls::{Connector, ReadHalf, Split, Stream, WriteHalf};
 
-type ServerReader = FrameReader<ReadHalf<Stream>>;
+type ServerReader = FrameReader<ReadHalf>;
 
 /// Who to log in as, and with which parameters.
 #[derive(Debug, Clone)]
@@ -94,7 +94,7 @@ async fn connect_inner(
         // TLS, but the certificate allows no binding: as if unsupported.
         (true, None) | (false, _) => Binding::Unsupported,
     };
-    let (read, mut write) = tokio::io::split(stream);
+    let (read, mut write) = stream.split();
     let mut reader = FrameReader::new(read, limit);
     let mut buf = BytesMut::new();
     let params = std::iter::once(("user", login.user.as_str()))
@@ -166,7 +166,7 @@ fn server_error(frame: Frame) -> Result<ConnectError, ProtocolError> {
 /// Answers the server's authentication requests until AuthenticationOk.
 async fn authenticate(
     reader: &mut ServerReader,
-    write: &mut WriteHalf<Stream>,
+    write: &mut WriteHalf,
     addr: SocketAddr,
     login: &ServerLogin,
     binding: &Binding,

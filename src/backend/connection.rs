@@ -5,11 +5,11 @@ use std::collections::VecDeque;
 use std::net::SocketAddr;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 
 use crate::protocol::startup::CancelKey;
 use crate::protocol::{Frame, FrameReader, ProtocolError};
-use crate::tls::Stream;
+use crate::tls::{ReadHalf, WriteHalf};
 
 /// Server responses that pgnear caused itself and the client must not see.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -32,8 +32,8 @@ pub struct Backend {
     pub key: CancelKey,
     /// Whether the connection is encrypted.
     pub tls: bool,
-    reader: FrameReader<ReadHalf<Stream>>,
-    writer: WriteHalf<Stream>,
+    reader: FrameReader<ReadHalf>,
+    writer: WriteHalf,
     out: BytesMut,
     /// ParameterStatus frames the server sent at startup.
     pub startup_params: Vec<Frame>,
@@ -54,8 +54,8 @@ impl Backend {
         addr: SocketAddr,
         key: CancelKey,
         tls: bool,
-        reader: FrameReader<ReadHalf<Stream>>,
-        writer: WriteHalf<Stream>,
+        reader: FrameReader<ReadHalf>,
+        writer: WriteHalf,
         startup_params: Vec<Frame>,
     ) -> Backend {
         Backend {

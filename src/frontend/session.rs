@@ -19,7 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadHalf, WriteHalf};
+use tokio::io::AsyncWriteExt;
 
 use super::cancel::{Registration, ServerKey};
 use super::handshake::Login;
@@ -33,6 +33,7 @@ use crate::protocol::backend::{backend_key_data, ready_for_query};
 use crate::protocol::{Frame, FrameReader, ProtocolError};
 use crate::router::classify::Classification;
 use crate::router::consistency::Watermark;
+use crate::tls::Split;
 use local::ProxySettings;
 use server::{first_server, Server};
 use state::SessionState;
@@ -67,16 +68,16 @@ enum Event {
 }
 
 /// The client side of a session.
-struct Client<S> {
-    reader: FrameReader<ReadHalf<S>>,
-    writer: WriteHalf<S>,
+struct Client<S: Split> {
+    reader: FrameReader<S::Read>,
+    writer: S::Write,
     out: BytesMut,
     /// Server bytes in `out`, counted in the metrics when flushed.
     relayed: u64,
     relayed_counter: prometheus::IntCounter,
 }
 
-impl<S: AsyncRead + AsyncWrite> Client<S> {
+impl<S: Split> Client<S> {
     fn queue(&mut self, frame: &Frame) {
         self.out.extend_from_slice(frame.raw());
     }
@@ -133,7 +134,7 @@ struct Batch {
 }
 
 /// An authenticated client and its server connections.
-pub struct Session<S> {
+pub struct Session<S: Split> {
     shared: Arc<Shared>,
     client: Client<S>,
     login: ServerLogin,
@@ -185,7 +186,7 @@ pub struct Session<S> {
     registration: Registration,
 }
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Opens the primary connection and completes the client's startup
     /// with the primary's ParameterStatus messages and BackendKeyData.
     pub async fn start(
@@ -221,7 +222,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
         let registration = shared.cancels.register(home.backend.key.pid);
         let database = login.param("database").unwrap_or(&login.user.name).to_string();
         let catalog = shared.catalogs.get(&cluster, &database).await;
-        let (read, writer) = tokio::io::split(stream);
+        let (read, writer) = stream.split();
         let limit = shared.config.proxy.max_message_bytes;
         let mut client = Client {
             reader: FrameReader::with_buffered(read, limit, login.buffered),

@@ -57,6 +57,14 @@ impl Stream {
         }
     }
 
+    /// The TCP stream, if the connection is plain (not TLS).
+    pub(super) fn into_plain(self) -> Result<TcpStream, Stream> {
+        match self.inner {
+            Inner::Plain(tcp) => Ok(tcp),
+            inner => Err(Stream { inner, end_point: self.end_point }),
+        }
+    }
+
     /// The first byte the peer sent, without consuming it; `None` if the
     /// peer closed first or the stream is already TLS. Cancel safe.
     pub async fn peek_first(&self) -> io::Result<Option<u8>> {

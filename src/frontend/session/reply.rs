@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use crate::tls::Split;
 
 use super::state::ServerState;
 use super::{unit, Flow, Session, Target};
@@ -16,7 +16,7 @@ use crate::protocol::Frame;
 use crate::router::classify::{Class, Classification, Tx};
 use crate::router::consistency::{PrimarySample, Watermark};
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// A server connection closed or failed. Losing the primary ends the
     /// session; losing a replica fails only the unit running there.
     pub(super) async fn server_lost(&mut self, target: Target) -> Result<(), ProxyError> {

@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncRead, AsyncWrite};
+use crate::tls::Split;
 
 use super::local::Report;
 use super::state::Prepared;
@@ -22,7 +22,7 @@ use crate::router::{route, ClusterView, Destination, Policy, Reason, Route, Sess
 /// How often a read waiting under `replica_wait_ms` looks again.
 const REPLICA_WAIT_STEP: Duration = Duration::from_millis(2);
 
-impl<S: AsyncRead + AsyncWrite + Unpin + Send + 'static> Session<S> {
+impl<S: Split + Unpin + Send + 'static> Session<S> {
     pub(super) async fn on_client(&mut self, frame: Frame) -> Result<Flow, ProxyError> {
         match frame.tag() {
             b'Q' => self.on_query(frame).await?,
