@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # End-to-end benchmark: pgnear against direct PostgreSQL and PgBouncer.
 #
-#   benches/pgbench/run.sh            # everything, about 45 minutes
+#   benches/pgbench/run.sh            # everything, about 25 minutes
 #   DURATION=5 ROUNDS=1 benches/pgbench/run.sh      # a quick pass
 #   PHASES="pgbench" benches/pgbench/run.sh          # only the pgbench matrix
 #
