@@ -14,7 +14,8 @@ pub fn shape(sql: &str) -> Option<String> {
     let mut last = 0; // start of the text not yet copied
     while i < bytes.len() {
         let b = bytes[i];
-        let prev_ident = i > 0 && is_ident(bytes[i - 1]);
+        // Most bytes are plain text: look back only at a `$` or a digit.
+        let prev_ident = || i > 0 && is_ident(bytes[i - 1]);
         let end = match b {
             b'\'' => {
                 let escapes =
@@ -35,7 +36,7 @@ pub fn shape(sql: &str) -> Option<String> {
                 i = block_comment_end(bytes, i)?;
                 continue;
             }
-            b'$' if !prev_ident => {
+            b'$' if !prev_ident() => {
                 let tag_end = i + 1 + bytes[i + 1..].iter().position(|&c| !is_ident(c) || c == b'$')?;
                 if bytes.get(tag_end) != Some(&b'$') {
                     i += 1; // a $1 parameter
@@ -45,7 +46,7 @@ pub fn shape(sql: &str) -> Option<String> {
                 let body = sql[tag_end + 1..].find(tag)?;
                 Some((i, tag_end + 1 + body + tag.len()))
             }
-            b'0'..=b'9' if !prev_ident => {
+            b'0'..=b'9' if !prev_ident() => {
                 let len =
                     bytes[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'.' || c == b'_'));
                 Some((i, len.map_or(bytes.len(), |l| i + l)))
