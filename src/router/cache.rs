@@ -40,17 +40,19 @@ impl ClassifyCache {
     /// The classification of `sql`, from the cache when present. A hit
     /// borrows `sql` for the lookup and allocates nothing.
     pub fn classify(&self, sql: &str) -> Arc<Classification> {
-        // Statements that differ only in literals (the simple protocol's
-        // interpolated parameters) share the entry of their shape, when
-        // the classification does not depend on the literals. A text with
-        // no digit and no quote has no literal: its exact text is the key.
-        let may_have_literals = sql.bytes().any(|b| b.is_ascii_digit() || b == b'\'' || b == b'$');
-        let shape = (may_have_literals && sql.len() <= MAX_CACHED_SQL_LEN).then(|| shape(sql)).flatten();
-        if let Some(found) = shape.as_deref().and_then(|s| self.shapes.get(s)) {
+        // The exact text first: a hash is cheaper than the shape's scan,
+        // and the extended protocol's texts (with $n parameters) repeat.
+        if let Some(found) = self.entries.get(sql) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return found;
         }
-        if let Some(found) = self.entries.get(sql) {
+        // Statements that differ only in literals (the simple protocol's
+        // interpolated parameters) share the entry of their shape, when
+        // the classification does not depend on the literals. A text with
+        // no digit and no quote has no literal to replace.
+        let may_have_literals = sql.bytes().any(|b| b.is_ascii_digit() || b == b'\'' || b == b'$');
+        let shape = (may_have_literals && sql.len() <= MAX_CACHED_SQL_LEN).then(|| shape(sql)).flatten();
+        if let Some(found) = shape.as_deref().and_then(|s| self.shapes.get(s)) {
             self.hits.fetch_add(1, Ordering::Relaxed);
             return found;
         }
