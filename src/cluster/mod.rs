@@ -59,6 +59,13 @@ pub struct NodeStatus {
     pub consecutive_successes: u32,
 }
 
+impl NodeStatus {
+    /// In rotation and reporting the primary role.
+    pub fn claims_primary(&self) -> bool {
+        self.up && self.role == Role::Primary
+    }
+}
+
 impl Default for NodeStatus {
     fn default() -> Self {
         NodeStatus {
@@ -133,10 +140,11 @@ impl Topology {
     pub fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
         // The common case, one claimant, without capturing a whole view;
         // anything else (none, a conflict) is settled by the view.
-        let mut claims = self.nodes.iter().enumerate().filter(|(_, n)| {
-            let status = n.status.load();
-            n.config.cluster == cluster && status.up && status.role == Role::Primary
-        });
+        let mut claims = self
+            .nodes
+            .iter()
+            .enumerate()
+            .filter(|(_, n)| n.config.cluster == cluster && n.status.load().claims_primary());
         match (claims.next(), claims.next()) {
             (Some((one, _)), None) => Ok(one),
             _ => crate::router::ClusterView::capture(self).primary(cluster),

@@ -63,7 +63,7 @@ impl<'a> ClusterView<'a> {
         let mut nodes = nodes.into();
         let primaries: SmallVec<[(&'a str, Option<crate::cluster::Lsn>); 2]> = nodes
             .iter()
-            .filter(|n| n.status.up && n.status.role == Role::Primary)
+            .filter(|n| n.status.claims_primary())
             .map(|n| (n.config.cluster.as_str(), n.status.lsn))
             .collect();
         for node in nodes.iter_mut().filter(|n| n.status.role == Role::Replica) {
@@ -89,7 +89,7 @@ impl<'a> ClusterView<'a> {
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.config.cluster == cluster && n.status.up && n.status.role == Role::Primary)
+            .filter(|(_, n)| n.config.cluster == cluster && n.status.claims_primary())
             .map(|(i, _)| i)
             .collect();
         match claims.as_slice() {

@@ -168,6 +168,53 @@ const FD_SLACK: usize = 10;
 /// Long enough to open them all even on a loaded machine.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
+/// The binary on both runtime flavours: one thread (tokio's current-thread
+/// scheduler, the default on two cores) and two (the multi-threaded one),
+/// each serving concurrent clients, the extended protocol and a cancel.
+#[tokio::test]
+async fn the_binary_serves_on_one_or_several_runtime_threads() {
+    let cluster = Cluster::builder().start().await.unwrap();
+    for threads in [1, 2] {
+        let toml = ProxyConfig::default().proxy(&format!("worker_threads = {threads}")).toml(&cluster);
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("proxy.toml"), toml).unwrap();
+        let log = dir.path().join("pgnear.log");
+        let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgnear"))
+            .arg("--config")
+            .arg(dir.path().join("proxy.toml"))
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", "pgnear=info")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let addr = listening_addr(&log).await;
+        let started = std::fs::read_to_string(&log).unwrap();
+        assert!(started.contains(&format!("\"worker_threads\":{threads}")), "{started}");
+        let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", addr.port());
+        let clients = futures_util::future::join_all((0..8).map(|_| connect_once(&conn))).await;
+        let sums = clients.iter().enumerate().map(|(i, client)| async move {
+            let mut sum = 0i64;
+            for n in 0..50i64 {
+                let row = client.query_one("SELECT $1::int8 + $2::int8", &[&n, &(i as i64)]).await.unwrap();
+                sum += row.get::<_, i64>(0);
+            }
+            sum
+        });
+        let sums = futures_util::future::join_all(sums).await;
+        let expected: Vec<i64> = (0..8).map(|i| (0..50).sum::<i64>() + 50 * i).collect();
+        assert_eq!(sums, expected, "worker_threads = {threads}");
+        let sleeper = &clients[0];
+        let cancel = sleeper.cancel_token();
+        let (slept, ()) = tokio::join!(sleeper.batch_execute("SELECT pg_sleep(30)"), async {
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
+        });
+        assert_eq!(sqlstate(slept), "57014", "worker_threads = {threads}");
+    }
+}
+
 /// pgnear runs as its own process here: 10,000 connections are 20,000
 /// descriptors in one process, over this machine's limit of 20,000 open
 /// files. This also makes the RSS figure pgnear's alone.
