@@ -24,6 +24,30 @@ pub enum Hidden {
     CloseComplete,
 }
 
+/// Server messages the session relays without looking at them: not
+/// ReadyForQuery, ErrorResponse, NoticeResponse (a read may still be
+/// retried after one), ParameterStatus or CopyInResponse, which
+/// `Session::on_server` handles.
+fn needs_no_bookkeeping(tag: u8) -> bool {
+    matches!(
+        tag,
+        b'D' | b'T'
+            | b'C'
+            | b'1'
+            | b'2'
+            | b'3'
+            | b'n'
+            | b's'
+            | b't'
+            | b'I'
+            | b'H'
+            | b'd'
+            | b'c'
+            | b'A'
+            | b'V'
+    )
+}
+
 /// An authenticated server connection.
 #[derive(Debug)]
 pub struct Backend {
@@ -116,6 +140,23 @@ impl Backend {
     /// The next frame from the server. Cancel safe.
     pub async fn next(&mut self) -> Result<Option<Frame>, ProtocolError> {
         self.reader.next().await
+    }
+
+    /// Reads until a whole frame is buffered; `false` at end of stream.
+    /// Cancel safe.
+    pub async fn fill(&mut self) -> Result<bool, ProtocolError> {
+        self.reader.fill().await
+    }
+
+    /// Moves buffered responses that need no bookkeeping (rows, command
+    /// tags, parse and bind completions ...) straight into the client's
+    /// output `out`, up to `until` bytes. Nothing passes while a response
+    /// to pgnear's own replay is still expected. Returns the bytes moved.
+    pub fn pass_through(&mut self, out: &mut BytesMut, until: usize) -> usize {
+        if !self.hidden.is_empty() {
+            return 0;
+        }
+        self.reader.pass_through(out, until, needs_no_bookkeeping)
     }
 
     /// Decides whether a server frame is a response to pgnear's own

@@ -60,6 +60,8 @@ enum Flow {
 /// Something the loop must handle.
 #[derive(Debug)]
 enum Event {
+    /// A whole frame was read: `buffered_event` takes it.
+    Ready,
     Client(Result<Option<Frame>, ProtocolError>),
     Server(Target, Result<Option<Frame>, ProtocolError>),
     /// A write's watermark may have resolved: check and report it.
@@ -341,10 +343,24 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     /// A frame already read from any side, without waiting. Server frames
-    /// first, so that responses drain before new work is taken.
+    /// first, so that responses drain before new work is taken. Server
+    /// messages that need no bookkeeping go straight to the client's
+    /// output on the way, a run at a time.
     fn buffered_event(&mut self) -> Option<Event> {
         for target in [Target::Primary, Target::Replica] {
-            if let Some(server) = self.server_mut(target) {
+            let server = match target {
+                Target::Primary => self.primary.as_mut(),
+                Target::Replica => self.replica.as_mut(),
+            };
+            if let Some(server) = server {
+                let moved = server.backend.pass_through(&mut self.client.out, FLUSH_AT);
+                if moved > 0 {
+                    self.client.relayed += moved as u64;
+                    if target == Target::Replica {
+                        // The read has answered: too late to retry it.
+                        self.retry = None;
+                    }
+                }
                 match server.backend.buffered() {
                     Ok(None) => {}
                     other => return Some(Event::Server(target, other)),
@@ -388,13 +404,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         let replica = async {
             match self.replica.as_mut() {
-                Some(server) => server.backend.next().await,
+                Some(server) => server.backend.fill().await,
                 None => std::future::pending().await,
             }
         };
         let primary = async {
             match self.primary.as_mut() {
-                Some(server) => server.backend.next().await,
+                Some(server) => server.backend.fill().await,
                 None => std::future::pending().await,
             }
         };
@@ -403,9 +419,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         tokio::select! {
             // Servers first: responses drain before new work is taken.
             biased;
-            frame = primary => Event::Server(Target::Primary, frame),
-            frame = replica => Event::Server(Target::Replica, frame),
-            frame = self.client.reader.next(), if !held => Event::Client(frame),
+            filled = primary => filled_event(filled, |end| Event::Server(Target::Primary, end)),
+            filled = replica => filled_event(filled, |end| Event::Server(Target::Replica, end)),
+            filled = self.client.reader.fill(), if !held => filled_event(filled, Event::Client),
             () = timers.tick.as_mut(), if tick_on => {
                 timers.tick_armed = false;
                 Event::WatermarkTick
@@ -428,6 +444,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     async fn handle(&mut self, event: Event) -> Result<Flow, ProxyError> {
         match event {
+            Event::Ready => Ok(Flow::Continue),
             Event::Client(Ok(Some(frame))) => self.on_client(frame).await,
             Event::Client(Ok(None)) => Ok(Flow::End),
             Event::Client(Err(error)) => Err(error.into()),
@@ -471,6 +488,19 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Target::Primary => self.primary.as_mut(),
             Target::Replica => self.replica.as_mut(),
         }
+    }
+}
+
+/// What a wait for a whole frame came to: the frame is taken from the
+/// buffer next; the end of the stream and errors are the side's events.
+fn filled_event(
+    filled: Result<bool, ProtocolError>,
+    side: impl FnOnce(Result<Option<Frame>, ProtocolError>) -> Event,
+) -> Event {
+    match filled {
+        Ok(true) => Event::Ready,
+        Ok(false) => side(Ok(None)),
+        Err(error) => side(Err(error)),
     }
 }
 

@@ -125,9 +125,23 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// Cancel safe: bytes move only into the internal buffer, so a frame
     /// is never lost when this future is dropped in a `select!`.
     pub async fn next(&mut self) -> Result<Option<Frame>, ProtocolError> {
+        if self.fill().await? {
+            decode(&mut self.buf, self.limit)
+        } else {
+            Ok(None)
+        }
+    }
+
+    /// Reads until the buffer holds a whole frame (or a malformed header,
+    /// which [`FrameReader::buffered`] then reports): `true`, or `false`
+    /// at a clean end of stream. Decodes nothing, so a relay can take the
+    /// frames in place.
+    ///
+    /// Cancel safe, like [`FrameReader::next`].
+    pub async fn fill(&mut self) -> Result<bool, ProtocolError> {
         loop {
-            if let Some(frame) = decode(&mut self.buf, self.limit)? {
-                return Ok(Some(frame));
+            if self.has_frame() {
+                return Ok(true);
             }
             if self.buf.capacity() - self.buf.len() < 1024 {
                 self.buf.reserve(self.chunk);
@@ -135,12 +149,52 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             let spare = self.buf.capacity() - self.buf.len();
             let read = self.inner.read_buf(&mut self.buf).await?;
             if read == 0 {
-                return if self.buf.is_empty() { Ok(None) } else { Err(ProtocolError::Truncated) };
+                return if self.buf.is_empty() { Ok(false) } else { Err(ProtocolError::Truncated) };
             }
             if read == spare {
                 self.chunk = (self.chunk * 2).min(MAX_READ_CHUNK);
             }
         }
+    }
+
+    /// Whether `buffered` has something to return: a whole frame or an
+    /// error. Reserves room for a large frame's remainder.
+    fn has_frame(&mut self) -> bool {
+        let Some(&[_, a, b, c, d]) = self.buf.get(..5) else { return false };
+        let length = i32::from_be_bytes([a, b, c, d]);
+        let Some(total) = usize::try_from(length).ok().filter(|&l| l >= 4).map(|l| l + 1) else {
+            return true;
+        };
+        if total > self.limit || self.buf.len() >= total {
+            return true;
+        }
+        self.buf.reserve(total - self.buf.len());
+        false
+    }
+
+    /// Moves the whole frames at the front of the buffer into `out` as
+    /// they are, as long as `pass` accepts their tags and `out` is shorter
+    /// than `until`, with one copy for the run. Returns the bytes moved.
+    /// A frame `pass` refuses, an incomplete one or a malformed header
+    /// stops the run, and is left for [`FrameReader::buffered`].
+    pub fn pass_through(&mut self, out: &mut BytesMut, until: usize, pass: impl Fn(u8) -> bool) -> usize {
+        let mut end = 0;
+        while out.len() + end < until {
+            let Some(&[tag, a, b, c, d]) = self.buf.get(end..end + 5) else { break };
+            let length = i32::from_be_bytes([a, b, c, d]);
+            let Some(total) = usize::try_from(length).ok().filter(|&l| l >= 4).map(|l| l + 1) else {
+                break;
+            };
+            if !pass(tag) || total > self.limit || self.buf.len() - end < total {
+                break;
+            }
+            end += total;
+        }
+        if end > 0 {
+            out.extend_from_slice(&self.buf[..end]);
+            self.buf.advance(end);
+        }
+        end
     }
 
     pub fn get_mut(&mut self) -> &mut R {
@@ -208,6 +262,59 @@ mod tests {
         assert_eq!(frame.raw(), b"Z\0\0\0\x05I");
         let mut buf = BytesMut::from(frame.raw());
         assert_eq!(decode(&mut buf, 64).unwrap().unwrap(), frame);
+    }
+
+    #[test]
+    fn pass_through_moves_runs_of_accepted_frames() {
+        let data = [
+            Frame::new(b'D', b"row one").raw(),
+            Frame::new(b'D', b"row two").raw(),
+            Frame::new(b'C', b"SELECT 2\0").raw(),
+            Frame::new(b'Z', b"I").raw(),
+        ]
+        .concat();
+        let plain = |tag: u8| tag != b'Z';
+        let mut reader = FrameReader::with_buffered(&b""[..], 1024, BytesMut::from(&data[..]));
+        let mut out = BytesMut::new();
+        // Bounded by `until`: the first frame passes, then out is full.
+        assert_eq!(reader.pass_through(&mut out, 1, plain), 12);
+        assert_eq!(reader.pass_through(&mut out, 1024, plain), 12 + 14);
+        assert_eq!(&out[..], &data[..38]);
+        // ReadyForQuery is refused: it stays for `buffered`.
+        assert_eq!(reader.pass_through(&mut out, 1024, plain), 0);
+        assert_eq!(reader.buffered().unwrap().unwrap(), Frame::new(b'Z', b"I"));
+        assert!(reader.buffered().unwrap().is_none());
+    }
+
+    #[test]
+    fn pass_through_leaves_partial_and_malformed_frames() {
+        let mut partial = BytesMut::from(Frame::new(b'D', b"row").raw());
+        partial.truncate(6);
+        let mut reader = FrameReader::with_buffered(&b""[..], 1024, partial);
+        let mut out = BytesMut::new();
+        assert_eq!(reader.pass_through(&mut out, 1024, |_| true), 0);
+        assert!(reader.buffered().unwrap().is_none());
+
+        for bad in [&b"D\0\0\0\x02xx"[..], b"D\x7f\0\0\0"] {
+            let mut reader = FrameReader::with_buffered(&b""[..], 1024, BytesMut::from(bad));
+            assert_eq!(reader.pass_through(&mut out, 1024, |_| true), 0);
+            assert!(reader.buffered().is_err(), "{bad:?}");
+        }
+        assert!(out.is_empty());
+    }
+
+    #[tokio::test]
+    async fn fill_waits_for_a_whole_frame_and_reports_errors() {
+        let data = [Frame::new(b'C', b"SELECT 1\0").raw(), &b"Z\0\0"[..]].concat();
+        let mut reader = FrameReader::new(&data[..], 1024);
+        assert!(reader.fill().await.unwrap());
+        assert_eq!(reader.buffered().unwrap().unwrap().tag(), b'C');
+        assert!(matches!(reader.fill().await, Err(ProtocolError::Truncated)));
+
+        let mut oversized = FrameReader::new(&b"D\x7f\0\0\0"[..], 1024);
+        assert!(oversized.fill().await.unwrap());
+        assert!(matches!(oversized.buffered(), Err(ProtocolError::TooLarge { .. })));
+        assert!(!FrameReader::new(&b""[..], 1024).fill().await.unwrap());
     }
 
     #[tokio::test]
