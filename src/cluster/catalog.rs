@@ -5,9 +5,12 @@
 //! `monitor.function_refresh` (30 s by default), started on first use. A
 //! session that ran DDL asks for an immediate refresh and waits for it
 //! before its next routing decision, so a function created a moment ago
-//! is never sent to a replica.
+//! is never sent to a replica. Once that DDL has committed, the catalog is
+//! marked stale, and every session on the database waits for a refresh
+//! before routing again.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,12 +26,26 @@ use crate::router::functions::{VolatileFunctions, VOLATILE_FUNCTIONS_QUERY};
 #[derive(Debug)]
 pub struct Catalog {
     pub volatile: ArcSwap<VolatileFunctions>,
+    /// DDL that may define a function has committed since the last load
+    /// began.
+    stale: AtomicBool,
     refresh: Notify,
     refreshed: Notify,
 }
 
 impl Catalog {
     /// Asks for a refresh and waits (at most `timeout`) until it is done.
+    /// Marks the function set out of date: DDL that may define a
+    /// function has committed.
+    pub fn mark_stale(&self) {
+        self.stale.store(true, Ordering::Relaxed);
+    }
+
+    /// Whether sessions must refresh before their next routing decision.
+    pub fn is_stale(&self) -> bool {
+        self.stale.load(Ordering::Relaxed)
+    }
+
     pub async fn refresh_now(&self, timeout: Duration) {
         let done = self.refreshed.notified();
         self.refresh.notify_one();
@@ -82,6 +99,7 @@ impl Catalogs {
                 None => {
                     let c = Arc::new(Catalog {
                         volatile: ArcSwap::from_pointee(VolatileFunctions::default()),
+                        stale: AtomicBool::new(false),
                         refresh: Notify::new(),
                         refreshed: Notify::new(),
                     });
@@ -104,6 +122,9 @@ impl Catalogs {
         let mut conn: Option<(usize, tokio_postgres::Client)> = None;
         loop {
             let Some(c) = catalog.upgrade() else { return };
+            // Cleared before the load: DDL committed from here on marks
+            // it again and gets a load of its own.
+            c.stale.store(false, Ordering::Relaxed);
             match self.load(&key.0, &key.1, &mut conn).await {
                 Ok(set) => c.volatile.store(Arc::new(set)),
                 Err(error) => tracing::warn!(database = key.1, %error, "cannot load volatile functions"),

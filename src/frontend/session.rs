@@ -19,6 +19,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use bytes::BytesMut;
+use smallvec::{smallvec, SmallVec};
 use tokio::io::AsyncWriteExt;
 
 use super::cancel::{Registration, ServerKey};
@@ -127,12 +128,30 @@ impl Timers {
     }
 }
 
-/// Extended-protocol messages waiting for their Sync, with the
-/// classifications of the statements they parse or execute.
-#[derive(Default)]
+/// A unit of work: client messages (extended-protocol ones wait here for
+/// their Sync), the classifications of the statements they parse or
+/// execute, and what the relay needs to know of the messages, noted once
+/// as they arrive. Inline up to pgbench's Parse, Bind, Describe, Execute
+/// and Sync, so that a unit costs no allocation.
+#[derive(Default, Clone)]
 struct Batch {
-    frames: Vec<Frame>,
-    classes: Vec<Arc<Classification>>,
+    frames: SmallVec<[Frame; 5]>,
+    classes: SmallVec<[Arc<Classification>; 1]>,
+    /// A message names a prepared statement, which the server may lack
+    /// or which the session must track.
+    named: bool,
+    /// A Parse of the unnamed statement.
+    parses_unnamed: bool,
+    /// A Bind or Describe of the unnamed statement ahead of any Parse of
+    /// it: it uses the unnamed statement an earlier unit parsed.
+    uses_earlier_unnamed: bool,
+}
+
+impl Batch {
+    /// A unit of one message: a simple Query or a FunctionCall.
+    fn one(frame: Frame, class: Arc<Classification>) -> Batch {
+        Batch { frames: smallvec![frame], classes: smallvec![class], ..Batch::default() }
+    }
 }
 
 /// An authenticated client and its server connections.
@@ -161,8 +180,9 @@ pub struct Session<S: Split> {
     reported_lsn: Option<Lsn>,
     /// Work that may write was sent to the primary since it was last idle.
     primary_dirty: bool,
-    /// DDL ran: reload the volatile-function catalog before routing again.
-    catalog_stale: bool,
+    /// DDL that may define a function was sent to the primary: mark the
+    /// volatile-function catalog stale once the primary is idle (committed).
+    defines_functions: bool,
     /// A client message pgnear answers itself, held back until the
     /// responses still in flight have reached the client, so that the
     /// client sees answers in the order it asked.
@@ -262,7 +282,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             },
             reported_lsn: None,
             primary_dirty: false,
-            catalog_stale: false,
+            defines_functions: false,
             held: None,
             pinned_since: None,
             unnamed_on: None,
@@ -321,6 +341,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     async fn close(&mut self) {
+        if self.defines_functions {
+            // The client left before its DDL was seen to finish.
+            self.catalog.mark_stale();
+        }
         let busy: Vec<ServerKey> = [self.primary.as_ref(), self.replica.as_ref()]
             .into_iter()
             .flatten()

@@ -108,6 +108,22 @@ async fn reads_go_to_replicas_and_writes_to_the_primary() {
 }
 
 #[tokio::test]
+async fn a_function_created_in_one_session_is_a_write_in_every_other() {
+    let env = two_replicas(ProxyConfig::default()).await;
+    // A session open before the function exists, its catalog long loaded.
+    let other = env.client().await;
+    eventually_on_replica(&env, &other, "SELECT inet_server_port()").await;
+    let creator = env.client().await;
+    creator
+        .batch_execute("CREATE FUNCTION stamp() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 2'")
+        .await
+        .unwrap();
+    // The replicas have it too: only routing keeps the call off them.
+    env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
+    assert_eq!(where_(&env, &other, "SELECT inet_server_port(), stamp()").await, Ran::Primary);
+}
+
+#[tokio::test]
 async fn transactions_stay_on_one_node() {
     let env = two_replicas(ProxyConfig::default()).await;
     let c = env.client().await;

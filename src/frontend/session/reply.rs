@@ -34,7 +34,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             // the next eligible node, unnoticed.
             self.bound = None;
             self.open_batch = false;
-            return self.dispatch(unit.frames, unit.classes, true).await;
+            return self.dispatch(unit, true).await;
         }
         if was_bound {
             self.bound = None;
@@ -182,6 +182,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The primary finished its work: a write, if any, has committed.
     fn primary_idle(&mut self, at: Instant) {
+        if std::mem::take(&mut self.defines_functions) {
+            // Every session reloads the catalog before routing again.
+            self.catalog.mark_stale();
+        }
         if !std::mem::take(&mut self.primary_dirty) {
             return;
         }

@@ -9,7 +9,7 @@ use crate::tls::Split;
 
 use super::local::Report;
 use super::state::Prepared;
-use super::{Flow, Server, Session, Target};
+use super::{Batch, Flow, Server, Session, Target};
 use crate::backend::connection::Hidden;
 use crate::error::ProxyError;
 use crate::metrics::{Direction, RoleLabel};
@@ -41,7 +41,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     unparsed: false,
                     ddl: false,
                 };
-                self.dispatch(vec![frame], vec![Arc::new(write)], true).await?;
+                self.dispatch(Batch::one(frame, Arc::new(write)), true).await?;
             }
             b'X' => return Ok(Flow::End),
             tag => {
@@ -57,7 +57,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     async fn on_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
         let text = frontend::query_text(&frame)?;
-        let class = self.read_only_begin(self.shared.classifier.classify(text), text);
+        let class = read_only_begin(self.default_read_only, self.shared.classifier.classify(text), text);
         if let Class::ProxyLocal(command) = &class.class {
             if self.in_flight() {
                 self.held = Some(frame);
@@ -75,56 +75,50 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             self.client.queue(&ready_for_query(status));
             return Ok(());
         }
-        self.dispatch(vec![frame], vec![class], true).await
+        self.dispatch(Batch::one(frame, class), true).await
     }
 
     /// Buffers an extended-protocol message until its Sync or Flush.
     fn on_extended(&mut self, frame: Frame) -> Result<(), ProxyError> {
-        let class = match frame.tag() {
+        let batch = &mut self.batch;
+        // A Bind or Describe of a statement: its name.
+        let mut uses = None;
+        match frame.tag() {
             b'P' => {
-                let text = frontend::parse(&frame)?.query;
-                Some(self.read_only_begin(self.shared.classifier.classify(text), text))
+                let parse = frontend::parse(&frame)?;
+                let class = self.shared.classifier.classify(parse.query);
+                let class = read_only_begin(self.default_read_only, class, parse.query);
+                batch.classes.push(class);
+                batch.named |= !parse.name.is_empty();
+                batch.parses_unnamed |= parse.name.is_empty();
             }
-            b'B' => self.statement_class(frontend::bind(&frame)?.statement),
+            b'B' => uses = Some(frontend::bind(&frame)?.statement),
             b'D' => match frontend::target(&frame)? {
-                Named::Statement(name) => self.statement_class(name),
-                Named::Portal(_) => None,
+                Named::Statement(name) => uses = Some(name),
+                Named::Portal(_) => {}
             },
-            b'C' => {
-                frontend::target(&frame)?;
-                None
-            }
+            b'C' => match frontend::target(&frame)? {
+                Named::Statement(name) => batch.named |= !name.is_empty(),
+                Named::Portal(_) => {}
+            },
             _ => {
                 frontend::execute_portal(&frame)?;
-                None
             }
-        };
-        self.batch.classes.extend(class);
-        self.batch.frames.push(frame);
+        }
+        match uses {
+            Some("") => batch.uses_earlier_unnamed |= !batch.parses_unnamed,
+            Some(name) => {
+                batch.named = true;
+                // The classification of the statement parsed earlier; the
+                // unnamed statement's comes with the Parse in this unit.
+                if let Some(prepared) = self.state.prepared.get(name) {
+                    batch.classes.push(prepared.class.clone());
+                }
+            }
+            None => {}
+        }
+        batch.frames.push(frame);
         Ok(())
-    }
-
-    /// Under `default_transaction_read_only = on` (as the server reports
-    /// it), a plain BEGIN starts a read-only transaction, which a replica
-    /// may run. `BEGIN READ WRITE` keeps its primary.
-    fn read_only_begin(&self, class: Arc<Classification>, text: &str) -> Arc<Classification> {
-        let plain_begin = class.class == Class::Transaction(Tx::Begin { read_only: false });
-        if !self.default_read_only || !plain_begin || text.to_ascii_lowercase().contains("read write") {
-            return class;
-        }
-        Arc::new(Classification {
-            class: Class::Transaction(Tx::Begin { read_only: true }),
-            ..(*class).clone()
-        })
-    }
-
-    /// The classification of a statement parsed earlier, by name; the
-    /// unnamed statement is classified by the Parse in the same batch.
-    fn statement_class(&self, name: &str) -> Option<Arc<Classification>> {
-        if name.is_empty() {
-            return None;
-        }
-        self.state.prepared.get(name).map(|p| p.class.clone())
     }
 
     async fn on_sync(&mut self, frame: Frame) -> Result<(), ProxyError> {
@@ -139,7 +133,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         let mut batch = std::mem::take(&mut self.batch);
         batch.frames.push(frame);
-        self.dispatch(batch.frames, batch.classes, true).await
+        self.dispatch(batch, true).await
     }
 
     async fn on_flush(&mut self, frame: Frame) -> Result<(), ProxyError> {
@@ -149,7 +143,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let mut batch = std::mem::take(&mut self.batch);
         let opens = !batch.frames.is_empty();
         batch.frames.push(frame);
-        self.dispatch(batch.frames, batch.classes, false).await?;
+        self.dispatch(batch, false).await?;
         // Messages sent ahead of their Sync keep the session on that server,
         // unless the next unit can go elsewhere (see `reopen`).
         self.open_batch |= opens;
@@ -170,17 +164,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Routes a unit (unless a transaction or earlier unit holds the
     /// session on a server) and sends it. `complete` units end with
     /// Query, Sync or FunctionCall and so get a ReadyForQuery back.
-    pub(super) async fn dispatch(
-        &mut self,
-        frames: Vec<Frame>,
-        classes: Vec<Arc<Classification>>,
-        complete: bool,
-    ) -> Result<(), ProxyError> {
+    pub(super) async fn dispatch(&mut self, unit: Batch, complete: bool) -> Result<(), ProxyError> {
+        let (frames, classes) = (&unit.frames[..], &unit.classes[..]);
         if self.open_batch {
-            self.reopen(&frames, &classes).await?;
+            self.reopen(frames, classes).await?;
         }
-        let affinity =
-            self.unnamed_on.filter(|t| self.server(*t).is_some() && uses_unnamed_statement(&frames));
+        let affinity = self.unnamed_on.filter(|t| self.server(*t).is_some() && unit.uses_earlier_unnamed);
         let (target, reason) = match (self.bound, affinity) {
             (None, Some(target)) => (target, self.bound_reason),
             (bound, _) => match bound {
@@ -190,7 +179,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     Some(b'T' | b'E') => (target, Reason::Transaction),
                     _ => (target, self.bound_reason),
                 },
-                None => match self.choose(&classes).await? {
+                None => match self.choose(classes).await? {
                     Ok(chosen) => chosen,
                     Err(error) => {
                         // No server can take this unit: fail it, keep the session.
@@ -214,7 +203,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     if let Some(replica) = self.replica.take() {
                         replica.backend.terminate().await;
                     }
-                    match self.choose(&classes).await? {
+                    match self.choose(classes).await? {
                         Ok((Target::Primary, reason)) => {
                             match Box::pin(self.sync_settings(Target::Primary)).await? {
                                 None => (Target::Primary, reason),
@@ -227,19 +216,19 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Some(message) => return Err(ProxyError::SettingsLost(message)),
             },
         };
-        self.replay(target, &frames);
+        self.replay(target, &unit);
         let extended = frames.iter().any(|f| f.tag() != b'Q' && f.tag() != b'F');
         let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E' | b'F'));
         if executes {
             self.count_route(target, reason);
         }
         if target == Target::Replica && complete && self.bound.is_none() {
-            self.retry = Some(super::Batch { frames: frames.clone(), classes: classes.clone() });
+            self.retry = Some(unit.clone());
         }
         let bytes: usize = frames.iter().map(Frame::len).sum();
         self.shared.metrics.bytes(Direction::ClientToServer, bytes);
         let Some(server) = self.server_mut(target) else { return Ok(()) };
-        for frame in &frames {
+        for frame in frames {
             server.backend.queue(frame);
         }
         if complete {
@@ -251,15 +240,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             server.backend.in_flight += 1;
         }
         server.backend.last_unit_synced = complete && extended;
-        self.track(target, &frames, &classes, complete);
-        if let Some(library) = loaded_library(&frames) {
+        self.track(target, &unit, complete);
+        if let Some(library) = loaded_library(frames) {
             self.state.settings.forget_prefix(&library);
             let version = self.state.settings.version;
             if let Some(server) = self.server_mut(target) {
                 server.state.settings_version = version;
             }
         }
-        if frames.iter().any(|f| f.tag() == b'P' && frontend::parse_name(f).is_ok_and(str::is_empty)) {
+        if unit.parses_unnamed {
             self.unnamed_on = Some(target);
         }
         if self.bound.is_none() {
@@ -300,7 +289,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// Records what the unit changes: session state, prepared statements,
     /// whether the primary may have written, whether DDL ran.
-    fn track(&mut self, target: Target, frames: &[Frame], classes: &[Arc<Classification>], complete: bool) {
+    fn track(&mut self, target: Target, unit: &Batch, complete: bool) {
+        let (frames, classes) = (&unit.frames[..], &unit.classes[..]);
         let volatile = self.catalog.volatile.load();
         let writes =
             classes.iter().any(|c| c.class == Class::Write || c.unparsed || c.calls_volatile(&volatile));
@@ -310,7 +300,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         // Only DDL that may create a volatile function needs the catalog
         // reloaded, and only where a replica could otherwise be chosen.
         if classes.iter().any(|c| c.ddl) && may_define_functions(frames) && self.cluster_has_replicas() {
-            self.catalog_stale = true;
+            self.defines_functions = true;
         }
         let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
         let classifier = &self.shared.classifier;
@@ -327,6 +317,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if complete {
             let effects = std::mem::take(&mut ran_on.carry);
             ran_on.effects.push_back(effects);
+        }
+        if !unit.named {
+            return;
         }
         for frame in frames {
             match frame.tag() {
@@ -396,13 +389,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Queues, ahead of a unit, what `target` is missing of the session:
     /// Closes of statements closed elsewhere, and Parses of the named
     /// statements the unit uses. Their responses are swallowed.
-    fn replay(&mut self, target: Target, frames: &[Frame]) {
-        let needed = self.missing_statements(target, frames);
-        let extended = frames.iter().any(|f| matches!(f.tag(), b'P' | b'B' | b'D' | b'C' | b'E'));
-        let Some(server) = self.server_mut(target) else { return };
+    fn replay(&mut self, target: Target, unit: &Batch) {
+        let extended = unit.frames.iter().any(|f| matches!(f.tag(), b'P' | b'B' | b'D' | b'C' | b'E'));
         if !extended {
             return;
         }
+        let needed = if unit.named { self.missing_statements(target, &unit.frames) } else { Vec::new() };
+        let Some(server) = self.server_mut(target) else { return };
         for name in std::mem::take(&mut server.state.stale) {
             let mut body = vec![b'S'];
             body.extend_from_slice(name.as_bytes());
@@ -455,7 +448,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         &mut self,
         classes: &[Arc<Classification>],
     ) -> Result<Result<(Target, Reason), Frame>, ProxyError> {
-        if std::mem::take(&mut self.catalog_stale) {
+        if self.catalog.is_stale() {
             Box::pin(self.catalog.refresh_now(self.shared.config.proxy.connect_timeout)).await;
         }
         let wait = self.shared.config.consistency.replica_wait;
@@ -669,6 +662,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 }
 
+/// Under `default_transaction_read_only = on` (as the server reports it),
+/// a plain BEGIN starts a read-only transaction, which a replica may run.
+/// `BEGIN READ WRITE` keeps its primary.
+fn read_only_begin(default_read_only: bool, class: Arc<Classification>, text: &str) -> Arc<Classification> {
+    let plain_begin = class.class == Class::Transaction(Tx::Begin { read_only: false });
+    if !default_read_only || !plain_begin || text.to_ascii_lowercase().contains("read write") {
+        return class;
+    }
+    Arc::new(Classification { class: Class::Transaction(Tx::Begin { read_only: true }), ..(*class).clone() })
+}
+
 /// Borrows the session state, the server `target` and the other server.
 pub(super) fn split_state<'a>(
     state: &'a mut super::state::SessionState,
@@ -734,20 +738,6 @@ fn may_define_functions(frames: &[Frame]) -> bool {
                 || t.trim_start().starts_with("do")
         })
     })
-}
-
-/// Whether a unit binds or describes the unnamed statement without parsing
-/// it: psql's `\gdesc` parses in one unit and describes in the next.
-fn uses_unnamed_statement(frames: &[Frame]) -> bool {
-    for frame in frames {
-        match frame.tag() {
-            b'P' if frontend::parse_name(frame).is_ok_and(str::is_empty) => return false,
-            b'B' if frontend::bind(frame).is_ok_and(|b| b.statement.is_empty()) => return true,
-            b'D' if matches!(frontend::target(frame), Ok(Named::Statement(""))) => return true,
-            _ => {}
-        }
-    }
-    false
 }
 
 /// The library a simple `LOAD 'name'` loads (its base name), if that is
