@@ -27,6 +27,10 @@
 #   profile  syscalls per transaction (pgnear and PgBouncer, perf stat) and a
 #            perf record of pgnear, under pgbench -S -c 16 (simple, extended,
 #            prepared) and the TPC-B-like mix
+#   instructions  user-space instructions per transaction of pgnear and of
+#            PgBouncer (valgrind's callgrind; installed if missing), under
+#            pgbench -c 4 -t INSTR_TRANSACTIONS: a figure the load on a shared
+#            machine does not move
 #
 # Settings (environment):
 #   DURATION=10  ROUNDS=3  SCALE=10  CLIENTS="1 16 64"  MODES="simple extended prepared"
@@ -35,6 +39,7 @@
 #   IDLE_AUTH=1000 IDLE_TCP=10000 STREAM_RATE_MB=16
 #   CASES="S-simple-c16 tpcb-simple-c16" (instead of the MODES x CLIENTS matrix)
 #   PROFILE_SECONDS=10 PROFILE_CASES="simple extended prepared tpcb-simple"
+#   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-split" (add pgnear-primary-mt
 #   for pgnear with worker_threads = the number of cores)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
@@ -59,6 +64,8 @@ IDLE_TCP=${IDLE_TCP:-10000}
 STREAM_RATE_MB=${STREAM_RATE_MB:-16}
 PROFILE_SECONDS=${PROFILE_SECONDS:-10}
 PROFILE_CASES=${PROFILE_CASES:-"simple extended prepared tpcb-simple"}
+INSTR_CASES=${INSTR_CASES:-"simple extended prepared tpcb-simple"}
+INSTR_TRANSACTIONS=${INSTR_TRANSACTIONS:-2500}
 PG_BIN=${PGNEAR_PG_BIN:-/usr/lib/postgresql/15/bin}
 OUT=${OUT:-$ROOT/target/pgbench-results/$(date +%Y%m%d-%H%M%S)}
 MAX_CONNECTIONS=$((IDLE_AUTH + 150))
@@ -182,7 +189,10 @@ wait_replica
 
 # --- PgBouncer --------------------------------------------------------------
 
-start_pgbouncer() {
+start_pgbouncer() { start_pgbouncer_with; }
+
+# start_pgbouncer_with [WRAPPER ARGS...]: PgBouncer, run by WRAPPER if given
+start_pgbouncer_with() {
     echo '"postgres" ""' >"$WORK/userlist.txt"
     cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
@@ -202,7 +212,7 @@ pidfile = $WORK/pgbouncer.pid
 admin_users = postgres
 EOF
     chown postgres: "$WORK"/userlist.txt "$WORK"/pgbouncer.ini 2>/dev/null || true
-    as_pg pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+    as_pg "$@" pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
     PIDS+=("$!")
     wait_port "$P_BOUNCER" pgbouncer
     # runuser may stay in between: the pidfile names pgbouncer itself.
@@ -574,8 +584,66 @@ phase_profile() {
     stop_pid "$BOUNCER_PID"
 }
 
+# --- phase: instructions -------------------------------------------------------
+
+# User-space instructions per transaction, counted by valgrind's callgrind
+# in pgnear and in PgBouncer under the same pgbench runs. Unlike CPU time
+# on a shared machine, the count does not move with the load, so it shows
+# what a change to the hot path is worth.
+# instr_count NAME PID PORT CASE ARGS...: one "case target instructions" row
+instr_count() {
+    local name=$1 pid=$2 port=$3 case=$4
+    shift 4
+    local dir=$OUT/instructions
+    "$PGBENCH" -n "$@" -t 200 -h 127.0.0.1 -p "$port" -U postgres postgres >/dev/null 2>&1 || true
+    # valgrind's control channel answers only its own user.
+    local control=(callgrind_control)
+    [[ $name == pgbouncer ]] && control=(as_pg callgrind_control)
+    "${control[@]}" -z "$pid" >/dev/null 2>&1 || die "callgrind_control cannot reach $name"
+    "$PGBENCH" -n "$@" -t "$INSTR_TRANSACTIONS" -h 127.0.0.1 -p "$port" -U postgres postgres \
+        >"$dir/$case.$name.pgbench" 2>&1 || die "pgbench through $name failed: see $dir/$case.$name.pgbench"
+    "${control[@]}" -d "$case" "$pid" >/dev/null 2>&1 || die "callgrind_control cannot reach $name"
+    local dump total txns
+    dump=$(ls -t "$dir/$name".callgrind.* | head -1)
+    total=$(sed -n 's/^summary: \([0-9]*\).*/\1/p' "$dump")
+    [[ -n $total ]] || die "no callgrind summary in $dump"
+    txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$dir/$case.$name.pgbench")
+    printf '%s\t%s\t%s\t%s\n' "$case" "$name" "$txns" "$((total / txns))" >>"$dir/instructions.tsv"
+    log "instructions ($case, $name): $((total / txns)) per transaction"
+}
+
+phase_instructions() {
+    if ! command -v callgrind_control >/dev/null; then
+        [[ $(id -u) == 0 ]] || die "valgrind is missing; install it (apt-get install valgrind) or run as root"
+        log "installing valgrind"
+        DEBIAN_FRONTEND=noninteractive apt-get install -y -q valgrind >/dev/null
+    fi
+    local dir=$OUT/instructions
+    mkdir -p "$dir"
+    chmod 777 "$dir"
+    write_pgnear_config "$WORK/pgnear-instr.toml" "$P_NEAR_PRIMARY" "$P_PRIMARY" primary ""
+    valgrind --tool=callgrind --callgrind-out-file="$dir/pgnear.callgrind.%p" \
+        "$PGNEAR" --config "$WORK/pgnear-instr.toml" >"$OUT/pgnear-instr.log" 2>&1 &
+    local near=$!
+    PIDS+=("$near")
+    wait_port "$P_NEAR_PRIMARY" "pgnear under callgrind"
+    start_pgbouncer_with valgrind --tool=callgrind --callgrind-out-file="$dir/pgbouncer.callgrind.%p"
+    printf 'case\ttarget\ttransactions\tinstructions_per_txn\n' >"$dir/instructions.tsv"
+    for name in $INSTR_CASES; do
+        local mode=${name#tpcb-} args=(-c 4 -j 1)
+        [[ $name == tpcb-* ]] || args+=(-S)
+        args+=(-M "$mode")
+        instr_count pgnear "$near" "$P_NEAR_PRIMARY" "$name" "${args[@]}"
+        [[ $mode == prepared ]] || instr_count pgbouncer "$BOUNCER_PID" "$P_BOUNCER" "$name" "${args[@]}"
+    done
+    column -t "$dir/instructions.tsv" | tee -a "$OUT/summary.txt"
+    stop_pid "$near"
+    stop_pid "$BOUNCER_PID"
+}
+
 has_phase pgbench && phase_pgbench
 has_phase wan && phase_wan
 has_phase memory && phase_memory
 has_phase profile && phase_profile
+has_phase instructions && phase_instructions
 log "done"

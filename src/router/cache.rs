@@ -7,7 +7,12 @@ use std::sync::Arc;
 use quick_cache::sync::Cache;
 
 use super::classify::{classify, Class, Classification};
-use super::shape::shape;
+use super::shape::shape_into;
+
+thread_local! {
+    /// The shape of the text being looked up, reused between lookups.
+    static SHAPE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+}
 
 /// Texts longer than this are classified on every call and never stored:
 /// they are rarely repeated and would crowd out the short statements that
@@ -40,27 +45,56 @@ impl ClassifyCache {
     /// The classification of `sql`, from the cache when present. A hit
     /// borrows `sql` for the lookup and allocates nothing.
     pub fn classify(&self, sql: &str) -> Arc<Classification> {
-        // The exact text first: a hash is cheaper than the shape's scan,
-        // and the extended protocol's texts (with $n parameters) repeat.
-        if let Some(found) = self.entries.get(sql) {
-            self.hits.fetch_add(1, Ordering::Relaxed);
-            return found;
+        let cacheable = sql.len() <= MAX_CACHED_SQL_LEN;
+        // Texts with $n parameters (the extended protocol's, which repeat
+        // exactly) or dollar quotes: the exact text first, a hash being
+        // cheaper than the shape's scan.
+        let exact_first = !cacheable || memchr::memchr(b'$', sql.as_bytes()).is_some();
+        if exact_first {
+            if let Some(found) = self.hit(self.entries.get(sql)) {
+                return found;
+            }
+            if !cacheable {
+                return self.miss(sql, None);
+            }
         }
         // Statements that differ only in literals (the simple protocol's
         // interpolated parameters) share the entry of their shape, when
-        // the classification does not depend on the literals. A text with
-        // no digit and no quote has no literal to replace.
-        let may_have_literals = sql.bytes().any(|b| b.is_ascii_digit() || b == b'\'' || b == b'$');
-        let shape = (may_have_literals && sql.len() <= MAX_CACHED_SQL_LEN).then(|| shape(sql)).flatten();
-        if let Some(found) = shape.as_deref().and_then(|s| self.shapes.get(s)) {
+        // the classification does not depend on the literals.
+        SHAPE.with(|buffer| {
+            let mut shape = buffer.borrow_mut();
+            let replaced = shape_into(sql, &mut shape) == Some(true);
+            if replaced {
+                if let Some(found) = self.hit(self.shapes.get(shape.as_str())) {
+                    return found;
+                }
+            }
+            // Statements whose class holds for their text only (SET ...)
+            // and texts without literals are kept by their exact text.
+            if !exact_first {
+                if let Some(found) = self.hit(self.entries.get(sql)) {
+                    return found;
+                }
+            }
+            self.miss(sql, replaced.then_some(shape.as_str()))
+        })
+    }
+
+    fn hit(&self, found: Option<Arc<Classification>>) -> Option<Arc<Classification>> {
+        if found.is_some() {
             self.hits.fetch_add(1, Ordering::Relaxed);
-            return found;
         }
+        found
+    }
+
+    /// Parses `sql` and keeps the result by its shape (when it has one and
+    /// the classification holds for all texts of that shape) or its text.
+    fn miss(&self, sql: &str, shape: Option<&str>) -> Arc<Classification> {
         self.misses.fetch_add(1, Ordering::Relaxed);
         let classification = Arc::new(classify(sql));
         match shape {
             Some(shape) if shareable(&classification) => {
-                self.shapes.insert(shape, Arc::clone(&classification));
+                self.shapes.insert(shape.to_owned(), Arc::clone(&classification));
             }
             _ if sql.len() <= MAX_CACHED_SQL_LEN => {
                 self.entries.insert(sql.to_owned(), Arc::clone(&classification));

@@ -109,7 +109,7 @@ pub struct Policy<'a> {
 
 /// What a unit of work needs, before looking at nodes.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Need {
+pub enum Need {
     Primary(Reason),
     /// A read; `hinted` when a hint or `pgnear.route = replica` asked for a
     /// replica, which waives the freshness requirement (never the lag
@@ -129,7 +129,17 @@ pub fn route(
     policy: &Policy,
     volatile: &VolatileFunctions,
 ) -> Result<Route, NoPrimary> {
-    let need = need(unit, session, policy, volatile);
+    route_need(need(unit, session, policy, volatile), session, view, policy)
+}
+
+/// Routes a unit whose [`Need`] is known. A caller that finds the unit
+/// needs the primary may skip the view: the primary is all it needs.
+pub fn route_need(
+    need: Need,
+    session: &SessionView,
+    view: &ClusterView,
+    policy: &Policy,
+) -> Result<Route, NoPrimary> {
     let primary = |reason| {
         view.primary(session.cluster).map(|node| Route { destination: Destination::Primary(node), reason })
     };
@@ -151,7 +161,9 @@ pub fn route(
     }
 }
 
-fn need(
+/// What a unit of work needs, from its statements, the session and the
+/// config alone.
+pub fn need(
     unit: &[Arc<Classification>],
     session: &SessionView,
     policy: &Policy,
@@ -200,7 +212,9 @@ fn primary_reason(
     if unit.iter().any(|c| c.unparsed) {
         return Some(Reason::Unparsed);
     }
-    if unit.iter().any(|c| c.needs_primary() && c.class != Class::Transaction(Tx::Begin { read_only: false }))
+    if unit
+        .iter()
+        .any(|c| c.needs_primary() && !matches!(c.class, Class::Transaction(Tx::Begin { read_only: false })))
     {
         return Some(Reason::Write);
     }

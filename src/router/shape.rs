@@ -7,15 +7,42 @@
 /// scanned with certainty (an unterminated quote or comment) or has no
 /// literal to replace.
 pub fn shape(sql: &str) -> Option<String> {
-    let bytes = sql.as_bytes();
     let mut out = String::new();
+    shape_into(sql, &mut out)?.then_some(out)
+}
+
+/// Bytes where a literal, quoted identifier or comment may start; all
+/// others are copied as they are.
+static SPECIAL: [bool; 256] = {
+    let mut table = [false; 256];
+    let mut b = b'0';
+    while b <= b'9' {
+        table[b as usize] = true;
+        b += 1;
+    }
+    table[b'\'' as usize] = true;
+    table[b'"' as usize] = true;
+    table[b'-' as usize] = true;
+    table[b'/' as usize] = true;
+    table[b'$' as usize] = true;
+    table
+};
+
+/// Writes the shape of `sql` into `out` (cleared first) when it replaces
+/// a literal: `Some(true)`. `Some(false)` when there is no literal (`out`
+/// is then left empty), `None` when the text cannot be scanned with
+/// certainty. A caller's `out` is reused, so a lookup allocates nothing.
+pub fn shape_into(sql: &str, out: &mut String) -> Option<bool> {
+    out.clear();
+    let bytes = sql.as_bytes();
     let mut i = 0;
     let mut replaced = false;
     let mut last = 0; // start of the text not yet copied
-    while i < bytes.len() {
+    // Most bytes are plain text: skip to the next that may matter.
+    while let Some(skip) = bytes[i..].iter().position(|&c| SPECIAL[c as usize]) {
+        i += skip;
         let b = bytes[i];
-        // Most bytes are plain text: look back only at a `$` or a digit.
-        let prev_ident = || i > 0 && is_ident(bytes[i - 1]);
+        let prev_ident = i > 0 && is_ident(bytes[i - 1]);
         let end = match b {
             b'\'' => {
                 let escapes =
@@ -36,7 +63,7 @@ pub fn shape(sql: &str) -> Option<String> {
                 i = block_comment_end(bytes, i)?;
                 continue;
             }
-            b'$' if !prev_ident() => {
+            b'$' if !prev_ident => {
                 let tag_end = i + 1 + bytes[i + 1..].iter().position(|&c| !is_ident(c) || c == b'$')?;
                 if bytes.get(tag_end) != Some(&b'$') {
                     i += 1; // a $1 parameter
@@ -46,7 +73,7 @@ pub fn shape(sql: &str) -> Option<String> {
                 let body = sql[tag_end + 1..].find(tag)?;
                 Some((i, tag_end + 1 + body + tag.len()))
             }
-            b'0'..=b'9' if !prev_ident() => {
+            b'0'..=b'9' if !prev_ident => {
                 let len =
                     bytes[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'.' || c == b'_'));
                 Some((i, len.map_or(bytes.len(), |l| i + l)))
@@ -67,8 +94,10 @@ pub fn shape(sql: &str) -> Option<String> {
             None => i += 1,
         }
     }
-    out.push_str(&sql[last..]);
-    replaced.then_some(out)
+    if replaced {
+        out.push_str(&sql[last..]);
+    }
+    Some(replaced)
 }
 
 fn is_ident(b: u8) -> bool {

@@ -71,9 +71,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         match frame.tag() {
             b'Z' => {
                 let status = ready_status(&frame)?;
+                let now = Instant::now();
                 if let Some(started) = server.started.pop_front() {
                     server.load.done();
-                    server.metrics.query_latency(started.elapsed());
+                    server.metrics.query_latency(now.saturating_duration_since(started));
                 }
                 let failed = std::mem::take(&mut server.unit_failed);
                 let before = server.backend.tx_status;
@@ -85,7 +86,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     self.bound = None;
                 }
                 if idle && target == Target::Primary {
-                    self.primary_idle(Instant::now());
+                    self.primary_idle(now);
                 }
             }
             b'S' if target == Target::Primary || no_primary => {
@@ -151,7 +152,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         before: u8,
         after: u8,
     ) {
-        let rollback = effects.iter().any(|c| c.class == Class::Transaction(Tx::Rollback));
+        let rollback = effects.iter().any(|c| matches!(c.class, Class::Transaction(Tx::Rollback)));
         let effects: Vec<Arc<Classification>> =
             if failed { Vec::new() } else { effects.into_iter().filter(|c| !c.effects.is_empty()).collect() };
         if after != b'I' {

@@ -17,7 +17,7 @@ use crate::protocol::backend::{error_response, no_data, parse_complete, ready_fo
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
 use crate::router::classify::{Class, Classification, ProxyCommand, Tx};
-use crate::router::{route, ClusterView, Destination, Policy, Reason, Route, SessionView};
+use crate::router::{self, ClusterView, Destination, Need, Policy, Reason, Route, SessionView};
 
 /// How often a read waiting under `replica_wait_ms` looks again.
 const REPLICA_WAIT_STEP: Duration = Duration::from_millis(2);
@@ -292,8 +292,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn track(&mut self, target: Target, unit: &Batch, complete: bool) {
         let (frames, classes) = (&unit.frames[..], &unit.classes[..]);
         let volatile = self.catalog.volatile.load();
-        let writes =
-            classes.iter().any(|c| c.class == Class::Write || c.unparsed || c.calls_volatile(&volatile));
+        let writes = classes
+            .iter()
+            .any(|c| matches!(c.class, Class::Write) || c.unparsed || c.calls_volatile(&volatile));
         if target == Target::Primary && writes {
             self.primary_dirty = true;
         }
@@ -311,7 +312,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             // Pins hold at once; other effects wait for the unit to succeed
             // (see `Session::unit_done`), so a failed SET is never replayed.
             state.pinned |= classes.iter().any(|c| c.pins().next().is_some());
-            let rollback = |c: &&Arc<Classification>| c.class == Class::Transaction(Tx::Rollback);
+            let rollback = |c: &&Arc<Classification>| matches!(c.class, Class::Transaction(Tx::Rollback));
             ran_on.carry.extend(classes.iter().filter(|c| !c.effects.is_empty() || rollback(c)).cloned());
         }
         if complete {
@@ -511,7 +512,6 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     fn decide(&self, classes: &[Arc<Classification>]) -> Result<Route, crate::cluster::NoPrimary> {
         let config = &self.shared.config;
-        let view = ClusterView::capture(&self.shared.topology);
         let session = SessionView {
             cluster: &self.cluster,
             setting: self.settings.route,
@@ -519,7 +519,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             freshness: self.effective_watermark().freshness(self.settings.min_lsn),
         };
         let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
-        route(classes, &session, &view, &policy, &self.catalog.volatile.load())
+        let need = router::need(classes, &session, &policy, &self.catalog.volatile.load());
+        if let Need::Primary(reason) = need {
+            // Writes (and everything routed like them) need only the
+            // primary's index, not a view of every node.
+            let node = self.shared.topology.primary(&self.cluster)?;
+            return Ok(Route { destination: Destination::Primary(node), reason });
+        }
+        let view = ClusterView::capture(&self.shared.topology);
+        router::route_need(need, &session, &view, &policy)
     }
 
     /// Makes `node` the session's primary connection. A session whose
@@ -666,7 +674,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 /// a plain BEGIN starts a read-only transaction, which a replica may run.
 /// `BEGIN READ WRITE` keeps its primary.
 fn read_only_begin(default_read_only: bool, class: Arc<Classification>, text: &str) -> Arc<Classification> {
-    let plain_begin = class.class == Class::Transaction(Tx::Begin { read_only: false });
+    let plain_begin = matches!(class.class, Class::Transaction(Tx::Begin { read_only: false }));
     if !default_read_only || !plain_begin || text.to_ascii_lowercase().contains("read write") {
         return class;
     }
