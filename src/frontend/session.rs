@@ -38,6 +38,7 @@ use crate::tls::Split;
 use local::ProxySettings;
 use server::{first_server, Server};
 use state::SessionState;
+use unit::Deferred;
 
 /// Client output is flushed once it grows past this, even mid-batch.
 const FLUSH_AT: usize = 64 * 1024;
@@ -323,7 +324,29 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     self.wait_event().await
                 }
             };
-            if self.handle(event).await? == Flow::End {
+            // The common events are handled without entering `handle`'s
+            // future: most client messages need no I/O before they are
+            // buffered or sent, and a server message is only relayed.
+            let flow = match event {
+                Event::Ready => Flow::Continue,
+                Event::Client(Ok(Some(frame))) => match self.on_client_now(frame)? {
+                    None => Flow::Continue,
+                    Some(Deferred::Message(frame)) => self.on_client(frame).await?,
+                    Some(Deferred::Unit(unit, complete)) => {
+                        self.dispatch(unit, complete).await?;
+                        Flow::Continue
+                    }
+                },
+                Event::Server(target, Ok(Some(frame))) => match self.on_server(target, frame)? {
+                    Flow::Lost(target) => {
+                        Box::pin(self.server_lost(target)).await?;
+                        Flow::Continue
+                    }
+                    flow => flow,
+                },
+                event => self.handle(event).await?,
+            };
+            if flow == Flow::End {
                 return self.client.flush().await;
             }
             if self.shared.config.proxy.idle_client_timeout.is_some() {
@@ -513,6 +536,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Target::Replica => self.replica.as_mut(),
         }
     }
+}
+
+/// Extended-protocol messages that wait in the batch for their Sync.
+fn is_batched(tag: u8) -> bool {
+    matches!(tag, b'P' | b'B' | b'D' | b'E' | b'C')
 }
 
 /// What a wait for a whole frame came to: the frame is taken from the

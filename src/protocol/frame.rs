@@ -208,7 +208,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// Reads a NUL-terminated string from the front of `buf`.
 pub fn cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, ProtocolError> {
-    let end = buf.iter().position(|&b| b == 0).ok_or(ProtocolError::Malformed { what })?;
+    let end = memchr::memchr(0, buf).ok_or(ProtocolError::Malformed { what })?;
     let s = std::str::from_utf8(&buf[..end]).map_err(|_| ProtocolError::Malformed { what })?;
     *buf = &buf[end + 1..];
     Ok(s)

@@ -38,7 +38,7 @@ pub fn shape_into(sql: &str, out: &mut String) -> Option<bool> {
     let mut i = 0;
     let mut replaced = false;
     let mut last = 0; // start of the text not yet copied
-    // Most bytes are plain text: skip to the next that may matter.
+                      // Most bytes are plain text: skip to the next that may matter.
     while let Some(skip) = bytes[i..].iter().position(|&c| SPECIAL[c as usize]) {
         i += skip;
         let b = bytes[i];
@@ -66,7 +66,7 @@ pub fn shape_into(sql: &str, out: &mut String) -> Option<bool> {
             b'$' if !prev_ident => {
                 let tag_end = i + 1 + bytes[i + 1..].iter().position(|&c| !is_ident(c) || c == b'$')?;
                 if bytes.get(tag_end) != Some(&b'$') {
-                    i += 1; // a $1 parameter
+                    i = tag_end; // a $1 parameter, digits and all
                     continue;
                 }
                 let tag = &sql[i..=tag_end];
@@ -164,6 +164,11 @@ mod tests {
     #[test]
     fn identifiers_comments_and_parameters_stay() {
         assert_eq!(shape("SELECT t1.c2 FROM \"t 3\" WHERE x = $1"), None);
+        assert_eq!(shape("SELECT a FROM t WHERE x = $1;"), None);
+        assert_eq!(
+            shape("SELECT a FROM t WHERE x = $12 AND y = 5").as_deref(),
+            Some("SELECT a FROM t WHERE x = $12 AND y = ?")
+        );
         assert_eq!(shape("/* pgnear:primary */ SELECT 1").as_deref(), Some("/* pgnear:primary */ SELECT ?"));
         assert_eq!(shape("SELECT 1 -- 2 'x\nFROM t").as_deref(), Some("SELECT ? -- 2 'x\nFROM t"));
         assert_eq!(shape("SELECT \"a'b\", 5").as_deref(), Some("SELECT \"a'b\", ?"));

@@ -3,7 +3,10 @@
 //! prepared statements, and pins. Pure bookkeeping; the relay loop turns
 //! it into replayed messages.
 
-use std::collections::{HashMap, HashSet};
+/// Maps keyed by client-chosen names: ahash is quick on short keys and,
+/// randomly seeded, resists collision floods.
+type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
 use std::sync::Arc;
 
 use crate::protocol::Frame;

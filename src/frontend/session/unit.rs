@@ -19,6 +19,14 @@ use crate::protocol::{Frame, ProtocolError, SqlState};
 use crate::router::classify::{Class, Classification, ProxyCommand, Tx};
 use crate::router::{self, ClusterView, Destination, Need, Policy, Reason, Route, SessionView};
 
+/// A client message the relay could not take without waiting.
+pub(super) enum Deferred {
+    /// For `on_client`.
+    Message(Frame),
+    /// A unit for `dispatch`, and whether it is complete.
+    Unit(Batch, bool),
+}
+
 /// How often a read waiting under `replica_wait_ms` looks again.
 const REPLICA_WAIT_STEP: Duration = Duration::from_millis(2);
 
@@ -26,7 +34,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     pub(super) async fn on_client(&mut self, frame: Frame) -> Result<Flow, ProxyError> {
         match frame.tag() {
             b'Q' => self.on_query(frame).await?,
-            b'P' | b'B' | b'D' | b'E' | b'C' => self.on_extended(frame)?,
+            tag if super::is_batched(tag) => self.on_extended(frame)?,
             b'H' => self.on_flush(frame).await?,
             b'S' => self.on_sync(frame).await?,
             b'd' | b'c' | b'f' => self.on_copy(frame),
@@ -79,7 +87,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     /// Buffers an extended-protocol message until its Sync or Flush.
-    fn on_extended(&mut self, frame: Frame) -> Result<(), ProxyError> {
+    pub(super) fn on_extended(&mut self, frame: Frame) -> Result<(), ProxyError> {
         let batch = &mut self.batch;
         // A Bind or Describe of a statement: its name.
         let mut uses = None;
@@ -216,6 +224,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Some(message) => return Err(ProxyError::SettingsLost(message)),
             },
         };
+        self.send(target, reason, unit, complete);
+        Ok(())
+    }
+
+    /// Sends a routed unit to `target`, with whatever the server is
+    /// missing of the session's prepared statements queued ahead of it,
+    /// and records what the unit changes.
+    fn send(&mut self, target: Target, reason: Reason, unit: Batch, complete: bool) {
+        let frames = &unit.frames[..];
         self.replay(target, &unit);
         let extended = frames.iter().any(|f| f.tag() != b'Q' && f.tag() != b'F');
         let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E' | b'F'));
@@ -227,7 +244,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         let bytes: usize = frames.iter().map(Frame::len).sum();
         self.shared.metrics.bytes(Direction::ClientToServer, bytes);
-        let Some(server) = self.server_mut(target) else { return Ok(()) };
+        let Some(server) = self.server_mut(target) else { return };
         for frame in frames {
             server.backend.queue(frame);
         }
@@ -261,7 +278,113 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if let Some(server) = self.server(target) {
             self.registration.target.set(&server.cancel_key);
         }
-        Ok(())
+    }
+
+    /// Takes a client message without waiting when it needs no I/O first:
+    /// extended-protocol messages are buffered, and a Query or Sync whose
+    /// server is open, up to date and chosen without waiting is sent.
+    /// Anything else is handed back for the async path (`on_client`,
+    /// `dispatch`). This is the path nearly every message takes.
+    pub(super) fn on_client_now(&mut self, frame: Frame) -> Result<Option<Deferred>, ProxyError> {
+        match frame.tag() {
+            tag if super::is_batched(tag) => {
+                self.on_extended(frame)?;
+                Ok(None)
+            }
+            b'Q' => {
+                let text = frontend::query_text(&frame)?;
+                let class =
+                    read_only_begin(self.default_read_only, self.shared.classifier.classify(text), text);
+                if matches!(class.class, Class::ProxyLocal(_)) {
+                    return Ok(Some(Deferred::Message(frame)));
+                }
+                Ok(self.dispatch_now(Batch::one(frame, class), true))
+            }
+            b'S' if !self.batch.classes.iter().any(|c| matches!(c.class, Class::ProxyLocal(_))) => {
+                let mut batch = std::mem::take(&mut self.batch);
+                batch.frames.push(frame);
+                Ok(self.dispatch_now(batch, true))
+            }
+            _ => Ok(Some(Deferred::Message(frame))),
+        }
+    }
+
+    /// `dispatch` for a unit that needs no I/O before it is sent; the
+    /// unit comes back if it does.
+    fn dispatch_now(&mut self, unit: Batch, complete: bool) -> Option<Deferred> {
+        if self.open_batch {
+            return Some(Deferred::Unit(unit, complete));
+        }
+        let affinity = self.unnamed_on.filter(|t| self.server(*t).is_some() && unit.uses_earlier_unnamed);
+        let chosen = match (self.bound, affinity) {
+            (None, Some(target)) => Ok((target, self.bound_reason)),
+            (Some(target), _) => match self.server(target).map(|s| s.backend.tx_status) {
+                Some(b'T' | b'E') => Ok((target, Reason::Transaction)),
+                _ => Ok((target, self.bound_reason)),
+            },
+            (None, None) => match self.choose_now(&unit.classes) {
+                Some(chosen) => chosen,
+                None => return Some(Deferred::Unit(unit, complete)),
+            },
+        };
+        let (target, reason) = match chosen {
+            Ok(chosen) => chosen,
+            Err(error) => {
+                self.client.queue(&error);
+                self.client.queue(&ready_for_query(b'I'));
+                return None;
+            }
+        };
+        if self.bound.is_none() && !self.settings_current(target) {
+            return Some(Deferred::Unit(unit, complete));
+        }
+        self.send(target, reason, unit, complete);
+        None
+    }
+
+    /// `choose` when it needs no I/O: the catalog is current, the route
+    /// needs no wait for a replica, and its server is open. `None` if it
+    /// does.
+    fn choose_now(&mut self, classes: &[Arc<Classification>]) -> Option<Result<(Target, Reason), Frame>> {
+        if self.catalog.is_stale() {
+            return None;
+        }
+        self.refresh_watermark();
+        let route = match self.decide(classes) {
+            Ok(route) => route,
+            Err(no_primary) => {
+                let message = format!("cannot route this statement: {no_primary}");
+                return Some(Err(error_response(Severity::Error, SqlState::ConnectionFailure, &message)));
+            }
+        };
+        let waits = !self.shared.config.consistency.replica_wait.is_zero()
+            && matches!(route.reason, Reason::PinnedAfterWrite | Reason::ReplicaLagging);
+        if waits {
+            return None;
+        }
+        let chosen = match route.destination {
+            Destination::Primary(node) if self.primary.as_ref().is_some_and(|p| p.node == node) => {
+                Target::Primary
+            }
+            Destination::Replica(node) if self.replica.as_ref().is_some_and(|r| r.node == node) => {
+                Target::Replica
+            }
+            _ => return None,
+        };
+        self.routed(route);
+        if chosen == Target::Replica {
+            self.replica_chosen();
+        }
+        Some(Ok((chosen, route.reason)))
+    }
+
+    fn routed(&self, route: Route) {
+        let node = match route.destination {
+            Destination::Primary(n) | Destination::Replica(n) => {
+                self.shared.topology.nodes[n].config.name.as_str()
+            }
+        };
+        tracing::debug!(parent: &self.span, node, reason = route.reason.as_str(), "routed");
     }
 
     /// The session is held on a server only by extended messages sent ahead
@@ -475,12 +598,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Ok(route) => break route,
             }
         };
-        let node = match route.destination {
-            Destination::Primary(n) | Destination::Replica(n) => {
-                self.shared.topology.nodes[n].config.name.as_str()
-            }
-        };
-        tracing::debug!(parent: &self.span, node, reason = route.reason.as_str(), "routed");
+        self.routed(route);
         match route.destination {
             Destination::Primary(node) if self.primary.as_ref().is_some_and(|p| p.node == node) => {
                 Ok(Ok((Target::Primary, route.reason)))
