@@ -157,7 +157,7 @@ fn snapshots(c: &mut Criterion) {
     let config = config();
     let topology = Topology::new(&config.nodes).expect("loopback resolves");
     for (node, status) in topology.nodes.iter().zip(statuses()) {
-        node.status.store(Arc::new(status));
+        node.publish(status);
     }
     let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
     let volatile = VolatileFunctions::new(Vec::new());

@@ -6,7 +6,7 @@ pub mod lsn;
 pub mod monitor;
 
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU32;
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -89,10 +89,22 @@ impl Default for NodeStatus {
 pub struct Node {
     pub config: NodeConfig,
     pub addr: SocketAddr,
+    /// Published with [`Node::publish`].
     pub status: ArcSwap<NodeStatus>,
+    /// `status.claims_primary()`, readable without loading the status:
+    /// every write asks for the primary.
+    primary_claim: AtomicBool,
     /// Units of work running on this node through pgnear, for spreading
     /// reads across replicas that are equally near.
     pub outstanding: Arc<AtomicU32>,
+}
+
+impl Node {
+    /// Makes `status` the node's current status.
+    pub fn publish(&self, status: NodeStatus) {
+        self.primary_claim.store(status.claims_primary(), Ordering::Relaxed);
+        self.status.store(Arc::new(status));
+    }
 }
 
 /// Every configured node, in config order; indexes are node ids.
@@ -114,6 +126,7 @@ impl Topology {
                 config: config.clone(),
                 addr,
                 status: ArcSwap::from_pointee(NodeStatus::default()),
+                primary_claim: AtomicBool::new(false),
                 outstanding: Arc::new(AtomicU32::new(0)),
             });
         }
@@ -127,11 +140,7 @@ impl Topology {
         let old = node.status.load();
         if old.up {
             tracing::warn!(node = node.config.name.as_str(), "node is suspect after a connection error");
-            node.status.store(Arc::new(NodeStatus {
-                up: false,
-                consecutive_successes: 0,
-                ..(**old).clone()
-            }));
+            node.publish(NodeStatus { up: false, consecutive_successes: 0, ..(**old).clone() });
         }
     }
 
@@ -144,7 +153,7 @@ impl Topology {
             .nodes
             .iter()
             .enumerate()
-            .filter(|(_, n)| n.config.cluster == cluster && n.status.load().claims_primary());
+            .filter(|(_, n)| n.primary_claim.load(Ordering::Relaxed) && n.config.cluster == cluster);
         match (claims.next(), claims.next()) {
             (Some((one, _)), None) => Ok(one),
             _ => crate::router::ClusterView::capture(self).primary(cluster),

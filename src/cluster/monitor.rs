@@ -109,7 +109,7 @@ async fn probe_and_publish(
     let old = node.status.load();
     let new = next_status(&old, sample.as_ref(), config, first);
     log_changes(node, &old, &new, sample.as_ref().err());
-    node.status.store(Arc::new(new));
+    node.publish(new);
 }
 
 async fn probe(

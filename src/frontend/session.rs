@@ -333,7 +333,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     None => Flow::Continue,
                     Some(Deferred::Message(frame)) => self.on_client(frame).await?,
                     Some(Deferred::Unit(unit, complete)) => {
-                        self.dispatch(unit, complete).await?;
+                        self.dispatch(*unit, complete).await?;
                         Flow::Continue
                     }
                 },

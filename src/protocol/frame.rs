@@ -208,7 +208,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// Reads a NUL-terminated string from the front of `buf`.
 pub fn cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, ProtocolError> {
-    let end = memchr::memchr(0, buf).ok_or(ProtocolError::Malformed { what })?;
+    // Most strings are short names, quicker to scan than to set up a
+    // vector search for; a query text is not.
+    let head = buf.len().min(16);
+    let end = match buf[..head].iter().position(|&b| b == 0) {
+        Some(end) => end,
+        None => head + memchr::memchr(0, &buf[head..]).ok_or(ProtocolError::Malformed { what })?,
+    };
     let s = std::str::from_utf8(&buf[..end]).map_err(|_| ProtocolError::Malformed { what })?;
     *buf = &buf[end + 1..];
     Ok(s)

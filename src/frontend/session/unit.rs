@@ -17,14 +17,20 @@ use crate::protocol::backend::{error_response, no_data, parse_complete, ready_fo
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
 use crate::router::classify::{Class, Classification, ProxyCommand, Tx};
+use crate::router::functions::VolatileFunctions;
 use crate::router::{self, ClusterView, Destination, Need, Policy, Reason, Route, SessionView};
+
+/// What a unit that calls no function is checked against.
+static NO_FUNCTIONS: std::sync::LazyLock<VolatileFunctions> =
+    std::sync::LazyLock::new(VolatileFunctions::default);
 
 /// A client message the relay could not take without waiting.
 pub(super) enum Deferred {
     /// For `on_client`.
     Message(Frame),
-    /// A unit for `dispatch`, and whether it is complete.
-    Unit(Batch, bool),
+    /// A unit for `dispatch`, and whether it is complete. Boxed: the
+    /// path is rare, and the enum is returned for every client message.
+    Unit(Box<Batch>, bool),
 }
 
 /// How often a read waiting under `replica_wait_ms` looks again.
@@ -224,16 +230,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Some(message) => return Err(ProxyError::SettingsLost(message)),
             },
         };
-        self.send(target, reason, unit, complete);
+        self.send(target, reason, &unit, complete);
         Ok(())
     }
 
     /// Sends a routed unit to `target`, with whatever the server is
     /// missing of the session's prepared statements queued ahead of it,
     /// and records what the unit changes.
-    fn send(&mut self, target: Target, reason: Reason, unit: Batch, complete: bool) {
+    fn send(&mut self, target: Target, reason: Reason, unit: &Batch, complete: bool) {
         let frames = &unit.frames[..];
-        self.replay(target, &unit);
+        self.replay(target, unit);
         let extended = frames.iter().any(|f| f.tag() != b'Q' && f.tag() != b'F');
         let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E' | b'F'));
         if executes {
@@ -257,7 +263,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             server.backend.in_flight += 1;
         }
         server.backend.last_unit_synced = complete && extended;
-        self.track(target, &unit, complete);
+        self.track(target, unit, complete);
         if let Some(library) = loaded_library(frames) {
             self.state.settings.forget_prefix(&library);
             let version = self.state.settings.version;
@@ -313,7 +319,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// unit comes back if it does.
     fn dispatch_now(&mut self, unit: Batch, complete: bool) -> Option<Deferred> {
         if self.open_batch {
-            return Some(Deferred::Unit(unit, complete));
+            return Some(Deferred::Unit(Box::new(unit), complete));
         }
         let affinity = self.unnamed_on.filter(|t| self.server(*t).is_some() && unit.uses_earlier_unnamed);
         let chosen = match (self.bound, affinity) {
@@ -324,7 +330,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             },
             (None, None) => match self.choose_now(&unit.classes) {
                 Some(chosen) => chosen,
-                None => return Some(Deferred::Unit(unit, complete)),
+                None => return Some(Deferred::Unit(Box::new(unit), complete)),
             },
         };
         let (target, reason) = match chosen {
@@ -336,9 +342,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         };
         if self.bound.is_none() && !self.settings_current(target) {
-            return Some(Deferred::Unit(unit, complete));
+            return Some(Deferred::Unit(Box::new(unit), complete));
         }
-        self.send(target, reason, unit, complete);
+        self.send(target, reason, &unit, complete);
         None
     }
 
@@ -414,10 +420,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// whether the primary may have written, whether DDL ran.
     fn track(&mut self, target: Target, unit: &Batch, complete: bool) {
         let (frames, classes) = (&unit.frames[..], &unit.classes[..]);
-        let volatile = self.catalog.volatile.load();
+        let volatile = self.volatile_for(classes);
+        let volatile = volatile.as_ref().map_or(&*NO_FUNCTIONS, |v| &***v);
         let writes = classes
             .iter()
-            .any(|c| matches!(c.class, Class::Write) || c.unparsed || c.calls_volatile(&volatile));
+            .any(|c| matches!(c.class, Class::Write) || c.unparsed || c.calls_volatile(volatile));
         if target == Target::Primary && writes {
             self.primary_dirty = true;
         }
@@ -621,6 +628,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
     }
 
+    /// The database's user-defined volatile functions, loaded only when a
+    /// statement of the unit calls a function.
+    fn volatile_for(
+        &self,
+        classes: &[Arc<Classification>],
+    ) -> Option<arc_swap::Guard<Arc<VolatileFunctions>>> {
+        classes.iter().any(|c| !c.functions.is_empty()).then(|| self.catalog.volatile.load())
+    }
+
     /// A read goes to the replica: a read-your-writes pin, if any, ends.
     fn replica_chosen(&mut self) {
         if let Some(since) = self.pinned_since.take() {
@@ -637,7 +653,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             freshness: self.effective_watermark().freshness(self.settings.min_lsn),
         };
         let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
-        let need = router::need(classes, &session, &policy, &self.catalog.volatile.load());
+        let volatile = self.volatile_for(classes);
+        let volatile = volatile.as_ref().map_or(&*NO_FUNCTIONS, |v| &***v);
+        let need = router::need(classes, &session, &policy, volatile);
         if let Need::Primary(reason) = need {
             // Writes (and everything routed like them) need only the
             // primary's index, not a view of every node.
