@@ -282,26 +282,38 @@ rss_kb() { $TOOLS rss "$1"; } # "VmRSS VmHWM"
 # cpu_ticks PID: user + system clock ticks so far
 cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 
-# run_pgbench TARGET PORT PROXY_PID|- NAME ARGS... -> "tps lat_ms status cpu_us_per_txn"
+# per_txn TICKS TXNS: clock ticks as microseconds per transaction
+per_txn() { awk -v t="$1" -v n="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}'; }
+
+# run_pgbench TARGET PORT PROXY_PID|- NAME ARGS...
+#   -> "tps lat_ms status proxy_cpu pg_cpu pgbench_cpu" (CPU: us per transaction)
 run_pgbench() {
     local target=$1 port=$2 pid=$3 name=$4
     shift 4
     local log="$OUT/runs/$name.$target.r$ROUND.log"
-    local rc=0 before=0 after=0
+    local rc=0 before=0 after=0 pg_before pg_after postmaster
+    postmaster=$(head -1 "$WORK/primary/postmaster.pid")
     [[ $pid != - ]] && before=$(cpu_ticks "$pid")
-    "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?
+    pg_before=$($TOOLS server-ticks "$postmaster")
+    local TIMEFORMAT='%3U %3S'
+    { time "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?; } 2>"$log.time"
+    pg_after=$($TOOLS server-ticks "$postmaster")
     [[ $pid != - ]] && after=$(cpu_ticks "$pid")
-    local tps lat txns cpu=nan
+    local tps lat txns cpu=nan pg=nan bench=nan
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$log")
     lat=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$log")
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$log")
     if [[ $pid != - && ${txns:-0} -gt 0 ]]; then
-        cpu=$(awk -v t=$((after - before)) -v n="$txns" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}')
+        cpu=$(per_txn $((after - before)) "$txns")
+    fi
+    if [[ ${txns:-0} -gt 0 ]]; then
+        pg=$(per_txn $((pg_after - pg_before)) "$txns")
+        bench=$(awk -v n="$txns" '{printf "%.1f", ($1 + $2) * 1e6 / n}' "$log.time")
     fi
     if [[ $rc != 0 || -z $tps ]]; then
-        echo "nan nan failed nan"
+        echo "nan nan failed nan nan nan"
     else
-        echo "$tps $lat ok $cpu"
+        echo "$tps $lat ok $cpu $pg $bench"
     fi
 }
 
@@ -354,7 +366,7 @@ phase_pgbench() {
     ROUND=0
     for t in "${targets[@]}"; do run_pgbench "$t" "${port[$t]}" - warmup -S -c 4 -j 2 -T 2 >/dev/null; done
 
-    printf 'round\tcase\ttarget\ttps\tlatency_ms\tstatus\tload1\tproxy_cpu_us_per_txn\n' >"$OUT/results.tsv"
+    printf 'round\tcase\ttarget\ttps\tlatency_ms\tstatus\tload1\tproxy_cpu_us_per_txn\tpostgres_cpu_us_per_txn\tpgbench_cpu_us_per_txn\n' >"$OUT/results.tsv"
     for ROUND in $(seq "$ROUNDS"); do
         local k=0
         for cs in "${cases[@]}"; do
@@ -370,12 +382,12 @@ phase_pgbench() {
                 local load
                 load=$(load1)
                 if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]]; then
-                    printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
+                    printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
                     continue
                 fi
-                read -r tps lat status cpu <<<"$(run_pgbench "$t" "${port[$t]}" "${pid[$t]}" "$cs" "${args[@]}")"
-                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$cs" "$t" "$tps" "$lat" "$status" "$load" "$cpu" >>"$OUT/results.tsv"
-                log "round $ROUND $cs $t: tps=$tps lat=${lat}ms proxy_cpu=${cpu}us/txn ($status, load $load)"
+                read -r tps lat status cpu pg bench <<<"$(run_pgbench "$t" "${port[$t]}" "${pid[$t]}" "$cs" "${args[@]}")"
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$cs" "$t" "$tps" "$lat" "$status" "$load" "$cpu" "$pg" "$bench" >>"$OUT/results.tsv"
+                log "round $ROUND $cs $t: tps=$tps lat=${lat}ms cpu/txn proxy=${cpu}us postgres=${pg}us pgbench=${bench}us ($status, load $load)"
             done
         done
     done

@@ -276,19 +276,23 @@ def summarize_main(args):
             cases.append(r["case"])
         if r["target"] not in targets:
             targets.append(r["target"])
-        c = cell.setdefault((r["case"], r["target"]), {"tps": [], "lat": [], "load": [], "cpu": [], "status": set()})
+        c = cell.setdefault((r["case"], r["target"]),
+                            {"tps": [], "lat": [], "load": [], "cpu": [], "pg": [], "bench": [], "status": set()})
         c["status"].add(r["status"])
         c["load"].append(float(r["load1"]))
         if r["status"] == "ok":
             c["tps"].append(float(r["tps"]))
             c["lat"].append(float(r["latency_ms"]))
             c["cpu"].append(float(r.get("proxy_cpu_us_per_txn", "nan")))
+            c["pg"].append(float(r.get("postgres_cpu_us_per_txn", "nan")))
+            c["bench"].append(float(r.get("pgbench_cpu_us_per_txn", "nan")))
     rounds = len({r["round"] for r in rows})
     med = {k: (median(v["tps"]), median(v["lat"])) for k, v in cell.items()}
     print(f"pgbench -n, -j 2 (-j 1 at -c 1), medians of {rounds} interleaved round(s); "
-          "TPS excludes connection time;\nproxy CPU: user+system CPU of the proxy process per transaction, microseconds")
+          "TPS excludes connection time;\nCPU: user+system CPU per transaction, microseconds, of the proxy "
+          "process, of the primary's\nbackends (PostgreSQL) and of pgbench")
     print(f"{'case':<20} {'target':<15} {'TPS':>9} {'lat ms':>8} {'x direct':>9} {'x bouncer':>10} "
-          f"{'proxy CPU':>10} {'load1':>6}  runs (TPS)")
+          f"{'proxy CPU':>10} {'pg CPU':>7} {'bench CPU':>9} {'load1':>6}  runs (TPS)")
     for case in cases:
         for t in targets:
             if (case, t) not in cell:
@@ -299,7 +303,8 @@ def summarize_main(args):
             c = cell[(case, t)]
             runs = " ".join(f"{x:.0f}" for x in c["tps"]) or "/".join(sorted(c["status"]))
             print(f"{case:<20} {t:<15} {fmt(tps, '.0f'):>9} {fmt(lat, '.3f'):>8} {fmt(tps / d, '.2f'):>9} "
-                  f"{fmt(tps / b, '.2f'):>10} {fmt(median(c['cpu']), '.1f'):>10} {median(c['load']):>6.2f}  {runs}")
+                  f"{fmt(tps / b, '.2f'):>10} {fmt(median(c['cpu']), '.1f'):>10} {fmt(median(c['pg']), '.1f'):>7} "
+                  f"{fmt(median(c['bench']), '.1f'):>9} {median(c['load']):>6.2f}  {runs}")
         print()
     print("added latency per query at -c 1 (median latency minus direct's), microseconds:")
     for case in cases:
@@ -403,6 +408,31 @@ def freeport_main(args):
         s.close()
 
 
+def proc_ticks(pid):
+    """utime, stime, cutime and cstime of a process (clock ticks)."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    # fields[0] is the state (field 3): utime is field 14.
+    return [int(x) for x in fields[11:15]], int(fields[1])
+
+
+def server_ticks_main(args):
+    """CPU ticks used by a postmaster's children: live ones, plus what the
+    postmaster collected from those that exited."""
+    (_, _, cutime, cstime), _ = proc_ticks(args.postmaster)
+    total = cutime + cstime
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            (utime, stime, _, _), ppid = proc_ticks(entry)
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == args.postmaster:
+            total += utime + stime
+    print(total)
+
+
 def rss_main(args):
     fields = {}
     with open(f"/proc/{args.pid}/status") as f:
@@ -451,6 +481,8 @@ def main():
     sp.add_argument("--memory", required=True)
     sp = sub.add_parser("freeport")
     sp.add_argument("--count", type=int, default=1)
+    sp = sub.add_parser("server-ticks")
+    sp.add_argument("postmaster", type=int)
     sp = sub.add_parser("rss")
     sp.add_argument("pid", type=int)
     args = p.parse_args()
@@ -466,6 +498,7 @@ def main():
             "summarize-memory": summarize_memory_main,
             "freeport": freeport_main,
             "rss": rss_main,
+            "server-ticks": server_ticks_main,
         }[args.cmd](args)
 
 
