@@ -183,25 +183,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if self.open_batch {
             self.reopen(frames, classes).await?;
         }
-        let affinity = self.unnamed_on.filter(|t| self.server(*t).is_some() && unit.uses_earlier_unnamed);
-        let (target, reason) = match (self.bound, affinity) {
-            (None, Some(target)) => (target, self.bound_reason),
-            (bound, _) => match bound {
-                // Inside a transaction, or pipelined behind the unit that
-                // chose this server and so sharing its reason.
-                Some(target) => match self.server(target).map(|s| s.backend.tx_status) {
-                    Some(b'T' | b'E') => (target, Reason::Transaction),
-                    _ => (target, self.bound_reason),
-                },
-                None => match self.choose(classes).await? {
-                    Ok(chosen) => chosen,
-                    Err(error) => {
-                        // No server can take this unit: fail it, keep the session.
-                        self.client.queue(&error);
-                        self.client.queue(&ready_for_query(b'I'));
-                        return Ok(());
-                    }
-                },
+        let (target, reason) = match self.held_target(&unit) {
+            Some(held) => held,
+            None => match self.choose(classes).await? {
+                Ok(chosen) => chosen,
+                Err(error) => {
+                    self.fail_unit(&error);
+                    return Ok(());
+                }
             },
         };
         let (target, reason) = match self.bound {
@@ -315,31 +304,44 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
     }
 
+    /// The server the session is held on for this unit, if any: inside a
+    /// transaction, pipelined behind the unit that chose it (and sharing
+    /// its reason), or where the unnamed statement the unit uses was parsed.
+    fn held_target(&self, unit: &Batch) -> Option<(Target, Reason)> {
+        match self.bound {
+            Some(target) => match self.server(target).map(|s| s.backend.tx_status) {
+                Some(b'T' | b'E') => Some((target, Reason::Transaction)),
+                _ => Some((target, self.bound_reason)),
+            },
+            None => self
+                .unnamed_on
+                .filter(|t| unit.uses_earlier_unnamed && self.server(*t).is_some())
+                .map(|t| (t, self.bound_reason)),
+        }
+    }
+
+    /// No server can take this unit: fail it, keep the session.
+    fn fail_unit(&mut self, error: &Frame) {
+        self.client.queue(error);
+        self.client.queue(&ready_for_query(b'I'));
+    }
+
     /// `dispatch` for a unit that needs no I/O before it is sent; the
     /// unit comes back if it does.
     fn dispatch_now(&mut self, unit: Batch, complete: bool) -> Option<Deferred> {
         if self.open_batch {
             return Some(Deferred::Unit(Box::new(unit), complete));
         }
-        let affinity = self.unnamed_on.filter(|t| self.server(*t).is_some() && unit.uses_earlier_unnamed);
-        let chosen = match (self.bound, affinity) {
-            (None, Some(target)) => Ok((target, self.bound_reason)),
-            (Some(target), _) => match self.server(target).map(|s| s.backend.tx_status) {
-                Some(b'T' | b'E') => Ok((target, Reason::Transaction)),
-                _ => Ok((target, self.bound_reason)),
-            },
-            (None, None) => match self.choose_now(&unit.classes) {
-                Some(chosen) => chosen,
+        let (target, reason) = match self.held_target(&unit) {
+            Some(held) => held,
+            None => match self.choose_now(&unit.classes) {
+                Some(Ok(chosen)) => chosen,
+                Some(Err(error)) => {
+                    self.fail_unit(&error);
+                    return None;
+                }
                 None => return Some(Deferred::Unit(Box::new(unit), complete)),
             },
-        };
-        let (target, reason) = match chosen {
-            Ok(chosen) => chosen,
-            Err(error) => {
-                self.client.queue(&error);
-                self.client.queue(&ready_for_query(b'I'));
-                return None;
-            }
         };
         if self.bound.is_none() && !self.settings_current(target) {
             return Some(Deferred::Unit(Box::new(unit), complete));
@@ -359,8 +361,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let route = match self.decide(classes) {
             Ok(route) => route,
             Err(no_primary) => {
-                let message = format!("cannot route this statement: {no_primary}");
-                return Some(Err(error_response(Severity::Error, SqlState::ConnectionFailure, &message)));
+                return Some(Err(no_route(&no_primary)));
             }
         };
         let waits = !self.shared.config.consistency.replica_wait.is_zero()
@@ -588,8 +589,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             self.refresh_watermark();
             match self.decide(classes) {
                 Err(no_primary) => {
-                    let message = format!("cannot route this statement: {no_primary}");
-                    return Ok(Err(error_response(Severity::Error, SqlState::ConnectionFailure, &message)));
+                    return Ok(Err(no_route(&no_primary)));
                 }
                 Ok(route)
                     if !wait.is_zero()
@@ -804,6 +804,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn bound_status(&self) -> u8 {
         self.bound.and_then(|t| self.server(t)).map_or(b'I', |s| s.backend.tx_status)
     }
+}
+
+/// The error that fails a unit no node can take.
+fn no_route(no_primary: &crate::cluster::NoPrimary) -> Frame {
+    let message = format!("cannot route this statement: {no_primary}");
+    error_response(Severity::Error, SqlState::ConnectionFailure, &message)
 }
 
 /// Under `default_transaction_read_only = on` (as the server reports it),
