@@ -42,6 +42,7 @@
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-split" (add pgnear-primary-mt
 #   for pgnear with worker_threads = the number of cores)
+#   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
 set -euo pipefail
 
@@ -66,6 +67,7 @@ PROFILE_SECONDS=${PROFILE_SECONDS:-10}
 PROFILE_CASES=${PROFILE_CASES:-"simple extended prepared tpcb-simple"}
 INSTR_CASES=${INSTR_CASES:-"simple extended prepared tpcb-simple"}
 INSTR_TRANSACTIONS=${INSTR_TRANSACTIONS:-2500}
+BOUNCER_EXTRA=${BOUNCER_EXTRA:-}
 PG_BIN=${PGNEAR_PG_BIN:-/usr/lib/postgresql/15/bin}
 OUT=${OUT:-$ROOT/target/pgbench-results/$(date +%Y%m%d-%H%M%S)}
 MAX_CONNECTIONS=$((IDLE_AUTH + 150))
@@ -210,6 +212,7 @@ default_pool_size = 20
 logfile = $WORK/pgbouncer.log
 pidfile = $WORK/pgbouncer.pid
 admin_users = postgres
+$BOUNCER_EXTRA
 EOF
     chown postgres: "$WORK"/userlist.txt "$WORK"/pgbouncer.ini 2>/dev/null || true
     as_pg "$@" pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
