@@ -324,9 +324,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     self.wait_event().await
                 }
             };
-            // The common events are handled without entering `handle`'s
-            // future: most client messages need no I/O before they are
-            // buffered or sent, and a server message is only relayed.
+            // Nearly every client message needs no I/O before it is
+            // buffered or sent (`on_client_now`), and a server message is
+            // only relayed; the rest take boxed or async paths.
             let flow = match event {
                 Event::Ready => Flow::Continue,
                 Event::Client(Ok(Some(frame))) => match self.on_client_now(frame)? {
@@ -337,6 +337,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                         Flow::Continue
                     }
                 },
+                Event::Client(Ok(None)) => Flow::End,
+                Event::Client(Err(error)) => return Err(error.into()),
                 Event::Server(target, Ok(Some(frame))) => match self.on_server(target, frame)? {
                     Flow::Lost(target) => {
                         Box::pin(self.server_lost(target)).await?;
@@ -344,7 +346,20 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     }
                     flow => flow,
                 },
-                event => self.handle(event).await?,
+                Event::Server(target, end) => {
+                    if let Err(error) = end {
+                        let node = self.node_name(target);
+                        tracing::warn!(parent: &self.span, node, %error, "server broke the protocol");
+                    }
+                    Box::pin(self.server_lost(target)).await?;
+                    Flow::Continue
+                }
+                Event::WatermarkTick => {
+                    self.refresh_watermark();
+                    Flow::Continue
+                }
+                Event::IdleTimeout if self.idle_expired() => return Err(ProxyError::IdleTimeout),
+                Event::IdleTimeout => Flow::Continue,
             };
             if flow == Flow::End {
                 return self.client.flush().await;
@@ -487,33 +502,6 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         self.timers.idle.as_mut().reset(tokio::time::Instant::from_std(deadline));
         false
-    }
-
-    async fn handle(&mut self, event: Event) -> Result<Flow, ProxyError> {
-        match event {
-            Event::Ready => Ok(Flow::Continue),
-            Event::Client(Ok(Some(frame))) => self.on_client(frame).await,
-            Event::Client(Ok(None)) => Ok(Flow::End),
-            Event::Client(Err(error)) => Err(error.into()),
-            Event::Server(target, Ok(Some(frame))) => match self.on_server(target, frame)? {
-                Flow::Lost(target) => Box::pin(self.server_lost(target)).await.map(|()| Flow::Continue),
-                flow => Ok(flow),
-            },
-            Event::Server(target, Ok(None)) => {
-                Box::pin(self.server_lost(target)).await.map(|()| Flow::Continue)
-            }
-            Event::Server(target, Err(error)) => {
-                let node = self.node_name(target);
-                tracing::warn!(parent: &self.span, node, %error, "server broke the protocol");
-                Box::pin(self.server_lost(target)).await.map(|()| Flow::Continue)
-            }
-            Event::WatermarkTick => {
-                self.refresh_watermark();
-                Ok(Flow::Continue)
-            }
-            Event::IdleTimeout if self.idle_expired() => Err(ProxyError::IdleTimeout),
-            Event::IdleTimeout => Ok(Flow::Continue),
-        }
     }
 
     fn node_name(&self, target: Target) -> String {

@@ -3,14 +3,6 @@
 //! share one cache entry. Only classifications that do not depend on
 //! literal values (no session effects, no pgnear command) are shared.
 
-/// The text with literals replaced, or `None` when the text cannot be
-/// scanned with certainty (an unterminated quote or comment) or has no
-/// literal to replace.
-pub fn shape(sql: &str) -> Option<String> {
-    let mut out = String::new();
-    shape_into(sql, &mut out)?.then_some(out)
-}
-
 /// Bytes where a literal, quoted identifier or comment may start; all
 /// others are copied as they are.
 static SPECIAL: [bool; 256] = {
@@ -146,7 +138,13 @@ fn block_comment_end(bytes: &[u8], open: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::shape;
+    use super::shape_into;
+
+    /// The shape, when the text has one.
+    fn shape(sql: &str) -> Option<String> {
+        let mut out = String::new();
+        shape_into(sql, &mut out)?.then_some(out)
+    }
 
     #[test]
     fn literals_become_placeholders() {

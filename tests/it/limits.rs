@@ -176,21 +176,9 @@ async fn the_binary_serves_on_one_or_several_runtime_threads() {
     let cluster = Cluster::builder().start().await.unwrap();
     for threads in [1, 2] {
         let toml = ProxyConfig::default().proxy(&format!("worker_threads = {threads}")).toml(&cluster);
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("proxy.toml"), toml).unwrap();
-        let log = dir.path().join("pgnear.log");
-        let _child = tokio::process::Command::new(env!("CARGO_BIN_EXE_pgnear"))
-            .arg("--config")
-            .arg(dir.path().join("proxy.toml"))
-            .args(["--log-format", "json"])
-            .env("RUST_LOG", "pgnear=info")
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .kill_on_drop(true)
-            .spawn()
-            .unwrap();
-        let addr = listening_addr(&log).await;
-        let started = std::fs::read_to_string(&log).unwrap();
+        let proxy = Process::spawn(env!("CARGO_BIN_EXE_pgnear"), &toml, "pgnear=info").await;
+        let addr = proxy.addr;
+        let started = std::fs::read_to_string(&proxy.log).unwrap();
         assert!(started.contains(&format!("\"worker_threads\":{threads}")), "{started}");
         let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", addr.port());
         let clients = futures_util::future::join_all((0..8).map(|_| connect_once(&conn))).await;
@@ -231,23 +219,10 @@ async fn ten_thousand_connections_that_never_speak() {
             STARTUP_TIMEOUT.as_millis()
         ))
         .toml(&cluster);
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("proxy.toml"), toml).unwrap();
-    let log = dir.path().join("pgnear.log");
     // PGNEAR_BIN measures another build, e.g. target/release/pgnear.
     let bin = std::env::var("PGNEAR_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_pgnear").to_string());
-    let mut child = tokio::process::Command::new(bin)
-        .arg("--config")
-        .arg(dir.path().join("proxy.toml"))
-        .args(["--log-format", "json"])
-        .env("RUST_LOG", "pgnear::proxy=info")
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .kill_on_drop(true)
-        .spawn()
-        .unwrap();
-    let pid = child.id().unwrap();
-    let addr = listening_addr(&log).await;
+    let mut proxy = Process::spawn(&bin, &toml, "pgnear::proxy=info").await;
+    let (pid, addr) = (proxy.child.id().unwrap(), proxy.addr);
     let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", addr.port());
     let client = connect_once(&conn).await;
     assert_eq!(client.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0), 1);
@@ -289,8 +264,38 @@ async fn ten_thousand_connections_that_never_speak() {
         (rss_idle.saturating_sub(rss_before)) as f64 / idle.max(1) as f64
     );
     assert_eq!(client.query_one("SELECT 4", &[]).await.unwrap().get::<_, i32>(0), 4);
-    child.start_kill().unwrap();
-    let _ = child.wait().await;
+    proxy.child.start_kill().unwrap();
+    let _ = proxy.child.wait().await;
+}
+
+/// pgnear as a process of its own, with a config file and a JSON log in
+/// a temporary directory; killed when dropped.
+struct Process {
+    child: tokio::process::Child,
+    addr: SocketAddr,
+    log: std::path::PathBuf,
+    _dir: tempfile::TempDir,
+}
+
+impl Process {
+    /// Starts `bin` on `toml` and waits until it listens.
+    async fn spawn(bin: &str, toml: &str, rust_log: &str) -> Process {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("proxy.toml"), toml).unwrap();
+        let log = dir.path().join("pgnear.log");
+        let child = tokio::process::Command::new(bin)
+            .arg("--config")
+            .arg(dir.path().join("proxy.toml"))
+            .args(["--log-format", "json"])
+            .env("RUST_LOG", rust_log)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .kill_on_drop(true)
+            .spawn()
+            .unwrap();
+        let addr = listening_addr(&log).await;
+        Process { child, addr, log, _dir: dir }
+    }
 }
 
 async fn connect_once(conn: &str) -> tokio_postgres::Client {
