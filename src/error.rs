@@ -58,6 +58,8 @@ pub enum ProxyError {
     BackendProtocol { node: String, source: ProtocolError },
     #[error("{0}")]
     Unsupported(String),
+    #[error("no server connection came free within proxy.pool_timeout ({} ms)", .0.as_millis())]
+    PoolExhausted(std::time::Duration),
 }
 
 impl ProxyError {
@@ -92,6 +94,7 @@ impl ProxyError {
             E::PrimaryMoved { .. } => (Fatal, S::AdminShutdown),
             E::SettingsLost(_) => (Fatal, S::ConnectionFailure),
             E::Unsupported(_) => (Fatal, S::FeatureNotSupported),
+            E::PoolExhausted(_) => (Fatal, S::TooManyConnections),
         };
         Some(error_response(severity, code, &self.to_string()))
     }
@@ -105,7 +108,7 @@ impl ProxyError {
             E::ClientGone(_) => "client_gone",
             E::NoUser | E::UnknownUser(_) | E::BadPassword(_) | E::Scram(_) | E::NoTenant => "auth",
             E::TlsRequired => "auth",
-            E::TooManyClients(_) => "limit",
+            E::TooManyClients(_) | E::PoolExhausted(_) => "limit",
             E::StartupTimeout | E::IdleTimeout => "timeout",
             E::NoPrimary(_) | E::Connect(_) => "backend_connect",
             E::BackendLost { .. }

@@ -13,8 +13,9 @@ use tokio::task::JoinHandle;
 use crate::auth::Directory;
 use crate::cluster::catalog::Catalogs;
 use crate::cluster::{monitor, Topology};
-use crate::config::Config;
+use crate::config::{Config, PoolMode};
 use crate::frontend::cancel::CancelRegistry;
+use crate::frontend::session::pool::Pools;
 use crate::frontend::Shared;
 use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
@@ -76,6 +77,8 @@ impl Proxy {
         let monitor = monitor::spawn(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout);
         let catalogs =
             Arc::new(Catalogs::new(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout));
+        let pool_mode = config.proxy.pool_mode;
+        let pools = Pools::new(&config.proxy);
         let shared = Arc::new(Shared {
             classifier: ClassifyCache::new(config.proxy.classify_cache_entries),
             catalogs,
@@ -85,8 +88,12 @@ impl Proxy {
             topology,
             directory,
             cancels: Arc::new(CancelRegistry::default()),
+            pools,
             tls,
         });
+        if pool_mode == PoolMode::Transaction {
+            tokio::spawn(reap_pools(Arc::downgrade(&shared)));
+        }
         let (shutdown, watch) = watch::channel(false);
         let admin = admin_listener.map(|(listener, admin_addr)| {
             tracing::info!(addr = %admin_addr, "admin listener is up");
@@ -131,6 +138,23 @@ impl Drop for Proxy {
         if let Some((_, admin)) = &self.admin {
             admin.abort();
         }
+    }
+}
+
+/// Closes pooled server connections idle past `proxy.server_idle_timeout`,
+/// until the proxy is gone.
+async fn reap_pools(shared: std::sync::Weak<Shared>) {
+    let every = match shared.upgrade() {
+        Some(shared) => (shared.config.proxy.server_idle_timeout / 4).clamp(
+            std::time::Duration::from_millis(100),
+            std::time::Duration::from_secs(15),
+        ),
+        None => return,
+    };
+    loop {
+        tokio::time::sleep(every).await;
+        let Some(shared) = shared.upgrade() else { return };
+        shared.pools.reap();
     }
 }
 

@@ -40,8 +40,8 @@
 #   CASES="S-simple-c16 tpcb-simple-c16" (instead of the MODES x CLIENTS matrix)
 #   PROFILE_SECONDS=10 PROFILE_CASES="simple extended prepared tpcb-simple"
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
-#   TARGETS="direct pgbouncer pgnear-primary pgnear-split" (add pgnear-primary-mt
-#   for pgnear with worker_threads = the number of cores)
+#   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
+#   pgnear-primary-mt for pgnear with worker_threads = the number of cores)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
 set -euo pipefail
@@ -320,11 +320,12 @@ run_pgbench() {
     fi
 }
 
-# Targets: direct, pgbouncer, pgnear-primary (routing.default = "primary",
-# like for like with PgBouncer), pgnear-split (the default read/write
+# Targets: direct, pgbouncer, pgnear-primary (routing.default = "primary"),
+# pgnear-pool (the same in transaction pooling with PgBouncer's pool size of
+# 20: like for like with PgBouncer), pgnear-split (the default read/write
 # split); optional pgnear-primary-mt (as pgnear-primary with one runtime
 # thread per core instead of the default half).
-TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-split"}
+TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-pool pgnear-split"}
 
 phase_pgbench() {
     mkdir -p "$OUT/runs"
@@ -351,6 +352,7 @@ phase_pgbench() {
         [[ $t == pgnear-split ]] && routing=auto
         local extra=""
         [[ $t == pgnear-primary-mt ]] && extra="worker_threads = $(nproc)"
+        [[ $t == pgnear-pool ]] && extra=$'pool_mode = "transaction"\npool_size = 20'
         write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
         start_pgnear "$t" "$WORK/$t.toml" "$p"
         port[$t]=$p

@@ -132,6 +132,26 @@ impl Backend {
         self.in_flight == 0 && self.tx_status == b'I'
     }
 
+    /// Whether responses to pgnear's own replay are still expected.
+    pub fn has_hidden(&self) -> bool {
+        !self.hidden.is_empty()
+    }
+
+    /// Whether the server has nothing to say right now, checked without
+    /// waiting: an idle connection that sent something (a FATAL before
+    /// shutdown, a NOTICE) or closed is not fit to take work.
+    pub fn is_quiet(&mut self) -> bool {
+        if !self.reader.is_empty() {
+            return false;
+        }
+        let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+        let pending = {
+            let fill = std::pin::pin!(self.reader.fill());
+            std::future::Future::poll(fill, &mut cx).is_pending()
+        };
+        pending && self.reader.is_empty()
+    }
+
     /// A whole frame already read, if any.
     pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
         self.reader.buffered()

@@ -21,6 +21,10 @@ pub struct ProxyFile {
     pub require_tenant: Option<bool>,
     pub classify_cache_entries: Option<u64>,
     pub worker_threads: Option<u64>,
+    pub pool_mode: Option<String>,
+    pub pool_size: Option<u64>,
+    pub pool_timeout_ms: Option<u64>,
+    pub server_idle_timeout_ms: Option<u64>,
 }
 
 /// One `[[nodes]]` entry.

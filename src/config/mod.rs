@@ -68,6 +68,28 @@ pub struct ProxySettings {
     /// Runtime threads serving clients; `None` sizes the runtime for the
     /// machine (see [`ProxySettings::workers`]).
     pub worker_threads: Option<usize>,
+    /// How long a client keeps a server connection: `session` (its whole
+    /// life) or `transaction` (back to a shared pool when idle).
+    pub pool_mode: PoolMode,
+    /// Transaction mode: server connections per node, user and startup
+    /// parameters.
+    pub pool_size: usize,
+    /// Transaction mode: how long a unit waits for a pooled connection.
+    pub pool_timeout: Duration,
+    /// Transaction mode: idle pooled connections are closed after this.
+    pub server_idle_timeout: Duration,
+}
+
+/// `proxy.pool_mode`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PoolMode {
+    /// One server connection per node for each client, for the client's
+    /// whole session: full PostgreSQL session semantics.
+    Session,
+    /// Server connections return to a shared pool whenever the client's
+    /// work on them is idle (outside a transaction); session state is
+    /// replayed onto whichever connection the client gets next.
+    Transaction,
 }
 
 impl ProxySettings {

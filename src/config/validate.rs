@@ -246,6 +246,17 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
     if worker_threads.is_some_and(|n| n > 1024) {
         faults.add("proxy.worker_threads", "must be between 1 and 1024 (0 or absent: half the cores)");
     }
+    let pool_mode = choice(
+        p.pool_mode.as_deref(),
+        PoolMode::Session,
+        &[("session", PoolMode::Session), ("transaction", PoolMode::Transaction)],
+        "proxy.pool_mode",
+        faults,
+    );
+    let pool_size = p.pool_size.unwrap_or(20);
+    if !(1..=10_000).contains(&pool_size) {
+        faults.add("proxy.pool_size", "must be between 1 and 10000");
+    }
     ProxySettings {
         listen,
         admin_listen,
@@ -259,6 +270,10 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
         require_tenant: p.require_tenant.unwrap_or(false),
         classify_cache_entries: p.classify_cache_entries.unwrap_or(10_000) as usize,
         worker_threads: worker_threads.map(|n| n as usize),
+        pool_mode,
+        pool_size: pool_size as usize,
+        pool_timeout: ms(p.pool_timeout_ms, 30_000),
+        server_idle_timeout: ms(p.server_idle_timeout_ms, 60_000),
     }
 }
 

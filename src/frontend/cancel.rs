@@ -3,6 +3,7 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -23,6 +24,10 @@ pub struct ServerKey {
 #[derive(Debug, Default)]
 pub struct CancelTarget {
     current: ArcSwapOption<ServerKey>,
+    /// The session holds that server now. In transaction pooling it gives
+    /// the connection back between units, and a late cancel must not
+    /// reach whichever session has it next.
+    engaged: AtomicBool,
 }
 
 impl CancelTarget {
@@ -33,6 +38,13 @@ impl CancelTarget {
         if !same {
             self.current.store(Some(server.clone()));
         }
+        self.engaged.store(true, Ordering::Relaxed);
+    }
+
+    /// The session gave its server connection back: cancels are ignored
+    /// until its next unit.
+    pub fn disengage(&self) {
+        self.engaged.store(false, Ordering::Relaxed);
     }
 }
 
@@ -81,7 +93,7 @@ impl CancelRegistry {
     pub async fn cancel(&self, key: CancelKey, timeout: Duration) {
         let target = {
             let sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            sessions.get(&key).and_then(|t| t.current.load_full())
+            sessions.get(&key).filter(|t| t.engaged.load(Ordering::Relaxed)).and_then(|t| t.current.load_full())
         };
         match target {
             Some(server) => send_cancel(server.addr, server.key, timeout).await,

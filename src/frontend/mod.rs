@@ -39,6 +39,8 @@ pub struct Shared {
     /// The proxy-wide watermark for `read_your_writes = "proxy"`.
     pub watermark: SharedWatermark,
     pub metrics: Arc<Metrics>,
+    /// Transaction pooling's shared server connections.
+    pub pools: session::pool::Pools,
     /// The client-facing acceptor (reloaded on SIGHUP) and one connector
     /// per node.
     pub tls: Tls,

@@ -9,6 +9,7 @@
 //! responses to pgnear's own replays are swallowed.
 
 mod local;
+pub mod pool;
 mod reply;
 mod server;
 mod state;
@@ -194,6 +195,12 @@ pub struct Session<S: Split> {
     retry: Option<Batch>,
     /// Where the unnamed statement was last parsed.
     unnamed_on: Option<Target>,
+    /// Transaction pooling (`proxy.pool_mode = "transaction"`): server
+    /// connections go back to their pool whenever they are idle.
+    pooling: bool,
+    /// Transaction pooling: the last Parse of the unnamed statement, for
+    /// a later unit that binds it on another connection.
+    unnamed_parse: Option<Frame>,
     /// A replica refused the session's settings: reads stay on the primary.
     settings_refused: bool,
     /// Session effects of the open transaction, applied if it commits.
@@ -263,6 +270,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let shared_mode = shared.config.consistency.read_your_writes;
         let shared_idle_timeout = shared.config.proxy.idle_client_timeout;
         let shared_watermark = shared.watermark.get();
+        let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
         Ok(Session {
             shared,
             client,
@@ -287,6 +295,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             held: None,
             pinned_since: None,
             unnamed_on: None,
+            pooling,
+            unnamed_parse: None,
             settings_refused: false,
             tx_effects: Vec::new(),
             default_read_only: startup_params.iter().any(is_read_only_default),
@@ -317,6 +327,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     async fn relay(&mut self) -> Result<(), ProxyError> {
         loop {
+            if self.pooling && self.bound.is_none() {
+                self.release_idle();
+            }
             let event = match self.buffered_event() {
                 Some(event) => event,
                 None => {
@@ -378,10 +391,41 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
     }
 
+    /// Transaction pooling: gives server connections that are idle back
+    /// to their pools. A pinned session (LISTEN, a temp table ...) keeps
+    /// its primary connection, where that state lives.
+    fn release_idle(&mut self) {
+        if self.open_batch {
+            return;
+        }
+        for target in [Target::Primary, Target::Replica] {
+            let keep = target == Target::Primary && self.state.pinned;
+            let reusable = self.server(target).is_some_and(Server::reusable);
+            if keep || !reusable {
+                continue;
+            }
+            let server = match target {
+                Target::Primary => self.primary.take(),
+                Target::Replica => self.replica.take(),
+            };
+            let Some(server) = server else { continue };
+            if self.unnamed_on == Some(target) {
+                self.unnamed_on = None;
+            }
+            self.registration.target.disengage();
+            if let Some(pool) = server.pool.clone() {
+                pool.put(server);
+            }
+        }
+    }
+
     async fn close(&mut self) {
         if self.defines_functions {
             // The client left before its DDL was seen to finish.
             self.catalog.mark_stale();
+        }
+        if self.pooling && self.bound.is_none() {
+            self.release_idle();
         }
         let busy: Vec<ServerKey> = [self.primary.as_ref(), self.replica.as_ref()]
             .into_iter()

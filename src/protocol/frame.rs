@@ -115,6 +115,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader { inner, buf: buffered, limit, chunk: MIN_READ_CHUNK }
     }
 
+    /// Whether no bytes are buffered.
+    pub fn is_empty(&self) -> bool {
+        self.buf.is_empty()
+    }
+
     /// A frame already in the buffer, without reading.
     pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
         decode(&mut self.buf, self.limit)

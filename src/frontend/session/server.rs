@@ -4,7 +4,9 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+use super::pool::{Pool, PoolError};
 use super::state::ServerState;
+use crate::config::PoolMode;
 use crate::backend::{connect, Backend, ServerLogin};
 use crate::error::ProxyError;
 use crate::frontend::cancel::ServerKey;
@@ -33,6 +35,25 @@ pub(super) struct Server {
     /// This connection's metric children (and its place in the gauge of
     /// open server connections).
     pub(super) metrics: NodeMetrics,
+    /// Transaction pooling: the pool it goes back to, and its place among
+    /// the pool's connections in use while a session holds it.
+    pub(super) pool: Option<Arc<Pool>>,
+    pub(super) permit: Option<tokio::sync::OwnedSemaphorePermit>,
+}
+
+impl Server {
+    /// Whether the connection can go back to its pool: idle outside a
+    /// transaction, with nothing in flight, queued or left to swallow.
+    pub(super) fn reusable(&self) -> bool {
+        self.pool.is_some()
+            && self.backend.is_idle()
+            && !self.backend.copy_in
+            && !self.backend.has_hidden()
+            && !self.backend.has_output()
+            && self.started.is_empty()
+            && self.effects.is_empty()
+            && self.carry.is_empty()
+    }
 }
 
 /// Units a server connection adds to its node's outstanding count; given
@@ -71,11 +92,11 @@ pub(super) async fn first_server(
 ) -> Result<(Option<Server>, Option<Server>), ProxyError> {
     let view = crate::router::ClusterView::capture(&shared.topology);
     match view.primary(cluster) {
-        Ok(node) => Ok((Some(open(shared, node, login).await?), None)),
+        Ok(node) => Ok((Some(acquire(shared, node, login).await?), None)),
         Err(no_primary) => match view.any_replica(cluster) {
             Some(node) => {
                 tracing::warn!(error = %no_primary, "starting the session on a replica: writes will fail until a primary is back");
-                Ok((None, Some(open(shared, node, login).await?)))
+                Ok((None, Some(acquire(shared, node, login).await?)))
             }
             None => Err(no_primary.into()),
         },
@@ -100,5 +121,37 @@ pub(super) async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> R
         carry: Vec::new(),
         unit_failed: false,
         metrics,
+        pool: None,
+        permit: None,
     })
+}
+
+/// A connection to `node` for the session: from its pool in transaction
+/// pooling, else a new one. A failure comes back as the frame that fails
+/// the unit (or, at startup, the session).
+pub(super) async fn acquire(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Server, ProxyError> {
+    if shared.config.proxy.pool_mode == PoolMode::Session {
+        return open(shared, node, login).await;
+    }
+    let pool = shared.pools.pool(node, login);
+    match pool.take(shared, login).await {
+        Ok(mut server) => {
+            server.pool = Some(pool);
+            Ok(server)
+        }
+        Err(PoolError::Open(error)) => Err(error),
+        Err(PoolError::Exhausted(after)) => Err(ProxyError::PoolExhausted(after)),
+    }
+}
+
+/// An idle pooled connection to `node`, without waiting; `None` if there
+/// is none free (or pooling is off).
+pub(super) fn acquire_now(shared: &Shared, node: usize, login: &ServerLogin) -> Option<Server> {
+    if shared.config.proxy.pool_mode == PoolMode::Session {
+        return None;
+    }
+    let pool = shared.pools.pool(node, login);
+    let mut server = pool.take_now()?;
+    server.pool = Some(pool);
+    Some(server)
 }

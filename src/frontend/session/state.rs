@@ -6,7 +6,6 @@
 /// Maps keyed by client-chosen names: ahash is quick on short keys and,
 /// randomly seeded, resists collision floods.
 type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
-type HashSet<K> = std::collections::HashSet<K, ahash::RandomState>;
 use std::sync::Arc;
 
 use crate::protocol::Frame;
@@ -21,6 +20,19 @@ pub struct Prepared {
 
 /// DateStyle SETs kept for replay (each may change only part of it).
 const DATESTYLE_HISTORY: usize = 8;
+
+/// Which settings a server connection has: those of session `owner` at
+/// `version`, or (the default) none beyond its startup parameters. In
+/// transaction pooling a connection serves many sessions, so a version
+/// alone would not say whose.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SettingsKey {
+    owner: u64,
+    version: u64,
+}
+
+/// Session ids for [`SettingsKey`]s: 0 is no session.
+static NEXT_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
 
 /// The session's settings, as the statements that produced them.
 #[derive(Debug, Default)]
@@ -93,8 +105,10 @@ impl Settings {
 }
 
 /// Session state tracked across server connections.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct SessionState {
+    /// This session, as the owner of the settings it puts on servers.
+    owner: u64,
     pub settings: Settings,
     /// Protocol-level named prepared statements by name.
     pub prepared: HashMap<String, Prepared>,
@@ -103,17 +117,39 @@ pub struct SessionState {
     pub pinned: bool,
 }
 
+impl Default for SessionState {
+    fn default() -> SessionState {
+        SessionState {
+            owner: NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
+            settings: Settings::default(),
+            prepared: HashMap::default(),
+            pinned: false,
+        }
+    }
+}
+
 /// What one server connection already has of the session state.
 #[derive(Debug, Default)]
 pub struct ServerState {
-    pub settings_version: u64,
-    /// Named statements that exist on this server.
-    pub statements: HashSet<String>,
+    pub settings: SettingsKey,
+    /// Named statements that exist on this server, with the Parse that
+    /// made each: in transaction pooling another session may have made
+    /// one of the same name.
+    pub statements: HashMap<String, Frame>,
     /// Statements the client closed elsewhere that still exist here.
     pub stale: Vec<String>,
 }
 
 impl SessionState {
+    /// The settings a server needs for this session. A session that never
+    /// changed a setting matches any connection that has none.
+    pub fn settings_key(&self) -> SettingsKey {
+        match self.settings.version {
+            0 => SettingsKey::default(),
+            version => SettingsKey { owner: self.owner, version },
+        }
+    }
+
     /// Applies the effects of statements that ran on `ran_on`; `others`
     /// are the session's other server connections.
     pub fn apply(
@@ -134,7 +170,7 @@ impl SessionState {
                     ran_on.statements.clear();
                     ran_on.stale.clear();
                     for other in others.iter_mut() {
-                        let names: Vec<String> = other.statements.iter().cloned().collect();
+                        let names: Vec<String> = other.statements.keys().cloned().collect();
                         other.stale.extend(names);
                     }
                 }
@@ -145,14 +181,14 @@ impl SessionState {
             }
         }
         if !class.effects.is_empty() {
-            ran_on.settings_version = self.settings.version;
+            ran_on.settings = self.settings_key();
         }
     }
 
     /// Records a client Parse of a named statement sent to `sent_to`.
     pub fn parsed(&mut self, name: &str, prepared: Prepared, sent_to: &mut ServerState) {
+        sent_to.statements.insert(name.to_string(), prepared.parse.clone());
         self.prepared.insert(name.to_string(), prepared);
-        sent_to.statements.insert(name.to_string());
     }
 
     /// Records a client Close of a named statement sent to `sent_to`; the
@@ -161,7 +197,7 @@ impl SessionState {
         self.prepared.remove(name);
         sent_to.statements.remove(name);
         for other in others.iter_mut() {
-            if other.statements.contains(name) {
+            if other.statements.contains_key(name) {
                 other.stale.push(name.to_string());
             }
         }
@@ -180,8 +216,9 @@ mod tests {
         for sql in ["SET search_path = app, public", "SET TIME ZONE 'UTC'", "SET search_path TO other"] {
             state.apply(&classify(sql), &mut a, &mut [&mut b]);
         }
-        assert_eq!(a.settings_version, state.settings.version);
-        assert_ne!(b.settings_version, state.settings.version);
+        assert_eq!(a.settings, state.settings_key());
+        assert_ne!(b.settings, state.settings_key());
+        assert_ne!(state.settings_key(), SessionState::default().settings_key(), "keys are per session");
         let prefix = "RESET SESSION AUTHORIZATION;\nRESET ROLE;\nRESET ALL";
         assert_eq!(
             state.settings.replay_sql(),
@@ -207,7 +244,7 @@ mod tests {
         assert!(state.pinned);
         let parse = Frame::new(b'P', b"s1\0SELECT 1\0\0\0");
         state.parsed("s1", Prepared { parse: parse.clone(), class: Arc::new(classify("SELECT 1")) }, &mut a);
-        b.statements.insert("s1".into());
+        b.statements.insert("s1".into(), parse.clone());
         state.apply(&classify("DISCARD ALL"), &mut a, &mut [&mut b]);
         assert!(!state.pinned);
         assert!(state.prepared.is_empty() && a.statements.is_empty());
@@ -220,7 +257,7 @@ mod tests {
         let (mut a, mut b) = (ServerState::default(), ServerState::default());
         let parse = Frame::new(b'P', b"s\0SELECT 1\0\0\0");
         state.parsed("s", Prepared { parse, class: Arc::new(classify("SELECT 1")) }, &mut a);
-        b.statements.insert("s".into());
+        b.statements.insert("s".into(), Frame::new(b'P', b"s\0SELECT 1\0\0\0"));
         state.closed("s", &mut a, &mut [&mut b]);
         assert!(state.prepared.is_empty());
         assert_eq!(b.stale, ["s"]);

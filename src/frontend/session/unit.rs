@@ -255,13 +255,18 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         self.track(target, unit, complete);
         if let Some(library) = loaded_library(frames) {
             self.state.settings.forget_prefix(&library);
-            let version = self.state.settings.version;
+            let key = self.state.settings_key();
             if let Some(server) = self.server_mut(target) {
-                server.state.settings_version = version;
+                server.state.settings = key;
             }
         }
         if unit.parses_unnamed {
             self.unnamed_on = Some(target);
+            if self.pooling {
+                // A copy: the frame shares the client's read buffer.
+                let last = frames.iter().rev().find(|f| f.tag() == b'P' && f.body().first() == Some(&0));
+                self.unnamed_parse = last.map(Frame::detached);
+            }
         }
         if self.bound.is_none() {
             self.bound_reason = reason;
@@ -376,6 +381,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Destination::Replica(node) if self.replica.as_ref().is_some_and(|r| r.node == node) => {
                 Target::Replica
             }
+            // Transaction pooling: an idle pooled connection, if one is free.
+            Destination::Primary(node) if self.primary.is_none() => {
+                self.primary = Some(super::server::acquire_now(&self.shared, node, &self.login)?);
+                Target::Primary
+            }
+            Destination::Replica(node) if self.replica.is_none() => {
+                self.replica = Some(super::server::acquire_now(&self.shared, node, &self.login)?);
+                Target::Replica
+            }
             _ => return None,
         };
         self.routed(route);
@@ -431,8 +445,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         // Only DDL that may create a volatile function needs the catalog
         // reloaded, and only where a replica could otherwise be chosen.
-        if classes.iter().any(|c| c.ddl) && may_define_functions(frames) && self.cluster_has_replicas() {
+        let ddl = classes.iter().any(|c| c.ddl);
+        if ddl && may_define_functions(frames) && self.cluster_has_replicas() {
             self.defines_functions = true;
+        }
+        if ddl && self.pooling && mentions_databases(frames) {
+            // CREATE DATABASE (from a template) and DROP DATABASE fail
+            // while other sessions are connected to that database.
+            if let Some(server) = self.server(target) {
+                self.shared.pools.close_idle(server.node);
+            }
         }
         let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
         let classifier = &self.shared.classifier;
@@ -442,7 +464,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if executes {
             // Pins hold at once; other effects wait for the unit to succeed
             // (see `Session::unit_done`), so a failed SET is never replayed.
-            state.pinned |= classes.iter().any(|c| c.pins().next().is_some());
+            // In transaction pooling a SQL-level PREPARE pins too: its
+            // statement exists only on this connection.
+            let pooling = self.pooling;
+            state.pinned |= classes.iter().any(|c| c.pins().next().is_some() || (pooling && prepares(c)));
             let rollback = |c: &&Arc<Classification>| matches!(c.class, Class::Transaction(Tx::Rollback));
             ran_on.carry.extend(classes.iter().filter(|c| !c.effects.is_empty() || rollback(c)).cloned());
         }
@@ -479,7 +504,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// Whether `target` (if open) already has the session's settings.
     fn settings_current(&self, target: Target) -> bool {
-        self.server(target).is_none_or(|s| s.state.settings_version == self.state.settings.version)
+        self.server(target).is_none_or(|s| s.state.settings == self.state.settings_key())
     }
 
     /// Brings `target`'s settings up to date before a new unit, waiting
@@ -490,7 +515,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if self.settings_current(target) {
             return Ok(None);
         }
-        let version = self.state.settings.version;
+        let key = self.state.settings_key();
         let mut body = self.state.settings.replay_sql().into_bytes();
         body.push(0);
         let Some(server) = self.server_mut(target) else { return Ok(None) };
@@ -513,63 +538,87 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         }
         if failure.is_none() {
-            server.state.settings_version = version;
+            server.state.settings = key;
         }
         Ok(failure)
     }
 
     /// Queues, ahead of a unit, what `target` is missing of the session:
-    /// Closes of statements closed elsewhere, and Parses of the named
-    /// statements the unit uses. Their responses are swallowed.
+    /// Closes of statements closed elsewhere, and the named statements the
+    /// unit uses as the session prepared them (closing first a different
+    /// statement of the same name that another session left on a pooled
+    /// connection). Their responses are swallowed. In transaction pooling
+    /// the unnamed statement an earlier unit parsed is replayed too.
     fn replay(&mut self, target: Target, unit: &Batch) {
         let extended = unit.frames.iter().any(|f| matches!(f.tag(), b'P' | b'B' | b'D' | b'C' | b'E'));
         if !extended {
             return;
         }
         let needed = if unit.named { self.missing_statements(target, &unit.frames) } else { Vec::new() };
+        let unnamed = match unit.uses_earlier_unnamed && self.unnamed_on != Some(target) {
+            true => self.unnamed_parse.clone(),
+            false => None,
+        };
         let Some(server) = self.server_mut(target) else { return };
         for name in std::mem::take(&mut server.state.stale) {
-            let mut body = vec![b'S'];
-            body.extend_from_slice(name.as_bytes());
-            body.push(0);
-            server.backend.queue_hidden(&Frame::new(b'C', &body), Hidden::CloseComplete);
+            server.backend.queue_hidden(&close_statement(&name), Hidden::CloseComplete);
             server.state.statements.remove(&name);
         }
-        for (name, parse) in needed {
+        for fix in needed {
+            if fix.close {
+                server.backend.queue_hidden(&close_statement(&fix.name), Hidden::CloseComplete);
+                server.state.statements.remove(&fix.name);
+            }
+            if let Some(parse) = fix.parse {
+                server.backend.queue_hidden(&parse, Hidden::ParseComplete);
+                server.state.statements.insert(fix.name, parse);
+            }
+        }
+        if let Some(parse) = unnamed {
             server.backend.queue_hidden(&parse, Hidden::ParseComplete);
-            server.state.statements.insert(name);
+            self.unnamed_on = Some(target);
         }
     }
 
-    /// Named statements the unit binds or describes that `target` lacks
-    /// and the unit does not parse itself first.
-    fn missing_statements(&self, target: Target, frames: &[Frame]) -> Vec<(String, Frame)> {
+    /// What `target` needs so that the unit's named statements mean there
+    /// what they mean in the session: a Bind or Describe of a statement
+    /// the session prepared needs that very statement (replayed if the
+    /// server lacks it or has another of the name); one of a statement the
+    /// session does not have, or a Parse of a new name, needs the name
+    /// free, as PostgreSQL would have it; a Parse of a name the session
+    /// already has must fail on the server as a duplicate, so the
+    /// session's statement is replayed first.
+    fn missing_statements(&self, target: Target, frames: &[Frame]) -> Vec<StatementFix> {
         let Some(server) = self.server(target) else { return Vec::new() };
-        let mut parsed_here: Vec<&str> = Vec::new();
-        let mut needed: Vec<(String, Frame)> = Vec::new();
+        let on_server = |name: &str| {
+            server.state.statements.get(name).filter(|_| !server.state.stale.iter().any(|s| s == name))
+        };
+        let mut seen: smallvec::SmallVec<[&str; 4]> = smallvec::SmallVec::new();
+        let mut needed: Vec<StatementFix> = Vec::new();
         for frame in frames {
-            let name = match frame.tag() {
-                b'P' => {
-                    if let Ok(name) = frontend::parse_name(frame) {
-                        parsed_here.push(name);
-                    }
-                    continue;
-                }
-                b'B' => frontend::bind(frame).map(|b| b.statement).ok(),
+            let (name, parses) = match frame.tag() {
+                b'P' => (frontend::parse_name(frame).ok(), true),
+                b'B' => (frontend::bind(frame).map(|b| b.statement).ok(), false),
                 b'D' => match frontend::target(frame) {
-                    Ok(Named::Statement(name)) => Some(name),
-                    _ => None,
+                    Ok(Named::Statement(name)) => (Some(name), false),
+                    _ => (None, false),
                 },
-                _ => None,
+                _ => (None, false),
             };
-            let Some(name) = name.filter(|n| !n.is_empty()) else { continue };
-            let missing =
-                !server.state.statements.contains(name) || server.state.stale.iter().any(|s| s == name);
-            if missing && !parsed_here.contains(&name) && !needed.iter().any(|(n, _)| n == name) {
-                if let Some(prepared) = self.state.prepared.get(name) {
-                    needed.push((name.to_string(), prepared.parse.clone()));
-                }
-            }
+            let Some(name) = name.filter(|n| !n.is_empty() && !seen.contains(n)) else { continue };
+            seen.push(name);
+            let there = on_server(name);
+            let fix = match self.state.prepared.get(name) {
+                // A Parse of a name the session has: let the server refuse it.
+                Some(ours) if parses => there.is_none().then(|| StatementFix::parse(name, &ours.parse, false)),
+                Some(ours) => match there {
+                    Some(theirs) if theirs.raw() == ours.parse.raw() => None,
+                    Some(_) => Some(StatementFix::parse(name, &ours.parse, true)),
+                    None => Some(StatementFix::parse(name, &ours.parse, false)),
+                },
+                None => there.is_some().then(|| StatementFix { name: name.to_string(), close: true, parse: None }),
+            };
+            needed.extend(fix);
         }
         needed
     }
@@ -676,10 +725,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let name = self.shared.topology.nodes[node].config.name.clone();
                 Err(ProxyError::PrimaryMoved { node: name })
             }
-            None => match Box::pin(super::server::open(&self.shared, node, &self.login)).await {
+            None => match Box::pin(super::server::acquire(&self.shared, node, &self.login)).await {
                 Ok(server) => {
                     self.primary = Some(server);
                     Ok(Ok(Target::Primary))
+                }
+                Err(error @ ProxyError::PoolExhausted(_)) => {
+                    Ok(Err(error_response(Severity::Error, SqlState::TooManyConnections, &error.to_string())))
                 }
                 Err(error) => {
                     self.shared.topology.suspect(node);
@@ -697,12 +749,20 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             return Target::Replica;
         }
         if let Some(old) = self.replica.take() {
-            old.backend.terminate().await;
+            match old.pool.clone() {
+                Some(pool) if old.reusable() => pool.put(old),
+                _ => old.backend.terminate().await,
+            }
         }
-        match Box::pin(super::server::open(&self.shared, node, &self.login)).await {
+        match Box::pin(super::server::acquire(&self.shared, node, &self.login)).await {
             Ok(server) => {
                 self.replica = Some(server);
                 Target::Replica
+            }
+            Err(error @ ProxyError::PoolExhausted(_)) => {
+                let name = &self.shared.topology.nodes[node].config.name;
+                tracing::info!(parent: &self.span, node = name.as_str(), %error, "replica pool exhausted: using the primary");
+                Target::Primary
             }
             Err(error) => {
                 let name = &self.shared.topology.nodes[node].config.name;
@@ -804,6 +864,47 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn bound_status(&self) -> u8 {
         self.bound.and_then(|t| self.server(t)).map_or(b'I', |s| s.backend.tx_status)
     }
+}
+
+/// A named statement to put right on a server before a unit runs.
+pub(super) struct StatementFix {
+    name: String,
+    /// Close the server's statement of that name first.
+    close: bool,
+    /// Then parse the session's.
+    parse: Option<Frame>,
+}
+
+impl StatementFix {
+    fn parse(name: &str, parse: &Frame, close: bool) -> StatementFix {
+        StatementFix { name: name.to_string(), close, parse: Some(parse.clone()) }
+    }
+}
+
+/// A Close of the named statement `name`.
+fn close_statement(name: &str) -> Frame {
+    let mut body = Vec::with_capacity(name.len() + 2);
+    body.push(b'S');
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    Frame::new(b'C', &body)
+}
+
+/// Whether a statement is a SQL-level PREPARE.
+fn prepares(class: &Classification) -> bool {
+    class.effects.iter().any(|e| matches!(e, crate::router::classify::SessionEffect::Prepare { .. }))
+}
+
+/// Whether the unit's SQL names databases (CREATE, DROP, ALTER DATABASE).
+fn mentions_databases(frames: &[Frame]) -> bool {
+    frames.iter().any(|frame| {
+        let text = match frame.tag() {
+            b'Q' => frontend::query_text(frame).ok(),
+            b'P' => frontend::parse(frame).ok().map(|p| p.query),
+            _ => None,
+        };
+        text.is_some_and(|t| t.to_ascii_lowercase().contains("database"))
+    })
 }
 
 /// The error that fails a unit no node can take.

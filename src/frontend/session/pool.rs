@@ -1,0 +1,173 @@
+//! Transaction pooling (`proxy.pool_mode = "transaction"`): server
+//! connections shared between sessions. A session takes a connection when
+//! a unit of work needs one and gives it back when the connection is idle
+//! outside a transaction; the session's settings and prepared statements
+//! are replayed onto whichever connection it gets next.
+//!
+//! One pool per node, server user and startup parameters, so a pooled
+//! connection always has the startup settings of the session taking it.
+//! Idle connections are a stack: the most recently used is taken first,
+//! so a few server processes stay hot instead of all of them turning over.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
+use super::server::{open, Server};
+use crate::backend::ServerLogin;
+use crate::config::ProxySettings;
+use crate::error::ProxyError;
+use crate::frontend::Shared;
+
+/// Every pool of the proxy.
+pub struct Pools {
+    size: usize,
+    timeout: Duration,
+    idle_timeout: Duration,
+    pools: Mutex<HashMap<PoolKey, Arc<Pool>>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+struct PoolKey {
+    node: usize,
+    user: String,
+    /// Startup parameters, sorted.
+    params: Vec<(String, String)>,
+}
+
+/// The connections of one node for one user and set of startup parameters.
+pub(super) struct Pool {
+    node: usize,
+    idle: Mutex<Vec<Idle>>,
+    /// One permit per connection in use: at most `size` at once.
+    permits: Arc<Semaphore>,
+    timeout: Duration,
+}
+
+struct Idle {
+    server: Server,
+    since: Instant,
+}
+
+/// Why no pooled connection could be had.
+#[derive(Debug)]
+pub(super) enum PoolError {
+    /// Every connection stayed in use for `proxy.pool_timeout`.
+    Exhausted(Duration),
+    /// A new connection could not be opened.
+    Open(ProxyError),
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Pools {
+    pub fn new(proxy: &ProxySettings) -> Pools {
+        Pools {
+            size: proxy.pool_size,
+            timeout: proxy.pool_timeout,
+            idle_timeout: proxy.server_idle_timeout,
+            pools: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// The pool for `login` on `node`, made on first use.
+    pub(super) fn pool(&self, node: usize, login: &ServerLogin) -> Arc<Pool> {
+        let mut params = login.params.clone();
+        params.sort();
+        let key = PoolKey { node, user: login.user.clone(), params };
+        lock(&self.pools)
+            .entry(key)
+            .or_insert_with(|| {
+                Arc::new(Pool {
+                    node,
+                    idle: Mutex::new(Vec::new()),
+                    permits: Arc::new(Semaphore::new(self.size)),
+                    timeout: self.timeout,
+                })
+            })
+            .clone()
+    }
+
+    /// Closes the idle connections to `node`: CREATE and DROP DATABASE
+    /// fail while other sessions are connected to the database involved.
+    pub(super) fn close_idle(&self, node: usize) {
+        let pools: Vec<Arc<Pool>> = lock(&self.pools).values().filter(|p| p.node == node).cloned().collect();
+        for pool in pools {
+            lock(&pool.idle).clear();
+        }
+    }
+
+    /// Closes connections idle for longer than `proxy.server_idle_timeout`.
+    /// Called periodically.
+    pub fn reap(&self) {
+        let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        for pool in pools {
+            let mut idle = lock(&pool.idle);
+            // Oldest first: the stack's bottom has waited longest.
+            let expired = idle.iter().take_while(|i| i.since.elapsed() >= self.idle_timeout).count();
+            idle.drain(..expired);
+        }
+    }
+
+    /// Idle connections in all pools.
+    pub fn idle(&self) -> usize {
+        let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
+        pools.iter().map(|p| lock(&p.idle).len()).sum()
+    }
+}
+
+impl Pool {
+    /// An idle connection, without waiting, if one is free and a
+    /// connection may be used.
+    pub(super) fn take_now(&self) -> Option<Server> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        self.pop(permit).ok()
+    }
+
+    /// A connection: an idle one, or a new one while fewer than the pool
+    /// size are in use; otherwise waits for one to come back.
+    pub(super) async fn take(&self, shared: &Shared, login: &ServerLogin) -> Result<Server, PoolError> {
+        let permits = self.permits.clone();
+        let permit = match tokio::time::timeout(self.timeout, permits.acquire_owned()).await {
+            Ok(Ok(permit)) => permit,
+            // The semaphore is never closed.
+            Ok(Err(_)) | Err(_) => return Err(PoolError::Exhausted(self.timeout)),
+        };
+        match self.pop(permit) {
+            Ok(server) => Ok(server),
+            Err(permit) => {
+                let mut server = open(shared, self.node, login).await.map_err(PoolError::Open)?;
+                server.permit = Some(permit);
+                Ok(server)
+            }
+        }
+    }
+
+    /// The most recently used idle connection that is still sound, holding
+    /// `permit`; the permit back if there is none.
+    fn pop(&self, permit: OwnedSemaphorePermit) -> Result<Server, OwnedSemaphorePermit> {
+        let mut idle = lock(&self.idle);
+        while let Some(Idle { mut server, .. }) = idle.pop() {
+            // A server that spoke while idle is shutting down (or was
+            // terminated): it cannot take work.
+            if server.backend.is_quiet() {
+                server.permit = Some(permit);
+                return Ok(server);
+            }
+        }
+        Err(permit)
+    }
+
+    /// Takes back a connection that is idle, outside a transaction, with
+    /// nothing in flight and nothing left to read.
+    pub(super) fn put(&self, mut server: Server) {
+        let permit = server.permit.take();
+        lock(&self.idle).push(Idle { server, since: Instant::now() });
+        // After the push: a session woken by the permit finds the connection.
+        drop(permit);
+    }
+}
