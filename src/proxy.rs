@@ -145,10 +145,8 @@ impl Drop for Proxy {
 /// until the proxy is gone.
 async fn reap_pools(shared: std::sync::Weak<Shared>) {
     let every = match shared.upgrade() {
-        Some(shared) => (shared.config.proxy.server_idle_timeout / 4).clamp(
-            std::time::Duration::from_millis(100),
-            std::time::Duration::from_secs(15),
-        ),
+        Some(shared) => (shared.config.proxy.server_idle_timeout / 4)
+            .clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(15)),
         None => return,
     };
     loop {

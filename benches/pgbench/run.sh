@@ -40,6 +40,7 @@
 #   CASES="S-simple-c16 tpcb-simple-c16" (instead of the MODES x CLIENTS matrix)
 #   PROFILE_SECONDS=10 PROFILE_CASES="simple extended prepared tpcb-simple"
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
+#   INSTR_CLIENTS=4 INSTR_EXTRA='pool_mode = "transaction"' ([proxy] keys)
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
 #   pgnear-primary-mt for pgnear with worker_threads = the number of cores)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
@@ -352,7 +353,7 @@ phase_pgbench() {
         [[ $t == pgnear-split ]] && routing=auto
         local extra=""
         [[ $t == pgnear-primary-mt ]] && extra="worker_threads = $(nproc)"
-        [[ $t == pgnear-pool ]] && extra=$'pool_mode = "transaction"\npool_size = 20'
+        [[ $t == pgnear-pool ]] && extra=$'pool_mode = "transaction"\npool_size = '"${POOL_SIZE:-20}"
         write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
         start_pgnear "$t" "$WORK/$t.toml" "$p"
         port[$t]=$p
@@ -638,7 +639,7 @@ phase_instructions() {
     local dir=$OUT/instructions
     mkdir -p "$dir"
     chmod 777 "$dir"
-    write_pgnear_config "$WORK/pgnear-instr.toml" "$P_NEAR_PRIMARY" "$P_PRIMARY" primary ""
+    write_pgnear_config "$WORK/pgnear-instr.toml" "$P_NEAR_PRIMARY" "$P_PRIMARY" primary "${INSTR_EXTRA:-}"
     valgrind --tool=callgrind --callgrind-out-file="$dir/pgnear.callgrind.%p" \
         "$PGNEAR" --config "$WORK/pgnear-instr.toml" >"$OUT/pgnear-instr.log" 2>&1 &
     local near=$!
@@ -647,7 +648,7 @@ phase_instructions() {
     start_pgbouncer_with valgrind --tool=callgrind --callgrind-out-file="$dir/pgbouncer.callgrind.%p"
     printf 'case\ttarget\ttransactions\tinstructions_per_txn\n' >"$dir/instructions.tsv"
     for name in $INSTR_CASES; do
-        local mode=${name#tpcb-} args=(-c 4 -j 1)
+        local mode=${name#tpcb-} args=(-c "${INSTR_CLIENTS:-4}" -j 1)
         [[ $name == tpcb-* ]] || args+=(-S)
         args+=(-M "$mode")
         instr_count pgnear "$near" "$P_NEAR_PRIMARY" "$name" "${args[@]}"

@@ -118,14 +118,15 @@ impl Catalogs {
     }
 
     async fn refresh_loop(self: Arc<Self>, key: (String, String), catalog: std::sync::Weak<Catalog>) {
-        // One connection, kept between refreshes.
-        let mut conn: Option<(usize, tokio_postgres::Client)> = None;
         loop {
             let Some(c) = catalog.upgrade() else { return };
             // Cleared before the load: DDL committed from here on marks
             // it again and gets a load of its own.
             c.stale.store(false, Ordering::Relaxed);
-            match self.load(&key.0, &key.1, &mut conn).await {
+            // A connection per load, closed after it: one kept idle
+            // between refreshes would block DROP DATABASE (and CREATE
+            // DATABASE from it as a template).
+            match self.load(&key.0, &key.1).await {
                 Ok(set) => c.volatile.store(Arc::new(set)),
                 Err(error) => tracing::warn!(database = key.1, %error, "cannot load volatile functions"),
             }
@@ -138,35 +139,16 @@ impl Catalogs {
         }
     }
 
-    async fn load(
-        &self,
-        cluster: &str,
-        database: &str,
-        conn: &mut Option<(usize, tokio_postgres::Client)>,
-    ) -> Result<VolatileFunctions, String> {
+    async fn load(&self, cluster: &str, database: &str) -> Result<VolatileFunctions, String> {
         let node = self.topology.primary(cluster).map_err(|e| e.to_string())?;
-        let reusable = conn.as_ref().is_some_and(|(n, c)| *n == node && !c.is_closed());
-        if !reusable {
-            *conn = None;
-            let client = tokio::time::timeout(self.timeout, self.connect(node, database))
-                .await
-                .map_err(|_| "timed out connecting".to_string())?
-                .map_err(|e| e.to_string())?;
-            *conn = Some((node, client));
-        }
-        let Some((_, client)) = conn.as_ref() else { return Err("no connection".into()) };
-        let rows =
-            match tokio::time::timeout(self.timeout, client.simple_query(VOLATILE_FUNCTIONS_QUERY)).await {
-                Ok(Ok(rows)) => rows,
-                Ok(Err(error)) => {
-                    *conn = None;
-                    return Err(error.to_string());
-                }
-                Err(_) => {
-                    *conn = None;
-                    return Err("timed out".into());
-                }
-            };
+        let client = tokio::time::timeout(self.timeout, self.connect(node, database))
+            .await
+            .map_err(|_| "timed out connecting".to_string())?
+            .map_err(|e| e.to_string())?;
+        let rows = tokio::time::timeout(self.timeout, client.simple_query(VOLATILE_FUNCTIONS_QUERY))
+            .await
+            .map_err(|_| "timed out".to_string())?
+            .map_err(|e| e.to_string())?;
         Ok(VolatileFunctions::new(rows.iter().filter_map(|m| match m {
             SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
             _ => None,

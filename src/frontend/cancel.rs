@@ -93,7 +93,10 @@ impl CancelRegistry {
     pub async fn cancel(&self, key: CancelKey, timeout: Duration) {
         let target = {
             let sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            sessions.get(&key).filter(|t| t.engaged.load(Ordering::Relaxed)).and_then(|t| t.current.load_full())
+            sessions
+                .get(&key)
+                .filter(|t| t.engaged.load(Ordering::Relaxed))
+                .and_then(|t| t.current.load_full())
         };
         match target {
             Some(server) => send_cancel(server.addr, server.key, timeout).await,

@@ -70,6 +70,10 @@ enum Event {
     /// A write's watermark may have resolved: check and report it.
     WatermarkTick,
     IdleTimeout,
+    /// The waiting unit's pool has a connection for it.
+    Permit(tokio::sync::OwnedSemaphorePermit),
+    /// The waiting unit waited `proxy.pool_timeout`.
+    PoolTimeout,
 }
 
 /// The client side of a session.
@@ -115,6 +119,8 @@ struct Timers {
     /// `proxy.idle_client_timeout`, counted from `last_activity`.
     idle: Pin<Box<tokio::time::Sleep>>,
     last_activity: Instant,
+    /// `proxy.pool_timeout` for a unit waiting for a pooled connection.
+    pool_wait: Pin<Box<tokio::time::Sleep>>,
 }
 
 impl Timers {
@@ -126,6 +132,7 @@ impl Timers {
             tick_armed: false,
             idle: Box::pin(tokio::time::sleep_until(idle_timeout.map_or(far, |after| now + after))),
             last_activity: Instant::now(),
+            pool_wait: Box::pin(tokio::time::sleep_until(far)),
         }
     }
 }
@@ -165,8 +172,8 @@ pub struct Session<S: Split> {
     catalog: Arc<Catalog>,
     /// The connection to the cluster's primary, opened at startup (or on
     /// the first write, if the primary was unreachable then).
-    primary: Option<Server>,
-    replica: Option<Server>,
+    primary: Option<Box<Server>>,
+    replica: Option<Box<Server>>,
     /// Where the current unit of work runs. Set when a unit starts and
     /// cleared when that server reports idle.
     bound: Option<Target>,
@@ -201,6 +208,14 @@ pub struct Session<S: Split> {
     /// Transaction pooling: the last Parse of the unnamed statement, for
     /// a later unit that binds it on another connection.
     unnamed_parse: Option<Frame>,
+    /// Transaction pooling: the session's pool for each node it used.
+    pools: Vec<(usize, Arc<pool::Pool>)>,
+    /// Transaction pooling: the pool whose connections were all in use
+    /// when the last unit was routed (`dispatch_now` turns it into a wait).
+    exhausted: Option<(Arc<pool::Pool>, Target)>,
+    /// Transaction pooling: the unit waiting for a connection. Client
+    /// messages wait behind it.
+    waiting: Option<Box<unit::Waiting>>,
     /// A replica refused the session's settings: reads stay on the primary.
     settings_refused: bool,
     /// Session effects of the open transaction, applied if it commits.
@@ -297,6 +312,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             unnamed_on: None,
             pooling,
             unnamed_parse: None,
+            pools: Vec::new(),
+            exhausted: None,
+            waiting: None,
             settings_refused: false,
             tx_effects: Vec::new(),
             default_read_only: startup_params.iter().any(is_read_only_default),
@@ -349,7 +367,29 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                         self.dispatch(*unit, complete).await?;
                         Flow::Continue
                     }
+                    Some(Deferred::Wait(waiting)) => {
+                        self.start_wait(waiting);
+                        Flow::Continue
+                    }
                 },
+                Event::Permit(permit) => {
+                    self.permit_granted(permit).await?;
+                    Flow::Continue
+                }
+                Event::PoolTimeout => {
+                    if let Some(waiting) = self.waiting.take() {
+                        let error = ProxyError::PoolExhausted(self.shared.config.proxy.pool_timeout);
+                        let frame = crate::protocol::backend::error_response(
+                            crate::protocol::backend::Severity::Error,
+                            crate::protocol::SqlState::TooManyConnections,
+                            &error.to_string(),
+                        );
+                        drop(waiting);
+                        self.client.queue(&frame);
+                        self.client.queue(&ready_for_query(b'I'));
+                    }
+                    Flow::Continue
+                }
                 Event::Client(Ok(None)) => Flow::End,
                 Event::Client(Err(error)) => return Err(error.into()),
                 Event::Server(target, Ok(Some(frame))) => match self.on_server(target, frame)? {
@@ -391,6 +431,40 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
     }
 
+    /// Transaction pooling: a unit waits in the loop for its pool; the
+    /// client's next messages wait behind it.
+    fn start_wait(&mut self, waiting: Box<unit::Waiting>) {
+        let until = tokio::time::Instant::now() + self.shared.config.proxy.pool_timeout;
+        self.timers.pool_wait.as_mut().reset(until);
+        self.waiting = Some(waiting);
+    }
+
+    /// The waiting unit's pool gave it a permit: take an idle connection
+    /// (or, if none is left idle, let `dispatch` open one) and run it.
+    async fn permit_granted(&mut self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<(), ProxyError> {
+        let Some(waiting) = self.waiting.take() else { return Ok(()) };
+        let unit::Waiting { unit, complete, target, pool, .. } = *waiting;
+        let slot = match target {
+            Target::Primary => &mut self.primary,
+            Target::Replica => &mut self.replica,
+        };
+        match pool.take_with(permit) {
+            Ok(server) if slot.is_none() => *slot = Some(server),
+            Ok(server) => pool.put(server),
+            Err(permit) => drop(permit),
+        }
+        // Routed afresh: the cluster may have changed while it waited.
+        match self.dispatch_now(unit, complete) {
+            None => {}
+            Some(Deferred::Wait(waiting)) => self.start_wait(waiting),
+            Some(Deferred::Unit(unit, complete)) => self.dispatch(*unit, complete).await?,
+            Some(Deferred::Message(frame)) => {
+                self.on_client(frame).await?;
+            }
+        }
+        Ok(())
+    }
+
     /// Transaction pooling: gives server connections that are idle back
     /// to their pools. A pinned session (LISTEN, a temp table ...) keeps
     /// its primary connection, where that state lives.
@@ -400,7 +474,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         for target in [Target::Primary, Target::Replica] {
             let keep = target == Target::Primary && self.state.pinned;
-            let reusable = self.server(target).is_some_and(Server::reusable);
+            let reusable = self.server(target).is_some_and(|s| s.reusable());
             if keep || !reusable {
                 continue;
             }
@@ -473,7 +547,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
             }
         }
-        if self.held.is_some() {
+        if self.held.is_some() || self.waiting.is_some() {
             return None;
         }
         match self.client.reader.buffered() {
@@ -520,7 +594,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 None => std::future::pending().await,
             }
         };
-        let held = self.held.is_some();
+        let held = self.held.is_some() || self.waiting.is_some();
+        let request = self.waiting.as_mut().map(|w| w.permit.as_mut());
+        let waiting = request.is_some();
+        let permit = async {
+            match request {
+                // The semaphore is never closed.
+                Some(request) => request.await.ok(),
+                None => None,
+            }
+        };
         let timers = &mut self.timers;
         tokio::select! {
             // Servers first: responses drain before new work is taken.
@@ -533,6 +616,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Event::WatermarkTick
             }
             () = timers.idle.as_mut(), if idle_on => Event::IdleTimeout,
+            Some(permit) = permit, if waiting => Event::Permit(permit),
+            () = timers.pool_wait.as_mut(), if waiting => Event::PoolTimeout,
         }
     }
 
@@ -557,15 +642,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     fn server(&self, target: Target) -> Option<&Server> {
         match target {
-            Target::Primary => self.primary.as_ref(),
-            Target::Replica => self.replica.as_ref(),
+            Target::Primary => self.primary.as_deref(),
+            Target::Replica => self.replica.as_deref(),
         }
     }
 
     fn server_mut(&mut self, target: Target) -> Option<&mut Server> {
         match target {
-            Target::Primary => self.primary.as_mut(),
-            Target::Replica => self.replica.as_mut(),
+            Target::Primary => self.primary.as_deref_mut(),
+            Target::Replica => self.replica.as_deref_mut(),
         }
     }
 }

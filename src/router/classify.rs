@@ -165,6 +165,10 @@ pub enum SessionEffect {
     Deallocate { name: Option<String> },
     /// The session must stay on the primary.
     Pin(PinReason),
+    /// BEGIN, COMMIT or ROLLBACK between statements with effects in one
+    /// text (`BEGIN; SET ...; ROLLBACK`): where the effects before it
+    /// end up depends on it. Present only beside other effects.
+    Transaction(Tx),
 }
 
 /// Why a session is pinned to the primary.
@@ -257,6 +261,9 @@ impl Summary {
         match parsed {
             Ok(statement) => {
                 let class = self.statement(&statement, &source);
+                if let Class::Transaction(tx @ (Tx::Begin { .. } | Tx::Commit | Tx::Rollback)) = class {
+                    self.effects.push(SessionEffect::Transaction(tx));
+                }
                 self.classes.push(class);
             }
             Err(tokens) => {
@@ -266,8 +273,12 @@ impl Summary {
         }
     }
 
-    fn finish(self, hint: Option<Hint>) -> Classification {
+    fn finish(mut self, hint: Option<Hint>) -> Classification {
         let class = if self.unparsed { Class::Write } else { combine(self.classes) };
+        if self.effects.iter().all(|e| matches!(e, SessionEffect::Transaction(_))) {
+            // Only transaction control: nothing to place.
+            self.effects.clear();
+        }
         Classification {
             class,
             hint,

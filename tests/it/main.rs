@@ -10,6 +10,7 @@ mod fuzz_corpus;
 mod hostile;
 mod limits;
 mod observability;
+mod pooling;
 mod relay;
 mod routing;
 mod support;

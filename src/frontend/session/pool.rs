@@ -47,7 +47,7 @@ pub(super) struct Pool {
 }
 
 struct Idle {
-    server: Server,
+    server: Box<Server>,
     since: Instant,
 }
 
@@ -74,7 +74,8 @@ impl Pools {
         }
     }
 
-    /// The pool for `login` on `node`, made on first use.
+    /// The pool for `login` on `node`, made on first use. Sessions keep
+    /// what this returns: the lookup hashes every startup parameter.
     pub(super) fn pool(&self, node: usize, login: &ServerLogin) -> Arc<Pool> {
         let mut params = login.params.clone();
         params.sort();
@@ -122,25 +123,35 @@ impl Pools {
 
 impl Pool {
     /// An idle connection, without waiting, if one is free and a
-    /// connection may be used.
-    pub(super) fn take_now(&self) -> Option<Server> {
-        let permit = self.permits.clone().try_acquire_owned().ok()?;
-        self.pop(permit).ok()
+    /// connection may be used. Pooled connections keep their `pool`.
+    /// `Err(true)`: every connection is in use, wait for a permit;
+    /// `Err(false)`: one may be opened.
+    pub(super) fn take_now(&self) -> Result<Box<Server>, bool> {
+        let Ok(permit) = self.permits.clone().try_acquire_owned() else { return Err(true) };
+        self.take_with(permit).map_err(|_| false)
+    }
+
+    /// The semaphore whose permit a session waits for when every
+    /// connection is in use.
+    pub(super) fn permits(&self) -> Arc<Semaphore> {
+        self.permits.clone()
     }
 
     /// A connection: an idle one, or a new one while fewer than the pool
     /// size are in use; otherwise waits for one to come back.
-    pub(super) async fn take(&self, shared: &Shared, login: &ServerLogin) -> Result<Server, PoolError> {
+    pub(super) async fn take(&self, shared: &Shared, login: &ServerLogin) -> Result<Box<Server>, PoolError> {
         let permits = self.permits.clone();
         let permit = match tokio::time::timeout(self.timeout, permits.acquire_owned()).await {
             Ok(Ok(permit)) => permit,
             // The semaphore is never closed.
             Ok(Err(_)) | Err(_) => return Err(PoolError::Exhausted(self.timeout)),
         };
-        match self.pop(permit) {
+        match self.take_with(permit) {
             Ok(server) => Ok(server),
             Err(permit) => {
-                let mut server = open(shared, self.node, login).await.map_err(PoolError::Open)?;
+                // Boxed: the future of a connect is large, and this one's
+                // is moved on every wait for a pooled connection.
+                let mut server = Box::pin(open(shared, self.node, login)).await.map_err(PoolError::Open)?;
                 server.permit = Some(permit);
                 Ok(server)
             }
@@ -149,7 +160,10 @@ impl Pool {
 
     /// The most recently used idle connection that is still sound, holding
     /// `permit`; the permit back if there is none.
-    fn pop(&self, permit: OwnedSemaphorePermit) -> Result<Server, OwnedSemaphorePermit> {
+    pub(super) fn take_with(
+        &self,
+        permit: OwnedSemaphorePermit,
+    ) -> Result<Box<Server>, OwnedSemaphorePermit> {
         let mut idle = lock(&self.idle);
         while let Some(Idle { mut server, .. }) = idle.pop() {
             // A server that spoke while idle is shutting down (or was
@@ -164,7 +178,7 @@ impl Pool {
 
     /// Takes back a connection that is idle, outside a transaction, with
     /// nothing in flight and nothing left to read.
-    pub(super) fn put(&self, mut server: Server) {
+    pub(super) fn put(&self, mut server: Box<Server>) {
         let permit = server.permit.take();
         lock(&self.idle).push(Idle { server, since: Instant::now() });
         // After the push: a session woken by the permit finds the connection.

@@ -144,6 +144,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// A unit ended with ReadyForQuery status `after`. Its session effects
     /// count if it succeeded and, inside a transaction block, only once
     /// the block commits: a rolled-back SET is gone on the server too.
+    /// `effects` are the unit's statements with effects and its
+    /// transaction control, in order, so that `BEGIN; SET ...; ROLLBACK`
+    /// in one Query leaves nothing behind.
     fn unit_finished(
         &mut self,
         target: Target,
@@ -152,28 +155,52 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         before: u8,
         after: u8,
     ) {
-        let rollback = effects.iter().any(|c| matches!(c.class, Class::Transaction(Tx::Rollback)));
-        let effects: Vec<Arc<Classification>> =
-            if failed { Vec::new() } else { effects.into_iter().filter(|c| !c.effects.is_empty()).collect() };
-        if after != b'I' {
-            self.tx_effects.extend(effects);
-            return;
+        let mut pending = std::mem::take(&mut self.tx_effects);
+        let mut kept = Vec::new();
+        let mut aborted = before == b'E';
+        if !failed {
+            let mut in_block = before != b'I';
+            for step in effects.iter().flat_map(steps) {
+                match step {
+                    Step::Tx(Tx::Begin { .. }) => in_block = true,
+                    Step::Tx(Tx::Commit) => {
+                        if !aborted {
+                            kept.append(&mut pending);
+                        }
+                        pending.clear();
+                        (in_block, aborted) = (false, false);
+                    }
+                    Step::Tx(_) => {
+                        pending.clear();
+                        (in_block, aborted) = (false, false);
+                    }
+                    Step::Effects(class) if in_block => pending.push(class),
+                    Step::Effects(class) => kept.push(class),
+                }
+            }
         }
-        let committed = !rollback && before != b'E';
-        let mut done = std::mem::take(&mut self.tx_effects);
-        if !committed {
-            done.clear();
+        if after == b'I' {
+            // Ended some other way (an error outside a block ends it too):
+            // what ran in it lasts unless it failed.
+            if !aborted && !failed {
+                kept.append(&mut pending);
+            }
+        } else {
+            self.tx_effects = pending;
         }
-        done.extend(effects);
-        if !done.is_empty() {
-            self.unit_done(target, &done);
+        if !kept.is_empty() {
+            self.unit_done(target, &kept);
         }
     }
 
     /// A unit with session effects succeeded on `target`: record them.
     fn unit_done(&mut self, target: Target, effects: &[Arc<Classification>]) {
-        let (state, ran_on, mut others) =
-            unit::split_state(&mut self.state, self.primary.as_mut(), self.replica.as_mut(), target);
+        let (state, ran_on, mut others) = unit::split_state(
+            &mut self.state,
+            self.primary.as_deref_mut(),
+            self.replica.as_deref_mut(),
+            target,
+        );
         let Some(ran_on) = ran_on else { return };
         let mut others: Vec<&mut ServerState> = others.iter_mut().map(|s| &mut s.state).collect();
         for class in effects {
@@ -241,4 +268,49 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             ReadYourWrites::Proxy => self.watermark.merge(self.shared.watermark.get()),
         }
     }
+}
+
+/// One step of a unit's statements, for `unit_finished`.
+enum Step {
+    /// BEGIN, COMMIT or ROLLBACK.
+    Tx(Tx),
+    /// Statements with effects.
+    Effects(Arc<Classification>),
+}
+
+/// A classification as steps: transaction control, or its effects, split
+/// where a text puts transaction control between them.
+fn steps(class: &Arc<Classification>) -> smallvec::SmallVec<[Step; 2]> {
+    use crate::router::classify::SessionEffect;
+    if let Class::Transaction(tx @ (Tx::Begin { .. } | Tx::Commit | Tx::Rollback)) = class.class {
+        if class.effects.is_empty() {
+            return smallvec::smallvec![Step::Tx(tx)];
+        }
+    }
+    if !class.effects.iter().any(|e| matches!(e, SessionEffect::Transaction(_))) {
+        return if class.effects.is_empty() {
+            smallvec::SmallVec::new()
+        } else {
+            smallvec::smallvec![Step::Effects(class.clone())]
+        };
+    }
+    let mut steps = smallvec::SmallVec::new();
+    let mut run = Vec::new();
+    let flush = |run: &mut Vec<SessionEffect>, steps: &mut smallvec::SmallVec<[Step; 2]>| {
+        if !run.is_empty() {
+            let effects = std::mem::take(run);
+            steps.push(Step::Effects(Arc::new(Classification { effects, ..(**class).clone() })));
+        }
+    };
+    for effect in &class.effects {
+        match effect {
+            SessionEffect::Transaction(tx) => {
+                flush(&mut run, &mut steps);
+                steps.push(Step::Tx(*tx));
+            }
+            other => run.push(other.clone()),
+        }
+    }
+    flush(&mut run, &mut steps);
+    steps
 }

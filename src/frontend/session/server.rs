@@ -6,7 +6,6 @@ use std::time::Instant;
 
 use super::pool::{Pool, PoolError};
 use super::state::ServerState;
-use crate::config::PoolMode;
 use crate::backend::{connect, Backend, ServerLogin};
 use crate::error::ProxyError;
 use crate::frontend::cancel::ServerKey;
@@ -89,28 +88,36 @@ pub(super) async fn first_server(
     shared: &Shared,
     cluster: &str,
     login: &ServerLogin,
-) -> Result<(Option<Server>, Option<Server>), ProxyError> {
+) -> Result<(Option<Box<Server>>, Option<Box<Server>>), ProxyError> {
     let view = crate::router::ClusterView::capture(&shared.topology);
+    let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
+    let pool = |node| pooling.then(|| shared.pools.pool(node, login));
     match view.primary(cluster) {
-        Ok(node) => Ok((Some(acquire(shared, node, login).await?), None)),
+        Ok(node) => Ok((Some(acquire(shared, node, login, pool(node)).await?), None)),
         Err(no_primary) => match view.any_replica(cluster) {
             Some(node) => {
                 tracing::warn!(error = %no_primary, "starting the session on a replica: writes will fail until a primary is back");
-                Ok((None, Some(acquire(shared, node, login).await?)))
+                Ok((None, Some(acquire(shared, node, login, pool(node)).await?)))
             }
             None => Err(no_primary.into()),
         },
     }
 }
 
-pub(super) async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Server, ProxyError> {
+pub(super) async fn open(
+    shared: &Shared,
+    node: usize,
+    login: &ServerLogin,
+) -> Result<Box<Server>, ProxyError> {
     let addr = shared.topology.nodes[node].addr;
     let proxy = &shared.config.proxy;
     let tls = &shared.tls.connectors[node];
     let backend = connect(addr, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = Arc::new(ServerKey { addr, key: backend.key });
     let metrics = shared.metrics.node(&shared.topology.nodes[node].config.name);
-    Ok(Server {
+    // Boxed: in transaction pooling connections move between sessions
+    // and the pool on every transaction.
+    Ok(Box::new(Server {
         backend,
         node,
         cancel_key,
@@ -123,17 +130,18 @@ pub(super) async fn open(shared: &Shared, node: usize, login: &ServerLogin) -> R
         metrics,
         pool: None,
         permit: None,
-    })
+    }))
 }
 
 /// A connection to `node` for the session: from its pool in transaction
-/// pooling, else a new one. A failure comes back as the frame that fails
-/// the unit (or, at startup, the session).
-pub(super) async fn acquire(shared: &Shared, node: usize, login: &ServerLogin) -> Result<Server, ProxyError> {
-    if shared.config.proxy.pool_mode == PoolMode::Session {
-        return open(shared, node, login).await;
-    }
-    let pool = shared.pools.pool(node, login);
+/// pooling (`pool`, the session's pool for that node), else a new one.
+pub(super) async fn acquire(
+    shared: &Shared,
+    node: usize,
+    login: &ServerLogin,
+    pool: Option<Arc<Pool>>,
+) -> Result<Box<Server>, ProxyError> {
+    let Some(pool) = pool else { return open(shared, node, login).await };
     match pool.take(shared, login).await {
         Ok(mut server) => {
             server.pool = Some(pool);
@@ -142,16 +150,4 @@ pub(super) async fn acquire(shared: &Shared, node: usize, login: &ServerLogin) -
         Err(PoolError::Open(error)) => Err(error),
         Err(PoolError::Exhausted(after)) => Err(ProxyError::PoolExhausted(after)),
     }
-}
-
-/// An idle pooled connection to `node`, without waiting; `None` if there
-/// is none free (or pooling is off).
-pub(super) fn acquire_now(shared: &Shared, node: usize, login: &ServerLogin) -> Option<Server> {
-    if shared.config.proxy.pool_mode == PoolMode::Session {
-        return None;
-    }
-    let pool = shared.pools.pool(node, login);
-    let mut server = pool.take_now()?;
-    server.pool = Some(pool);
-    Some(server)
 }

@@ -177,7 +177,8 @@ impl SessionState {
                 SessionEffect::Pin(_) => self.pinned = true,
                 SessionEffect::Discard { .. }
                 | SessionEffect::Prepare { .. }
-                | SessionEffect::Deallocate { .. } => {}
+                | SessionEffect::Deallocate { .. }
+                | SessionEffect::Transaction(_) => {}
             }
         }
         if !class.effects.is_empty() {

@@ -31,7 +31,29 @@ pub(super) enum Deferred {
     /// A unit for `dispatch`, and whether it is complete. Boxed: the
     /// path is rare, and the enum is returned for every client message.
     Unit(Box<Batch>, bool),
+    /// Transaction pooling: a unit that waits, in the relay loop, for a
+    /// connection of a pool whose connections are all in use.
+    Wait(Box<Waiting>),
 }
+
+/// A unit waiting for a pooled connection.
+pub(super) struct Waiting {
+    pub(super) unit: Batch,
+    pub(super) complete: bool,
+    pub(super) target: Target,
+    /// Kept across the loop's waits: the pool serves waiters in turn, and
+    /// a new request would go to the back of the line.
+    pub(super) permit: PermitRequest,
+    pub(super) pool: Arc<super::pool::Pool>,
+}
+
+/// A pending request for a pool's permit.
+pub(super) type PermitRequest = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<tokio::sync::OwnedSemaphorePermit, tokio::sync::AcquireError>>
+            + Send,
+    >,
+>;
 
 /// How often a read waiting under `replica_wait_ms` looks again.
 const REPLICA_WAIT_STEP: Duration = Duration::from_millis(2);
@@ -333,7 +355,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// `dispatch` for a unit that needs no I/O before it is sent; the
     /// unit comes back if it does.
-    fn dispatch_now(&mut self, unit: Batch, complete: bool) -> Option<Deferred> {
+    pub(super) fn dispatch_now(&mut self, unit: Batch, complete: bool) -> Option<Deferred> {
         if self.open_batch {
             return Some(Deferred::Unit(Box::new(unit), complete));
         }
@@ -345,7 +367,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     self.fail_unit(&error);
                     return None;
                 }
-                None => return Some(Deferred::Unit(Box::new(unit), complete)),
+                None => match self.exhausted.take() {
+                    Some((pool, target)) => {
+                        let permit = Box::pin(pool.permits().acquire_owned());
+                        let waiting = Waiting { unit, complete, target, permit, pool };
+                        return Some(Deferred::Wait(Box::new(waiting)));
+                    }
+                    None => return Some(Deferred::Unit(Box::new(unit), complete)),
+                },
             },
         };
         if self.bound.is_none() && !self.settings_current(target) {
@@ -383,11 +412,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
             // Transaction pooling: an idle pooled connection, if one is free.
             Destination::Primary(node) if self.primary.is_none() => {
-                self.primary = Some(super::server::acquire_now(&self.shared, node, &self.login)?);
+                self.primary = Some(self.take_pooled(node, Target::Primary)?);
                 Target::Primary
             }
             Destination::Replica(node) if self.replica.is_none() => {
-                self.replica = Some(super::server::acquire_now(&self.shared, node, &self.login)?);
+                self.replica = Some(self.take_pooled(node, Target::Replica)?);
                 Target::Replica
             }
             _ => return None,
@@ -397,6 +426,36 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             self.replica_chosen();
         }
         Some(Ok((chosen, route.reason)))
+    }
+
+    /// Transaction pooling: an idle connection of `node`'s pool. When all
+    /// are in use, `exhausted` says which pool the unit waits for.
+    fn take_pooled(&mut self, node: usize, target: Target) -> Option<Box<Server>> {
+        let pool = self.pool(node)?;
+        match pool.take_now() {
+            Ok(server) => Some(server),
+            Err(busy) => {
+                if busy {
+                    self.exhausted = Some((pool.clone(), target));
+                }
+                None
+            }
+        }
+    }
+
+    /// Transaction pooling: the session's pool for `node`, looked up once.
+    fn pool(&mut self, node: usize) -> Option<&std::sync::Arc<super::pool::Pool>> {
+        if !self.pooling {
+            return None;
+        }
+        let at = match self.pools.iter().position(|(n, _)| *n == node) {
+            Some(at) => at,
+            None => {
+                self.pools.push((node, self.shared.pools.pool(node, &self.login)));
+                self.pools.len() - 1
+            }
+        };
+        Some(&self.pools[at].1)
     }
 
     fn routed(&self, route: Route) {
@@ -459,7 +518,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
         let classifier = &self.shared.classifier;
         let (state, ran_on, mut others) =
-            split_state(&mut self.state, self.primary.as_mut(), self.replica.as_mut(), target);
+            split_state(&mut self.state, self.primary.as_deref_mut(), self.replica.as_deref_mut(), target);
         let Some(ran_on) = ran_on else { return };
         if executes {
             // Pins hold at once; other effects wait for the unit to succeed
@@ -468,8 +527,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             // statement exists only on this connection.
             let pooling = self.pooling;
             state.pinned |= classes.iter().any(|c| c.pins().next().is_some() || (pooling && prepares(c)));
-            let rollback = |c: &&Arc<Classification>| matches!(c.class, Class::Transaction(Tx::Rollback));
-            ran_on.carry.extend(classes.iter().filter(|c| !c.effects.is_empty() || rollback(c)).cloned());
+            // Transaction control too: it decides which effects last.
+            let bounds = |c: &&Arc<Classification>| {
+                matches!(c.class, Class::Transaction(Tx::Begin { .. } | Tx::Commit | Tx::Rollback))
+            };
+            ran_on.carry.extend(classes.iter().filter(|c| !c.effects.is_empty() || bounds(c)).cloned());
         }
         if complete {
             let effects = std::mem::take(&mut ran_on.carry);
@@ -610,13 +672,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             let there = on_server(name);
             let fix = match self.state.prepared.get(name) {
                 // A Parse of a name the session has: let the server refuse it.
-                Some(ours) if parses => there.is_none().then(|| StatementFix::parse(name, &ours.parse, false)),
+                Some(ours) if parses => {
+                    there.is_none().then(|| StatementFix::parse(name, &ours.parse, false))
+                }
                 Some(ours) => match there {
                     Some(theirs) if theirs.raw() == ours.parse.raw() => None,
                     Some(_) => Some(StatementFix::parse(name, &ours.parse, true)),
                     None => Some(StatementFix::parse(name, &ours.parse, false)),
                 },
-                None => there.is_some().then(|| StatementFix { name: name.to_string(), close: true, parse: None }),
+                None => {
+                    there.is_some().then(|| StatementFix { name: name.to_string(), close: true, parse: None })
+                }
             };
             needed.extend(fix);
         }
@@ -719,13 +785,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// primary moved (failover) ends, since its server-side state is gone;
     /// one that had none (started while no primary was reachable) opens it.
     async fn use_primary(&mut self, node: usize) -> Result<Result<Target, Frame>, ProxyError> {
+        let pool = if self.primary.is_none() { self.pool(node).cloned() } else { None };
         match &self.primary {
             Some(primary) if primary.node == node => Ok(Ok(Target::Primary)),
             Some(_) => {
                 let name = self.shared.topology.nodes[node].config.name.clone();
                 Err(ProxyError::PrimaryMoved { node: name })
             }
-            None => match Box::pin(super::server::acquire(&self.shared, node, &self.login)).await {
+            None => match Box::pin(super::server::acquire(&self.shared, node, &self.login, pool)).await {
                 Ok(server) => {
                     self.primary = Some(server);
                     Ok(Ok(Target::Primary))
@@ -754,7 +821,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 _ => old.backend.terminate().await,
             }
         }
-        match Box::pin(super::server::acquire(&self.shared, node, &self.login)).await {
+        let pool = self.pool(node).cloned();
+        match Box::pin(super::server::acquire(&self.shared, node, &self.login, pool)).await {
             Ok(server) => {
                 self.replica = Some(server);
                 Target::Replica

@@ -619,6 +619,22 @@ fn set_effect_text_survives_newlines_comments_and_unicode() {
 }
 
 #[test]
+fn transaction_control_is_placed_among_effects_only_beside_them() {
+    use SessionEffect::Transaction as T;
+    let sql = "BEGIN; SET work_mem = '7MB'; ROLLBACK; SET a.b = 1";
+    let expected = [
+        T(Tx::Begin { read_only: false }),
+        set("work_mem", "SET work_mem = '7MB'"),
+        T(Tx::Rollback),
+        set("a.b", "SET a.b = 1"),
+    ];
+    assert_eq!(effects(sql), expected);
+    for sql in ["BEGIN", "COMMIT", "BEGIN; SELECT 1; COMMIT", "ROLLBACK"] {
+        assert!(effects(sql).is_empty(), "{sql}");
+    }
+}
+
+#[test]
 fn set_local_has_no_effect() {
     for sql in ["SET LOCAL search_path = a", "SET LOCAL TIME ZONE 'UTC'", "SET LOCAL ROLE bob"] {
         let c = classify(sql);

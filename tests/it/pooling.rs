@@ -1,0 +1,260 @@
+//! Transaction pooling (`proxy.pool_mode = "transaction"`): sessions share
+//! server connections between transactions, and each session still sees
+//! only its own settings, prepared statements and temp objects.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use pgnear::lab::cluster::Cluster;
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+use crate::support::wire::{message, Wire};
+use crate::support::{connect, sqlstate, start, ProxyConfig, PATIENCE};
+
+fn pooled(size: usize) -> ProxyConfig {
+    pooled_waiting(size, 30_000)
+}
+
+/// Pooling with `pool_timeout_ms` of `timeout`.
+fn pooled_waiting(size: usize, timeout: u64) -> ProxyConfig {
+    ProxyConfig::default()
+        .proxy(&format!("pool_mode = \"transaction\"\npool_size = {size}\npool_timeout_ms = {timeout}"))
+        .section("[routing]\ndefault = \"primary\"")
+}
+
+/// The first column of the first row of a simple query.
+async fn value(client: &Client, sql: &str) -> String {
+    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    messages
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql}: no rows"))
+}
+
+async fn pid(client: &Client) -> String {
+    value(client, "SELECT pg_backend_pid()").await
+}
+
+#[tokio::test]
+async fn sessions_take_turns_on_few_server_connections() {
+    let env = start(Cluster::builder(), pooled(2)).await;
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(env.client().await);
+    }
+    // One after another: the most recently used connection serves all.
+    let mut pids = HashSet::new();
+    for _ in 0..3 {
+        for client in &clients {
+            pids.insert(pid(client).await);
+        }
+    }
+    assert_eq!(pids.len(), 1, "sequential work should reuse one connection: {pids:?}");
+    // All at once: never more than the pool's two.
+    let mut all = HashSet::new();
+    for _ in 0..5 {
+        let round = futures_util::future::join_all(clients.iter().map(pid)).await;
+        all.extend(round);
+    }
+    assert!(all.len() <= 2, "more server connections than pool_size: {all:?}");
+    let primary = connect(&env.cluster.primary().conn_string("postgres", "postgres")).await.unwrap();
+    let open: i64 = primary
+        .query_one(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid <> pg_backend_pid() \
+             AND query = 'SELECT pg_backend_pid()'",
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert!(open <= 2, "{open} server connections for 6 clients with pool_size 2");
+}
+
+#[tokio::test]
+async fn settings_stay_with_their_session() {
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let a = env.client().await;
+    let b = env.client().await;
+    a.batch_execute("SET statement_timeout = '1234ms'; SET search_path = pg_catalog").await.unwrap();
+    for _ in 0..3 {
+        assert_eq!(value(&b, "SHOW statement_timeout").await, "0");
+        assert_eq!(value(&b, "SHOW search_path").await, "\"$user\", public");
+        assert_eq!(value(&a, "SHOW statement_timeout").await, "1234ms");
+        assert_eq!(value(&a, "SHOW search_path").await, "pg_catalog");
+    }
+    // A SET inside a transaction that rolls back leaves nothing behind.
+    b.batch_execute("BEGIN; SET work_mem = '7MB'; ROLLBACK").await.unwrap();
+    assert_eq!(value(&a, "SHOW work_mem").await, "4MB");
+    assert_eq!(value(&b, "SHOW work_mem").await, "4MB");
+    // Both sessions used the one pooled connection.
+    assert_eq!(pid(&a).await, pid(&b).await);
+}
+
+#[tokio::test]
+async fn prepared_statements_of_the_same_name_in_two_sessions() {
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let a = env.client().await;
+    let b = env.client().await;
+    // tokio-postgres names its statements s0, s1 ... in every connection.
+    let sa = a.prepare("SELECT 1::int + $1").await.unwrap();
+    let sb = b.prepare("SELECT 'b'::text || $1::text").await.unwrap();
+    for i in 0..5i32 {
+        let x: i32 = a.query_one(&sa, &[&i]).await.unwrap().get(0);
+        assert_eq!(x, 1 + i);
+        let y: String = b.query_one(&sb, &[&i.to_string()]).await.unwrap().get(0);
+        assert_eq!(y, format!("b{i}"));
+    }
+    // A session re-preparing a name it has gets PostgreSQL's error, even
+    // when the pooled connection held another session's statement.
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let parse = |name: &str, sql: &str| {
+        let mut body = format!("{name}\0{sql}\0").into_bytes();
+        body.extend_from_slice(&0i16.to_be_bytes());
+        message(b'P', &body)
+    };
+    wire.send(&[parse("s0", "SELECT 3"), message(b'S', &[])].concat()).await;
+    let msgs = wire.until_ready().await;
+    assert!(msgs.iter().all(|m| m.tag != b'E'), "{msgs:?}");
+    let _ = a.query_one(&sa, &[&0i32]).await.unwrap();
+    wire.send(&[parse("s0", "SELECT 4"), message(b'S', &[])].concat()).await;
+    let msgs = wire.until_ready().await;
+    let error = msgs.iter().find(|m| m.tag == b'E').expect("duplicate statement accepted");
+    assert_eq!(error.sqlstate().as_deref(), Some("42P05"));
+    // Binding a name the session never prepared fails, though the pooled
+    // connection has a statement of that name.
+    let mut bind = b"\0s1\0".to_vec();
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 0]);
+    let _ = b.prepare("SELECT 5").await.unwrap(); // b's s1
+    wire.send(&[message(b'B', &bind), message(b'E', b"\0\0\0\0\0"), message(b'S', &[])].concat()).await;
+    let msgs = wire.until_ready().await;
+    let error = msgs.iter().find(|m| m.tag == b'E').expect("another session's statement ran");
+    assert_eq!(error.sqlstate().as_deref(), Some("26000"));
+}
+
+#[tokio::test]
+async fn the_unnamed_statement_survives_a_turn_of_the_connection() {
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let (mut a, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let (mut b, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let mut parse = b"\0SELECT 42\0".to_vec();
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    a.send(&[message(b'P', &parse), message(b'S', &[])].concat()).await;
+    assert!(a.until_ready().await.iter().all(|m| m.tag != b'E'));
+    // Another session runs its own unnamed statement on the connection.
+    let bind = [0u8, 0, 0, 0, 0, 0, 0, 0];
+    let mut other = b"\0SELECT 7\0".to_vec();
+    other.extend_from_slice(&0i16.to_be_bytes());
+    let execute = message(b'E', b"\0\0\0\0\0");
+    b.send(&[message(b'P', &other), message(b'B', &bind), execute, message(b'S', &[])].concat()).await;
+    assert!(b.until_ready().await.iter().any(|m| m.tag == b'D'));
+    a.send(&[message(b'B', &bind), message(b'E', b"\0\0\0\0\0"), message(b'S', &[])].concat()).await;
+    let msgs = a.until_ready().await;
+    let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
+    assert!(row.body.ends_with(b"42"), "{row:?}");
+}
+
+#[tokio::test]
+async fn transactions_and_temp_tables_keep_their_connection() {
+    let env = start(Cluster::builder(), pooled(2)).await;
+    let a = env.client().await;
+    let b = env.client().await;
+    a.batch_execute("BEGIN").await.unwrap();
+    let in_tx = pid(&a).await;
+    for _ in 0..3 {
+        assert_ne!(pid(&b).await, in_tx, "another session ran inside a's transaction");
+    }
+    assert_eq!(pid(&a).await, in_tx);
+    a.batch_execute("COMMIT").await.unwrap();
+    // A temp table pins its session to one connection.
+    a.batch_execute("CREATE TEMP TABLE mine (v int); INSERT INTO mine VALUES (1)").await.unwrap();
+    for _ in 0..3 {
+        b.batch_execute("SELECT 1").await.unwrap();
+        assert_eq!(value(&a, "SELECT count(*) FROM mine").await, "1");
+    }
+    let error = b.simple_query("SELECT count(*) FROM mine").await;
+    assert_eq!(sqlstate(error), "42P01");
+}
+
+#[tokio::test]
+async fn a_busy_pool_fails_the_statement_not_the_session() {
+    let env = start(Cluster::builder(), pooled_waiting(1, 300)).await;
+    let a = env.client().await;
+    let b = env.client().await;
+    a.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    // b waits pool_timeout_ms for the one connection, then gets 53300.
+    assert_eq!(sqlstate(b.simple_query("SELECT 2").await), "53300");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(value(&b, "SELECT 2").await, "2");
+}
+
+#[tokio::test]
+async fn a_late_cancel_does_not_reach_the_next_session() {
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let a = env.client().await;
+    let b = env.client().await;
+    let _ = pid(&a).await;
+    let token = a.cancel_token();
+    let sleeping = tokio::spawn(async move { b.simple_query("SELECT pg_sleep(0.5)").await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    token.cancel_query(tokio_postgres::NoTls).await.unwrap();
+    let done = tokio::time::timeout(PATIENCE, sleeping).await.unwrap().unwrap();
+    assert!(done.is_ok(), "a's cancel stopped b's query: {done:?}");
+    // A cancel while a's own query runs still works.
+    let token = a.cancel_token();
+    let cancel = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        token.cancel_query(tokio_postgres::NoTls).await
+    });
+    assert_eq!(sqlstate(a.simple_query("SELECT pg_sleep(20)").await), "57014");
+    cancel.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn idle_pooled_connections_do_not_block_drop_database_or_outlive_their_server() {
+    let env = start(Cluster::builder(), pooled(2)).await;
+    let admin = env.client().await;
+    admin.batch_execute("CREATE DATABASE pooled_db").await.unwrap();
+    {
+        let other = connect(&env.conn_string("postgres", "").replace("dbname=postgres", "dbname=pooled_db"))
+            .await
+            .unwrap();
+        other.batch_execute("SELECT 1").await.unwrap();
+        // Dropped: its connection stays in the pool, idle.
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    admin.batch_execute("DROP DATABASE pooled_db").await.unwrap();
+
+    // A pooled connection terminated while idle is not handed out.
+    let idle_pid = pid(&admin).await;
+    let primary = connect(&env.cluster.primary().conn_string("postgres", "postgres")).await.unwrap();
+    primary.query("SELECT pg_terminate_backend($1::text::int)", &[&idle_pid]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let fresh = env.client().await;
+    assert_ne!(pid(&fresh).await, idle_pid);
+    assert_eq!(value(&admin, "SELECT 1").await, "1");
+}
+
+#[tokio::test]
+async fn pgbench_prepared_through_the_pool() {
+    let env = start(Cluster::builder(), pooled(3)).await;
+    let addr = env.proxy.addr();
+    let (host, port) = (addr.ip().to_string(), addr.port().to_string());
+    let base = ["-h", host.as_str(), "-p", port.as_str(), "-U", "postgres"];
+    crate::support::run_tool("pgbench", &[&base[..], &["-i", "-s", "1", "-q", "postgres"]].concat()).await;
+    // A thread per client: pgbench prepares with a blocking call, and a
+    // thread whose client waits for the pool would stall the clients that
+    // hold the pool's connections in their transactions (as through any
+    // transaction pooler).
+    for mode in ["simple", "extended", "prepared"] {
+        let out = crate::support::run_tool(
+            "pgbench",
+            &[&base[..], &["-n", "-M", mode, "-c", "8", "-j", "8", "-t", "200", "postgres"]].concat(),
+        )
+        .await;
+        assert!(out.contains("number of failed transactions: 0"), "{mode}: {out}");
+        assert!(out.contains("number of transactions actually processed: 1600/1600"), "{mode}: {out}");
+    }
+}
