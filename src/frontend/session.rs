@@ -14,9 +14,12 @@ mod reply;
 mod server;
 mod state;
 mod unit;
+mod wake;
 
-use std::pin::Pin;
+use std::future::Future;
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use bytes::BytesMut;
@@ -216,6 +219,8 @@ pub struct Session<S: Split> {
     /// Transaction pooling: the unit waiting for a connection. Client
     /// messages wait behind it.
     waiting: Option<Box<unit::Waiting>>,
+    /// Which sockets may have something to read (`wait_event`).
+    sources: wake::Sources,
     /// A replica refused the session's settings: reads stay on the primary.
     settings_refused: bool,
     /// Session effects of the open transaction, applied if it commits.
@@ -315,6 +320,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             pools: Vec::new(),
             exhausted: None,
             waiting: None,
+            sources: wake::Sources::new(),
             settings_refused: false,
             tx_effects: Vec::new(),
             default_read_only: startup_params.iter().any(is_read_only_default),
@@ -362,7 +368,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Event::Ready => Flow::Continue,
                 Event::Client(Ok(Some(frame))) => match self.on_client_now(frame)? {
                     None => Flow::Continue,
-                    Some(Deferred::Message(frame)) => self.on_client(frame).await?,
+                    Some(Deferred::Message(frame)) => {
+                        let flow = self.on_client(frame).await?;
+                        self.sources.mark_all();
+                        flow
+                    }
                     Some(Deferred::Unit(unit, complete)) => {
                         self.dispatch(*unit, complete).await?;
                         Flow::Continue
@@ -423,6 +433,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             if self.held.is_some() && !self.in_flight() {
                 if let Some(frame) = self.held.take() {
                     self.on_client(frame).await?;
+                    self.sources.mark_all();
                 }
             }
             if self.client.out.len() >= FLUSH_AT {
@@ -449,7 +460,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Target::Replica => &mut self.replica,
         };
         match pool.take_with(permit) {
-            Ok(server) if slot.is_none() => *slot = Some(server),
+            Ok(server) if slot.is_none() => {
+                *slot = Some(server);
+                self.sources.mark_all();
+            }
             Ok(server) => pool.put(server),
             Err(permit) => drop(permit),
         }
@@ -582,43 +596,46 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             self.timers.tick.as_mut().reset(tokio::time::Instant::now() + every);
             self.timers.tick_armed = true;
         }
-        let replica = async {
-            match self.replica.as_mut() {
-                Some(server) => server.backend.fill().await,
-                None => std::future::pending().await,
-            }
-        };
-        let primary = async {
-            match self.primary.as_mut() {
-                Some(server) => server.backend.fill().await,
-                None => std::future::pending().await,
-            }
-        };
         let held = self.held.is_some() || self.waiting.is_some();
-        let request = self.waiting.as_mut().map(|w| w.permit.as_mut());
-        let waiting = request.is_some();
-        let permit = async {
-            match request {
-                // The semaphore is never closed.
-                Some(request) => request.await.ok(),
-                None => None,
-            }
-        };
+        let sources = &self.sources;
         let timers = &mut self.timers;
-        tokio::select! {
+        std::future::poll_fn(|cx| {
+            sources.register(cx);
             // Servers first: responses drain before new work is taken.
-            biased;
-            filled = primary => filled_event(filled, |end| Event::Server(Target::Primary, end)),
-            filled = replica => filled_event(filled, |end| Event::Server(Target::Replica, end)),
-            filled = self.client.reader.fill(), if !held => filled_event(filled, Event::Client),
-            () = timers.tick.as_mut(), if tick_on => {
-                timers.tick_armed = false;
-                Event::WatermarkTick
+            if let Some(server) = self.primary.as_mut() {
+                if let Poll::Ready(filled) = sources.poll(wake::PRIMARY, pin!(server.backend.fill())) {
+                    return Poll::Ready(filled_event(filled, |end| Event::Server(Target::Primary, end)));
+                }
             }
-            () = timers.idle.as_mut(), if idle_on => Event::IdleTimeout,
-            Some(permit) = permit, if waiting => Event::Permit(permit),
-            () = timers.pool_wait.as_mut(), if waiting => Event::PoolTimeout,
-        }
+            if let Some(server) = self.replica.as_mut() {
+                if let Poll::Ready(filled) = sources.poll(wake::REPLICA, pin!(server.backend.fill())) {
+                    return Poll::Ready(filled_event(filled, |end| Event::Server(Target::Replica, end)));
+                }
+            }
+            if !held {
+                if let Poll::Ready(filled) = sources.poll(wake::CLIENT, pin!(self.client.reader.fill())) {
+                    return Poll::Ready(filled_event(filled, Event::Client));
+                }
+            }
+            if tick_on && timers.tick.as_mut().poll(cx).is_ready() {
+                timers.tick_armed = false;
+                return Poll::Ready(Event::WatermarkTick);
+            }
+            if idle_on && timers.idle.as_mut().poll(cx).is_ready() {
+                return Poll::Ready(Event::IdleTimeout);
+            }
+            if let Some(waiting) = self.waiting.as_mut() {
+                // The semaphore is never closed.
+                if let Poll::Ready(Ok(permit)) = waiting.permit.as_mut().poll(cx) {
+                    return Poll::Ready(Event::Permit(permit));
+                }
+                if timers.pool_wait.as_mut().poll(cx).is_ready() {
+                    return Poll::Ready(Event::PoolTimeout);
+                }
+            }
+            Poll::Pending
+        })
+        .await
     }
 
     /// The idle timer fired: the client really has been idle that long,

@@ -20,6 +20,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// A server connection closed or failed. Losing the primary ends the
     /// session; losing a replica fails only the unit running there.
     pub(super) async fn server_lost(&mut self, target: Target) -> Result<(), ProxyError> {
+        self.sources.mark_all();
         let node = self.node_name(target);
         if target == Target::Primary {
             return Err(ProxyError::BackendLost { node });

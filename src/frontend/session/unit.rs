@@ -201,6 +201,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// session on a server) and sends it. `complete` units end with
     /// Query, Sync or FunctionCall and so get a ReadyForQuery back.
     pub(super) async fn dispatch(&mut self, unit: Batch, complete: bool) -> Result<(), ProxyError> {
+        let result = self.dispatch_unit(unit, complete).await;
+        // Sockets may have been read (settings replay) or opened here.
+        self.sources.mark_all();
+        result
+    }
+
+    async fn dispatch_unit(&mut self, unit: Batch, complete: bool) -> Result<(), ProxyError> {
         let (frames, classes) = (&unit.frames[..], &unit.classes[..]);
         if self.open_batch {
             self.reopen(frames, classes).await?;
@@ -413,10 +420,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             // Transaction pooling: an idle pooled connection, if one is free.
             Destination::Primary(node) if self.primary.is_none() => {
                 self.primary = Some(self.take_pooled(node, Target::Primary)?);
+                self.sources.mark(super::wake::PRIMARY);
                 Target::Primary
             }
             Destination::Replica(node) if self.replica.is_none() => {
                 self.replica = Some(self.take_pooled(node, Target::Replica)?);
+                self.sources.mark(super::wake::REPLICA);
                 Target::Replica
             }
             _ => return None,
