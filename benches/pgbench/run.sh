@@ -44,6 +44,7 @@
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
 #   pgnear-primary-mt for pgnear with worker_threads = the number of cores)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
+#   POOL_SIZE=20 (PgBouncer's default_pool_size and pgnear-pool's pool_size)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
 set -euo pipefail
 
@@ -209,7 +210,7 @@ auth_type = trust
 auth_file = $WORK/userlist.txt
 pool_mode = transaction
 max_client_conn = 1000
-default_pool_size = 20
+default_pool_size = ${POOL_SIZE:-20}
 logfile = $WORK/pgbouncer.log
 pidfile = $WORK/pgbouncer.pid
 admin_users = postgres
@@ -387,7 +388,12 @@ phase_pgbench() {
                 t=${targets[$(((i + ROUND + k) % n))]}
                 local load
                 load=$(load1)
-                if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]]; then
+                # pgbench prepares with a blocking call per client: with more
+                # clients per thread than pooled connections, a client waiting
+                # for the pool stalls its thread's clients that hold them.
+                local stalls=0
+                [[ $t == pgnear-pool && $mode == prepared && $c -gt ${POOL_SIZE:-20} ]] && stalls=1
+                if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]] || ((stalls)); then
                     printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
                     continue
                 fi

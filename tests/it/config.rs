@@ -60,6 +60,23 @@ fn bad_configs_name_every_key_at_fault_at_once() {
 }
 
 #[test]
+fn pool_settings_default_to_session_mode_and_are_checked() {
+    let parsed = |proxy: &str| Config::parse(&format!("[proxy]\n{proxy}\n{NODE}"), &env);
+    let defaults = parsed("").unwrap().proxy;
+    assert_eq!(defaults.pool_mode, pgnear::config::PoolMode::Session);
+    assert_eq!(defaults.pool_size, 20);
+    let pooled = parsed("pool_mode = \"transaction\"\npool_size = 4\npool_timeout_ms = 250").unwrap().proxy;
+    assert_eq!(pooled.pool_mode, pgnear::config::PoolMode::Transaction);
+    assert_eq!((pooled.pool_size, pooled.pool_timeout.as_millis()), (4, 250));
+    let errors = errors(&format!("[proxy]\npool_mode = \"statement\"\npool_size = 0\n{NODE}"));
+    assert!(
+        errors.iter().any(|e| e.starts_with("proxy.pool_mode") && e.contains("session, transaction")),
+        "{errors:#?}"
+    );
+    assert!(errors.iter().any(|e| e.starts_with("proxy.pool_size")), "{errors:#?}");
+}
+
+#[test]
 fn worker_threads_are_sized_or_checked() {
     let parsed = |proxy: &str| Config::parse(&format!("[proxy]\n{proxy}\n{NODE}"), &env);
     let auto = parsed("").unwrap().proxy;
