@@ -30,9 +30,8 @@ pub fn shape_into(sql: &str, out: &mut String) -> Option<bool> {
     let mut i = 0;
     let mut replaced = false;
     let mut last = 0; // start of the text not yet copied
-                      // Most bytes are plain text: skip to the next that may matter.
-    while let Some(skip) = bytes[i..].iter().position(|&c| SPECIAL[c as usize]) {
-        i += skip;
+    while let Some(at) = next_special(bytes, i) {
+        i = at;
         let b = bytes[i];
         let prev_ident = i > 0 && is_ident(bytes[i - 1]);
         let end = match b {
@@ -92,6 +91,40 @@ pub fn shape_into(sql: &str, out: &mut String) -> Option<bool> {
     Some(replaced)
 }
 
+/// A one in every byte of a word.
+const ONES: u64 = 0x0101_0101_0101_0101;
+
+/// The high bit of each byte of `word` that lies in `"`..=`9`
+/// (0x22..=0x39): every special byte does, so a word without any is
+/// skipped whole. No carry or borrow crosses a byte.
+fn candidates(word: u64) -> u64 {
+    let low7 = word & (ONES * 0x7f);
+    let below = (ONES * (0x7f + 0x3a)) - low7;
+    let above = low7 + ONES * (0x7f - 0x21);
+    below & above & !word & (ONES * 0x80)
+}
+
+/// The index of the first byte at or after `from` where a literal, quoted
+/// identifier or comment may start. Most of a statement is plain text, so
+/// it is scanned eight bytes at a time.
+fn next_special(bytes: &[u8], from: usize) -> Option<usize> {
+    let mut i = from;
+    while let Some(chunk) = bytes.get(i..i + 8) {
+        let mut word = [0u8; 8];
+        word.copy_from_slice(chunk);
+        let mut mask = candidates(u64::from_le_bytes(word));
+        while mask != 0 {
+            let at = i + (mask.trailing_zeros() / 8) as usize;
+            if SPECIAL[bytes[at] as usize] {
+                return Some(at);
+            }
+            mask &= mask - 1;
+        }
+        i += 8;
+    }
+    bytes.get(i..)?.iter().position(|&c| SPECIAL[c as usize]).map(|p| i + p)
+}
+
 fn is_ident(b: u8) -> bool {
     b.is_ascii_alphanumeric() || b == b'_' || b >= 0x80
 }
@@ -138,7 +171,28 @@ fn block_comment_end(bytes: &[u8], open: usize) -> Option<usize> {
 
 #[cfg(test)]
 mod tests {
-    use super::shape_into;
+    use super::{next_special, shape_into, SPECIAL};
+
+    #[test]
+    fn the_word_scan_finds_what_the_byte_scan_finds() {
+        let naive = |b: &[u8], from: usize| b[from..].iter().position(|&c| SPECIAL[c as usize]).map(|p| from + p);
+        // Every byte value at every offset of a word, and texts of every
+        // length around a word's.
+        for value in 0..=255u8 {
+            for at in 0..19 {
+                let mut text = vec![b'a'; 19];
+                text[at] = value;
+                for from in [0, 1, 7, 8, 9, at] {
+                    assert_eq!(next_special(&text, from), naive(&text, from), "byte {value:#x} at {at} from {from}");
+                }
+            }
+        }
+        let sql = "UPDATE pgbench_accounts SET abalance = abalance + -4230 WHERE aid = 63711; (é,*)";
+        let bytes = sql.as_bytes();
+        for from in 0..bytes.len() {
+            assert_eq!(next_special(bytes, from), naive(bytes, from), "from {from}");
+        }
+    }
 
     /// The shape, when the text has one.
     fn shape(sql: &str) -> Option<String> {
