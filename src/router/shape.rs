@@ -175,7 +175,8 @@ mod tests {
 
     #[test]
     fn the_word_scan_finds_what_the_byte_scan_finds() {
-        let naive = |b: &[u8], from: usize| b[from..].iter().position(|&c| SPECIAL[c as usize]).map(|p| from + p);
+        let naive =
+            |b: &[u8], from: usize| b[from..].iter().position(|&c| SPECIAL[c as usize]).map(|p| from + p);
         // Every byte value at every offset of a word, and texts of every
         // length around a word's.
         for value in 0..=255u8 {
@@ -183,7 +184,11 @@ mod tests {
                 let mut text = vec![b'a'; 19];
                 text[at] = value;
                 for from in [0, 1, 7, 8, 9, at] {
-                    assert_eq!(next_special(&text, from), naive(&text, from), "byte {value:#x} at {at} from {from}");
+                    assert_eq!(
+                        next_special(&text, from),
+                        naive(&text, from),
+                        "byte {value:#x} at {at} from {from}"
+                    );
                 }
             }
         }

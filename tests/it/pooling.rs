@@ -258,3 +258,23 @@ async fn pgbench_prepared_through_the_pool() {
         assert!(out.contains("number of transactions actually processed: 1600/1600"), "{mode}: {out}");
     }
 }
+
+#[tokio::test]
+async fn a_client_that_leaves_mid_transaction_leaves_nothing_behind() {
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let setup = env.client().await;
+    setup.batch_execute("CREATE TABLE left_behind (v int)").await.unwrap();
+    {
+        let leaver = env.client().await;
+        leaver.batch_execute("BEGIN; INSERT INTO left_behind VALUES (1)").await.unwrap();
+        // Dropped inside its transaction.
+    }
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let next = env.client().await;
+    // The one pooled connection is free again, outside any transaction,
+    // and the insert never committed.
+    assert_eq!(value(&next, "SELECT count(*) FROM left_behind").await, "0");
+    next.batch_execute("BEGIN").await.unwrap();
+    next.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(value(&setup, "SELECT count(*) FROM left_behind").await, "0");
+}
