@@ -477,10 +477,12 @@ EOF
 # --- phase: memory ------------------------------------------------------------
 
 # A fresh pgnear per test, so that each RSS figure is about that test alone.
+# mem_start NAME [EXTRA_PROXY_KEYS]
 mem_start() {
     write_pgnear_config "$WORK/pgnear-mem.toml" "$P_NEAR_MEM" "$P_PRIMARY" auto \
         "max_client_connections = 20000
-startup_timeout_ms = 3600000"
+startup_timeout_ms = 3600000
+${2:-}"
     start_pgnear "pgnear-mem-$1" "$WORK/pgnear-mem.toml" "$P_NEAR_MEM"
     MEM_PID=$NEAR_PID
     sleep 1
@@ -498,8 +500,9 @@ poll_rss() {
 }
 
 # idle_test NAME MODE COUNT: holds COUNT connections, records RSS
+# idle_test NAME MODE COUNT [EXTRA_PROXY_KEYS]
 idle_test() {
-    mem_start "$1"
+    mem_start "$1" "${4:-}"
     local out="$OUT/memory-$1.out"
     $TOOLS idle --port "$P_NEAR_MEM" --mode "$2" --count "$3" >"$out" 2>&1 &
     local idle_pid=$!
@@ -536,6 +539,8 @@ phase_memory() {
     idle_test "idle-auth-$IDLE_AUTH" auth "$IDLE_AUTH"
     idle_test "idle-tcp-$IDLE_TCP" tcp "$IDLE_TCP"
     idle_test "auth-attempt-$IDLE_TCP" auth "$IDLE_TCP"
+    # In transaction pooling an idle session holds no server connection.
+    idle_test "pooled-auth-$IDLE_TCP" auth "$IDLE_TCP" 'pool_mode = "transaction"'
     $TOOLS summarize-memory --memory "$OUT/memory.tsv" | tee -a "$OUT/summary.txt"
 }
 

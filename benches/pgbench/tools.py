@@ -387,6 +387,11 @@ def summarize_memory_main(args):
             mb = int(r["rss_kb"]) / 1024
             print(f"  [{'PASS' if mb < 200 else 'MISS'}] {r['test']} (TCP connected, no startup packet): "
                   f"{mb:.1f} MB (< 200)")
+        if r["test"].startswith("pooled-auth"):
+            held = dict(kv.split("=", 1) for kv in r["outcome"].split() if "=" in kv).get("held", "0")
+            mb = int(r["rss_kb"]) / 1024
+            print(f"  [{'PASS' if mb < 200 and int(held) >= 10000 else 'MISS'}] {r['test']} "
+                  f"(transaction pooling, {held} authenticated idle sessions): {mb:.1f} MB (< 200)")
         if r["test"].startswith("idle-auth"):
             held = dict(kv.split("=", 1) for kv in r["outcome"].split() if "=" in kv).get("held", "0")
             per = (int(r["rss_kb"]) - int(r["baseline_kb"])) / max(int(held), 1)

@@ -3,11 +3,8 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-use arc_swap::ArcSwapOption;
 
 use crate::backend::connect::send_cancel;
 use crate::protocol::startup::CancelKey;
@@ -19,32 +16,24 @@ pub struct ServerKey {
     pub key: CancelKey,
 }
 
-/// Where one client's query is running right now. Written by its session
-/// at the start of each unit of work, read by cancel requests.
+/// Where one client's query is running right now: written by its session
+/// when that changes (a unit goes to another server connection, or, in
+/// transaction pooling, the session gives its connection back and a late
+/// cancel must not reach whichever session has it next), read by cancel
+/// requests.
 #[derive(Debug, Default)]
 pub struct CancelTarget {
-    current: ArcSwapOption<ServerKey>,
-    /// The session holds that server now. In transaction pooling it gives
-    /// the connection back between units, and a late cancel must not
-    /// reach whichever session has it next.
-    engaged: AtomicBool,
+    current: Mutex<Option<ServerKey>>,
 }
 
 impl CancelTarget {
-    /// Points cancels at `server`. Called for every unit, so it stores
-    /// only when the server changed: an ArcSwap store waits for readers.
-    pub fn set(&self, server: &Arc<ServerKey>) {
-        let same = self.current.load().as_ref().is_some_and(|current| Arc::ptr_eq(current, server));
-        if !same {
-            self.current.store(Some(server.clone()));
-        }
-        self.engaged.store(true, Ordering::Relaxed);
+    /// Points cancels at `server`, or nowhere.
+    pub fn set(&self, server: Option<ServerKey>) {
+        *self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner()) = server;
     }
 
-    /// The session gave its server connection back: cancels are ignored
-    /// until its next unit.
-    pub fn disengage(&self) {
-        self.engaged.store(false, Ordering::Relaxed);
+    fn get(&self) -> Option<ServerKey> {
+        *self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -93,14 +82,11 @@ impl CancelRegistry {
     pub async fn cancel(&self, key: CancelKey, timeout: Duration) {
         let target = {
             let sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-            sessions
-                .get(&key)
-                .filter(|t| t.engaged.load(Ordering::Relaxed))
-                .and_then(|t| t.current.load_full())
+            sessions.get(&key).and_then(|t| t.get())
         };
         match target {
             Some(server) => send_cancel(server.addr, server.key, timeout).await,
-            None => tracing::info!(pid = key.pid, "cancel request with an unknown key ignored"),
+            None => tracing::info!(pid = key.pid, "cancel request ignored: unknown key, or no query running"),
         }
     }
 

@@ -234,6 +234,9 @@ pub struct Session<S: Split> {
     /// relay's log events.
     span: tracing::Span,
     registration: Registration,
+    /// Where the registration points cancels now (changed only when this
+    /// does).
+    cancels_to: Option<ServerKey>,
 }
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -328,6 +331,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             timers: Timers::new(shared_idle_timeout),
             span,
             registration,
+            cancels_to: None,
         })
     }
 
@@ -500,7 +504,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             if self.unnamed_on == Some(target) {
                 self.unnamed_on = None;
             }
-            self.registration.target.disengage();
+            if self.cancels_to.take().is_some() {
+                self.registration.target.set(None);
+            }
             if let Some(pool) = server.pool.clone() {
                 pool.put(server);
             }
@@ -519,7 +525,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             .into_iter()
             .flatten()
             .filter(|s| s.backend.in_flight > 0)
-            .map(|s| *s.cancel_key)
+            .map(|s| s.cancel_key)
             .collect();
         for server in busy {
             // The client left mid-query: stop the server's work too.

@@ -18,7 +18,7 @@ use crate::router::classify::Classification;
 pub(super) struct Server {
     pub(super) backend: Backend,
     pub(super) node: usize,
-    pub(super) cancel_key: Arc<ServerKey>,
+    pub(super) cancel_key: ServerKey,
     pub(super) state: ServerState,
     /// When each complete unit in flight was sent, for the latency metric.
     pub(super) started: std::collections::VecDeque<Instant>,
@@ -113,7 +113,7 @@ pub(super) async fn open(
     let proxy = &shared.config.proxy;
     let tls = &shared.tls.connectors[node];
     let backend = connect(addr, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
-    let cancel_key = Arc::new(ServerKey { addr, key: backend.key });
+    let cancel_key = ServerKey { addr, key: backend.key };
     let metrics = shared.metrics.node(&shared.topology.nodes[node].config.name);
     // Boxed: in transaction pooling connections move between sessions
     // and the pool on every transaction.

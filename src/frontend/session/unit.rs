@@ -304,8 +304,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if complete {
             self.open_batch = false;
         }
-        if let Some(server) = self.server(target) {
-            self.registration.target.set(&server.cancel_key);
+        let cancel_key = self.server(target).map(|s| s.cancel_key);
+        if cancel_key.is_some() && cancel_key != self.cancels_to {
+            self.registration.target.set(cancel_key);
+            self.cancels_to = cancel_key;
         }
     }
 
