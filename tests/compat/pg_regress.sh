@@ -4,6 +4,7 @@
 # summaries and the tests that differ.
 #
 # usage: tests/compat/pg_regress.sh [--primary-only | --replica | --all]
+#   (PGNEAR_COMPAT_PROXY adds [proxy] keys, e.g. 'pool_mode = "transaction"')
 #   --primary-only  direct run, then through pgnear in front of one primary
 #   --replica       direct run, then through pgnear in front of a primary and
 #                   a streaming replica, read_your_writes = "session"
@@ -480,6 +481,7 @@ write_config() { # write_config FILE LISTEN_PORT PRIMARY_PORT [REPLICA_PORT]
     cat >"$file" <<EOF
 [proxy]
 listen = "127.0.0.1:$lport"
+${PGNEAR_COMPAT_PROXY:-}
 
 [[nodes]]
 name = "primary"
