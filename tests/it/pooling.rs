@@ -278,3 +278,31 @@ async fn a_client_that_leaves_mid_transaction_leaves_nothing_behind() {
     next.batch_execute("COMMIT").await.unwrap();
     assert_eq!(value(&setup, "SELECT count(*) FROM left_behind").await, "0");
 }
+
+#[tokio::test]
+async fn pooled_reads_use_replicas_and_still_see_their_writes() {
+    let config = ProxyConfig::default().proxy("pool_mode = \"transaction\"\npool_size = 2");
+    let env = start(Cluster::builder().replica(), config).await;
+    let setup = env.client().await;
+    setup.batch_execute("CREATE TABLE seen (v int)").await.unwrap();
+    env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
+    let replica_port = env.cluster.replicas()[0].port().to_string();
+    let primary_port = env.cluster.primary().port().to_string();
+    let clients = [env.client().await, env.client().await, env.client().await];
+    // Reads reach the replica through its pool.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while value(&clients[0], "SELECT inet_server_port()").await != replica_port {
+        assert!(tokio::time::Instant::now() < deadline, "reads never reached the replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Each client reads its own write at once, whichever connections it gets.
+    for (i, client) in clients.iter().enumerate() {
+        client.batch_execute(&format!("INSERT INTO seen VALUES ({i})")).await.unwrap();
+        let count = value(client, &format!("SELECT count(*) FROM seen WHERE v = {i}")).await;
+        assert_eq!(count, "1", "client {i} missed its own write");
+    }
+    assert_eq!(
+        value(&clients[1], "SELECT inet_server_port() FROM seen LIMIT 1 FOR UPDATE").await,
+        primary_port
+    );
+}
