@@ -370,6 +370,33 @@ fn state_families(shared: &Shared) -> prometheus::Result<Vec<MetricFamily>> {
             lag_seconds.get_metric_with_label_values(&[name])?.set(lag.as_secs_f64());
         }
     }
+    let pooled = gauge(
+        "pgnear_pool_server_connections",
+        "Transaction pooling: pooled server connections by node and state (active: lent to a session).",
+        &["node", "state"],
+    )?;
+    let waiting = gauge(
+        "pgnear_pool_waiting_units",
+        "Transaction pooling: units of work waiting for a server connection.",
+        &["node"],
+    )?;
+    let timeouts = IntCounterVec::new(
+        Opts::new(
+            "pgnear_pool_timeouts_total",
+            "Transaction pooling: units that got no server connection within proxy.pool_timeout.",
+        ),
+        &["node"],
+    )?;
+    registry.register(Box::new(timeouts.clone()))?;
+    // Summed over the node's pools (one per user and startup parameters):
+    // labels stay node names only.
+    for pool in shared.pools.stats() {
+        let node = shared.topology.nodes[pool.node].config.name.as_str();
+        pooled.get_metric_with_label_values(&[node, "idle"])?.add(pool.idle as f64);
+        pooled.get_metric_with_label_values(&[node, "active"])?.add(pool.active as f64);
+        waiting.get_metric_with_label_values(&[node])?.add(pool.waiting as f64);
+        timeouts.get_metric_with_label_values(&[node])?.inc_by(pool.timeouts);
+    }
     let counter = |name: &str, help: &str, value: u64| -> prometheus::Result<()> {
         let counter = IntCounter::new(name, help)?;
         counter.inc_by(value);

@@ -398,6 +398,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                             crate::protocol::SqlState::TooManyConnections,
                             &error.to_string(),
                         );
+                        waiting.count.timed_out();
                         drop(waiting);
                         self.client.queue(&frame);
                         self.client.queue(&ready_for_query(b'I'));

@@ -186,6 +186,22 @@ async fn a_busy_pool_fails_the_statement_not_the_session() {
     a.batch_execute("BEGIN; SELECT 1").await.unwrap();
     // b waits pool_timeout_ms for the one connection, then gets 53300.
     assert_eq!(sqlstate(b.simple_query("SELECT 2").await), "53300");
+    let shared = env.proxy.shared();
+    let metrics = shared.metrics.render(shared).unwrap();
+    let series = |name: &str| {
+        let (name, label) = name.split_once(' ').unwrap_or((name, ""));
+        metrics
+            .lines()
+            .find(|l| l.starts_with(name) && l.contains(label))
+            .unwrap_or_else(|| panic!("no {name} in\n{metrics}"))
+            .rsplit(' ')
+            .next()
+            .unwrap()
+            .to_string()
+    };
+    assert_eq!(series("pgnear_pool_timeouts_total{"), "1");
+    assert_eq!(series("pgnear_pool_waiting_units{"), "0");
+    assert_eq!(series("pgnear_pool_server_connections{ state=\"active\""), "1");
     a.batch_execute("COMMIT").await.unwrap();
     assert_eq!(value(&b, "SELECT 2").await, "2");
 }

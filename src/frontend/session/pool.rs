@@ -10,6 +10,7 @@
 //! so a few server processes stay hot instead of all of them turning over.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -40,6 +41,11 @@ struct PoolKey {
 /// The connections of one node for one user and set of startup parameters.
 pub(super) struct Pool {
     node: usize,
+    size: usize,
+    /// Units waiting for a connection now.
+    waiting: AtomicUsize,
+    /// Units that waited `proxy.pool_timeout` in vain.
+    timeouts: AtomicU64,
     idle: Mutex<Vec<Idle>>,
     /// One permit per connection in use: at most `size` at once.
     permits: Arc<Semaphore>,
@@ -85,6 +91,9 @@ impl Pools {
             .or_insert_with(|| {
                 Arc::new(Pool {
                     node,
+                    size: self.size,
+                    waiting: AtomicUsize::new(0),
+                    timeouts: AtomicU64::new(0),
                     idle: Mutex::new(Vec::new()),
                     permits: Arc::new(Semaphore::new(self.size)),
                     timeout: self.timeout,
@@ -104,6 +113,9 @@ impl Pools {
 
     /// Closes connections idle for longer than `proxy.server_idle_timeout`.
     /// Called periodically.
+    /// Pools left empty and unused by any session are dropped, so that
+    /// startup parameters that come and go (or databases that do not
+    /// exist) leave nothing behind.
     pub fn reap(&self) {
         let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
         for pool in pools {
@@ -112,12 +124,61 @@ impl Pools {
             let expired = idle.iter().take_while(|i| i.since.elapsed() >= self.idle_timeout).count();
             idle.drain(..expired);
         }
+        lock(&self.pools).retain(|_, pool| {
+            // The map's own reference only: no session holds the pool.
+            let unused = Arc::strong_count(pool) == 1 && pool.permits.available_permits() == pool.size;
+            !(unused && lock(&pool.idle).is_empty())
+        });
     }
 
-    /// Idle connections in all pools.
-    pub fn idle(&self) -> usize {
+    /// Every pool's state now, for the metrics.
+    pub fn stats(&self) -> Vec<PoolStats> {
         let pools: Vec<Arc<Pool>> = lock(&self.pools).values().cloned().collect();
-        pools.iter().map(|p| lock(&p.idle).len()).sum()
+        pools
+            .iter()
+            .map(|pool| PoolStats {
+                node: pool.node,
+                idle: lock(&pool.idle).len(),
+                active: pool.size.saturating_sub(pool.permits.available_permits()),
+                waiting: pool.waiting.load(Ordering::Relaxed),
+                timeouts: pool.timeouts.load(Ordering::Relaxed),
+            })
+            .collect()
+    }
+}
+
+/// One pool's state, as the metrics report it.
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    pub node: usize,
+    /// Connections idle in the pool.
+    pub idle: usize,
+    /// Connections lent to sessions.
+    pub active: usize,
+    /// Units waiting for a connection.
+    pub waiting: usize,
+    /// Units that gave up waiting.
+    pub timeouts: u64,
+}
+
+/// Counts a unit as waiting for `pool` while it lives.
+pub(super) struct WaitCount(Arc<Pool>);
+
+impl WaitCount {
+    pub(super) fn new(pool: Arc<Pool>) -> WaitCount {
+        pool.waiting.fetch_add(1, Ordering::Relaxed);
+        WaitCount(pool)
+    }
+
+    /// The wait ran out.
+    pub(super) fn timed_out(&self) {
+        self.0.timeouts.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+impl Drop for WaitCount {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -141,10 +202,21 @@ impl Pool {
     /// size are in use; otherwise waits for one to come back.
     pub(super) async fn take(&self, shared: &Shared, login: &ServerLogin) -> Result<Box<Server>, PoolError> {
         let permits = self.permits.clone();
-        let permit = match tokio::time::timeout(self.timeout, permits.acquire_owned()).await {
-            Ok(Ok(permit)) => permit,
-            // The semaphore is never closed.
-            Ok(Err(_)) | Err(_) => return Err(PoolError::Exhausted(self.timeout)),
+        let permit = match permits.clone().try_acquire_owned() {
+            Ok(permit) => permit,
+            Err(_) => {
+                self.waiting.fetch_add(1, Ordering::Relaxed);
+                let waited = tokio::time::timeout(self.timeout, permits.acquire_owned()).await;
+                self.waiting.fetch_sub(1, Ordering::Relaxed);
+                match waited {
+                    Ok(Ok(permit)) => permit,
+                    // The semaphore is never closed.
+                    Ok(Err(_)) | Err(_) => {
+                        self.timeouts.fetch_add(1, Ordering::Relaxed);
+                        return Err(PoolError::Exhausted(self.timeout));
+                    }
+                }
+            }
         };
         match self.take_with(permit) {
             Ok(server) => Ok(server),

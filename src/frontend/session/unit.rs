@@ -45,6 +45,8 @@ pub(super) struct Waiting {
     /// a new request would go to the back of the line.
     pub(super) permit: PermitRequest,
     pub(super) pool: Arc<super::pool::Pool>,
+    /// Counts this unit among the pool's waiting ones while it waits.
+    pub(super) count: super::pool::WaitCount,
 }
 
 /// A pending request for a pool's permit.
@@ -379,7 +381,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 None => match self.exhausted.take() {
                     Some((pool, target)) => {
                         let permit = Box::pin(pool.permits().acquire_owned());
-                        let waiting = Waiting { unit, complete, target, permit, pool };
+                        let count = super::pool::WaitCount::new(pool.clone());
+                        let waiting = Waiting { unit, complete, target, permit, pool, count };
                         return Some(Deferred::Wait(Box::new(waiting)));
                     }
                     None => return Some(Deferred::Unit(Box::new(unit), complete)),
