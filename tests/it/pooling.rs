@@ -322,3 +322,24 @@ async fn pooled_reads_use_replicas_and_still_see_their_writes() {
         primary_port
     );
 }
+
+#[tokio::test]
+async fn a_connection_full_of_statements_is_closed_not_pooled() {
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let client = env.client().await;
+    let first = client.prepare("SELECT 1::int").await.unwrap();
+    let before = pid(&client).await;
+    // tokio-postgres names each statement anew (s1, s2 ...) and closes it
+    // when dropped: keep them.
+    let mut kept = Vec::new();
+    for i in 0..1000 {
+        kept.push(client.prepare(&format!("SELECT {i}::int")).await.unwrap());
+    }
+    let after = pid(&client).await;
+    assert_ne!(before, after, "a connection with over 1000 statements went back to the pool");
+    // The session's statements are prepared again where they are missing.
+    let one: i32 = client.query_one(&first, &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let last: i32 = client.query_one(&kept[999], &[]).await.unwrap().get(0);
+    assert_eq!(last, 999);
+}

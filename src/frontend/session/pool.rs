@@ -22,6 +22,9 @@ use crate::config::ProxySettings;
 use crate::error::ProxyError;
 use crate::frontend::Shared;
 
+/// Named prepared statements a pooled connection may carry.
+pub(super) const MAX_POOLED_STATEMENTS: usize = 1000;
+
 /// Every pool of the proxy.
 pub struct Pools {
     size: usize,
@@ -249,8 +252,14 @@ impl Pool {
     }
 
     /// Takes back a connection that is idle, outside a transaction, with
-    /// nothing in flight and nothing left to read.
+    /// nothing in flight and nothing left to read. One that has collected
+    /// more than [`MAX_POOLED_STATEMENTS`] named statements (of all the
+    /// sessions it served) is closed instead: each costs the server memory,
+    /// and sessions re-prepare theirs where they are missing.
     pub(super) fn put(&self, mut server: Box<Server>) {
+        if server.state.statements.len() > MAX_POOLED_STATEMENTS {
+            return;
+        }
         let permit = server.permit.take();
         lock(&self.idle).push(Idle { server, since: Instant::now() });
         // After the push: a session woken by the permit finds the connection.
