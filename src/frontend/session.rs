@@ -208,9 +208,10 @@ pub struct Session<S: Split> {
     /// Transaction pooling (`proxy.pool_mode = "transaction"`): server
     /// connections go back to their pool whenever they are idle.
     pooling: bool,
-    /// Transaction pooling: the last Parse of the unnamed statement, for
-    /// a later unit that binds it on another connection.
-    unnamed_parse: Option<Frame>,
+    /// Transaction pooling: the body of the last Parse of the unnamed
+    /// statement (empty: none), for a later unit that binds it on another
+    /// connection.
+    unnamed_parse: Vec<u8>,
     /// Transaction pooling: the session's pool for each node it used.
     pools: Vec<(usize, Arc<pool::Pool>)>,
     /// Transaction pooling: the pool whose connections were all in use
@@ -319,7 +320,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             pinned_since: None,
             unnamed_on: None,
             pooling,
-            unnamed_parse: None,
+            unnamed_parse: Vec::new(),
             pools: Vec::new(),
             exhausted: None,
             waiting: None,

@@ -294,9 +294,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if unit.parses_unnamed {
             self.unnamed_on = Some(target);
             if self.pooling {
-                // A copy: the frame shares the client's read buffer.
+                // A copy, into a reused buffer: the frame shares the
+                // client's read buffer, and most units parse the unnamed
+                // statement.
+                self.unnamed_parse.clear();
                 let last = frames.iter().rev().find(|f| f.tag() == b'P' && f.body().first() == Some(&0));
-                self.unnamed_parse = last.map(Frame::detached);
+                if let Some(parse) = last {
+                    self.unnamed_parse.extend_from_slice(parse.body());
+                }
             }
         }
         if self.bound.is_none() {
@@ -632,8 +637,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         let needed = if unit.named { self.missing_statements(target, &unit.frames) } else { Vec::new() };
         let unnamed = match unit.uses_earlier_unnamed && self.unnamed_on != Some(target) {
-            true => self.unnamed_parse.clone(),
-            false => None,
+            true if !self.unnamed_parse.is_empty() => Some(Frame::new(b'P', &self.unnamed_parse)),
+            _ => None,
         };
         let Some(server) = self.server_mut(target) else { return };
         for name in std::mem::take(&mut server.state.stale) {
