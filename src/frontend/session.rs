@@ -393,12 +393,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
                 Event::PoolTimeout => {
                     if let Some(waiting) = self.waiting.take() {
-                        let error = ProxyError::PoolExhausted(self.shared.config.proxy.pool_timeout);
-                        let frame = crate::protocol::backend::error_response(
-                            crate::protocol::backend::Severity::Error,
-                            crate::protocol::SqlState::TooManyConnections,
-                            &error.to_string(),
-                        );
+                        let frame = unit::pool_exhausted(self.shared.config.proxy.pool_timeout);
                         waiting.count.timed_out();
                         drop(waiting);
                         self.client.queue(&frame);

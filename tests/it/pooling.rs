@@ -343,3 +343,30 @@ async fn a_connection_full_of_statements_is_closed_not_pooled() {
     let last: i32 = client.query_one(&kept[999], &[]).await.unwrap().get(0);
     assert_eq!(last, 999);
 }
+
+#[tokio::test]
+async fn idle_pooled_connections_close_after_server_idle_timeout() {
+    let env = start(Cluster::builder(), pooled(1).proxy("server_idle_timeout_ms = 200")).await;
+    let client = env.client().await;
+    let before = pid(&client).await;
+    let primary = connect(&env.cluster.primary().conn_string("postgres", "postgres")).await.unwrap();
+    let alive = |pid: String| {
+        let primary = &primary;
+        async move {
+            let found: i64 = primary
+                .query_one("SELECT count(*) FROM pg_stat_activity WHERE pid = $1::text::int", &[&pid])
+                .await
+                .unwrap()
+                .get(0);
+            found == 1
+        }
+    };
+    assert!(alive(before.clone()).await);
+    // The reaper runs every 100 ms here; the backend exits once closed.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while alive(before.clone()).await {
+        assert!(tokio::time::Instant::now() < deadline, "the idle pooled connection was never closed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_ne!(pid(&client).await, before, "the session still had the closed connection");
+}

@@ -816,9 +816,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     self.primary = Some(server);
                     Ok(Ok(Target::Primary))
                 }
-                Err(error @ ProxyError::PoolExhausted(_)) => {
-                    Ok(Err(error_response(Severity::Error, SqlState::TooManyConnections, &error.to_string())))
-                }
+                Err(ProxyError::PoolExhausted(after)) => Ok(Err(pool_exhausted(after))),
                 Err(error) => {
                     self.shared.topology.suspect(node);
                     let message = format!("cannot reach the primary: {error}");
@@ -984,14 +982,13 @@ fn prepares(class: &Classification) -> bool {
 
 /// Whether the unit's SQL names databases (CREATE, DROP, ALTER DATABASE).
 fn mentions_databases(frames: &[Frame]) -> bool {
-    frames.iter().any(|frame| {
-        let text = match frame.tag() {
-            b'Q' => frontend::query_text(frame).ok(),
-            b'P' => frontend::parse(frame).ok().map(|p| p.query),
-            _ => None,
-        };
-        text.is_some_and(|t| t.to_ascii_lowercase().contains("database"))
-    })
+    unit_sql(frames).any(|t| t.to_ascii_lowercase().contains("database"))
+}
+
+/// The error that fails a unit that waited `after` for a pooled connection.
+pub(super) fn pool_exhausted(after: Duration) -> Frame {
+    let message = ProxyError::PoolExhausted(after).to_string();
+    error_response(Severity::Error, SqlState::TooManyConnections, &message)
 }
 
 /// The error that fails a unit no node can take.
@@ -1064,17 +1061,19 @@ fn uses_unnamed(frames: &[Frame]) -> bool {
 /// Whether the unit's SQL could define or replace a function: then the
 /// volatile-function catalog is reloaded before the next routing decision.
 fn may_define_functions(frames: &[Frame]) -> bool {
-    frames.iter().any(|frame| {
-        let text = match frame.tag() {
-            b'Q' => frontend::query_text(frame).ok(),
-            b'P' => frontend::parse(frame).ok().map(|p| p.query),
-            _ => None,
-        };
-        text.is_some_and(|t| {
-            let t = t.to_ascii_lowercase();
-            ["function", "procedure", "extension", "aggregate", "language"].iter().any(|w| t.contains(w))
-                || t.trim_start().starts_with("do")
-        })
+    unit_sql(frames).any(|t| {
+        let t = t.to_ascii_lowercase();
+        ["function", "procedure", "extension", "aggregate", "language"].iter().any(|w| t.contains(w))
+            || t.trim_start().starts_with("do")
+    })
+}
+
+/// The SQL texts of a unit's Query and Parse messages.
+fn unit_sql(frames: &[Frame]) -> impl Iterator<Item = &str> {
+    frames.iter().filter_map(|frame| match frame.tag() {
+        b'Q' => frontend::query_text(frame).ok(),
+        b'P' => frontend::parse(frame).ok().map(|p| p.query),
+        _ => None,
     })
 }
 
