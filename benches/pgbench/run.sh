@@ -39,6 +39,7 @@
 #   IDLE_AUTH=1000 IDLE_TCP=10000 STREAM_RATE_MB=16
 #   CASES="S-simple-c16 tpcb-simple-c16" (instead of the MODES x CLIENTS matrix)
 #   PROFILE_SECONDS=10 PROFILE_CASES="simple extended prepared tpcb-simple"
+#   PROFILE_EXTRA='pool_mode = "transaction"' ([proxy] keys for the profiled pgnear)
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
 #   INSTR_CLIENTS=4 INSTR_EXTRA='pool_mode = "transaction"' ([proxy] keys)
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
@@ -578,7 +579,7 @@ count_syscalls() {
 
 phase_profile() {
     mkdir -p "$OUT/profile"
-    write_pgnear_config "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY" "$P_PRIMARY" primary ""
+    write_pgnear_config "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY" "$P_PRIMARY" primary "${PROFILE_EXTRA:-}"
     start_pgnear pgnear-profile "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY"
     local pid=$NEAR_PID
     start_pgbouncer

@@ -226,6 +226,9 @@ pub struct Session<S: Split> {
     settings_refused: bool,
     /// Session effects of the open transaction, applied if it commits.
     tx_effects: Vec<Arc<Classification>>,
+    /// The open transaction's savepoints: each name with how many of
+    /// `tx_effects` came before it.
+    tx_savepoints: Vec<(String, usize)>,
     /// The server reports `default_transaction_read_only = on`.
     default_read_only: bool,
     /// Since when reads have been held on the primary after a write.
@@ -327,6 +330,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             sources: wake::Sources::new(),
             settings_refused: false,
             tx_effects: Vec::new(),
+            tx_savepoints: Vec::new(),
             default_read_only: startup_params.iter().any(is_read_only_default),
             retry: None,
             timers: Timers::new(shared_idle_timeout),

@@ -169,6 +169,20 @@ pub enum SessionEffect {
     /// text (`BEGIN; SET ...; ROLLBACK`): where the effects before it
     /// end up depends on it. Present only beside other effects.
     Transaction(Tx),
+    /// SAVEPOINT, RELEASE or ROLLBACK TO `name` (folded): a ROLLBACK TO
+    /// undoes the effects since the savepoint, in this text or earlier ones.
+    Savepoint { op: SavepointOp, name: String },
+}
+
+/// What a savepoint statement does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum SavepointOp {
+    /// SAVEPOINT.
+    Define,
+    /// RELEASE [SAVEPOINT].
+    Release,
+    /// ROLLBACK TO [SAVEPOINT].
+    RollbackTo,
 }
 
 /// Why a session is pinned to the primary.
@@ -182,6 +196,9 @@ pub enum PinReason {
     AdvisoryLock,
     /// DECLARE ... WITH HOLD.
     HoldCursor,
+    /// `set_config(name, value, is_local)` whose `is_local` is not the
+    /// literal `true`: a session setting pgnear cannot replay.
+    SessionConfig,
 }
 
 // === impl Class ===

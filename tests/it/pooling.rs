@@ -94,6 +94,41 @@ async fn settings_stay_with_their_session() {
 }
 
 #[tokio::test]
+async fn a_rollback_to_savepoint_undoes_the_settings_after_it() {
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let a = env.client().await;
+    let b = env.client().await;
+    // Each block runs, then `a` takes the one connection, so `b`'s next
+    // statement gets `b`'s recorded settings replayed.
+    let blocks = [
+        "BEGIN; SAVEPOINT s; SET work_mem = '7MB'; ROLLBACK TO s; COMMIT",
+        "BEGIN; SET work_mem = '5MB'; SAVEPOINT s; SET work_mem = '7MB'; ROLLBACK TO SAVEPOINT s; COMMIT",
+        "BEGIN; SAVEPOINT s; SAVEPOINT t; SET work_mem = '7MB'; RELEASE t; ROLLBACK TO s; RELEASE s; COMMIT",
+        "BEGIN; SAVEPOINT \"S\"; SET work_mem = '6MB'; RELEASE SAVEPOINT \"S\"; COMMIT",
+    ];
+    let expected = ["4MB", "5MB", "5MB", "6MB"];
+    for (block, expected) in blocks.iter().zip(expected) {
+        b.batch_execute(block).await.unwrap_or_else(|e| panic!("{block}: {e}"));
+        a.batch_execute("SET statement_timeout = '1234ms'").await.unwrap();
+        assert_eq!(value(&b, "SHOW work_mem").await, expected, "after {block}");
+    }
+    // One statement at a time, with an error undone by the savepoint.
+    b.batch_execute("RESET work_mem").await.unwrap();
+    for statement in ["BEGIN", "SET search_path = pg_catalog", "SAVEPOINT s", "SET work_mem = '7MB'"] {
+        b.batch_execute(statement).await.unwrap();
+    }
+    assert_eq!(sqlstate(b.simple_query("SELECT 1/0").await), "22012");
+    for statement in ["ROLLBACK TO s", "SET lock_timeout = '3s'", "COMMIT"] {
+        b.batch_execute(statement).await.unwrap();
+    }
+    a.batch_execute("SET statement_timeout = '1234ms'").await.unwrap();
+    assert_eq!(value(&b, "SHOW work_mem").await, "4MB");
+    assert_eq!(value(&b, "SHOW search_path").await, "pg_catalog");
+    assert_eq!(value(&b, "SHOW lock_timeout").await, "3s");
+    assert_eq!(value(&a, "SHOW search_path").await, "\"$user\", public");
+}
+
+#[tokio::test]
 async fn prepared_statements_of_the_same_name_in_two_sessions() {
     let env = start(Cluster::builder(), pooled(1)).await;
     let a = env.client().await;
@@ -154,6 +189,27 @@ async fn the_unnamed_statement_survives_a_turn_of_the_connection() {
     let msgs = a.until_ready().await;
     let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
     assert!(row.body.ends_with(b"42"), "{row:?}");
+}
+
+#[tokio::test]
+async fn a_session_wide_set_config_keeps_its_connection_and_does_not_leak() {
+    let env = start(Cluster::builder(), pooled(2)).await;
+    let a = env.client().await;
+    let b = env.client().await;
+    // Transaction-local: nothing outlives the statement, nothing is pinned.
+    assert_eq!(value(&a, "SELECT set_config('app.user', 'local', true)").await, "local");
+    assert_eq!(value(&b, "SELECT current_setting('app.user', true)").await, "");
+    // Session-wide: the setting stays with a, on a's connection only.
+    assert_eq!(value(&a, "SELECT set_config('app.user', 'alice', false)").await, "alice");
+    let pinned = pid(&a).await;
+    for _ in 0..3 {
+        assert_ne!(pid(&b).await, pinned, "another session ran on a's pinned connection");
+        assert_eq!(value(&b, "SELECT coalesce(current_setting('app.user', true), '')").await, "");
+        assert_eq!(value(&a, "SELECT current_setting('app.user')").await, "alice");
+    }
+    // DISCARD ALL clears the setting and the pin.
+    a.batch_execute("DISCARD ALL").await.unwrap();
+    assert_eq!(value(&a, "SELECT coalesce(current_setting('app.user', true), '')").await, "");
 }
 
 #[tokio::test]

@@ -13,7 +13,7 @@ use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
 use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, ErrorFields};
 use crate::protocol::Frame;
-use crate::router::classify::{Class, Classification, Tx};
+use crate::router::classify::{Class, Classification, SavepointOp, Tx};
 use crate::router::consistency::{PrimarySample, Watermark};
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -157,6 +157,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         after: u8,
     ) {
         let mut pending = std::mem::take(&mut self.tx_effects);
+        let mut savepoints = std::mem::take(&mut self.tx_savepoints);
         let mut kept = Vec::new();
         let mut aborted = before == b'E';
         if !failed {
@@ -169,12 +170,31 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                             kept.append(&mut pending);
                         }
                         pending.clear();
+                        savepoints.clear();
                         (in_block, aborted) = (false, false);
                     }
                     Step::Tx(_) => {
                         pending.clear();
+                        savepoints.clear();
                         (in_block, aborted) = (false, false);
                     }
+                    Step::Savepoint(op, name) if in_block => {
+                        let at = savepoints.iter().rposition(|(n, _)| *n == name);
+                        match (op, at) {
+                            (SavepointOp::Define, _) => savepoints.push((name, pending.len())),
+                            (SavepointOp::Release, Some(at)) => savepoints.truncate(at),
+                            (SavepointOp::RollbackTo, Some(at)) => {
+                                // The savepoint stays; what followed it is undone.
+                                pending.truncate(savepoints[at].1);
+                                savepoints.truncate(at + 1);
+                                aborted = false;
+                            }
+                            // Defined in a unit that failed: nothing
+                            // recorded since then to undo.
+                            (_, None) => {}
+                        }
+                    }
+                    Step::Savepoint(..) => {}
                     Step::Effects(class) if in_block => pending.push(class),
                     Step::Effects(class) => kept.push(class),
                 }
@@ -188,6 +208,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         } else {
             self.tx_effects = pending;
+            self.tx_savepoints = savepoints;
         }
         if !kept.is_empty() {
             self.unit_done(target, &kept);
@@ -275,6 +296,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 enum Step {
     /// BEGIN, COMMIT or ROLLBACK.
     Tx(Tx),
+    /// SAVEPOINT, RELEASE or ROLLBACK TO a name.
+    Savepoint(SavepointOp, String),
     /// Statements with effects.
     Effects(Arc<Classification>),
 }
@@ -288,7 +311,9 @@ fn steps(class: &Arc<Classification>) -> smallvec::SmallVec<[Step; 2]> {
             return smallvec::smallvec![Step::Tx(tx)];
         }
     }
-    if !class.effects.iter().any(|e| matches!(e, SessionEffect::Transaction(_))) {
+    let marker =
+        |e: &SessionEffect| matches!(e, SessionEffect::Transaction(_) | SessionEffect::Savepoint { .. });
+    if !class.effects.iter().any(marker) {
         return if class.effects.is_empty() {
             smallvec::SmallVec::new()
         } else {
@@ -308,6 +333,10 @@ fn steps(class: &Arc<Classification>) -> smallvec::SmallVec<[Step; 2]> {
             SessionEffect::Transaction(tx) => {
                 flush(&mut run, &mut steps);
                 steps.push(Step::Tx(*tx));
+            }
+            SessionEffect::Savepoint { op, name } => {
+                flush(&mut run, &mut steps);
+                steps.push(Step::Savepoint(*op, name.clone()));
             }
             other => run.push(other.clone()),
         }

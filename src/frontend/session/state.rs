@@ -178,7 +178,8 @@ impl SessionState {
                 SessionEffect::Discard { .. }
                 | SessionEffect::Prepare { .. }
                 | SessionEffect::Deallocate { .. }
-                | SessionEffect::Transaction(_) => {}
+                | SessionEffect::Transaction(_)
+                | SessionEffect::Savepoint { .. } => {}
             }
         }
         if !class.effects.is_empty() {

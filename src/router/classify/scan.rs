@@ -5,7 +5,10 @@
 use std::ops::ControlFlow;
 use std::ptr;
 
-use sqlparser::ast::{Cte, Expr, ObjectName, Query, Select, SetExpr, Statement, TableFactor, Visit, Visitor};
+use sqlparser::ast::{
+    Cte, Expr, Function, FunctionArg, FunctionArgExpr, FunctionArguments, ObjectName, Query, Select, SetExpr,
+    Statement, TableFactor, Value, Visit, Visitor,
+};
 
 use super::names::{fold, last_name, push_unique};
 use super::{Class, PinReason, Summary};
@@ -31,6 +34,9 @@ impl Summary {
         if findings.temp_into {
             self.pin(PinReason::TempObject);
         }
+        if findings.session_config {
+            self.pin(PinReason::SessionConfig);
+        }
         if findings.writes {
             Class::Write
         } else {
@@ -50,6 +56,8 @@ pub(super) struct Findings {
     advisory_lock: bool,
     /// SELECT INTO TEMP creates a temporary table.
     temp_into: bool,
+    /// `set_config` may change a session setting.
+    session_config: bool,
 }
 
 /// The CTE names of one query, and which of them are hidden while one of
@@ -218,7 +226,29 @@ impl Visitor for Scan<'_> {
     fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
         if let Expr::Function(function) = expr {
             self.call(&function.name);
+            if self.executes && last_name(&function.name).is_some_and(|n| n == SET_CONFIG) {
+                self.findings.session_config |= !is_local_set_config(function);
+            }
         }
         ControlFlow::Continue(())
+    }
+}
+
+/// The built-in that changes a setting from inside an expression.
+pub(super) const SET_CONFIG: &str = "set_config";
+
+/// Whether a `set_config` call's third argument is the literal `true`: the
+/// setting then ends with the transaction. A parameter, an expression or a
+/// string such as `'t'` counts as session-wide (a string is a literal the
+/// classification cache does not look at).
+fn is_local_set_config(call: &Function) -> bool {
+    let FunctionArguments::List(list) = &call.args else {
+        return false;
+    };
+    match list.args.as_slice() {
+        [_, _, FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))] => {
+            matches!(v.value, Value::Boolean(true))
+        }
+        _ => false,
     }
 }

@@ -8,7 +8,7 @@ use sqlparser::ast::{
 
 use super::names::{fold, last_name, push_unique, setting_name, setting_value};
 use super::split::Source;
-use super::{Class, PinReason, ProxyCommand, SessionEffect, Summary, Tx};
+use super::{Class, PinReason, ProxyCommand, SavepointOp, SessionEffect, Summary, Tx};
 
 // === Statements ===
 
@@ -56,7 +56,10 @@ impl Summary {
             | Statement::Commit { .. }
             | Statement::Rollback { .. }
             | Statement::Savepoint { .. }
-            | Statement::ReleaseSavepoint { .. } => transaction_class(statement),
+            | Statement::ReleaseSavepoint { .. } => {
+                self.savepoint(statement);
+                transaction_class(statement)
+            }
             Statement::Set(set) => self.set(set, source),
             Statement::Reset(reset) => self.reset(&reset.reset, source),
             Statement::Discard { object_type } => self.discard(object_type, source),
@@ -218,6 +221,19 @@ fn show_class(variable: &[Ident]) -> Class {
     match name.strip_prefix("pgnear.") {
         Some(name) => Class::ProxyLocal(ProxyCommand::Show { name: name.to_owned() }),
         None => Class::Read,
+    }
+}
+
+impl Summary {
+    /// Records SAVEPOINT, RELEASE and ROLLBACK TO with their names.
+    fn savepoint(&mut self, statement: &Statement) {
+        let (op, name) = match statement {
+            Statement::Savepoint { name } => (SavepointOp::Define, name),
+            Statement::ReleaseSavepoint { name } => (SavepointOp::Release, name),
+            Statement::Rollback { chain: false, savepoint: Some(name) } => (SavepointOp::RollbackTo, name),
+            _ => return,
+        };
+        self.effects.push(SessionEffect::Savepoint { op, name: fold(name) });
     }
 }
 

@@ -635,6 +635,23 @@ fn transaction_control_is_placed_among_effects_only_beside_them() {
 }
 
 #[test]
+fn savepoints_are_effects_with_folded_names() {
+    use SavepointOp::*;
+    let savepoint = |op, name: &str| SessionEffect::Savepoint { op, name: name.to_owned() };
+    assert_eq!(effects("SAVEPOINT Sp1"), [savepoint(Define, "sp1")]);
+    assert_eq!(effects("RELEASE \"Sp1\""), [savepoint(Release, "Sp1")]);
+    assert_eq!(effects("RELEASE SAVEPOINT sp1"), [savepoint(Release, "sp1")]);
+    assert_eq!(effects("ROLLBACK TO sp1"), [savepoint(RollbackTo, "sp1")]);
+    assert_eq!(effects("ROLLBACK TO SAVEPOINT sp1"), [savepoint(RollbackTo, "sp1")]);
+    let sql = "SAVEPOINT a; SET work_mem = '7MB'; ROLLBACK TO a";
+    let expected =
+        [savepoint(Define, "a"), set("work_mem", "SET work_mem = '7MB'"), savepoint(RollbackTo, "a")];
+    assert_eq!(effects(sql), expected);
+    assert_eq!(classify("SAVEPOINT a").class, Class::Transaction(Tx::Savepoint));
+    assert_eq!(classify("ROLLBACK TO a").class, Class::Transaction(Tx::RollbackTo));
+}
+
+#[test]
 fn set_local_has_no_effect() {
     for sql in ["SET LOCAL search_path = a", "SET LOCAL TIME ZONE 'UTC'", "SET LOCAL ROLE bob"] {
         let c = classify(sql);
@@ -728,6 +745,17 @@ fn pinning_statements() {
         ("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM t", &[HoldCursor]),
         ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", &[]),
         ("LISTEN a; SELECT pg_advisory_lock(1)", &[Listen, AdvisoryLock]),
+        ("SELECT set_config('search_path', 'a', false)", &[SessionConfig]),
+        ("SELECT pg_catalog.SET_CONFIG('a.b', 'c', FALSE)", &[SessionConfig]),
+        ("SELECT set_config('a.b', 'c', $1)", &[SessionConfig]),
+        ("SELECT set_config('a.b', 'c', 't')", &[SessionConfig]),
+        ("SELECT * FROM t WHERE set_config('a.b', t.x, 1 = 1) IS NOT NULL", &[SessionConfig]),
+        ("SELECT set_config('request.jwt.claims', $1, true)", &[]),
+        ("SELECT set_config('a.b', 'c', TRUE), current_setting('a.b')", &[]),
+        ("EXPLAIN SELECT set_config('a.b', 'c', false)", &[]),
+        ("SELECT current_setting('search_path')", &[]),
+        // Unparsed text is scanned for the name.
+        ("SELECT set_config('a.b', 'c', false) FROM (", &[SessionConfig]),
     ];
     for (sql, expected) in cases {
         assert_eq!(pins(sql), *expected, "{sql}");

@@ -31,6 +31,9 @@ impl Summary {
         if words.iter().any(lock) {
             self.pin(PinReason::AdvisoryLock);
         }
+        if words.iter().any(|t| is_word(t, super::scan::SET_CONFIG)) {
+            self.pin(PinReason::SessionConfig);
+        }
         self.unparsed_setting(&words, source);
     }
 
