@@ -34,7 +34,7 @@ use crate::cluster::catalog::Catalog;
 use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
-use crate::protocol::backend::{backend_key_data, ready_for_query};
+use crate::protocol::backend::{backend_key_data, parameter_status, ready_for_query};
 use crate::protocol::{Frame, FrameReader, ProtocolError};
 use crate::router::classify::Classification;
 use crate::router::consistency::Watermark;
@@ -208,6 +208,9 @@ pub struct Session<S: Split> {
     /// Transaction pooling (`proxy.pool_mode = "transaction"`): server
     /// connections go back to their pool whenever they are idle.
     pooling: bool,
+    /// The client's startup `application_name` ("" without one): in
+    /// transaction pooling it is set on each connection the session takes.
+    app_name: String,
     /// Transaction pooling: the body of the last Parse of the unnamed
     /// statement (empty: none), for a later unit that binds it on another
     /// connection.
@@ -275,7 +278,21 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let Some(home) = primary.as_ref().or(replica.as_ref()) else {
             return Err(ProxyError::NoPrimary(crate::cluster::NoPrimary::Unreachable));
         };
-        let startup_params = home.backend.startup_params.clone();
+        let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
+        let app_name = server_login.params.iter().find(|(k, _)| k == server::APPLICATION_NAME);
+        let app_name = app_name.map(|(_, v)| v.clone()).unwrap_or_default();
+        let mut startup_params = home.backend.startup_params.clone();
+        if pooling {
+            // A pooled connection may have been opened by a client with
+            // another name; the first unit sets this one's.
+            for frame in &mut startup_params {
+                let theirs = crate::protocol::backend::parse_parameter_status(frame)
+                    .is_ok_and(|(name, _)| name == server::APPLICATION_NAME);
+                if theirs {
+                    *frame = parameter_status(server::APPLICATION_NAME, &app_name);
+                }
+            }
+        }
         let registration = shared.cancels.register(home.backend.key.pid);
         let database = login.param("database").unwrap_or(&login.user.name).to_string();
         let catalog = shared.catalogs.get(&cluster, &database).await;
@@ -297,7 +314,6 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let shared_mode = shared.config.consistency.read_your_writes;
         let shared_idle_timeout = shared.config.proxy.idle_client_timeout;
         let shared_watermark = shared.watermark.get();
-        let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
         Ok(Session {
             shared,
             client,
@@ -323,6 +339,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             pinned_since: None,
             unnamed_on: None,
             pooling,
+            app_name,
             unnamed_parse: Vec::new(),
             pools: Vec::new(),
             exhausted: None,

@@ -94,6 +94,32 @@ async fn settings_stay_with_their_session() {
 }
 
 #[tokio::test]
+async fn clients_with_different_application_names_share_connections() {
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let a = env.client_with("postgres", "application_name=alpha").await;
+    let b = env.client_with("postgres", "application_name='it\\'s beta'").await;
+    let c = env.client().await;
+    for _ in 0..3 {
+        assert_eq!(value(&a, "SHOW application_name").await, "alpha");
+        assert_eq!(
+            value(&b, "SELECT application_name FROM pg_stat_activity WHERE pid = pg_backend_pid()").await,
+            "it's beta"
+        );
+        assert_eq!(value(&c, "SHOW application_name").await, "");
+    }
+    assert_eq!(pid(&a).await, pid(&b).await, "one pool for both names");
+    assert_eq!(pid(&b).await, pid(&c).await);
+    // A client's own SET wins until it resets, then its startup name is back.
+    a.batch_execute("SET application_name = 'renamed'").await.unwrap();
+    assert_eq!(value(&b, "SHOW application_name").await, "it's beta");
+    assert_eq!(value(&a, "SHOW application_name").await, "renamed");
+    a.batch_execute("RESET application_name").await.unwrap();
+    assert_eq!(value(&a, "SHOW application_name").await, "alpha");
+    b.batch_execute("RESET ALL").await.unwrap();
+    assert_eq!(value(&b, "SHOW application_name").await, "it's beta");
+}
+
+#[tokio::test]
 async fn a_rollback_to_savepoint_undoes_the_settings_after_it() {
     let env = start(Cluster::builder(), pooled(1)).await;
     let a = env.client().await;

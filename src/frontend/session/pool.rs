@@ -5,7 +5,9 @@
 //! are replayed onto whichever connection it gets next.
 //!
 //! One pool per node, server user and startup parameters, so a pooled
-//! connection always has the startup settings of the session taking it.
+//! connection always has the startup settings of the session taking it;
+//! `application_name` alone is left out of the key and set on the
+//! connection when a session with another one takes it.
 //! Idle connections are a stack: the most recently used is taken first,
 //! so a few server processes stay hot instead of all of them turning over.
 
@@ -16,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::server::{open, Server};
+use super::server::{open, Server, APPLICATION_NAME};
 use crate::backend::ServerLogin;
 use crate::config::ProxySettings;
 use crate::error::ProxyError;
@@ -37,7 +39,7 @@ pub struct Pools {
 struct PoolKey {
     node: usize,
     user: String,
-    /// Startup parameters, sorted.
+    /// Startup parameters but `application_name`, sorted.
     params: Vec<(String, String)>,
 }
 
@@ -86,7 +88,8 @@ impl Pools {
     /// The pool for `login` on `node`, made on first use. Sessions keep
     /// what this returns: the lookup hashes every startup parameter.
     pub(super) fn pool(&self, node: usize, login: &ServerLogin) -> Arc<Pool> {
-        let mut params = login.params.clone();
+        let mut params: Vec<_> =
+            login.params.iter().filter(|(k, _)| k != APPLICATION_NAME).cloned().collect();
         params.sort();
         let key = PoolKey { node, user: login.user.clone(), params };
         lock(&self.pools)

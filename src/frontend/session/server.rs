@@ -15,6 +15,10 @@ use crate::router::classify::Classification;
 
 /// A server connection, the key a cancel should use, and what it has of
 /// the session state.
+/// The startup parameter transaction pooling sets per session instead of
+/// keying pools by it.
+pub(super) const APPLICATION_NAME: &str = "application_name";
+
 pub(super) struct Server {
     pub(super) backend: Backend,
     pub(super) node: usize,
@@ -117,11 +121,13 @@ pub(super) async fn open(
     let metrics = shared.metrics.node(&shared.topology.nodes[node].config.name);
     // Boxed: in transaction pooling connections move between sessions
     // and the pool on every transaction.
+    let app_name = login.params.iter().find(|(k, _)| k == APPLICATION_NAME).map(|(_, v)| v.clone());
+    let state = ServerState { app_name: Some(app_name.unwrap_or_default()), ..ServerState::default() };
     Ok(Box::new(Server {
         backend,
         node,
         cancel_key,
-        state: ServerState::default(),
+        state,
         started: std::collections::VecDeque::new(),
         load: Load { node: shared.topology.nodes[node].outstanding.clone(), held: 0 },
         effects: std::collections::VecDeque::new(),

@@ -46,9 +46,15 @@ pub struct Settings {
 impl Settings {
     /// The query that brings a server from any earlier state to this one.
     /// `RESET ALL` leaves the role and session authorization alone, so
-    /// those are reset first.
-    pub fn replay_sql(&self) -> String {
+    /// those are reset first. In transaction pooling `app_name` is the
+    /// session's startup `application_name`: `RESET ALL` brings back the
+    /// one the connection was opened with, which may be another client's.
+    pub fn replay_sql(&self, app_name: Option<&str>) -> String {
         let mut sql = String::from("RESET SESSION AUTHORIZATION;\nRESET ROLE;\nRESET ALL");
+        if let Some(name) = app_name {
+            sql.push_str(";\nSET application_name = ");
+            push_literal(&mut sql, name);
+        }
         for (_, statement) in &self.statements {
             sql.push_str(";\n");
             sql.push_str(statement);
@@ -104,6 +110,22 @@ impl Settings {
     }
 }
 
+/// Appends `value` as a string literal that reads the same whatever
+/// `standard_conforming_strings` is.
+fn push_literal(sql: &mut String, value: &str) {
+    if value.contains('\\') {
+        sql.push('E');
+    }
+    sql.push('\'');
+    for c in value.chars() {
+        if c == '\'' || c == '\\' {
+            sql.push(c);
+        }
+        sql.push(c);
+    }
+    sql.push('\'');
+}
+
 /// Session state tracked across server connections.
 #[derive(Debug)]
 pub struct SessionState {
@@ -138,6 +160,10 @@ pub struct ServerState {
     pub statements: HashMap<String, Frame>,
     /// Statements the client closed elsewhere that still exist here.
     pub stale: Vec<String>,
+    /// The `application_name` beneath the session's own SETs: the one the
+    /// connection was opened with or a replay set. `None` once a RESET may
+    /// have brought back the startup value. Pools are not keyed by it.
+    pub app_name: Option<String>,
 }
 
 impl SessionState {
@@ -161,9 +187,18 @@ impl SessionState {
         for effect in &class.effects {
             match effect {
                 SessionEffect::Set { name, statement } => self.settings.set(name, statement),
-                SessionEffect::Reset { name, .. } => self.settings.reset(name),
-                SessionEffect::ResetAll => self.settings.clear(),
+                SessionEffect::Reset { name, .. } => {
+                    if name == "application_name" {
+                        ran_on.app_name = None;
+                    }
+                    self.settings.reset(name)
+                }
+                SessionEffect::ResetAll => {
+                    ran_on.app_name = None;
+                    self.settings.clear()
+                }
                 SessionEffect::DiscardAll => {
+                    ran_on.app_name = None;
                     self.settings.clear();
                     self.pinned = false;
                     self.prepared.clear();
@@ -223,19 +258,43 @@ mod tests {
         assert_ne!(state.settings_key(), SessionState::default().settings_key(), "keys are per session");
         let prefix = "RESET SESSION AUTHORIZATION;\nRESET ROLE;\nRESET ALL";
         assert_eq!(
-            state.settings.replay_sql(),
+            state.settings.replay_sql(None),
             format!("{prefix};\nSET TIME ZONE 'UTC';\nSET search_path TO other")
         );
         state.apply(&classify("RESET timezone"), &mut a, &mut [&mut b]);
-        assert_eq!(state.settings.replay_sql(), format!("{prefix};\nSET search_path TO other"));
+        assert_eq!(state.settings.replay_sql(None), format!("{prefix};\nSET search_path TO other"));
         for sql in
             ["SET datestyle TO iso", "SET datestyle TO ymd", "SET ROLE r1", "SET SESSION AUTHORIZATION u1"]
         {
             state.apply(&classify(sql), &mut a, &mut [&mut b]);
         }
-        let replay = state.settings.replay_sql();
+        let replay = state.settings.replay_sql(None);
         assert!(replay.contains("SET datestyle TO iso;\nSET datestyle TO ymd"), "{replay}");
         assert!(!replay.contains("\nSET ROLE r1"), "{replay}");
+    }
+
+    #[test]
+    fn the_pooled_replay_sets_the_sessions_application_name_before_its_sets() {
+        let mut state = SessionState::default();
+        let (mut a, mut b) = (ServerState::default(), ServerState::default());
+        state.apply(&classify("SET application_name = 'mine'"), &mut a, &mut [&mut b]);
+        let replay = state.settings.replay_sql(Some("it's \\ app"));
+        assert!(
+            replay.ends_with(
+                "RESET ALL;\nSET application_name = E'it''s \\\\ app';\nSET application_name = 'mine'"
+            ),
+            "{replay}"
+        );
+        assert!(SessionState::default().settings.replay_sql(Some("plain")).ends_with("= 'plain'"));
+        // A RESET may bring back another client's startup name.
+        a.app_name = Some("x".into());
+        state.apply(&classify("RESET application_name"), &mut a, &mut [&mut b]);
+        assert_eq!(a.app_name, None);
+        a.app_name = Some("x".into());
+        state.apply(&classify("RESET search_path"), &mut a, &mut [&mut b]);
+        assert_eq!(a.app_name.as_deref(), Some("x"));
+        state.apply(&classify("RESET ALL"), &mut a, &mut [&mut b]);
+        assert_eq!(a.app_name, None);
     }
 
     #[test]

@@ -585,7 +585,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// Whether `target` (if open) already has the session's settings.
     fn settings_current(&self, target: Target) -> bool {
-        self.server(target).is_none_or(|s| s.state.settings == self.state.settings_key())
+        self.server(target).is_none_or(|s| {
+            s.state.settings == self.state.settings_key()
+                && (!self.pooling || s.state.app_name.as_deref() == Some(self.app_name.as_str()))
+        })
     }
 
     /// Brings `target`'s settings up to date before a new unit, waiting
@@ -597,7 +600,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             return Ok(None);
         }
         let key = self.state.settings_key();
-        let mut body = self.state.settings.replay_sql().into_bytes();
+        let app_name = self.pooling.then(|| self.app_name.clone());
+        let mut body = self.state.settings.replay_sql(app_name.as_deref()).into_bytes();
         body.push(0);
         let Some(server) = self.server_mut(target) else { return Ok(None) };
         server.backend.queue(&Frame::new(b'Q', &body));
@@ -620,6 +624,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         if failure.is_none() {
             server.state.settings = key;
+            if app_name.is_some() {
+                server.state.app_name = app_name;
+            }
         }
         Ok(failure)
     }
