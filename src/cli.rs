@@ -94,9 +94,19 @@ fn runtime(workers: usize) -> tokio::runtime::Runtime {
     }
 }
 
+/// Validates the config file, then loads what it points to (certificates,
+/// keys, root certificates, SCRAM secrets) as `run` would.
 fn check(path: &std::path::Path) -> ExitCode {
     match Config::load(path) {
         Ok(config) => {
+            let loaded = crate::tls::Tls::load(&config)
+                .map(drop)
+                .map_err(|e| e.to_string())
+                .and_then(|()| crate::auth::Directory::build(&config).map(drop).map_err(|e| e.to_string()));
+            if let Err(error) = loaded {
+                eprintln!("{}: invalid configuration\n  {error}", path.display());
+                return ExitCode::FAILURE;
+            }
             println!("{}: ok ({} nodes, {} users)", path.display(), config.nodes.len(), config.users.len());
             ExitCode::SUCCESS
         }

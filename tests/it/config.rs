@@ -129,4 +129,13 @@ fn check_command_exits_0_or_1() {
     assert!(String::from_utf8_lossy(&failed.stderr).contains("nodes[0].port"), "{failed:?}");
     let missing = run(&dir.path().join("missing.toml"));
     assert_eq!(missing.status.code(), Some(1));
+    // Files the config names are loaded too.
+    let no_cert = dir.path().join("no-cert.toml");
+    let tls =
+        "[tls]\nmode = \"require\"\ncert = \"/nonexistent/server.crt\"\nkey = \"/nonexistent/server.key\"\n";
+    std::fs::write(&no_cert, format!("{tls}{NODE}\n[[users]]\nname = \"postgres\"\nauth = \"trust\"\n"))
+        .unwrap();
+    let failed = run(&no_cert);
+    assert_eq!(failed.status.code(), Some(1), "{failed:?}");
+    assert!(String::from_utf8_lossy(&failed.stderr).contains("server.crt"), "{failed:?}");
 }
