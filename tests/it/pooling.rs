@@ -406,24 +406,36 @@ async fn pooled_reads_use_replicas_and_still_see_their_writes() {
 }
 
 #[tokio::test]
-async fn a_connection_full_of_statements_is_closed_not_pooled() {
+async fn a_connection_full_of_statements_closes_the_least_recently_used() {
     let env = start(Cluster::builder(), pooled(1)).await;
     let client = env.client().await;
-    let first = client.prepare("SELECT 1::int").await.unwrap();
+    let first = client.prepare("SELECT 1::int AS first").await.unwrap();
+    let hot = client.prepare("SELECT 2::int AS hot").await.unwrap();
     let before = pid(&client).await;
     // tokio-postgres names each statement anew (s1, s2 ...) and closes it
     // when dropped: keep them.
     let mut kept = Vec::new();
     for i in 0..1000 {
         kept.push(client.prepare(&format!("SELECT {i}::int")).await.unwrap());
+        if i % 100 == 0 {
+            client.query_one(&hot, &[]).await.unwrap();
+        }
     }
-    let after = pid(&client).await;
-    assert_ne!(before, after, "a connection with over 1000 statements went back to the pool");
-    // The session's statements are prepared again where they are missing.
-    let one: i32 = client.query_one(&first, &[]).await.unwrap().get(0);
-    assert_eq!(one, 1);
+    // The last unit closed the evicted statements on the server.
     let last: i32 = client.query_one(&kept[999], &[]).await.unwrap().get(0);
     assert_eq!(last, 999);
+    assert_eq!(pid(&client).await, before, "the connection went on being pooled");
+    let count = value(&client, "SELECT count(*) FROM pg_prepared_statements").await;
+    let count: usize = count.parse().unwrap();
+    assert!((900..=1000).contains(&count), "{count} statements left on the connection");
+    // The hot statement stayed; the session prepares evicted ones again.
+    let text = |sql: &str| format!("SELECT count(*) FROM pg_prepared_statements WHERE statement = '{sql}'");
+    assert_eq!(value(&client, &text("SELECT 2::int AS hot")).await, "1");
+    assert_eq!(value(&client, &text("SELECT 1::int AS first")).await, "0");
+    let one: i32 = client.query_one(&first, &[]).await.unwrap().get(0);
+    assert_eq!(one, 1);
+    let two: i32 = client.query_one(&hot, &[]).await.unwrap().get(0);
+    assert_eq!(two, 2);
 }
 
 #[tokio::test]

@@ -257,11 +257,12 @@ impl Pool {
     /// Takes back a connection that is idle, outside a transaction, with
     /// nothing in flight and nothing left to read. One that has collected
     /// more than [`MAX_POOLED_STATEMENTS`] named statements (of all the
-    /// sessions it served) is closed instead: each costs the server memory,
-    /// and sessions re-prepare theirs where they are missing.
+    /// sessions it served) closes the least recently used tenth of them
+    /// before its next extended-protocol unit: each costs the server
+    /// memory, and sessions re-prepare theirs where they are missing.
     pub(super) fn put(&self, mut server: Box<Server>) {
         if server.state.statements.len() > MAX_POOLED_STATEMENTS {
-            return;
+            server.state.evict_statements(MAX_POOLED_STATEMENTS - MAX_POOLED_STATEMENTS / 10);
         }
         let permit = server.permit.take();
         lock(&self.idle).push(Idle { server, since: Instant::now() });

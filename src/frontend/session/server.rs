@@ -122,7 +122,8 @@ pub(super) async fn open(
     // Boxed: in transaction pooling connections move between sessions
     // and the pool on every transaction.
     let app_name = login.params.iter().find(|(k, _)| k == APPLICATION_NAME).map(|(_, v)| v.clone());
-    let state = ServerState { app_name: Some(app_name.unwrap_or_default()), ..ServerState::default() };
+    let mut state = ServerState::default();
+    state.app_name = Some(app_name.unwrap_or_default());
     Ok(Box::new(Server {
         backend,
         node,

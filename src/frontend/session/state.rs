@@ -5,7 +5,7 @@
 
 /// Maps keyed by client-chosen names: ahash is quick on short keys and,
 /// randomly seeded, resists collision floods.
-type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+pub(super) type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 use std::sync::Arc;
 
 use crate::protocol::Frame;
@@ -150,20 +150,64 @@ impl Default for SessionState {
     }
 }
 
+/// A named statement that exists on a server connection.
+#[derive(Debug)]
+pub struct OnServer {
+    /// The Parse that made it: in transaction pooling another session may
+    /// have made one of the same name.
+    pub parse: Frame,
+    /// When a unit last used it, in `ServerState::clock` ticks.
+    used: u64,
+}
+
 /// What one server connection already has of the session state.
 #[derive(Debug, Default)]
 pub struct ServerState {
     pub settings: SettingsKey,
-    /// Named statements that exist on this server, with the Parse that
-    /// made each: in transaction pooling another session may have made
-    /// one of the same name.
-    pub statements: HashMap<String, Frame>,
+    /// Named statements that exist on this server.
+    pub statements: HashMap<String, OnServer>,
+    /// Counts statement uses, for the least-recently-used eviction.
+    clock: u64,
     /// Statements the client closed elsewhere that still exist here.
     pub stale: Vec<String>,
     /// The `application_name` beneath the session's own SETs: the one the
     /// connection was opened with or a replay set. `None` once a RESET may
     /// have brought back the startup value. Pools are not keyed by it.
     pub app_name: Option<String>,
+}
+
+impl ServerState {
+    /// Records that `name` now exists here, made by `parse`.
+    pub fn add_statement(&mut self, name: String, parse: Frame) {
+        self.clock += 1;
+        self.statements.insert(name, OnServer { parse, used: self.clock });
+    }
+
+    /// The Parse behind statement `name` here, marking it used; `None` if
+    /// there is none or it is about to be closed.
+    pub fn use_statement(&mut self, name: &str) -> Option<&Frame> {
+        if self.stale.iter().any(|s| s == name) {
+            return None;
+        }
+        self.clock += 1;
+        let on_server = self.statements.get_mut(name)?;
+        on_server.used = self.clock;
+        Some(&on_server.parse)
+    }
+
+    /// Leaves the `keep` most recently used statements: the others are
+    /// closed before the connection's next extended-protocol unit, and a
+    /// session that needs one again prepares it again.
+    pub fn evict_statements(&mut self, keep: usize) {
+        let Some(excess) = self.statements.len().checked_sub(keep).filter(|&n| n > 0) else { return };
+        let mut by_use: Vec<(u64, &String)> = self.statements.iter().map(|(n, s)| (s.used, n)).collect();
+        by_use.select_nth_unstable(excess - 1);
+        let evicted: Vec<String> = by_use[..excess].iter().map(|(_, n)| (*n).clone()).collect();
+        for name in &evicted {
+            self.statements.remove(name);
+        }
+        self.stale.extend(evicted);
+    }
 }
 
 impl SessionState {
@@ -224,7 +268,7 @@ impl SessionState {
 
     /// Records a client Parse of a named statement sent to `sent_to`.
     pub fn parsed(&mut self, name: &str, prepared: Prepared, sent_to: &mut ServerState) {
-        sent_to.statements.insert(name.to_string(), prepared.parse.clone());
+        sent_to.add_statement(name.to_string(), prepared.parse.clone());
         self.prepared.insert(name.to_string(), prepared);
     }
 
@@ -298,6 +342,28 @@ mod tests {
     }
 
     #[test]
+    fn the_least_recently_used_statements_are_evicted() {
+        let mut server = ServerState::default();
+        let parse = |i: usize| Frame::new(b'P', format!("s{i}\0SELECT {i}\0\0\0").as_bytes());
+        for i in 0..10 {
+            server.add_statement(format!("s{i}"), parse(i));
+        }
+        for i in [0, 2, 4] {
+            assert!(server.use_statement(&format!("s{i}")).is_some());
+        }
+        server.evict_statements(5);
+        let mut left: Vec<&String> = server.statements.keys().collect();
+        left.sort();
+        assert_eq!(left, ["s0", "s2", "s4", "s8", "s9"]);
+        let mut stale = server.stale.clone();
+        stale.sort();
+        assert_eq!(stale, ["s1", "s3", "s5", "s6", "s7"]);
+        assert!(server.use_statement("s1").is_none());
+        server.evict_statements(5);
+        assert_eq!(server.stale.len(), 5, "nothing more to evict");
+    }
+
+    #[test]
     fn pins_and_discard_all() {
         let mut state = SessionState::default();
         let (mut a, mut b) = (ServerState::default(), ServerState::default());
@@ -305,7 +371,7 @@ mod tests {
         assert!(state.pinned);
         let parse = Frame::new(b'P', b"s1\0SELECT 1\0\0\0");
         state.parsed("s1", Prepared { parse: parse.clone(), class: Arc::new(classify("SELECT 1")) }, &mut a);
-        b.statements.insert("s1".into(), parse.clone());
+        b.add_statement("s1".into(), parse.clone());
         state.apply(&classify("DISCARD ALL"), &mut a, &mut [&mut b]);
         assert!(!state.pinned);
         assert!(state.prepared.is_empty() && a.statements.is_empty());
@@ -318,7 +384,7 @@ mod tests {
         let (mut a, mut b) = (ServerState::default(), ServerState::default());
         let parse = Frame::new(b'P', b"s\0SELECT 1\0\0\0");
         state.parsed("s", Prepared { parse, class: Arc::new(classify("SELECT 1")) }, &mut a);
-        b.statements.insert("s".into(), Frame::new(b'P', b"s\0SELECT 1\0\0\0"));
+        b.add_statement("s".into(), Frame::new(b'P', b"s\0SELECT 1\0\0\0"));
         state.closed("s", &mut a, &mut [&mut b]);
         assert!(state.prepared.is_empty());
         assert_eq!(b.stale, ["s"]);

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use crate::tls::Split;
 
 use super::local::Report;
-use super::state::Prepared;
+use super::state::{HashMap, Prepared, ServerState};
 use super::{Batch, Flow, Server, Session, Target};
 use crate::backend::connection::Hidden;
 use crate::error::ProxyError;
@@ -642,7 +642,20 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if !extended {
             return;
         }
-        let needed = if unit.named { self.missing_statements(target, &unit.frames) } else { Vec::new() };
+        let needed = match unit.named {
+            true => {
+                let (state, server, _) = split_state(
+                    &mut self.state,
+                    self.primary.as_deref_mut(),
+                    self.replica.as_deref_mut(),
+                    target,
+                );
+                server
+                    .map(|s| missing_statements(&state.prepared, &mut s.state, &unit.frames))
+                    .unwrap_or_default()
+            }
+            false => Vec::new(),
+        };
         let unnamed = match unit.uses_earlier_unnamed && self.unnamed_on != Some(target) {
             true if !self.unnamed_parse.is_empty() => Some(Frame::new(b'P', &self.unnamed_parse)),
             _ => None,
@@ -659,60 +672,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
             if let Some(parse) = fix.parse {
                 server.backend.queue_hidden(&parse, Hidden::ParseComplete);
-                server.state.statements.insert(fix.name, parse);
+                server.state.add_statement(fix.name, parse);
             }
         }
         if let Some(parse) = unnamed {
             server.backend.queue_hidden(&parse, Hidden::ParseComplete);
             self.unnamed_on = Some(target);
         }
-    }
-
-    /// What `target` needs so that the unit's named statements mean there
-    /// what they mean in the session: a Bind or Describe of a statement
-    /// the session prepared needs that very statement (replayed if the
-    /// server lacks it or has another of the name); one of a statement the
-    /// session does not have, or a Parse of a new name, needs the name
-    /// free, as PostgreSQL would have it; a Parse of a name the session
-    /// already has must fail on the server as a duplicate, so the
-    /// session's statement is replayed first.
-    fn missing_statements(&self, target: Target, frames: &[Frame]) -> Vec<StatementFix> {
-        let Some(server) = self.server(target) else { return Vec::new() };
-        let on_server = |name: &str| {
-            server.state.statements.get(name).filter(|_| !server.state.stale.iter().any(|s| s == name))
-        };
-        let mut seen: smallvec::SmallVec<[&str; 4]> = smallvec::SmallVec::new();
-        let mut needed: Vec<StatementFix> = Vec::new();
-        for frame in frames {
-            let (name, parses) = match frame.tag() {
-                b'P' => (frontend::parse_name(frame).ok(), true),
-                b'B' => (frontend::bind(frame).map(|b| b.statement).ok(), false),
-                b'D' => match frontend::target(frame) {
-                    Ok(Named::Statement(name)) => (Some(name), false),
-                    _ => (None, false),
-                },
-                _ => (None, false),
-            };
-            let Some(name) = name.filter(|n| !n.is_empty() && !seen.contains(n)) else { continue };
-            seen.push(name);
-            let there = on_server(name);
-            let fix = match self.state.prepared.get(name) {
-                // A Parse of a name the session has: let the server refuse it.
-                Some(ours) if parses => {
-                    there.is_none().then(|| StatementFix::parse(name, &ours.parse, false))
-                }
-                Some(ours) => match there {
-                    Some(theirs) if theirs.raw() == ours.parse.raw() => None,
-                    Some(_) => Some(StatementFix::parse(name, &ours.parse, true)),
-                    None => Some(StatementFix::parse(name, &ours.parse, false)),
-                },
-                None => {
-                    there.is_some().then(|| StatementFix { name: name.to_string(), close: true, parse: None })
-                }
-            };
-            needed.extend(fix);
-        }
-        needed
     }
 
     /// Picks the server for a new unit, opening a replica connection if
@@ -971,6 +937,51 @@ impl StatementFix {
     fn parse(name: &str, parse: &Frame, close: bool) -> StatementFix {
         StatementFix { name: name.to_string(), close, parse: Some(parse.clone()) }
     }
+}
+
+/// What `target` needs so that the unit's named statements mean there
+/// what they mean in the session: a Bind or Describe of a statement
+/// the session prepared needs that very statement (replayed if the
+/// server lacks it or has another of the name); one of a statement the
+/// session does not have, or a Parse of a new name, needs the name
+/// free, as PostgreSQL would have it; a Parse of a name the session
+/// already has must fail on the server as a duplicate, so the
+/// session's statement is replayed first. Marks the statements used.
+fn missing_statements(
+    prepared: &HashMap<String, Prepared>,
+    server: &mut ServerState,
+    frames: &[Frame],
+) -> Vec<StatementFix> {
+    let mut seen: smallvec::SmallVec<[&str; 4]> = smallvec::SmallVec::new();
+    let mut needed: Vec<StatementFix> = Vec::new();
+    for frame in frames {
+        let (name, parses) = match frame.tag() {
+            b'P' => (frontend::parse_name(frame).ok(), true),
+            b'B' => (frontend::bind(frame).map(|b| b.statement).ok(), false),
+            b'D' => match frontend::target(frame) {
+                Ok(Named::Statement(name)) => (Some(name), false),
+                _ => (None, false),
+            },
+            _ => (None, false),
+        };
+        let Some(name) = name.filter(|n| !n.is_empty() && !seen.contains(n)) else { continue };
+        seen.push(name);
+        let there = server.use_statement(name);
+        let fix = match prepared.get(name) {
+            // A Parse of a name the session has: let the server refuse it.
+            Some(ours) if parses => there.is_none().then(|| StatementFix::parse(name, &ours.parse, false)),
+            Some(ours) => match there {
+                Some(theirs) if theirs.raw() == ours.parse.raw() => None,
+                Some(_) => Some(StatementFix::parse(name, &ours.parse, true)),
+                None => Some(StatementFix::parse(name, &ours.parse, false)),
+            },
+            None => {
+                there.is_some().then(|| StatementFix { name: name.to_string(), close: true, parse: None })
+            }
+        };
+        needed.extend(fix);
+    }
+    needed
 }
 
 /// A Close of the named statement `name`.
