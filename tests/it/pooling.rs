@@ -225,17 +225,27 @@ async fn a_session_wide_set_config_keeps_its_connection_and_does_not_leak() {
     // Transaction-local: nothing outlives the statement, nothing is pinned.
     assert_eq!(value(&a, "SELECT set_config('app.user', 'local', true)").await, "local");
     assert_eq!(value(&b, "SELECT current_setting('app.user', true)").await, "");
-    // Session-wide: the setting stays with a, on a's connection only.
-    assert_eq!(value(&a, "SELECT set_config('app.user', 'alice', false)").await, "alice");
+    // Session-wide with literals: replayed like SET, on any connection.
+    assert_eq!(value(&a, "SELECT set_config('app.role', 'admin', false)").await, "admin");
+    for _ in 0..3 {
+        assert_eq!(value(&b, "SELECT coalesce(current_setting('app.role', true), '')").await, "");
+        assert_eq!(value(&a, "SELECT current_setting('app.role')").await, "admin");
+    }
+    assert_eq!(pid(&a).await, pid(&b).await, "a plain set_config does not pin");
+    // Any other session-wide set_config: it stays with a, on a's
+    // connection only.
+    let computed = "SELECT set_config('app.user', v, false) FROM (VALUES ('alice')) AS t (v)";
+    assert_eq!(value(&a, computed).await, "alice");
     let pinned = pid(&a).await;
     for _ in 0..3 {
         assert_ne!(pid(&b).await, pinned, "another session ran on a's pinned connection");
         assert_eq!(value(&b, "SELECT coalesce(current_setting('app.user', true), '')").await, "");
         assert_eq!(value(&a, "SELECT current_setting('app.user')").await, "alice");
     }
-    // DISCARD ALL clears the setting and the pin.
+    // DISCARD ALL clears the settings and the pin.
     a.batch_execute("DISCARD ALL").await.unwrap();
     assert_eq!(value(&a, "SELECT coalesce(current_setting('app.user', true), '')").await, "");
+    assert_eq!(value(&a, "SELECT coalesce(current_setting('app.role', true), '')").await, "");
 }
 
 #[tokio::test]

@@ -225,6 +225,37 @@ async fn settings_follow_the_session_to_every_backend() {
 }
 
 #[tokio::test]
+async fn set_config_runs_on_the_primary_and_follows_the_session_or_pins_it() {
+    let env = two_replicas(ProxyConfig::default()).await;
+    let d = env.client().await;
+    let set = d.simple_query("SELECT set_config('app.tenant', 'acme', false)").await.unwrap();
+    assert!(matches!(&set[1], SimpleQueryMessage::Row(r) if r.get(0) == Some("acme")));
+    // The plain call is replayed: reads on a replica see it.
+    let sql = "SELECT inet_server_port(), current_setting('app.tenant')";
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let row = d.query_one(sql, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(1), "acme");
+        if ran(&env, &row.get::<_, i32>(0).to_string()) == Ran::Replica {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "reads never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // A computed one cannot be replayed: the session stays on the primary.
+    let e = env.client().await;
+    eventually_on_replica(&env, &e, "SELECT inet_server_port()").await;
+    let computed = "SELECT set_config('app.tenant', v, false) FROM (VALUES ('beta')) AS t (v)";
+    e.batch_execute(computed).await.unwrap();
+    for _ in 0..20 {
+        let row = e.query_one(sql, &[]).await.unwrap();
+        assert_eq!(row.get::<_, String>(1), "beta");
+        assert_eq!(ran(&env, &row.get::<_, i32>(0).to_string()), Ran::Primary);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
 async fn session_hints_pins_and_primary_default() {
     let env = two_replicas(ProxyConfig::default()).await;
     let c = env.client().await;

@@ -2,11 +2,13 @@
 //! DECLARE, ...) and the session effects and pins it has.
 
 use sqlparser::ast::{
-    ContextModifier, CopySource, CopyTarget, Declare, DeclareType, DiscardObject, Expr, Ident, ObjectName,
-    Reset, Set, Statement, TransactionAccessMode, TransactionMode, UtilityOption,
+    ContextModifier, CopySource, CopyTarget, Declare, DeclareType, DiscardObject, Expr, FunctionArg,
+    FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, ObjectName, Reset, SelectItem, Set, SetExpr,
+    Statement, TransactionAccessMode, TransactionMode, UtilityOption, Value,
 };
 
 use super::names::{fold, last_name, push_unique, setting_name, setting_value};
+use super::scan::SET_CONFIG;
 use super::split::Source;
 use super::{Class, PinReason, ProxyCommand, SavepointOp, SessionEffect, Summary, Tx};
 
@@ -26,6 +28,14 @@ impl Summary {
                 Class::Session
             }
             _ => {
+                if let Some(name) = plain_set_config(statement) {
+                    // A built-in writer, so it runs on the primary, and
+                    // replayable elsewhere like the SET it amounts to; any
+                    // other session-wide set_config pins (see `scan`).
+                    self.set_effect(&name, source);
+                    push_unique(&mut self.functions, SET_CONFIG.to_owned());
+                    return Class::Write;
+                }
                 let scan = self.scan(statement, true);
                 let class = self.kind(statement, source);
                 self.apply(scan, class)
@@ -221,6 +231,53 @@ fn show_class(variable: &[Ident]) -> Class {
     match name.strip_prefix("pgnear.") {
         Some(name) => Class::ProxyLocal(ProxyCommand::Show { name: name.to_owned() }),
         None => Class::Read,
+    }
+}
+
+/// The parameter name of `SELECT [pg_catalog.]set_config('name', 'value',
+/// false) [AS alias]`, a statement that does nothing but change one
+/// setting for the session.
+fn plain_set_config(statement: &Statement) -> Option<String> {
+    let Statement::Query(query) = statement else { return None };
+    let bare = query.with.is_none()
+        && query.order_by.is_none()
+        && query.limit_clause.is_none()
+        && query.fetch.is_none()
+        && query.locks.is_empty();
+    let SetExpr::Select(select) = query.body.as_ref() else { return None };
+    let alone = select.from.is_empty()
+        && select.selection.is_none()
+        && select.having.is_none()
+        && select.into.is_none()
+        && select.distinct.is_none()
+        && matches!(&select.group_by, GroupByExpr::Expressions(e, _) if e.is_empty());
+    let [SelectItem::UnnamedExpr(Expr::Function(call))
+    | SelectItem::ExprWithAlias { expr: Expr::Function(call), .. }] = select.projection.as_slice()
+    else {
+        return None;
+    };
+    let qualified = match call.name.0.as_slice() {
+        [_] => true,
+        [schema, _] => schema.as_ident().is_some_and(|s| fold(s) == "pg_catalog"),
+        _ => false,
+    };
+    let named = last_name(&call.name).is_some_and(|n| n == SET_CONFIG);
+    if !(bare && alone && qualified && named) || call.filter.is_some() || call.over.is_some() {
+        return None;
+    }
+    let FunctionArguments::List(list) = &call.args else { return None };
+    let literal = |arg: &FunctionArg| match arg {
+        FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => Some(v.value.clone()),
+        _ => None,
+    };
+    let args: Vec<Value> = list.args.iter().map(literal).collect::<Option<_>>()?;
+    match args.as_slice() {
+        [Value::SingleQuotedString(name), Value::SingleQuotedString(_), Value::Boolean(false)]
+            if list.clauses.is_empty() && list.duplicate_treatment.is_none() =>
+        {
+            Some(name.to_lowercase())
+        }
+        _ => None,
     }
 }
 

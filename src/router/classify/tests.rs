@@ -652,6 +652,19 @@ fn savepoints_are_effects_with_folded_names() {
 }
 
 #[test]
+fn a_plain_session_wide_set_config_is_a_setting() {
+    for sql in [
+        "SELECT set_config('Search_Path', 'a', false)",
+        "select pg_catalog.set_config('search_path', 'a', FALSE) AS sp;",
+    ] {
+        let c = classify(sql);
+        assert_eq!(c.class, Class::Write, "{sql}");
+        assert_eq!(c.effects, [set("search_path", sql.trim_end_matches(';'))], "{sql}");
+        assert!(c.pins().next().is_none(), "{sql}");
+    }
+}
+
+#[test]
 fn set_local_has_no_effect() {
     for sql in ["SET LOCAL search_path = a", "SET LOCAL TIME ZONE 'UTC'", "SET LOCAL ROLE bob"] {
         let c = classify(sql);
@@ -745,9 +758,11 @@ fn pinning_statements() {
         ("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT * FROM t", &[HoldCursor]),
         ("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1", &[]),
         ("LISTEN a; SELECT pg_advisory_lock(1)", &[Listen, AdvisoryLock]),
-        ("SELECT set_config('search_path', 'a', false)", &[SessionConfig]),
-        ("SELECT pg_catalog.SET_CONFIG('a.b', 'c', FALSE)", &[SessionConfig]),
+        ("SELECT set_config('search_path', 'a', false), 1", &[SessionConfig]),
+        ("SELECT pg_catalog.SET_CONFIG('a.b', 'c', FALSE) FROM t", &[SessionConfig]),
+        ("SELECT set_config('a.b', $1, false)", &[SessionConfig]),
         ("SELECT set_config('a.b', 'c', $1)", &[SessionConfig]),
+        ("SELECT x.set_config('a.b', 'c', false)", &[SessionConfig]),
         ("SELECT set_config('a.b', 'c', 't')", &[SessionConfig]),
         ("SELECT * FROM t WHERE set_config('a.b', t.x, 1 = 1) IS NOT NULL", &[SessionConfig]),
         ("SELECT set_config('request.jwt.claims', $1, true)", &[]),
