@@ -123,7 +123,8 @@ cleanup() {
     set +e
     for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null; done
     # PgBouncer runs under runuser as root: its pidfile names the process.
-    [[ -s $WORK/pgbouncer.pid ]] && kill "$(cat "$WORK/pgbouncer.pid")" 2>/dev/null
+    # (It removes the file as it exits: a stop just before may race.)
+    [[ -s $WORK/pgbouncer.pid ]] && kill "$(cat "$WORK/pgbouncer.pid" 2>/dev/null)" 2>/dev/null
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
     for node in replica primary; do
         [[ -f $WORK/$node/postmaster.pid ]] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/$node" -m immediate -w stop >/dev/null 2>&1
@@ -400,7 +401,9 @@ phase_pgbench() {
                 fi
                 read -r tps lat status cpu pg bench <<<"$(run_pgbench "$t" "${port[$t]}" "${pid[$t]}" "$cs" "${args[@]}")"
                 printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$cs" "$t" "$tps" "$lat" "$status" "$load" "$cpu" "$pg" "$bench" >>"$OUT/results.tsv"
-                log "round $ROUND $cs $t: tps=$tps lat=${lat}ms cpu/txn proxy=${cpu}us postgres=${pg}us pgbench=${bench}us ($status, load $load)"
+                local proxy_cpu=${cpu}us
+                [[ $cpu == nan ]] && proxy_cpu=n/a
+                log "round $ROUND $cs $t: tps=$tps lat=${lat}ms cpu/txn proxy=$proxy_cpu postgres=${pg}us pgbench=${bench}us ($status, load $load)"
             done
         done
     done
@@ -553,15 +556,21 @@ count_syscalls() {
     shift 4
     local events=sendto,recvfrom,epoll_wait,futex,write,read
     local file="$OUT/profile/$name/syscalls-$target.txt"
-    perf stat -e "$(sed 's/\([a-z_][a-z_]*\)/syscalls:sys_enter_\1/g' <<<"$events")" -p "$pid" -o "$file" &
+    local tracepoints
+    tracepoints=$(sed 's/\([a-z_][a-z_]*\)/syscalls:sys_enter_\1/g' <<<"$events")
+    perf stat -e "$tracepoints" -p "$pid" -o "$file" &
     local perf_pid=$!
+    # The same system-wide: pgbench, PostgreSQL and the proxy together.
+    perf stat -a -e "$tracepoints,context-switches" -o "$file.all" &
+    local perf_all=$!
     sleep 0.5
     local before after
     before=$(awk '{print $14, $15}' "/proc/$pid/stat")
     "$PGBENCH" -n "$@" -T "$PROFILE_SECONDS" -h 127.0.0.1 -p "$port" -U postgres postgres >"$file.pgbench" 2>&1 || true
     after=$(awk '{print $14, $15}' "/proc/$pid/stat")
-    kill -INT "$perf_pid"
+    kill -INT "$perf_pid" "$perf_all"
     wait "$perf_pid" || true
+    wait "$perf_all" || true
     local txns
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$file.pgbench")
     printf '%s\t%s\t%s' "$name" "$target" "${txns:-0}" >>"$OUT/profile/syscalls.tsv"
@@ -569,12 +578,19 @@ count_syscalls() {
     awk -v b="$before" -v a="$after" -v t="${txns:-0}" -v hz="$(getconf CLK_TCK)" 'BEGIN {
         split(b, x, " "); split(a, y, " ");
         printf "\t%.1f\t%.1f", t ? (y[1] - x[1]) * 1e6 / hz / t : 0, t ? (y[2] - x[2]) * 1e6 / hz / t : 0 }' >>"$OUT/profile/syscalls.tsv"
-    for e in ${events//,/ }; do
+    per_txn() {
         local n
-        n=$(awk -v e="syscalls:sys_enter_$e" '$2 == e {gsub(",", "", $1); print $1}' "$file")
-        printf '\t%s' "$(awk -v n="${n:-0}" -v t="${txns:-0}" 'BEGIN{printf "%.2f", t ? n / t : 0}')" >>"$OUT/profile/syscalls.tsv"
+        n=$(awk -v e="$1" '$2 == e {gsub(",", "", $1); print $1}' "$2")
+        awk -v n="${n:-0}" -v t="${txns:-0}" 'BEGIN{printf "%.2f", t ? n / t : 0}'
+    }
+    for e in ${events//,/ }; do
+        printf '\t%s' "$(per_txn "syscalls:sys_enter_$e" "$file")" >>"$OUT/profile/syscalls.tsv"
     done
-    printf '\n' >>"$OUT/profile/syscalls.tsv"
+    printf '\n%s\t%s\t%s\t-\t-' "$name" "$target+all" "${txns:-0}" >>"$OUT/profile/syscalls.tsv"
+    for e in ${events//,/ }; do
+        printf '\t%s' "$(per_txn "syscalls:sys_enter_$e" "$file.all")" >>"$OUT/profile/syscalls.tsv"
+    done
+    printf '\t%s\n' "$(per_txn context-switches "$file.all")" >>"$OUT/profile/syscalls.tsv"
 }
 
 phase_profile() {
@@ -583,7 +599,9 @@ phase_profile() {
     start_pgnear pgnear-profile "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY"
     local pid=$NEAR_PID
     start_pgbouncer
-    printf 'case\ttarget\ttransactions\tuser_us\tsys_us\tsendto\trecvfrom\tepoll_wait\tfutex\twrite\tread\n' >"$OUT/profile/syscalls.tsv"
+    # Rows "<target>+all" count every process on the machine (pgbench,
+    # PostgreSQL and the proxy), with context switches in the last column.
+    printf 'case\ttarget\ttransactions\tuser_us\tsys_us\tsendto\trecvfrom\tepoll_wait\tfutex\twrite\tread\tcswitch\n' >"$OUT/profile/syscalls.tsv"
     for name in $PROFILE_CASES; do
         local dir=$OUT/profile/$name mode=${name#tpcb-} args=(-c 16 -j 2)
         [[ $name == tpcb-* ]] || args+=(-S)
