@@ -208,6 +208,9 @@ pub struct Session<S: Split> {
     /// Transaction pooling (`proxy.pool_mode = "transaction"`): server
     /// connections go back to their pool whenever they are idle.
     pooling: bool,
+    /// Transaction pooling: the connection the session last wrote on and
+    /// its turn then, where `currval()`/`lastval()` can be read.
+    write_at: Option<(ServerKey, u64)>,
     /// The client's startup `application_name` ("" without one): in
     /// transaction pooling it is set on each connection the session takes.
     app_name: String,
@@ -268,7 +271,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             password: login.user.server_password.clone(),
             params,
         };
-        let (primary, replica) = match first_server(&shared, &cluster, &server_login).await {
+        let state = SessionState::default();
+        let (primary, replica) = match first_server(&shared, &cluster, &server_login, state.owner()).await {
             Ok(servers) => servers,
             Err(error) => {
                 super::refuse(&mut stream, &error).await;
@@ -326,7 +330,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             bound_reason: crate::router::Reason::Transaction,
             open_batch: false,
             batch: Batch::default(),
-            state: SessionState::default(),
+            state,
             settings,
             watermark: match shared_mode {
                 ReadYourWrites::Off => Watermark::default(),
@@ -340,6 +344,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             unnamed_on: None,
             pooling,
             app_name,
+            write_at: None,
             unnamed_parse: Vec::new(),
             pools: Vec::new(),
             exhausted: None,
@@ -481,7 +486,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Target::Primary => &mut self.primary,
             Target::Replica => &mut self.replica,
         };
-        match pool.take_with(permit) {
+        match pool.take_with(permit, self.state.owner()) {
             Ok(server) if slot.is_none() => {
                 *slot = Some(server);
                 self.sources.mark_all();

@@ -27,6 +27,8 @@ pub enum SqlState {
     UndefinedObject,
     /// 25006
     ReadOnlySqlTransaction,
+    /// 55000 (PostgreSQL's for a currval() not yet defined in the session)
+    ObjectNotInPrerequisiteState,
     /// 58000
     SystemError,
     /// XX000
@@ -49,6 +51,7 @@ impl SqlState {
             SqlState::InvalidParameterValue => "22023",
             SqlState::UndefinedObject => "42704",
             SqlState::ReadOnlySqlTransaction => "25006",
+            SqlState::ObjectNotInPrerequisiteState => "55000",
             SqlState::SystemError => "58000",
             SqlState::InternalError => "XX000",
         }

@@ -120,6 +120,48 @@ async fn clients_with_different_application_names_share_connections() {
 }
 
 #[tokio::test]
+async fn currval_reads_the_sessions_own_nextval_or_fails() {
+    let env = start(Cluster::builder(), pooled(2)).await;
+    let a = env.client().await;
+    let b = env.client().await;
+    a.batch_execute("CREATE TABLE seq_items (id serial PRIMARY KEY, v text)").await.unwrap();
+    let currval = "SELECT currval('seq_items_id_seq')";
+    // Its own connection, taken back from the pool: the right value.
+    a.batch_execute("INSERT INTO seq_items (v) VALUES ('a1')").await.unwrap();
+    assert_eq!(value(&a, currval).await, "1");
+    assert_eq!(value(&a, "SELECT lastval()").await, "1");
+    // Kept across the session's own later transactions.
+    a.batch_execute("BEGIN").await.unwrap();
+    assert_eq!(value(&a, currval).await, "1");
+    a.batch_execute("COMMIT").await.unwrap();
+    // Another client writes on that connection: a's value is gone from
+    // it, and pgnear says so instead of answering with b's.
+    b.batch_execute("INSERT INTO seq_items (v) VALUES ('b1')").await.unwrap();
+    assert_eq!(value(&b, currval).await, "2");
+    assert_eq!(sqlstate(a.simple_query(currval).await), "55000");
+    assert_eq!(sqlstate(a.simple_query("SELECT lastval()").await), "55000");
+    // In the same text or transaction as the insert it always works.
+    let messages =
+        a.simple_query("INSERT INTO seq_items (v) VALUES ('a2'); SELECT currval('seq_items_id_seq')").await;
+    let rows: Vec<_> = messages
+        .unwrap()
+        .into_iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(rows, ["3"]);
+    a.batch_execute("BEGIN; INSERT INTO seq_items (v) VALUES ('a3')").await.unwrap();
+    assert_eq!(value(&b, "SELECT count(*) FROM seq_items").await, "3", "b ran beside a's transaction");
+    assert_eq!(value(&a, currval).await, "4");
+    a.batch_execute("COMMIT").await.unwrap();
+    // A session that never wrote reads nothing of another's.
+    let c = env.client().await;
+    assert_eq!(sqlstate(c.simple_query(currval).await), "55000");
+}
+
+#[tokio::test]
 async fn a_rollback_to_savepoint_undoes_the_settings_after_it() {
     let env = start(Cluster::builder(), pooled(1)).await;
     let a = env.client().await;

@@ -22,6 +22,7 @@ use super::server::{open, Server, APPLICATION_NAME};
 use crate::backend::ServerLogin;
 use crate::config::ProxySettings;
 use crate::error::ProxyError;
+use crate::frontend::cancel::ServerKey;
 use crate::frontend::Shared;
 
 /// Named prepared statements a pooled connection may carry.
@@ -193,9 +194,9 @@ impl Pool {
     /// connection may be used. Pooled connections keep their `pool`.
     /// `Err(true)`: every connection is in use, wait for a permit;
     /// `Err(false)`: one may be opened.
-    pub(super) fn take_now(&self) -> Result<Box<Server>, bool> {
+    pub(super) fn take_now(&self, holder: u64) -> Result<Box<Server>, bool> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else { return Err(true) };
-        self.take_with(permit).map_err(|_| false)
+        self.take_with(permit, holder).map_err(|_| false)
     }
 
     /// The semaphore whose permit a session waits for when every
@@ -206,7 +207,12 @@ impl Pool {
 
     /// A connection: an idle one, or a new one while fewer than the pool
     /// size are in use; otherwise waits for one to come back.
-    pub(super) async fn take(&self, shared: &Shared, login: &ServerLogin) -> Result<Box<Server>, PoolError> {
+    pub(super) async fn take(
+        &self,
+        shared: &Shared,
+        login: &ServerLogin,
+        holder: u64,
+    ) -> Result<Box<Server>, PoolError> {
         let permits = self.permits.clone();
         let permit = match permits.clone().try_acquire_owned() {
             Ok(permit) => permit,
@@ -224,23 +230,25 @@ impl Pool {
                 }
             }
         };
-        match self.take_with(permit) {
+        match self.take_with(permit, holder) {
             Ok(server) => Ok(server),
             Err(permit) => {
                 // Boxed: the future of a connect is large, and this one's
                 // is moved on every wait for a pooled connection.
                 let mut server = Box::pin(open(shared, self.node, login)).await.map_err(PoolError::Open)?;
                 server.permit = Some(permit);
+                server.hand_to(holder);
                 Ok(server)
             }
         }
     }
 
     /// The most recently used idle connection that is still sound, holding
-    /// `permit`; the permit back if there is none.
+    /// `permit`, for session `holder`; the permit back if there is none.
     pub(super) fn take_with(
         &self,
         permit: OwnedSemaphorePermit,
+        holder: u64,
     ) -> Result<Box<Server>, OwnedSemaphorePermit> {
         let mut idle = lock(&self.idle);
         while let Some(Idle { mut server, .. }) = idle.pop() {
@@ -248,10 +256,27 @@ impl Pool {
             // terminated): it cannot take work.
             if server.backend.is_quiet() {
                 server.permit = Some(permit);
+                server.hand_to(holder);
                 return Ok(server);
             }
         }
         Err(permit)
+    }
+
+    /// The idle connection `key` if session `holder` has held it, and no
+    /// other session, since its turn `turn`, and it may be used now.
+    pub(super) fn take_back(&self, key: ServerKey, holder: u64, turn: u64) -> Option<Box<Server>> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        let mut idle = lock(&self.idle);
+        let at =
+            idle.iter().rposition(|i| i.server.cancel_key == key && i.server.held_by_since(holder, turn))?;
+        let Idle { mut server, .. } = idle.remove(at);
+        if !server.backend.is_quiet() {
+            return None;
+        }
+        server.permit = Some(permit);
+        server.hand_to(holder);
+        Some(server)
     }
 
     /// Takes back a connection that is idle, outside a transaction, with

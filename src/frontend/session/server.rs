@@ -41,10 +41,32 @@ pub(super) struct Server {
     /// Transaction pooling: the pool it goes back to, and its place among
     /// the pool's connections in use while a session holds it.
     pub(super) pool: Option<Arc<Pool>>,
+    /// Transaction pooling: the session holding the connection, or that
+    /// held it last (its `SessionState::owner`); 0 before any.
+    pub(super) holder: u64,
+    /// How many times sessions have taken it from the pool.
+    pub(super) turns: u64,
+    /// The turn since which `holder` has taken it every time.
+    pub(super) held_since: u64,
     pub(super) permit: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Server {
+    /// Transaction pooling: session `holder` takes the connection.
+    pub(super) fn hand_to(&mut self, holder: u64) {
+        self.turns += 1;
+        if self.holder != holder {
+            self.holder = holder;
+            self.held_since = self.turns;
+        }
+    }
+
+    /// Whether session `holder` has held the connection, and no other
+    /// session, since its turn `turn`.
+    pub(super) fn held_by_since(&self, holder: u64, turn: u64) -> bool {
+        self.holder == holder && self.held_since <= turn
+    }
+
     /// Whether the connection can go back to its pool: idle outside a
     /// transaction, with nothing in flight, queued or left to swallow.
     pub(super) fn reusable(&self) -> bool {
@@ -92,16 +114,17 @@ pub(super) async fn first_server(
     shared: &Shared,
     cluster: &str,
     login: &ServerLogin,
+    holder: u64,
 ) -> Result<(Option<Box<Server>>, Option<Box<Server>>), ProxyError> {
     let view = crate::router::ClusterView::capture(&shared.topology);
     let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
     let pool = |node| pooling.then(|| shared.pools.pool(node, login));
     match view.primary(cluster) {
-        Ok(node) => Ok((Some(acquire(shared, node, login, pool(node)).await?), None)),
+        Ok(node) => Ok((Some(acquire(shared, node, login, pool(node), holder).await?), None)),
         Err(no_primary) => match view.any_replica(cluster) {
             Some(node) => {
                 tracing::warn!(error = %no_primary, "starting the session on a replica: writes will fail until a primary is back");
-                Ok((None, Some(acquire(shared, node, login, pool(node)).await?)))
+                Ok((None, Some(acquire(shared, node, login, pool(node), holder).await?)))
             }
             None => Err(no_primary.into()),
         },
@@ -137,6 +160,9 @@ pub(super) async fn open(
         metrics,
         pool: None,
         permit: None,
+        holder: 0,
+        turns: 0,
+        held_since: 0,
     }))
 }
 
@@ -147,9 +173,10 @@ pub(super) async fn acquire(
     node: usize,
     login: &ServerLogin,
     pool: Option<Arc<Pool>>,
+    holder: u64,
 ) -> Result<Box<Server>, ProxyError> {
     let Some(pool) = pool else { return open(shared, node, login).await };
-    match pool.take(shared, login).await {
+    match pool.take(shared, login, holder).await {
         Ok(mut server) => {
             server.pool = Some(pool);
             Ok(server)

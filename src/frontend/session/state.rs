@@ -211,6 +211,12 @@ impl ServerState {
 }
 
 impl SessionState {
+    /// This session's id (never 0): what pooled connections record as
+    /// their holder.
+    pub fn owner(&self) -> u64 {
+        self.owner
+    }
+
     /// The settings a server needs for this session. A session that never
     /// changed a setting matches any connection that has none.
     pub fn settings_key(&self) -> SettingsKey {

@@ -214,6 +214,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if self.open_batch {
             self.reopen(frames, classes).await?;
         }
+        if let Err(error) = self.place_sequence_read(&unit) {
+            self.fail_unit(&error);
+            return Ok(());
+        }
         let (target, reason) = match self.held_target(&unit) {
             Some(held) => held,
             None => match self.choose(classes).await? {
@@ -375,6 +379,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if self.open_batch {
             return Some(Deferred::Unit(Box::new(unit), complete));
         }
+        if let Err(error) = self.place_sequence_read(&unit) {
+            self.fail_unit(&error);
+            return None;
+        }
         let (target, reason) = match self.held_target(&unit) {
             Some(held) => held,
             None => match self.choose_now(&unit.classes) {
@@ -447,11 +455,36 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         Some(Ok((chosen, route.reason)))
     }
 
+    /// Transaction pooling: `currval()` and `lastval()` read what the
+    /// session's last `nextval()` left on one server connection. A unit
+    /// that reads them and writes nothing itself runs on the connection
+    /// the session last wrote on, taken back from the pool if no other
+    /// session has used it since; otherwise it fails instead of reading
+    /// another client's value.
+    fn place_sequence_read(&mut self, unit: &Batch) -> Result<(), Frame> {
+        if !self.pooling || !reads_sequence_state(unit) {
+            return Ok(());
+        }
+        let owner = self.state.owner();
+        let Some((key, turn)) = self.write_at else { return Err(sequence_state_elsewhere()) };
+        if let Some(primary) = self.primary.as_ref() {
+            let same = primary.cancel_key == key && primary.held_by_since(owner, turn);
+            return if same { Ok(()) } else { Err(sequence_state_elsewhere()) };
+        }
+        let Some(server) = self.pools.iter().find_map(|(_, pool)| pool.take_back(key, owner, turn)) else {
+            return Err(sequence_state_elsewhere());
+        };
+        self.primary = Some(server);
+        self.sources.mark(super::wake::PRIMARY);
+        Ok(())
+    }
+
     /// Transaction pooling: an idle connection of `node`'s pool. When all
     /// are in use, `exhausted` says which pool the unit waits for.
     fn take_pooled(&mut self, node: usize, target: Target) -> Option<Box<Server>> {
+        let holder = self.state.owner();
         let pool = self.pool(node)?;
-        match pool.take_now() {
+        match pool.take_now(holder) {
             Ok(server) => Some(server),
             Err(busy) => {
                 if busy {
@@ -520,6 +553,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             .any(|c| matches!(c.class, Class::Write) || c.unparsed || c.calls_volatile(volatile));
         if target == Target::Primary && writes {
             self.primary_dirty = true;
+            if self.pooling {
+                self.write_at = self.primary.as_ref().map(|p| (p.cancel_key, p.turns));
+            }
         }
         // Only DDL that may create a volatile function needs the catalog
         // reloaded, and only where a replica could otherwise be chosen.
@@ -784,7 +820,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let name = self.shared.topology.nodes[node].config.name.clone();
                 Err(ProxyError::PrimaryMoved { node: name })
             }
-            None => match Box::pin(super::server::acquire(&self.shared, node, &self.login, pool)).await {
+            None => match Box::pin(super::server::acquire(
+                &self.shared,
+                node,
+                &self.login,
+                pool,
+                self.state.owner(),
+            ))
+            .await
+            {
                 Ok(server) => {
                     self.primary = Some(server);
                     Ok(Ok(Target::Primary))
@@ -812,7 +856,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         }
         let pool = self.pool(node).cloned();
-        match Box::pin(super::server::acquire(&self.shared, node, &self.login, pool)).await {
+        match Box::pin(super::server::acquire(&self.shared, node, &self.login, pool, self.state.owner()))
+            .await
+        {
             Ok(server) => {
                 self.replica = Some(server);
                 Target::Replica
@@ -1007,6 +1053,30 @@ fn mentions_databases(frames: &[Frame]) -> bool {
 pub(super) fn pool_exhausted(after: Duration) -> Frame {
     let message = ProxyError::PoolExhausted(after).to_string();
     error_response(Severity::Error, SqlState::TooManyConnections, &message)
+}
+
+/// Whether a unit runs `currval()` or `lastval()` without writing
+/// anything itself (a text that also inserts or calls `nextval()` runs on
+/// one connection, its own state included).
+fn reads_sequence_state(unit: &Batch) -> bool {
+    let executes = unit.frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
+    let calls =
+        |c: &Arc<Classification>, names: &[&str]| c.functions.iter().any(|f| names.contains(&f.as_str()));
+    let reads = unit.classes.iter().any(|c| calls(c, &["currval", "lastval"]));
+    let writes = unit
+        .classes
+        .iter()
+        .any(|c| !c.tables.is_empty() || c.unparsed || c.ddl || calls(c, &["nextval", "setval"]));
+    executes && reads && !writes
+}
+
+/// The error that fails a sequence read whose state is on a connection
+/// another session has used since.
+fn sequence_state_elsewhere() -> Frame {
+    let message = "currval() and lastval() through transaction pooling read the server connection \
+                   this session last wrote on, and another client has used it since (or the \
+                   session has written nothing): use INSERT ... RETURNING, or one transaction";
+    error_response(Severity::Error, SqlState::ObjectNotInPrerequisiteState, message)
 }
 
 /// The error that fails a unit no node can take.
