@@ -162,6 +162,22 @@ async fn currval_reads_the_sessions_own_nextval_or_fails() {
 }
 
 #[tokio::test]
+async fn a_reset_custom_setting_stays_defined_on_the_next_connection() {
+    let env = start(Cluster::builder(), pooled(2)).await;
+    let a = env.client().await;
+    let c = env.client().await;
+    // c holds one connection in a transaction, so a uses the other ...
+    c.batch_execute("BEGIN").await.unwrap();
+    let held = pid(&c).await;
+    a.batch_execute("SET custom.flag = 'on'; RESET custom.flag").await.unwrap();
+    assert_ne!(pid(&a).await, held);
+    // ... and, once c gives its connection back, a gets that one next.
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(value(&a, "SHOW custom.flag").await, "");
+    assert_eq!(pid(&a).await, held, "a did not move to the other connection");
+}
+
+#[tokio::test]
 async fn a_rollback_to_savepoint_undoes_the_settings_after_it() {
     let env = start(Cluster::builder(), pooled(1)).await;
     let a = env.client().await;

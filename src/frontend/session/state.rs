@@ -84,10 +84,16 @@ impl Settings {
         self.version += 1;
     }
 
-    fn reset(&mut self, name: &str) {
+    /// Records a RESET. A custom (dotted) setting stays defined, with an
+    /// empty value, where it was reset: the RESET itself is replayed, which
+    /// defines it the same way on other servers.
+    fn reset(&mut self, name: &str, statement: &str) {
         self.statements.retain(|(n, _)| n != name);
         if name == "session_authorization" {
             self.statements.retain(|(n, _)| n != "role");
+        }
+        if name.contains('.') {
+            self.statements.push((name.to_string(), statement.to_string()));
         }
         self.version += 1;
     }
@@ -237,11 +243,11 @@ impl SessionState {
         for effect in &class.effects {
             match effect {
                 SessionEffect::Set { name, statement } => self.settings.set(name, statement),
-                SessionEffect::Reset { name, .. } => {
+                SessionEffect::Reset { name, statement } => {
                     if name == "application_name" {
                         ran_on.app_name = None;
                     }
-                    self.settings.reset(name)
+                    self.settings.reset(name, statement)
                 }
                 SessionEffect::ResetAll => {
                     ran_on.app_name = None;
@@ -313,6 +319,18 @@ mod tests {
         );
         state.apply(&classify("RESET timezone"), &mut a, &mut [&mut b]);
         assert_eq!(state.settings.replay_sql(None), format!("{prefix};\nSET search_path TO other"));
+        // A custom setting stays defined where it was reset.
+        state.apply(&classify("SET app.tenant = 'x'"), &mut a, &mut [&mut b]);
+        state.apply(&classify("RESET app.tenant"), &mut a, &mut [&mut b]);
+        assert_eq!(
+            state.settings.replay_sql(None),
+            format!("{prefix};\nSET search_path TO other;\nRESET app.tenant")
+        );
+        state.apply(&classify("RESET app.tenant"), &mut a, &mut [&mut b]);
+        state.apply(&classify("RESET search_path"), &mut a, &mut [&mut b]);
+        assert_eq!(state.settings.replay_sql(None), format!("{prefix};\nRESET app.tenant"));
+        state.apply(&classify("SET app.tenant = 'y'"), &mut a, &mut [&mut b]);
+        assert_eq!(state.settings.replay_sql(None), format!("{prefix};\nSET app.tenant = 'y'"));
         for sql in
             ["SET datestyle TO iso", "SET datestyle TO ymd", "SET ROLE r1", "SET SESSION AUTHORIZATION u1"]
         {
