@@ -34,6 +34,13 @@ pub struct ServerLogin {
     pub params: Vec<(String, String)>,
 }
 
+impl ServerLogin {
+    /// A startup parameter's value.
+    pub fn param(&self, name: &str) -> Option<&str> {
+        self.params.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
+    }
+}
+
 /// Why a server connection could not be opened.
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {

@@ -283,8 +283,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             return Err(ProxyError::NoPrimary(crate::cluster::NoPrimary::Unreachable));
         };
         let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
-        let app_name = server_login.params.iter().find(|(k, _)| k == server::APPLICATION_NAME);
-        let app_name = app_name.map(|(_, v)| v.clone()).unwrap_or_default();
+        let app_name = server_login.param(server::APPLICATION_NAME).unwrap_or_default().to_string();
         let mut startup_params = home.backend.startup_params.clone();
         if pooling {
             // A pooled connection may have been opened by a client with

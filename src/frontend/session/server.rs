@@ -144,9 +144,8 @@ pub(super) async fn open(
     let metrics = shared.metrics.node(&shared.topology.nodes[node].config.name);
     // Boxed: in transaction pooling connections move between sessions
     // and the pool on every transaction.
-    let app_name = login.params.iter().find(|(k, _)| k == APPLICATION_NAME).map(|(_, v)| v.clone());
     let mut state = ServerState::default();
-    state.app_name = Some(app_name.unwrap_or_default());
+    state.app_name = Some(login.param(APPLICATION_NAME).unwrap_or_default().to_string());
     Ok(Box::new(Server {
         backend,
         node,

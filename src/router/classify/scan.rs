@@ -245,10 +245,13 @@ fn is_local_set_config(call: &Function) -> bool {
     let FunctionArguments::List(list) = &call.args else {
         return false;
     };
-    match list.args.as_slice() {
-        [_, _, FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v)))] => {
-            matches!(v.value, Value::Boolean(true))
-        }
-        _ => false,
+    matches!(list.args.as_slice(), [_, _, third] if matches!(literal(third), Some(Value::Boolean(true))))
+}
+
+/// A function argument that is a plain literal.
+pub(super) fn literal(arg: &FunctionArg) -> Option<&Value> {
+    match arg {
+        FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => Some(&v.value),
+        _ => None,
     }
 }

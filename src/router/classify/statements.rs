@@ -2,13 +2,13 @@
 //! DECLARE, ...) and the session effects and pins it has.
 
 use sqlparser::ast::{
-    ContextModifier, CopySource, CopyTarget, Declare, DeclareType, DiscardObject, Expr, FunctionArg,
-    FunctionArgExpr, FunctionArguments, GroupByExpr, Ident, ObjectName, Reset, SelectItem, Set, SetExpr,
-    Statement, TransactionAccessMode, TransactionMode, UtilityOption, Value,
+    ContextModifier, CopySource, CopyTarget, Declare, DeclareType, DiscardObject, Expr, FunctionArguments,
+    GroupByExpr, Ident, ObjectName, Reset, SelectItem, Set, SetExpr, Statement, TransactionAccessMode,
+    TransactionMode, UtilityOption, Value,
 };
 
 use super::names::{fold, last_name, push_unique, setting_name, setting_value};
-use super::scan::SET_CONFIG;
+use super::scan::{literal, SET_CONFIG};
 use super::split::Source;
 use super::{Class, PinReason, ProxyCommand, SavepointOp, SessionEffect, Summary, Tx};
 
@@ -266,11 +266,7 @@ fn plain_set_config(statement: &Statement) -> Option<String> {
         return None;
     }
     let FunctionArguments::List(list) = &call.args else { return None };
-    let literal = |arg: &FunctionArg| match arg {
-        FunctionArg::Unnamed(FunctionArgExpr::Expr(Expr::Value(v))) => Some(v.value.clone()),
-        _ => None,
-    };
-    let args: Vec<Value> = list.args.iter().map(literal).collect::<Option<_>>()?;
+    let args: Vec<&Value> = list.args.iter().map(literal).collect::<Option<_>>()?;
     match args.as_slice() {
         [Value::SingleQuotedString(name), Value::SingleQuotedString(_), Value::Boolean(false)]
             if list.clauses.is_empty() && list.duplicate_treatment.is_none() =>
