@@ -152,6 +152,11 @@ impl Backend {
         pending && self.reader.is_empty()
     }
 
+    /// Whether any bytes from the server wait to be taken.
+    pub fn has_input(&self) -> bool {
+        !self.reader.is_empty()
+    }
+
     /// A whole frame already read, if any.
     pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
         self.reader.buffered()

@@ -44,6 +44,12 @@ impl Frame {
         Frame { raw: Bytes::copy_from_slice(&self.raw) }
     }
 
+    /// Whether `other` is this very frame (a clone of it), not only the
+    /// same bytes: a quick check before comparing contents.
+    pub fn is(&self, other: &Frame) -> bool {
+        self.raw.as_ptr() == other.raw.as_ptr() && self.raw.len() == other.raw.len()
+    }
+
     /// The message type byte.
     pub fn tag(&self) -> u8 {
         self.raw[0]

@@ -26,7 +26,7 @@ use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
 use self::split::{leading_hint, leading_keyword, split, Piece, Source};
-use super::functions::VolatileFunctions;
+use super::functions::{is_node_state_relation, reads_node_state, VolatileFunctions};
 
 mod names;
 mod scan;
@@ -75,6 +75,10 @@ pub struct Classification {
     /// functions), or is a DO block: the proxy should refresh its
     /// volatile-function catalog.
     pub ddl: bool,
+    /// A function or relation whose answer differs between nodes
+    /// (`pg_backend_pid()`, `pg_stat_*` ...): worked out once, here, since
+    /// routing asks for every unit.
+    pub node_state: bool,
 }
 
 /// What kind of destination a statement needs.
@@ -296,9 +300,12 @@ impl Summary {
             // Only transaction control: nothing to place.
             self.effects.clear();
         }
+        let node_state = self.functions.iter().any(|f| reads_node_state(f))
+            || self.tables.iter().any(|t| is_node_state_relation(t));
         Classification {
             class,
             hint,
+            node_state,
             tables: self.tables,
             functions: self.functions,
             effects: self.effects,

@@ -176,11 +176,7 @@ pub fn need(
     if hint == Some(Hint::Primary) {
         return Need::Primary(Reason::Hint);
     }
-    let node_state = |c: &Arc<Classification>| {
-        c.functions.iter().any(|f| functions::reads_node_state(f))
-            || c.tables.iter().any(|t| functions::is_node_state_relation(t))
-    };
-    if unit.iter().any(node_state) {
+    if unit.iter().any(|c| c.node_state) {
         return Need::Primary(Reason::Rule);
     }
     let mut max_staleness = None;

@@ -78,6 +78,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     effects: Vec::new(),
                     unparsed: false,
                     ddl: false,
+                    node_state: false,
                 };
                 self.dispatch(Batch::one(frame, Arc::new(write)), true).await?;
             }
@@ -1017,7 +1018,7 @@ fn missing_statements(
             // A Parse of a name the session has: let the server refuse it.
             Some(ours) if parses => there.is_none().then(|| StatementFix::parse(name, &ours.parse, false)),
             Some(ours) => match there {
-                Some(theirs) if theirs.raw() == ours.parse.raw() => None,
+                Some(theirs) if theirs.is(&ours.parse) || theirs.raw() == ours.parse.raw() => None,
                 Some(_) => Some(StatementFix::parse(name, &ours.parse, true)),
                 None => Some(StatementFix::parse(name, &ours.parse, false)),
             },
