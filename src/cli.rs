@@ -68,24 +68,20 @@ pub fn main(cli: Cli) -> ExitCode {
                 }
             };
             init_logging(cli.log_format);
-            runtime(config.proxy.workers()).block_on(run(config))
+            runtime().block_on(run(config))
         }
         Command::Demo { port } => {
             init_logging(cli.log_format);
-            runtime(crate::config::default_workers()).block_on(crate::demo::run(port))
+            runtime().block_on(crate::demo::run(port))
         }
     }
 }
 
-/// The async runtime: one thread runs everything on a current-thread
-/// runtime (no work stealing, no cross-thread wakeups); more threads run
-/// the multi-threaded scheduler.
-fn runtime(workers: usize) -> tokio::runtime::Runtime {
-    let built = match workers {
-        0 | 1 => tokio::runtime::Builder::new_current_thread().enable_all().build(),
-        n => tokio::runtime::Builder::new_multi_thread().worker_threads(n).enable_all().build(),
-    };
-    match built {
+/// The accepting thread's runtime: a current-thread runtime, a single
+/// event loop. More `proxy.worker_threads` start more such loops beside
+/// it (`server::run`), not a work-stealing pool.
+fn runtime() -> tokio::runtime::Runtime {
+    match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,
         Err(error) => {
             eprintln!("pgnear: cannot start the async runtime: {error}");

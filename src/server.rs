@@ -1,15 +1,25 @@
 //! The client listener: accepts connections, enforces the connection
 //! limit, runs one task per client, reloads the TLS certificate on SIGHUP
 //! and drains on shutdown.
+//!
+//! With `proxy.worker_threads` above one, sessions are spread over that
+//! many event loops, each a single-threaded runtime on its own thread (the
+//! accepting thread's runtime is the first). A session stays on its loop:
+//! its sockets and timers are registered there, so a round trip wakes one
+//! thread and no work is stolen across threads, as with PgBouncer's
+//! `so_reuseport` processes, but sharing one configuration, cluster view
+//! and set of pools.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
+use futures_util::FutureExt;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpListener, TcpStream};
+use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, Signal, SignalKind};
-use tokio::sync::{watch, Semaphore};
+use tokio::sync::{oneshot, watch, Semaphore};
 use tokio::task::JoinSet;
 
 use crate::error::ProxyError;
@@ -23,13 +33,14 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
     let limit = Arc::new(Semaphore::new(shared.config.proxy.max_client_connections));
     let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
+    let loops = Loops::start(shared.config.proxy.workers());
     let mut hangup = hangup_signal(&shared);
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
                     let id = next_id.fetch_add(1, Ordering::Relaxed);
-                    accept(stream, peer, &shared, &limit, id, &mut sessions);
+                    accept(stream, peer, &shared, &limit, id, &mut sessions, &loops);
                 }
                 Err(error) => {
                     // EMFILE and friends: back off briefly instead of spinning.
@@ -45,6 +56,68 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
     drop(listener);
     tracing::info!(sessions = sessions.len(), "draining client sessions");
     while sessions.join_next().await.is_some() {}
+    drop(loops);
+}
+
+/// The event loops sessions run on besides the accepting one.
+struct Loops {
+    /// The accepting loop's sessions, then each extra loop's.
+    sessions: Vec<Arc<AtomicUsize>>,
+    extra: Vec<Handle>,
+    /// Dropped to stop the extra loops, once their sessions are done.
+    _stop: Option<oneshot::Sender<()>>,
+}
+
+impl Loops {
+    /// Starts `workers - 1` extra loops. A loop that cannot start is
+    /// logged and left out: its sessions run on the others.
+    fn start(workers: usize) -> Loops {
+        let (stop, stopped) = oneshot::channel::<()>();
+        let stopped = stopped.shared();
+        let mut extra = Vec::new();
+        for index in 1..workers {
+            let (handle_tx, handle_rx) = std::sync::mpsc::channel();
+            let stopped = stopped.clone();
+            let spawned = std::thread::Builder::new().name(format!("pgnear-loop-{index}")).spawn(move || {
+                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                    Ok(runtime) => {
+                        let _ = handle_tx.send(Ok(runtime.handle().clone()));
+                        let _ = runtime.block_on(stopped);
+                    }
+                    Err(error) => {
+                        let _ = handle_tx.send(Err(error));
+                    }
+                }
+            });
+            let started = match spawned {
+                Ok(_) => {
+                    handle_rx.recv().unwrap_or_else(|_| Err(std::io::Error::other("the loop thread exited")))
+                }
+                Err(error) => Err(error),
+            };
+            match started {
+                Ok(handle) => extra.push(handle),
+                Err(error) => {
+                    tracing::error!(%error, index, "cannot start an event loop; running with fewer")
+                }
+            }
+        }
+        let sessions = (0..=extra.len()).map(|_| Arc::new(AtomicUsize::new(0))).collect();
+        Loops { sessions, extra, _stop: Some(stop) }
+    }
+
+    /// The loop with the fewest sessions (0 is the accepting loop), and
+    /// its session count, already raised for the new session.
+    fn pick(&self) -> (usize, Arc<AtomicUsize>) {
+        let (index, count) = self
+            .sessions
+            .iter()
+            .enumerate()
+            .min_by_key(|(_, count)| count.load(Ordering::Relaxed))
+            .unwrap_or((0, &self.sessions[0]));
+        count.fetch_add(1, Ordering::Relaxed);
+        (index, count.clone())
+    }
 }
 
 /// SIGHUP, when there is a certificate to reload.
@@ -83,22 +156,44 @@ fn accept(
     limit: &Arc<Semaphore>,
     id: u64,
     sessions: &mut JoinSet<()>,
+    loops: &Loops,
 ) {
     let _ = stream.set_nodelay(true);
     let shared = shared.clone();
-    let stream = Stream::plain(stream);
-    match limit.clone().try_acquire_owned() {
-        Ok(permit) => {
-            sessions.spawn(async move {
-                serve(stream, peer, shared, id).await;
-                drop(permit);
-            });
+    let Ok(permit) = limit.clone().try_acquire_owned() else {
+        tracing::warn!(%peer, "connection refused: too many clients");
+        sessions.spawn(refuse_over_limit(Stream::plain(stream), shared));
+        return;
+    };
+    let (index, count) = loops.pick();
+    let Some(handle) = index.checked_sub(1).and_then(|i| loops.extra.get(i)) else {
+        sessions.spawn(async move {
+            serve(Stream::plain(stream), peer, shared, id).await;
+            count.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        });
+        return;
+    };
+    // The socket moves to the other loop's reactor.
+    let stream = match stream.into_std() {
+        Ok(stream) => stream,
+        Err(error) => {
+            count.fetch_sub(1, Ordering::Relaxed);
+            tracing::warn!(%peer, %error, "cannot hand the connection to an event loop");
+            return;
         }
-        Err(_) => {
-            tracing::warn!(%peer, "connection refused: too many clients");
-            sessions.spawn(refuse_over_limit(stream, shared));
-        }
-    }
+    };
+    sessions.spawn_on(
+        async move {
+            match TcpStream::from_std(stream) {
+                Ok(stream) => serve(Stream::plain(stream), peer, shared, id).await,
+                Err(error) => tracing::warn!(%peer, %error, "cannot register the connection"),
+            }
+            count.fetch_sub(1, Ordering::Relaxed);
+            drop(permit);
+        },
+        handle,
+    );
 }
 
 /// Answers a client over the connection limit the way PostgreSQL does:

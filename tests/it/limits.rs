@@ -168,14 +168,18 @@ const FD_SLACK: usize = 10;
 /// Long enough to open them all even on a loaded machine.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The binary on both runtime flavours: one thread (tokio's current-thread
-/// scheduler, the default on two cores) and two (the multi-threaded one),
-/// each serving concurrent clients, the extended protocol and a cancel.
+/// The binary with one event loop (the default on two cores) and with
+/// two, in session mode and in transaction pooling (where a pooled
+/// connection opened on one loop serves a session on the other): each
+/// serves concurrent clients, the extended protocol and a cancel, and
+/// with two loops the second one really carries sessions.
 #[tokio::test]
-async fn the_binary_serves_on_one_or_several_runtime_threads() {
+async fn the_binary_serves_on_one_or_several_event_loops() {
     let cluster = Cluster::builder().start().await.unwrap();
-    for threads in [1, 2] {
-        let toml = ProxyConfig::default().proxy(&format!("worker_threads = {threads}")).toml(&cluster);
+    for (threads, extra) in [(1, ""), (2, ""), (2, "pool_mode = \"transaction\"\npool_size = 3")] {
+        let what = format!("worker_threads = {threads} {extra}");
+        let toml =
+            ProxyConfig::default().proxy(&format!("worker_threads = {threads}\n{extra}")).toml(&cluster);
         let proxy = Process::spawn(env!("CARGO_BIN_EXE_pgnear"), &toml, "pgnear=info").await;
         let addr = proxy.addr;
         let started = std::fs::read_to_string(&proxy.log).unwrap();
@@ -192,15 +196,42 @@ async fn the_binary_serves_on_one_or_several_runtime_threads() {
         });
         let sums = futures_util::future::join_all(sums).await;
         let expected: Vec<i64> = (0..8).map(|i| (0..50).sum::<i64>() + 50 * i).collect();
-        assert_eq!(sums, expected, "worker_threads = {threads}");
+        assert_eq!(sums, expected, "{what}");
+        let loops = loop_threads(proxy.child.id().unwrap());
+        assert_eq!(loops.len(), threads - 1, "{what}: {loops:?}");
+        for (name, switches) in loops {
+            // An idle loop parks once; one carrying four of the clients
+            // parks between most of their 200 round trips.
+            assert!(switches > 50, "{what}: {name} parked only {switches} times");
+        }
         let sleeper = &clients[0];
         let cancel = sleeper.cancel_token();
         let (slept, ()) = tokio::join!(sleeper.batch_execute("SELECT pg_sleep(30)"), async {
             tokio::time::sleep(Duration::from_millis(300)).await;
             cancel.cancel_query(tokio_postgres::NoTls).await.unwrap();
         });
-        assert_eq!(sqlstate(slept), "57014", "worker_threads = {threads}");
+        assert_eq!(sqlstate(slept), "57014", "{what}");
     }
+}
+
+/// The extra event-loop threads of process `pid`, each with its count of
+/// voluntary context switches (how often it parked waiting for events).
+fn loop_threads(pid: u32) -> Vec<(String, u64)> {
+    let mut loops = Vec::new();
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).unwrap().flatten() {
+        let comm = std::fs::read_to_string(task.path().join("comm")).unwrap_or_default();
+        if !comm.starts_with("pgnear-loop") {
+            continue;
+        }
+        let status = std::fs::read_to_string(task.path().join("status")).unwrap_or_default();
+        let switches = status
+            .lines()
+            .find_map(|l| l.strip_prefix("voluntary_ctxt_switches:"))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(0);
+        loops.push((comm.trim().to_string(), switches));
+    }
+    loops
 }
 
 /// pgnear runs as its own process here: 10,000 connections are 20,000
