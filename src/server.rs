@@ -59,6 +59,16 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
     drop(loops);
 }
 
+thread_local! {
+    /// The event loop this thread runs: 0 for the accepting one.
+    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The event loop the calling thread runs (0: the accepting one).
+pub fn current_loop() -> usize {
+    LOOP.with(std::cell::Cell::get)
+}
+
 /// The event loops sessions run on besides the accepting one.
 struct Loops {
     /// The accepting loop's sessions, then each extra loop's.
@@ -79,6 +89,7 @@ impl Loops {
             let (handle_tx, handle_rx) = std::sync::mpsc::channel();
             let stopped = stopped.clone();
             let spawned = std::thread::Builder::new().name(format!("pgnear-loop-{index}")).spawn(move || {
+                LOOP.with(|l| l.set(index));
                 match tokio::runtime::Builder::new_current_thread().enable_all().build() {
                     Ok(runtime) => {
                         let _ = handle_tx.send(Ok(runtime.handle().clone()));

@@ -245,12 +245,21 @@ impl Pool {
 
     /// The most recently used idle connection that is still sound, holding
     /// `permit`, for session `holder`; the permit back if there is none.
+    /// With several event loops, one whose socket this loop watches comes
+    /// first: another loop's would wake that loop on every response.
     pub(super) fn take_with(
         &self,
         permit: OwnedSemaphorePermit,
         holder: u64,
     ) -> Result<Box<Server>, OwnedSemaphorePermit> {
         let mut idle = lock(&self.idle);
+        let here = crate::server::current_loop();
+        if let Some(at) = idle.iter().rposition(|i| i.server.home == here) {
+            // To the top, the rest in order (the reaper expects the oldest
+            // at the bottom).
+            let mine = idle.remove(at);
+            idle.push(mine);
+        }
         while let Some(Idle { mut server, .. }) = idle.pop() {
             // A server that spoke while idle is shutting down (or was
             // terminated): it cannot take work.
