@@ -43,7 +43,7 @@
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
 #   INSTR_CLIENTS=4 INSTR_EXTRA='pool_mode = "transaction"' ([proxy] keys)
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
-#   pgnear-primary-mt for pgnear with worker_threads = the number of cores)
+#   pgnear-primary-mt or pgnear-pool-mt for worker_threads = the number of cores)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
 #   POOL_SIZE=20 (PgBouncer's default_pool_size and pgnear-pool's pool_size)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
@@ -327,8 +327,8 @@ run_pgbench() {
 # Targets: direct, pgbouncer, pgnear-primary (routing.default = "primary"),
 # pgnear-pool (the same in transaction pooling with PgBouncer's pool size of
 # 20: like for like with PgBouncer), pgnear-split (the default read/write
-# split); optional pgnear-primary-mt (as pgnear-primary with one runtime
-# thread per core instead of the default half).
+# split); optional pgnear-primary-mt and pgnear-pool-mt (as pgnear-primary
+# and pgnear-pool with one event loop per core instead of the default half).
 TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-pool pgnear-split"}
 
 phase_pgbench() {
@@ -355,8 +355,8 @@ phase_pgbench() {
         routing=primary
         [[ $t == pgnear-split ]] && routing=auto
         local extra=""
-        [[ $t == pgnear-primary-mt ]] && extra="worker_threads = $(nproc)"
-        [[ $t == pgnear-pool ]] && extra=$'pool_mode = "transaction"\npool_size = '"${POOL_SIZE:-20}"
+        [[ $t == pgnear-pool* ]] && extra=$'pool_mode = "transaction"\npool_size = '"${POOL_SIZE:-20}"
+        [[ $t == pgnear-*-mt ]] && extra+=$'\nworker_threads = '"$(nproc)"
         write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
         start_pgnear "$t" "$WORK/$t.toml" "$p"
         port[$t]=$p
@@ -394,7 +394,7 @@ phase_pgbench() {
                 # clients per thread than pooled connections, a client waiting
                 # for the pool stalls its thread's clients that hold them.
                 local stalls=0
-                [[ $t == pgnear-pool && $mode == prepared && $c -gt ${POOL_SIZE:-20} ]] && stalls=1
+                [[ $t == pgnear-pool* && $mode == prepared && $c -gt ${POOL_SIZE:-20} ]] && stalls=1
                 if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]] || ((stalls)); then
                     printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
                     continue
