@@ -93,20 +93,20 @@ pub enum PoolMode {
 }
 
 impl ProxySettings {
-    /// Threads for the async runtime: `proxy.worker_threads`, or half the
-    /// machine's cores (at least one). pgnear is a sidecar: it shares the
-    /// host with the application (and, in tests and benchmarks, with
-    /// PostgreSQL); one thread already relays tens of thousands of
-    /// queries a second, and fewer threads mean fewer cross-thread wakeups.
+    /// Event loops: `proxy.worker_threads`, or one per core. Each is a
+    /// single-threaded runtime that keeps its sessions, so a loop with
+    /// nothing to do costs nothing and one with work never waits for a
+    /// lock or wakes another thread; more loops let a busy proxy keep up
+    /// when it competes for the cores with the application (or, in
+    /// benchmarks, with PostgreSQL).
     pub fn workers(&self) -> usize {
         self.worker_threads.unwrap_or_else(default_workers)
     }
 }
 
-/// Half the machine's cores, at least one.
+/// One per core.
 pub fn default_workers() -> usize {
-    let cores = std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get);
-    (cores / 2).max(1)
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
 }
 
 /// What the config says about a node's role.
