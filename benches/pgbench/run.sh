@@ -43,7 +43,7 @@
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
 #   INSTR_CLIENTS=4 INSTR_EXTRA='pool_mode = "transaction"' ([proxy] keys)
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
-#   pgnear-primary-mt or pgnear-pool-mt for worker_threads = the number of cores)
+#   pgnear-primary-1 or pgnear-pool-1 for worker_threads = 1, one event loop)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
 #   POOL_SIZE=20 (PgBouncer's default_pool_size and pgnear-pool's pool_size)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
@@ -327,8 +327,8 @@ run_pgbench() {
 # Targets: direct, pgbouncer, pgnear-primary (routing.default = "primary"),
 # pgnear-pool (the same in transaction pooling with PgBouncer's pool size of
 # 20: like for like with PgBouncer), pgnear-split (the default read/write
-# split); optional pgnear-primary-mt and pgnear-pool-mt (as pgnear-primary
-# and pgnear-pool with one event loop per core instead of the default half).
+# split); optional pgnear-primary-1 and pgnear-pool-1 (as pgnear-primary and
+# pgnear-pool with a single event loop instead of the default one per core).
 TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-pool pgnear-split"}
 
 phase_pgbench() {
@@ -356,7 +356,7 @@ phase_pgbench() {
         [[ $t == pgnear-split ]] && routing=auto
         local extra=""
         [[ $t == pgnear-pool* ]] && extra=$'pool_mode = "transaction"\npool_size = '"${POOL_SIZE:-20}"
-        [[ $t == pgnear-*-mt ]] && extra+=$'\nworker_threads = '"$(nproc)"
+        [[ $t == pgnear-*-1 ]] && extra+=$'\nworker_threads = 1'
         write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
         start_pgnear "$t" "$WORK/$t.toml" "$p"
         port[$t]=$p

@@ -65,8 +65,8 @@ pub struct ProxySettings {
     /// Refuse connections that no `[[tenants]]` rule maps.
     pub require_tenant: bool,
     pub classify_cache_entries: usize,
-    /// Runtime threads serving clients; `None` sizes the runtime for the
-    /// machine (see [`ProxySettings::workers`]).
+    /// Event loops serving clients, one thread each; `None`: one per core
+    /// (see [`ProxySettings::workers`]).
     pub worker_threads: Option<usize>,
     /// How long a client keeps a server connection: `session` (its whole
     /// life) or `transaction` (back to a shared pool when idle).
