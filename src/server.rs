@@ -75,7 +75,16 @@ struct Loops {
     sessions: Vec<Arc<AtomicUsize>>,
     extra: Vec<Handle>,
     /// Dropped to stop the extra loops, once their sessions are done.
-    _stop: Option<oneshot::Sender<()>>,
+    _stop: oneshot::Sender<()>,
+}
+
+/// A session's place on its loop: counted while the session lives.
+struct Seat(Arc<AtomicUsize>);
+
+impl Drop for Seat {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 impl Loops {
@@ -114,12 +123,12 @@ impl Loops {
             }
         }
         let sessions = (0..=extra.len()).map(|_| Arc::new(AtomicUsize::new(0))).collect();
-        Loops { sessions, extra, _stop: Some(stop) }
+        Loops { sessions, extra, _stop: stop }
     }
 
     /// The loop with the fewest sessions (0 is the accepting loop), and
-    /// its session count, already raised for the new session.
-    fn pick(&self) -> (usize, Arc<AtomicUsize>) {
+    /// the new session's seat there.
+    fn pick(&self) -> (usize, Seat) {
         let (index, count) = self
             .sessions
             .iter()
@@ -127,7 +136,7 @@ impl Loops {
             .min_by_key(|(_, count)| count.load(Ordering::Relaxed))
             .unwrap_or((0, &self.sessions[0]));
         count.fetch_add(1, Ordering::Relaxed);
-        (index, count.clone())
+        (index, Seat(count.clone()))
     }
 }
 
@@ -176,12 +185,11 @@ fn accept(
         sessions.spawn(refuse_over_limit(Stream::plain(stream), shared));
         return;
     };
-    let (index, count) = loops.pick();
+    let (index, seat) = loops.pick();
     let Some(handle) = index.checked_sub(1).and_then(|i| loops.extra.get(i)) else {
         sessions.spawn(async move {
             serve(Stream::plain(stream), peer, shared, id).await;
-            count.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop((seat, permit));
         });
         return;
     };
@@ -189,7 +197,6 @@ fn accept(
     let stream = match stream.into_std() {
         Ok(stream) => stream,
         Err(error) => {
-            count.fetch_sub(1, Ordering::Relaxed);
             tracing::warn!(%peer, %error, "cannot hand the connection to an event loop");
             return;
         }
@@ -200,8 +207,7 @@ fn accept(
                 Ok(stream) => serve(Stream::plain(stream), peer, shared, id).await,
                 Err(error) => tracing::warn!(%peer, %error, "cannot register the connection"),
             }
-            count.fetch_sub(1, Ordering::Relaxed);
-            drop(permit);
+            drop((seat, permit));
         },
         handle,
     );

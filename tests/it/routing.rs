@@ -82,6 +82,11 @@ async fn reads_go_to_replicas_and_writes_to_the_primary() {
         ("SELECT inet_server_port() FROM items WHERE id = 1", Ran::Replica),
         ("VALUES (inet_server_port())", Ran::Replica),
         ("SELECT inet_server_port(), steady()", Ran::Replica),
+        // What differs between nodes is asked of the primary (here, right
+        // after a read that reached a replica: no write holds the session).
+        ("SELECT inet_server_port(), pg_backend_pid()", Ran::Primary),
+        ("SELECT inet_server_port()", Ran::Replica),
+        ("SELECT inet_server_port() FROM pg_stat_activity LIMIT 1", Ran::Primary),
         ("SELECT inet_server_port() FROM items WHERE id = 1 FOR UPDATE", Ran::Primary),
         ("SELECT inet_server_port() FROM items WHERE id = 1 FOR NO KEY UPDATE", Ran::Primary),
         ("SELECT inet_server_port(), nextval('seq')", Ran::Primary),
