@@ -232,6 +232,36 @@ impl Connector {
     }
 }
 
+/// Connects tokio-postgres (the monitor, the catalog loader) to `node`
+/// with its TLS policy, and spawns the connection. With `sslmode = prefer`
+/// a TLS attempt that fails is made again in plain text, as libpq and
+/// pgnear's own server connections do.
+pub async fn connect_postgres(
+    pg: &mut tokio_postgres::Config,
+    node: &NodeConfig,
+) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
+    use tokio_postgres::config::SslMode as PgSslMode;
+    let (mode, tls) = postgres_connector(node);
+    let (client, connection) = match pg.ssl_mode(mode).connect(tls.clone()).await {
+        Err(error) if mode == PgSslMode::Prefer && refuses_tls(&error) => {
+            pg.ssl_mode(PgSslMode::Disable).connect(tls).await?
+        }
+        connected => connected?,
+    };
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    Ok(client)
+}
+
+/// A failed handshake, or a login that pg_hba.conf refuses over TLS
+/// (invalid_authorization_specification). tokio-postgres does not expose
+/// its error kinds; the handshake's is known by its fixed text.
+fn refuses_tls(error: &tokio_postgres::Error) -> bool {
+    error.code() == Some(&tokio_postgres::error::SqlState::INVALID_AUTHORIZATION_SPECIFICATION)
+        || error.to_string().starts_with("error performing TLS handshake")
+}
+
 /// A tokio-postgres TLS setup for `node`. Never fails: if the node's root
 /// file cannot be read any more, TLS is still required and every server
 /// certificate is refused with that reason, rather than falling back to

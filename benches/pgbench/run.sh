@@ -390,12 +390,7 @@ phase_pgbench() {
                 t=${targets[$(((i + ROUND + k) % n))]}
                 local load
                 load=$(load1)
-                # pgbench prepares with a blocking call per client: with more
-                # clients per thread than pooled connections, a client waiting
-                # for the pool stalls its thread's clients that hold them.
-                local stalls=0
-                [[ $t == pgnear-pool* && $mode == prepared && $c -gt ${POOL_SIZE:-20} ]] && stalls=1
-                if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]] || ((stalls)); then
+                if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]]; then
                     printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
                     continue
                 fi

@@ -73,6 +73,11 @@ impl ConnectError {
 }
 
 /// Opens and authenticates a connection within `timeout`.
+///
+/// With `sslmode = prefer`, as in libpq, a TLS attempt that fails is made
+/// again in plain text: a failed handshake, or a server that refuses the
+/// login over TLS by its pg_hba.conf (`hostnossl` lines only, or a
+/// `hostssl ... reject`).
 pub async fn connect(
     addr: SocketAddr,
     tls: &Connector,
@@ -80,21 +85,74 @@ pub async fn connect(
     timeout: Duration,
     limit: usize,
 ) -> Result<Backend, ConnectError> {
-    tokio::time::timeout(timeout, connect_inner(addr, tls, login, limit))
-        .await
-        .map_err(|_| ConnectError::Timeout(addr))?
+    let attempts = async {
+        match connect_inner(addr, tls, login, limit, true).await {
+            Err(Attempt { error, encrypted: true })
+                if tls.mode() == SslMode::Prefer && error.refuses_tls() =>
+            {
+                tracing::debug!(%addr, %error, "TLS attempt failed; sslmode prefer tries plain text");
+                connect_inner(addr, tls, login, limit, false).await.map_err(|failed| failed.error)
+            }
+            result => result.map_err(|failed| failed.error),
+        }
+    };
+    tokio::time::timeout(timeout, attempts).await.map_err(|_| ConnectError::Timeout(addr))?
 }
 
+impl ConnectError {
+    /// A failure of the TLS attempt that plain text may not meet.
+    fn refuses_tls(&self) -> bool {
+        match self {
+            ConnectError::Tls { .. } => true,
+            // invalid_authorization_specification: no pg_hba.conf line
+            // lets this login in over TLS, or one rejects it.
+            ConnectError::Server { fields, .. } => fields.code == "28000",
+            _ => false,
+        }
+    }
+}
+
+/// A failed connection attempt, and whether it got as far as TLS.
+struct Attempt {
+    error: ConnectError,
+    encrypted: bool,
+}
+
+impl From<ConnectError> for Attempt {
+    fn from(error: ConnectError) -> Attempt {
+        Attempt { error, encrypted: false }
+    }
+}
+
+/// One attempt; `try_tls` false keeps it in plain text whatever the mode.
 async fn connect_inner(
     addr: SocketAddr,
     tls: &Connector,
     login: &ServerLogin,
     limit: usize,
-) -> Result<Backend, ConnectError> {
+    try_tls: bool,
+) -> Result<Backend, Attempt> {
     let io = |source| ConnectError::Io { addr, source };
     let tcp = TcpStream::connect(addr).await.map_err(io)?;
     tcp.set_nodelay(true).map_err(io)?;
-    let stream = secure(tcp, addr, tls).await?;
+    let stream = match try_tls {
+        true => secure(tcp, addr, tls)
+            .await
+            .map_err(|error| Attempt { encrypted: matches!(error, ConnectError::Tls { .. }), error })?,
+        false => Stream::plain(tcp),
+    };
+    let encrypted = stream.is_tls();
+    startup(stream, addr, login, limit).await.map_err(|error| Attempt { error, encrypted })
+}
+
+/// Startup and authentication on an open stream, up to ReadyForQuery.
+async fn startup(
+    stream: Stream,
+    addr: SocketAddr,
+    login: &ServerLogin,
+    limit: usize,
+) -> Result<Backend, ConnectError> {
+    let io = |source| ConnectError::Io { addr, source };
     let encrypted = stream.is_tls();
     let binding = match (encrypted, stream.end_point()) {
         (true, Some(end_point)) => Binding::Available(end_point),

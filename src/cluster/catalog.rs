@@ -66,11 +66,7 @@ impl Catalogs {
         if let Some(password) = &self.config.password {
             pg.password(password.expose());
         }
-        let (sslmode, tls) = crate::tls::postgres_connector(node);
-        pg.ssl_mode(sslmode);
-        let (client, connection) = pg.connect(tls).await?;
-        tokio::spawn(connection);
-        Ok(client)
+        crate::tls::connect_postgres(&mut pg, node).await
     }
 }
 

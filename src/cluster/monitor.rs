@@ -155,12 +155,7 @@ async fn connect(node: &Node, config: &MonitorConfig) -> Result<Client, tokio_po
     if let Some(password) = &config.password {
         pg.password(password.expose());
     }
-    let (sslmode, tls) = crate::tls::postgres_connector(&node.config);
-    let (client, connection) = pg.ssl_mode(sslmode).connect(tls).await?;
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    Ok(client)
+    crate::tls::connect_postgres(&mut pg, &node.config).await
 }
 
 /// The pure health and measurement update.

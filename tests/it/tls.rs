@@ -316,3 +316,53 @@ async fn a_server_that_requires_tls() {
     let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
     assert!(client.query_one(sql, &[]).await.unwrap().get::<_, bool>(0));
 }
+
+#[tokio::test]
+async fn prefer_falls_back_to_plain_text_where_tls_fails() {
+    let ca = Ca::new("servers");
+    let cert = ca.server("server", &["127.0.0.1"]);
+    let cluster = server_ssl(Cluster::builder(), &cert).start().await.unwrap();
+    let primary = cluster.primary();
+    let (addr, port) = (primary.addr(), primary.port());
+    let prefer = node("127.0.0.1", port, SslMode::Prefer, None);
+    let require = node("127.0.0.1", port, SslMode::Require, None);
+
+    // The server speaks TLS, but pg_hba.conf lets logins in only without it.
+    let hba = "local all all trust\n\
+               local replication all trust\n\
+               host replication all 127.0.0.1/32 trust\n\
+               hostssl all all 127.0.0.1/32 reject\n\
+               hostnossl all all 127.0.0.1/32 trust\n";
+    std::fs::write(primary.data_dir().join("pg_hba.conf"), hba).unwrap();
+    primary.query_scalar("SELECT pg_reload_conf()").await.unwrap();
+    poll(|| async { open(addr, &require).await.is_err() }).await;
+    let refused = open(addr, &require).await.unwrap_err();
+    assert!(matches!(&refused, ConnectError::Server { fields, .. } if fields.code == "28000"), "{refused}");
+    assert!(!open(addr, &prefer).await.unwrap().tls);
+
+    // Through the proxy, whose nodes default to prefer: the sessions' server
+    // connections and the monitor's both fall back (without the monitor
+    // the primary is never known and the query cannot be routed).
+    let proxy = Proxy::start(ProxyConfig::default().build(&cluster)).await.unwrap();
+    let env = Env { proxy, cluster };
+    let client = env.client().await;
+    let sql = "SELECT ssl FROM pg_stat_ssl WHERE pid = pg_backend_pid()";
+    assert!(!client.query_one(sql, &[]).await.unwrap().get::<_, bool>(0));
+    drop(client);
+
+    // A handshake that fails: the server offers only TLS 1.0 and 1.1, which
+    // pgnear's TLS stack refuses. pg_hba.conf takes either again.
+    let primary = env.cluster.primary();
+    let hba = "local all all trust\nlocal replication all trust\nhost all all 127.0.0.1/32 trust\n";
+    std::fs::write(primary.data_dir().join("pg_hba.conf"), hba).unwrap();
+    let admin = primary.connect().await.unwrap();
+    for sql in [
+        "ALTER SYSTEM SET ssl_min_protocol_version = 'TLSv1'",
+        "ALTER SYSTEM SET ssl_max_protocol_version = 'TLSv1.1'",
+        "SELECT pg_reload_conf()",
+    ] {
+        admin.batch_execute(sql).await.unwrap();
+    }
+    poll(|| async { matches!(open(addr, &require).await, Err(ConnectError::Tls { .. })) }).await;
+    assert!(!open(addr, &prefer).await.unwrap().tls);
+}

@@ -78,11 +78,15 @@ impl PgBin {
 // === Running tools ===
 
 /// Runs a tool to completion; a non-zero exit is [`LabError::Tool`].
-pub(super) async fn run(cmd: Command) -> Result<Output, LabError> {
+pub(super) async fn run(mut cmd: Command) -> Result<Output, LabError> {
     let command = describe(&cmd);
-    let output = tokio::process::Command::from(cmd)
-        .output()
+    // On a blocking thread rather than through tokio's process driver: that
+    // driver looks for exited children on every turn of every event loop,
+    // a cost the relay would pay for a lab-only feature.
+    let output = tokio::task::spawn_blocking(move || cmd.output())
         .await
+        .map_err(|joined| std::io::Error::other(joined.to_string()))
+        .and_then(|output| output)
         .map_err(LabError::io(format!("running `{command}`")))?;
     checked(command, output)
 }
