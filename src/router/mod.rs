@@ -220,9 +220,15 @@ fn primary_reason(
     if session.pinned {
         return Some(Reason::SessionState);
     }
+    // The end of a read-only transaction the unit itself began, and its
+    // savepoints, run wherever that transaction does.
+    let mut read_only_begun = false;
     for c in unit {
         match &c.class {
-            Class::Transaction(Tx::Begin { read_only: true }) | Class::Read => {}
+            Class::Transaction(Tx::Begin { read_only: true }) => read_only_begun = true,
+            Class::Read => {}
+            Class::Transaction(Tx::Savepoint | Tx::Release | Tx::RollbackTo) if read_only_begun => {}
+            Class::Transaction(Tx::Commit | Tx::Rollback) if read_only_begun => read_only_begun = false,
             Class::Transaction(_) => return Some(Reason::Transaction),
             Class::Session | Class::ProxyLocal(_) => return Some(Reason::SessionState),
             Class::Write => return Some(Reason::Write),

@@ -130,6 +130,7 @@ async fn a_function_created_in_one_session_is_a_write_in_every_other() {
 
 #[tokio::test]
 async fn transactions_stay_on_one_node() {
+    use crate::support::wire::{message, Wire};
     let env = two_replicas(ProxyConfig::default()).await;
     let c = env.client().await;
     eventually_on_replica(&env, &c, "SELECT inet_server_port()").await;
@@ -146,6 +147,33 @@ async fn transactions_stay_on_one_node() {
     c.batch_execute("COMMIT").await.unwrap();
     let sql = "BEGIN; SELECT 1; COMMIT; SELECT inet_server_port()";
     assert_eq!(where_(&env, &c, sql).await, Ran::Primary);
+    // A whole read-only transaction in one text runs on a replica.
+    let sql = "BEGIN READ ONLY; SAVEPOINT s; SELECT inet_server_port(); RELEASE s; COMMIT";
+    eventually_on_replica(&env, &c, sql).await;
+    // And as one extended-protocol batch up to Sync, as a pipelining driver
+    // sends it: its COMMIT runs where its BEGIN READ ONLY does.
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let step = |sql: &str| {
+        let parse = message(b'P', format!("\0{sql}\0\0\0").as_bytes());
+        [parse, message(b'B', &[0; 8]), message(b'E', &[0; 5])].concat()
+    };
+    let batch =
+        [step("BEGIN READ ONLY"), step("SELECT inet_server_port()"), step("COMMIT"), message(b'S', b"")];
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        wire.send(&batch.concat()).await;
+        let msgs = wire.until_ready().await;
+        let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
+        // One text column: a count, a length, the port.
+        if ran(&env, std::str::from_utf8(&row.body[6..]).unwrap()) == Ran::Replica {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a read-only batch never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The transaction ended with the batch: the session routes anew.
+    let write = "UPDATE items SET v = v WHERE id = 1 RETURNING inet_server_port()";
+    assert_eq!(where_(&env, &c, write).await, Ran::Primary);
     // default_transaction_read_only = on makes a plain BEGIN read-only.
     c.batch_execute("SET default_transaction_read_only = on").await.unwrap();
     let deadline = tokio::time::Instant::now() + PATIENCE;
