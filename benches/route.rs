@@ -17,44 +17,8 @@ use pgnear::router::functions::VolatileFunctions;
 use pgnear::router::{route, ClusterView, Freshness, NodeView, Policy, RouteSetting, SessionView};
 use pgnear::Config;
 
-const CONFIG: &str = r#"
-[proxy]
-listen = "127.0.0.1:6432"
-region = "eu-west"
-
-[[nodes]]
-name = "us-primary"
-host = "127.0.0.1"
-port = 5432
-region = "us-east"
-
-[[nodes]]
-name = "eu-replica"
-host = "127.0.0.1"
-port = 5433
-region = "eu-west"
-
-[[nodes]]
-name = "us-replica"
-host = "127.0.0.1"
-port = 5434
-region = "us-east"
-
-[[users]]
-name = "postgres"
-auth = "trust"
-
-[routing]
-max_replica_lag_ms = 10000
-
-[[rules]]
-tables = ["payments"]
-route = "primary"
-
-[[rules]]
-tables = ["products"]
-max_staleness_ms = 60000
-"#;
+/// Shared with the router's unit tests.
+const CONFIG: &str = include_str!("fixtures/three_regions.toml");
 
 const PRIMARY_LSN: u64 = 0x3_0000_4000;
 

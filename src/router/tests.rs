@@ -15,44 +15,8 @@ use super::{
 use crate::cluster::{Lsn, NoPrimary, NodeStatus, Role};
 use crate::config::Config;
 
-const CONFIG: &str = r#"
-[proxy]
-listen = "127.0.0.1:6432"
-region = "eu-west"
-
-[[nodes]]
-name = "us-primary"
-host = "127.0.0.1"
-port = 5432
-region = "us-east"
-
-[[nodes]]
-name = "eu-replica"
-host = "127.0.0.1"
-port = 5433
-region = "eu-west"
-
-[[nodes]]
-name = "us-replica"
-host = "127.0.0.1"
-port = 5434
-region = "us-east"
-
-[[users]]
-name = "postgres"
-auth = "trust"
-
-[routing]
-max_replica_lag_ms = 10000
-
-[[rules]]
-tables = ["payments"]
-route = "primary"
-
-[[rules]]
-tables = ["products"]
-max_staleness_ms = 2000
-"#;
+/// Shared with the `route` bench.
+const CONFIG: &str = include_str!("../../benches/fixtures/three_regions.toml");
 
 /// The primary's current WAL position.
 const TOP: u64 = 0x3_0000_4000;
