@@ -56,18 +56,7 @@ fn statuses() -> Vec<NodeStatus> {
 }
 
 fn views(config: &Config) -> Vec<NodeView<'_>> {
-    config
-        .nodes
-        .iter()
-        .zip(statuses())
-        .map(|(config, status)| NodeView {
-            config,
-            status: Arc::new(status),
-            lag_bytes: None,
-            lag: None,
-            outstanding: 0,
-        })
-        .collect()
+    config.nodes.iter().zip(statuses()).map(|(config, status)| NodeView::new(config, status)).collect()
 }
 
 fn session(freshness: Freshness) -> SessionView<'static> {

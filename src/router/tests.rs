@@ -79,18 +79,8 @@ fn route_in(
     session: &SessionView,
     sqls: &[&str],
 ) -> Result<(Destination, Reason), NoPrimary> {
-    let nodes: Vec<NodeView> = config
-        .nodes
-        .iter()
-        .zip(statuses)
-        .map(|(config, status)| NodeView {
-            config,
-            status: Arc::new(status),
-            lag_bytes: None,
-            lag: None,
-            outstanding: 0,
-        })
-        .collect();
+    let nodes: Vec<NodeView> =
+        config.nodes.iter().zip(statuses).map(|(config, status)| NodeView::new(config, status)).collect();
     let view = ClusterView::with_lag(nodes);
     let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
     let volatile = VolatileFunctions::new(["audit_touch".to_string()]);

@@ -23,6 +23,14 @@ pub struct NodeView<'a> {
     pub outstanding: u32,
 }
 
+impl<'a> NodeView<'a> {
+    /// A node with the given status, before [`ClusterView::with_lag`]
+    /// derives its lag, and nothing running there.
+    pub fn new(config: &'a NodeConfig, status: NodeStatus) -> NodeView<'a> {
+        NodeView { config, status: Arc::new(status), lag_bytes: None, lag: None, outstanding: 0 }
+    }
+}
+
 /// Every node's status at one moment. Captured for every routing
 /// decision, so a typical topology (a primary and a few replicas) lives on
 /// the stack.
