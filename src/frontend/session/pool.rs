@@ -254,11 +254,14 @@ impl Pool {
     ) -> Result<Box<Server>, OwnedSemaphorePermit> {
         let mut idle = lock(&self.idle);
         let here = crate::server::current_loop();
-        if let Some(at) = idle.iter().rposition(|i| i.server.home == here) {
-            // To the top, the rest in order (the reaper expects the oldest
-            // at the bottom).
-            let mine = idle.remove(at);
-            idle.push(mine);
+        match idle.iter().rposition(|i| i.server.home == here) {
+            Some(at) if at + 1 < idle.len() => {
+                // To the top, the rest in order (the reaper expects the
+                // oldest at the bottom).
+                let mine = idle.remove(at);
+                idle.push(mine);
+            }
+            _ => {}
         }
         while let Some(Idle { mut server, .. }) = idle.pop() {
             // A server that spoke while idle is shutting down (or was

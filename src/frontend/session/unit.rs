@@ -1060,15 +1060,18 @@ pub(super) fn pool_exhausted(after: Duration) -> Frame {
 /// anything itself (a text that also inserts or calls `nextval()` runs on
 /// one connection, its own state included).
 fn reads_sequence_state(unit: &Batch) -> bool {
-    let executes = unit.frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
     let calls =
         |c: &Arc<Classification>, names: &[&str]| c.functions.iter().any(|f| names.contains(&f.as_str()));
-    let reads = unit.classes.iter().any(|c| calls(c, &["currval", "lastval"]));
+    // The rare part first: this runs for every pooled unit.
+    if !unit.classes.iter().any(|c| calls(c, &["currval", "lastval"])) {
+        return false;
+    }
+    let executes = unit.frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
     let writes = unit
         .classes
         .iter()
         .any(|c| !c.tables.is_empty() || c.unparsed || c.ddl || calls(c, &["nextval", "setval"]));
-    executes && reads && !writes
+    executes && !writes
 }
 
 /// The error that fails a sequence read whose state is on a connection
