@@ -1,6 +1,7 @@
 //! TLS toward clients (psql and tokio-postgres, SSLRequest and direct TLS,
 //! SCRAM-SHA-256-PLUS, cancel inside TLS, reload on SIGHUP) and toward
-//! servers (each sslmode against real servers, one that requires TLS).
+//! servers (each sslmode against real servers, one that requires TLS, prefer
+//! falling back to plain text where TLS fails).
 
 use std::sync::Arc;
 use std::time::Duration;
