@@ -79,6 +79,11 @@ pub struct Classification {
     /// (`pg_backend_pid()`, `pg_stat_*` ...): worked out once, here, since
     /// routing asks for every unit.
     pub node_state: bool,
+    /// SQL-level prepared statements the text runs (`EXECUTE name`, folded).
+    /// Such a text is classed by its own arguments alone: the session adds
+    /// the class of each statement as it was prepared, and routes a name it
+    /// does not know like a write.
+    pub executes: Vec<String>,
 }
 
 /// What kind of destination a statement needs.
@@ -150,7 +155,7 @@ pub enum Hint {
 }
 
 /// Session state that the proxy tracks and replays across backends.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum SessionEffect {
     /// SET / SET SESSION / SET TIME ZONE / SET ROLE ...: `statement` is the
     /// client's text (no trailing `;`), `name` the lowercased parameter.
@@ -163,8 +168,10 @@ pub enum SessionEffect {
     DiscardAll,
     /// DISCARD PLANS / SEQUENCES / TEMP.
     Discard { statement: String },
-    /// SQL-level PREPARE; `name` folded like PostgreSQL does.
-    Prepare { name: String, statement: String },
+    /// SQL-level PREPARE; `name` folded like PostgreSQL does, `statement`
+    /// the client's text (replayed where the session executes it), `body`
+    /// the classification of the statement prepared.
+    Prepare { name: String, statement: String, body: std::sync::Arc<Classification> },
     /// DEALLOCATE name; `None` is DEALLOCATE ALL.
     Deallocate { name: Option<String> },
     /// The session must stay on the primary.
@@ -268,6 +275,7 @@ struct Summary {
     effects: Vec<SessionEffect>,
     unparsed: bool,
     ddl: bool,
+    executes: Vec<String>,
 }
 
 impl Summary {
@@ -311,6 +319,7 @@ impl Summary {
             effects: self.effects,
             unparsed: self.unparsed,
             ddl: self.ddl,
+            executes: self.executes,
         }
     }
 

@@ -180,11 +180,19 @@ pub fn reads_node_state(name: &str) -> bool {
     NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
 }
 
-/// System views that describe one node rather than the data: activity,
-/// statistics, locks, prepared transactions, replication.
+/// System views that describe one node or one backend rather than the
+/// data: activity, statistics, locks, prepared transactions, replication,
+/// and the session's prepared statements and cursors (a replica connection
+/// has only those pgnear replayed there).
 pub fn is_node_state_relation(name: &str) -> bool {
-    const NAMES: &[&str] =
-        &["pg_locks", "pg_prepared_xacts", "pg_replication_slots", "pg_backend_memory_contexts"];
+    const NAMES: &[&str] = &[
+        "pg_locks",
+        "pg_prepared_xacts",
+        "pg_replication_slots",
+        "pg_backend_memory_contexts",
+        "pg_prepared_statements",
+        "pg_cursors",
+    ];
     const PREFIXES: &[&str] = &["pg_stat_", "pg_statio_"];
     NAMES.contains(&name) || PREFIXES.iter().any(|p| name.starts_with(p))
 }

@@ -6,7 +6,7 @@ use std::time::Duration;
 use pgnear::lab::cluster::Cluster;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::support::{run_tool, start, Env, ProxyConfig, PATIENCE};
+use crate::support::{run_tool, sqlstate, start, Env, ProxyConfig, PATIENCE};
 
 /// Which node ran a query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -190,6 +190,128 @@ async fn transactions_stay_on_one_node() {
     c.batch_execute("BEGIN READ WRITE").await.unwrap();
     assert_eq!(where_(&env, &c, "SELECT inet_server_port()").await, Ran::Primary);
     c.batch_execute("COMMIT").await.unwrap();
+}
+
+/// The rows of a simple query, as text.
+async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
+    let messages = client.simple_query(sql).await.unwrap_or_else(|e| panic!("{sql}: {e}"));
+    let text = |row: &tokio_postgres::SimpleQueryRow| {
+        (0..row.len()).map(|i| row.get(i).unwrap_or_default().to_string()).collect()
+    };
+    messages
+        .iter()
+        .filter_map(|m| match m {
+            SimpleQueryMessage::Row(row) => Some(text(row)),
+            _ => None,
+        })
+        .collect()
+}
+
+/// SQL-level PREPARE and EXECUTE: an EXECUTE goes where what it runs
+/// belongs, and the statement is prepared there first, as the client last
+/// prepared it, inside a read-only transaction too.
+#[tokio::test]
+async fn sql_prepared_statements_follow_the_session() {
+    let env = two_replicas(ProxyConfig::default()).await;
+    let c = env.client().await;
+    c.batch_execute(
+        "PREPARE here AS SELECT inet_server_port(), 'first';
+         PREPARE ins (int) AS INSERT INTO items VALUES ($1, 'x') RETURNING inet_server_port()",
+    )
+    .await
+    .unwrap();
+    eventually_on_replica(&env, &c, "EXECUTE here").await;
+    assert_eq!(where_(&env, &c, "EXECUTE ins(10)").await, Ran::Primary);
+    assert_eq!(where_(&env, &c, "EXECUTE here").await, Ran::Primary, "the write has not replayed yet");
+    eventually_on_replica(&env, &c, "EXECUTE here").await;
+
+    // In a read-only transaction on a replica, a statement not run there yet.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    for attempt in 0.. {
+        let name = format!("later{attempt}");
+        c.batch_execute(&format!(
+            "PREPARE {name} (int) AS SELECT inet_server_port(), v FROM items WHERE id = $1"
+        ))
+        .await
+        .unwrap();
+        c.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let port = rows(&c, "SELECT inet_server_port()").await[0][0].clone();
+        if ran(&env, &port) == Ran::Replica {
+            let got = rows(&c, &format!("EXECUTE {name}(1)")).await;
+            assert_eq!(got, [[port, "one".to_string()]], "run in the transaction, on its replica");
+            c.batch_execute("COMMIT").await.unwrap();
+            break;
+        }
+        c.batch_execute("COMMIT").await.unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "a read-only transaction never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+
+    // Prepared again as something else: the replica, which has the old
+    // one, replaces it.
+    c.batch_execute("DEALLOCATE here; PREPARE here AS SELECT inet_server_port(), 'second'").await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let got = rows(&c, "EXECUTE here").await;
+        assert_eq!(got[0][1], "second");
+        if ran(&env, &got[0][0]) == Ran::Replica {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "EXECUTE never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Through the extended protocol too (tokio-postgres parses the text).
+    let row = c.query_one("EXECUTE here", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(1), "second");
+
+    // Names the session does not have fail as they would directly.
+    assert_eq!(sqlstate(c.batch_execute("EXECUTE nothing").await), "26000");
+    c.batch_execute("DEALLOCATE ALL").await.unwrap();
+    assert_eq!(sqlstate(c.batch_execute("EXECUTE here").await), "26000");
+    assert_eq!(sqlstate(c.batch_execute("EXECUTE later0(1)").await), "26000");
+    c.batch_execute("PREPARE here AS SELECT inet_server_port(), 'third'").await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let got = rows(&c, "EXECUTE here").await;
+        assert_eq!(got[0][1], "third");
+        if ran(&env, &got[0][0]) == Ran::Replica {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Pipelined behind a query still running on that replica, the EXECUTE
+    // waits for it before its statement is prepared there.
+    c.batch_execute("PREPARE fourth AS SELECT inet_server_port(), 'fourth'").await.unwrap();
+    let (slow, fourth) =
+        tokio::join!(rows(&c, "SELECT inet_server_port(), pg_sleep(0.2)"), rows(&c, "EXECUTE fourth"));
+    assert_eq!(ran(&env, &slow[0][0]), Ran::Replica);
+    assert_eq!(fourth, [[slow[0][0].clone(), "fourth".to_string()]]);
+}
+
+/// A replica that cannot prepare what the session prepared (its table has
+/// not replayed there yet) is passed over for the primary.
+#[tokio::test]
+async fn an_execute_a_replica_cannot_prepare_runs_on_the_primary() {
+    let config = ProxyConfig::default().section("[consistency]\nread_your_writes = \"off\"");
+    let env = start(Cluster::builder().delayed_replica(Duration::from_secs(20)), config).await;
+    let c = env.client().await;
+    c.batch_execute("PREPARE port AS SELECT inet_server_port()").await.unwrap();
+    eventually_on_replica(&env, &c, "EXECUTE port").await;
+    c.batch_execute(
+        "CREATE TABLE fresh (a int); INSERT INTO fresh VALUES (5);
+         PREPARE from_fresh AS SELECT inet_server_port(), a FROM fresh",
+    )
+    .await
+    .unwrap();
+    for _ in 0..3 {
+        // The replica still serves reads (its lag is under the limit) ...
+        assert_eq!(where_(&env, &c, "EXECUTE port").await, Ran::Replica);
+        // ... but not this one.
+        let got = rows(&c, "EXECUTE from_fresh").await;
+        assert_eq!(ran(&env, &got[0][0]), Ran::Primary);
+        assert_eq!(got[0][1], "5");
+    }
 }
 
 #[tokio::test]

@@ -1,6 +1,6 @@
 //! What a session has set up on the server side that must exist on every
 //! server connection it uses: settings (SET/RESET), protocol-level named
-//! prepared statements, and pins. Pure bookkeeping; the relay loop turns
+//! prepared statements, SQL-level ones (PREPARE), and pins. Pure bookkeeping; the relay loop turns
 //! it into replayed messages.
 
 /// Maps keyed by client-chosen names: ahash is quick on short keys and,
@@ -16,6 +16,14 @@ use crate::router::classify::{Classification, SessionEffect};
 pub struct Prepared {
     pub parse: Frame,
     pub class: Arc<Classification>,
+}
+
+/// A SQL-level prepared statement: the PREPARE that made it, replayed
+/// where the session executes it, and the classification of its body.
+#[derive(Debug, Clone)]
+pub struct SqlPrepared {
+    pub statement: Arc<str>,
+    pub body: Arc<Classification>,
 }
 
 /// DateStyle SETs kept for replay (each may change only part of it).
@@ -140,6 +148,9 @@ pub struct SessionState {
     pub settings: Settings,
     /// Protocol-level named prepared statements by name.
     pub prepared: HashMap<String, Prepared>,
+    /// SQL-level prepared statements by (folded) name. PostgreSQL keeps
+    /// both kinds in one namespace.
+    pub sql_prepared: HashMap<String, SqlPrepared>,
     /// LISTEN, a temp object, a session advisory lock or a WITH HOLD
     /// cursor: the session stays on the primary until DISCARD ALL.
     pub pinned: bool,
@@ -151,6 +162,7 @@ impl Default for SessionState {
             owner: NEXT_OWNER.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             settings: Settings::default(),
             prepared: HashMap::default(),
+            sql_prepared: HashMap::default(),
             pinned: false,
         }
     }
@@ -176,6 +188,10 @@ pub struct ServerState {
     clock: u64,
     /// Statements the client closed elsewhere that still exist here.
     pub stale: Vec<String>,
+    /// SQL-level prepared statements here, by name: the PREPARE text that
+    /// made each. Kept after the client deallocates one elsewhere, so that
+    /// a replay of a new statement of that name deallocates this one first.
+    pub sql_prepared: HashMap<String, Arc<str>>,
     /// The `application_name` beneath the session's own SETs: the one the
     /// connection was opened with or a replay set. `None` once a RESET may
     /// have brought back the startup value. Pools are not keyed by it.
@@ -257,18 +273,22 @@ impl SessionState {
                     ran_on.app_name = None;
                     self.settings.clear();
                     self.pinned = false;
-                    self.prepared.clear();
-                    ran_on.statements.clear();
-                    ran_on.stale.clear();
-                    for other in others.iter_mut() {
-                        let names: Vec<String> = other.statements.keys().cloned().collect();
-                        other.stale.extend(names);
-                    }
+                    self.deallocate_all(ran_on, others);
                 }
                 SessionEffect::Pin(_) => self.pinned = true,
+                SessionEffect::Prepare { name, statement, body } => {
+                    let statement: Arc<str> = Arc::from(statement.as_str());
+                    ran_on.sql_prepared.insert(name.clone(), statement.clone());
+                    self.sql_prepared.insert(name.clone(), SqlPrepared { statement, body: body.clone() });
+                }
+                SessionEffect::Deallocate { name: Some(name) } => {
+                    self.sql_prepared.remove(name);
+                    ran_on.sql_prepared.remove(name);
+                    // DEALLOCATE drops a protocol-level statement too.
+                    self.closed(name, ran_on, others);
+                }
+                SessionEffect::Deallocate { name: None } => self.deallocate_all(ran_on, others),
                 SessionEffect::Discard { .. }
-                | SessionEffect::Prepare { .. }
-                | SessionEffect::Deallocate { .. }
                 | SessionEffect::Transaction(_)
                 | SessionEffect::Savepoint { .. } => {}
             }
@@ -276,6 +296,34 @@ impl SessionState {
         if !class.effects.is_empty() {
             ran_on.settings = self.settings_key();
         }
+    }
+
+    /// DEALLOCATE ALL (and DISCARD ALL) on `ran_on`: no prepared statement
+    /// of either kind is left there, and the session has none.
+    fn deallocate_all(&mut self, ran_on: &mut ServerState, others: &mut [&mut ServerState]) {
+        self.prepared.clear();
+        self.sql_prepared.clear();
+        ran_on.statements.clear();
+        ran_on.stale.clear();
+        ran_on.sql_prepared.clear();
+        for other in others.iter_mut() {
+            let names: Vec<String> = other.statements.keys().cloned().collect();
+            other.stale.extend(names);
+        }
+    }
+
+    /// The SQL-level statements `names` (executed by a unit) that `server`
+    /// lacks, or has as another PREPARE made them. Names the session does
+    /// not know are left out: their units run on the primary.
+    pub fn missing_sql_prepared<'a>(
+        &'a self,
+        names: impl Iterator<Item = &'a String>,
+        server: &ServerState,
+    ) -> Vec<(&'a String, &'a SqlPrepared)> {
+        names
+            .filter_map(|name| self.sql_prepared.get_key_value(name))
+            .filter(|(name, prepared)| server.sql_prepared.get(*name) != Some(&prepared.statement))
+            .collect()
     }
 
     /// Records a client Parse of a named statement sent to `sent_to`.
@@ -300,7 +348,7 @@ impl SessionState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::router::classify::classify;
+    use crate::router::classify::{classify, Class};
 
     #[test]
     fn settings_replay_in_order_with_resets() {
@@ -400,6 +448,45 @@ mod tests {
         assert!(!state.pinned);
         assert!(state.prepared.is_empty() && a.statements.is_empty());
         assert_eq!(b.stale, ["s1"]);
+    }
+
+    #[test]
+    fn sql_prepared_statements_are_tracked_per_server() {
+        let mut state = SessionState::default();
+        let (mut a, mut b) = (ServerState::default(), ServerState::default());
+        let names = |list: &[&str]| list.iter().map(|n| n.to_string()).collect::<Vec<_>>();
+        state.apply(&classify("PREPARE r AS SELECT 1"), &mut a, &mut [&mut b]);
+        let executed = names(&["r", "unknown"]);
+        assert!(state.missing_sql_prepared(executed.iter(), &a).is_empty());
+        let missing = state.missing_sql_prepared(executed.iter(), &b);
+        assert_eq!(missing.len(), 1, "an unknown name is not replayed");
+        assert_eq!((missing[0].0.as_str(), &*missing[0].1.statement), ("r", "PREPARE r AS SELECT 1"));
+        assert_eq!(missing[0].1.body.class, Class::Read);
+        b.sql_prepared.insert("r".into(), missing[0].1.statement.clone());
+
+        // Deallocated and prepared again as something else: `b` still has
+        // the old one, which a replay must replace.
+        state.apply(&classify("DEALLOCATE r"), &mut a, &mut [&mut b]);
+        assert!(state.sql_prepared.is_empty() && a.sql_prepared.is_empty());
+        assert!(state.missing_sql_prepared(executed.iter(), &b).is_empty(), "nothing to replay");
+        state.apply(&classify("PREPARE r AS INSERT INTO t VALUES (1)"), &mut a, &mut [&mut b]);
+        let missing = state.missing_sql_prepared(executed.iter(), &b);
+        assert_eq!(missing.len(), 1);
+        assert_eq!(missing[0].1.body.class, Class::Write);
+
+        // DEALLOCATE names protocol-level statements too; ALL drops both kinds.
+        let parse = Frame::new(b'P', b"s\0SELECT 1\0\0\0");
+        state.parsed("s", Prepared { parse: parse.clone(), class: Arc::new(classify("SELECT 1")) }, &mut a);
+        b.add_statement("s".into(), parse);
+        state.apply(&classify("DEALLOCATE s"), &mut a, &mut [&mut b]);
+        assert!(state.prepared.is_empty() && a.statements.is_empty());
+        assert_eq!(b.stale, ["s"]);
+        state.apply(&classify("DEALLOCATE ALL"), &mut a, &mut [&mut b]);
+        assert!(state.sql_prepared.is_empty() && a.sql_prepared.is_empty());
+        state.apply(&classify("PREPARE q AS SELECT 2"), &mut a, &mut [&mut b]);
+        state.apply(&classify("DISCARD ALL"), &mut b, &mut [&mut a]);
+        assert!(state.sql_prepared.is_empty() && b.sql_prepared.is_empty());
+        assert_eq!(a.sql_prepared.len(), 1, "still there, for a later replay to replace");
     }
 
     #[test]

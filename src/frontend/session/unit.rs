@@ -8,17 +8,36 @@ use std::time::{Duration, Instant};
 use crate::tls::Split;
 
 use super::local::Report;
-use super::state::{HashMap, Prepared, ServerState};
+use super::state::{HashMap, Prepared, ServerState, SessionState, SqlPrepared};
 use super::{Batch, Flow, Server, Session, Target};
 use crate::backend::connection::Hidden;
 use crate::error::ProxyError;
 use crate::metrics::{Direction, RoleLabel};
-use crate::protocol::backend::{error_response, no_data, parse_complete, ready_for_query, Severity};
+use crate::protocol::backend::{
+    error_response, no_data, parse_complete, ready_for_query, ready_status, Severity,
+};
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
 use crate::router::classify::{Class, Classification, ProxyCommand, Tx};
 use crate::router::functions::VolatileFunctions;
 use crate::router::{self, ClusterView, Destination, Need, Policy, Reason, Route, SessionView};
+use smallvec::SmallVec;
+
+/// A statement that may do anything: a fast-path function call, or the
+/// EXECUTE of a SQL-level prepared statement the session does not know.
+static WRITE: std::sync::LazyLock<Arc<Classification>> = std::sync::LazyLock::new(|| {
+    Arc::new(Classification {
+        class: Class::Write,
+        hint: None,
+        tables: Vec::new(),
+        functions: Vec::new(),
+        effects: Vec::new(),
+        unparsed: false,
+        ddl: false,
+        node_state: false,
+        executes: Vec::new(),
+    })
+});
 
 /// What a unit that calls no function is checked against.
 static NO_FUNCTIONS: std::sync::LazyLock<VolatileFunctions> =
@@ -70,17 +89,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             b'd' | b'c' | b'f' => self.on_copy(frame),
             b'F' => {
                 // A fast-path function call may do anything: the primary.
-                let write = Classification {
-                    class: Class::Write,
-                    hint: None,
-                    tables: Vec::new(),
-                    functions: Vec::new(),
-                    effects: Vec::new(),
-                    unparsed: false,
-                    ddl: false,
-                    node_state: false,
-                };
-                self.dispatch(Batch::one(frame, Arc::new(write)), true).await?;
+                self.dispatch(Batch::one(frame, WRITE.clone()), true).await?;
             }
             b'X' => return Ok(Flow::End),
             tag => {
@@ -114,7 +123,20 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             self.client.queue(&ready_for_query(status));
             return Ok(());
         }
-        self.dispatch(Batch::one(frame, class), true).await
+        let unit = self.query_unit(frame, class);
+        self.dispatch(unit, true).await
+    }
+
+    /// The unit of a simple Query.
+    fn query_unit(&self, frame: Frame, class: Arc<Classification>) -> Batch {
+        let mut unit = Batch::one(frame, class);
+        if !unit.classes[0].executes.is_empty() {
+            let class = unit.classes.pop();
+            if let Some(class) = class {
+                add_class(&self.state, &mut unit.classes, class);
+            }
+        }
+        unit
     }
 
     /// Buffers an extended-protocol message until its Sync or Flush.
@@ -127,7 +149,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let parse = frontend::parse(&frame)?;
                 let class = self.shared.classifier.classify(parse.query);
                 let class = read_only_begin(self.default_read_only, class, parse.query);
-                batch.classes.push(class);
+                add_class(&self.state, &mut batch.classes, class);
                 batch.named |= !parse.name.is_empty();
                 batch.parses_unnamed |= parse.name.is_empty();
             }
@@ -151,7 +173,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 // The classification of the statement parsed earlier; the
                 // unnamed statement's comes with the Parse in this unit.
                 if let Some(prepared) = self.state.prepared.get(name) {
-                    batch.classes.push(prepared.class.clone());
+                    add_class(&self.state, &mut batch.classes, prepared.class.clone());
                 }
             }
             None => {}
@@ -184,8 +206,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         batch.frames.push(frame);
         self.dispatch(batch, false).await?;
         // Messages sent ahead of their Sync keep the session on that server,
-        // unless the next unit can go elsewhere (see `reopen`).
-        self.open_batch |= opens;
+        // unless the next unit can go elsewhere (see `reopen`). A unit held
+        // back was not sent.
+        self.open_batch |= opens && self.held.is_none();
         Ok(())
     }
 
@@ -254,6 +277,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
                 Some(message) => return Err(ProxyError::SettingsLost(message)),
             },
+        };
+        let (target, reason) = match Box::pin(self.prepare_for(target, reason, &unit, complete)).await? {
+            Some(ready) => ready,
+            None => return Ok(()),
         };
         self.send(target, reason, &unit, complete);
         Ok(())
@@ -341,7 +368,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 if matches!(class.class, Class::ProxyLocal(_)) {
                     return Ok(Some(Deferred::Message(frame)));
                 }
-                Ok(self.dispatch_now(Batch::one(frame, class), true))
+                let unit = self.query_unit(frame, class);
+                Ok(self.dispatch_now(unit, true))
             }
             b'S' if !self.batch.classes.iter().any(|c| matches!(c.class, Class::ProxyLocal(_))) => {
                 let mut batch = std::mem::take(&mut self.batch);
@@ -403,7 +431,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 },
             },
         };
-        if self.bound.is_none() && !self.settings_current(target) {
+        if self.bound.is_none() && !self.settings_current(target) || self.lacks_sql_prepared(target, &unit) {
             return Some(Deferred::Unit(Box::new(unit), complete));
         }
         self.send(target, reason, &unit, complete);
@@ -638,7 +666,26 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         let key = self.state.settings_key();
         let app_name = self.pooling.then(|| self.app_name.clone());
-        let mut body = self.state.settings.replay_sql(app_name.as_deref()).into_bytes();
+        let sql = self.state.settings.replay_sql(app_name.as_deref());
+        let failure = match self.query_hidden(target, &sql).await? {
+            Some(error) => Some(crate::protocol::backend::ErrorFields::parse(&error)?.message),
+            None => None,
+        };
+        if let Some(server) = self.server_mut(target).filter(|_| failure.is_none()) {
+            server.state.settings = key;
+            if app_name.is_some() {
+                server.state.app_name = app_name;
+            }
+        }
+        Ok(failure)
+    }
+
+    /// Runs `sql` on `target`, which owes the client nothing, as a simple
+    /// Query of pgnear's own, and waits for it: its responses never reach
+    /// the client. Gives the server's ErrorResponse if it failed.
+    async fn query_hidden(&mut self, target: Target, sql: &str) -> Result<Option<Frame>, ProxyError> {
+        let mut body = Vec::with_capacity(sql.len() + 1);
+        body.extend_from_slice(sql.as_bytes());
         body.push(0);
         let Some(server) = self.server_mut(target) else { return Ok(None) };
         server.backend.queue(&Frame::new(b'Q', &body));
@@ -654,18 +701,127 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
             };
             match frame.tag() {
-                b'E' => failure = Some(crate::protocol::backend::ErrorFields::parse(&frame)?.message),
-                b'Z' => break,
+                b'E' => failure = Some(frame.detached()),
+                b'Z' => {
+                    server.backend.tx_status = ready_status(&frame)?;
+                    break;
+                }
                 _ => {}
             }
         }
-        if failure.is_none() {
-            server.state.settings = key;
-            if app_name.is_some() {
-                server.state.app_name = app_name;
-            }
-        }
         Ok(failure)
+    }
+
+    /// Whether `target` lacks a SQL-level prepared statement that the unit
+    /// executes, as the session prepared it.
+    fn lacks_sql_prepared(&self, target: Target, unit: &Batch) -> bool {
+        if unit.classes.iter().all(|c| c.executes.is_empty()) {
+            return false;
+        }
+        let Some(server) = self.server(target) else { return false };
+        !self.state.missing_sql_prepared(executed(unit), &server.state).is_empty()
+    }
+
+    /// Prepares on `target`, before a unit, the SQL-level statements the
+    /// unit executes that `target` lacks: the client's PREPARE, one at a
+    /// time, waiting for each. Gives where the unit goes then, or `None`
+    /// when it is not to be sent now:
+    /// - while a server still owes the client responses, the unit waits
+    ///   for them (held), since a replay's own responses must not mix
+    ///   with theirs;
+    /// - a replica that refuses the PREPARE outside a transaction (it has
+    ///   not replayed a table yet, say) is passed over for the primary;
+    /// - otherwise the unit fails with the server's error: inside a
+    ///   transaction that error has aborted it, as the client then sees.
+    async fn prepare_for(
+        &mut self,
+        target: Target,
+        reason: Reason,
+        unit: &Batch,
+        complete: bool,
+    ) -> Result<Option<(Target, Reason)>, ProxyError> {
+        if !self.lacks_sql_prepared(target, unit) {
+            return Ok(Some((target, reason)));
+        }
+        if self.in_flight() {
+            self.hold(unit);
+            return Ok(None);
+        }
+        let missing: Vec<(String, SqlPrepared, bool)> = match self.server(target) {
+            Some(server) => self
+                .state
+                .missing_sql_prepared(executed(unit), &server.state)
+                .into_iter()
+                .map(|(name, prepared)| {
+                    (name.clone(), prepared.clone(), server.state.sql_prepared.contains_key(name))
+                })
+                .collect(),
+            None => Vec::new(),
+        };
+        for (name, prepared, redefined) in missing {
+            let mut sql = String::new();
+            if redefined {
+                // Another statement of that name, deallocated elsewhere.
+                sql.push_str("DEALLOCATE ");
+                push_identifier(&mut sql, &name);
+                sql.push_str(";\n");
+            }
+            sql.push_str(&prepared.statement);
+            let failure = self.query_hidden(target, &sql).await?;
+            let Some(server) = self.server_mut(target) else { break };
+            let Some(error) = failure else {
+                server.state.sql_prepared.insert(name, prepared.statement);
+                continue;
+            };
+            server.state.sql_prepared.remove(&name);
+            let status = server.backend.tx_status;
+            if target == Target::Replica && self.bound.is_none() {
+                let node = self.node_name(target);
+                tracing::debug!(parent: &self.span, node, statement = name, "replica refused a PREPARE: the primary runs it");
+                return Box::pin(self.prepare_on_primary(unit, complete)).await;
+            }
+            self.client.queue(&error);
+            if complete {
+                self.client.queue(&ready_for_query(status));
+            }
+            return Ok(None);
+        }
+        Ok(Some((target, reason)))
+    }
+
+    /// `prepare_for` on the primary, for a unit a replica could not take.
+    async fn prepare_on_primary(
+        &mut self,
+        unit: &Batch,
+        complete: bool,
+    ) -> Result<Option<(Target, Reason)>, ProxyError> {
+        let node = match self.shared.topology.primary(&self.cluster) {
+            Ok(node) => node,
+            Err(no_primary) => {
+                self.fail_unit(&no_route(&no_primary));
+                return Ok(None);
+            }
+        };
+        if let Err(error) = Box::pin(self.use_primary(node)).await? {
+            self.fail_unit(&error);
+            return Ok(None);
+        }
+        if let Some(message) = Box::pin(self.sync_settings(Target::Primary)).await? {
+            return Err(ProxyError::SettingsLost(message));
+        }
+        Box::pin(self.prepare_for(Target::Primary, Reason::SessionState, unit, complete)).await
+    }
+
+    /// Holds a unit back until no server owes the client responses; it is
+    /// taken again then, from its last message.
+    fn hold(&mut self, unit: &Batch) {
+        let mut unit = unit.clone();
+        let last = unit.frames.pop();
+        if !unit.frames.is_empty() {
+            // Extended-protocol messages wait again for their Sync or Flush.
+            self.batch = unit;
+        }
+        self.held = last;
     }
 
     /// Queues, ahead of a unit, what `target` is missing of the session:
@@ -1038,6 +1194,33 @@ fn close_statement(name: &str) -> Frame {
     body.extend_from_slice(name.as_bytes());
     body.push(0);
     Frame::new(b'C', &body)
+}
+
+/// The SQL-level prepared statements a unit executes.
+fn executed(unit: &Batch) -> impl Iterator<Item = &String> {
+    unit.classes.iter().flat_map(|c| c.executes.iter())
+}
+
+/// Puts `class` in a unit, and behind it the class of each SQL-level
+/// prepared statement it executes: as the session prepared it, or a write
+/// for a name the session does not know (the primary has it, if any node
+/// does).
+fn add_class(
+    state: &SessionState,
+    classes: &mut SmallVec<[Arc<Classification>; 1]>,
+    class: Arc<Classification>,
+) {
+    for name in &class.executes {
+        classes.push(state.sql_prepared.get(name).map_or_else(|| WRITE.clone(), |p| p.body.clone()));
+    }
+    classes.push(class);
+}
+
+/// Appends `name` as a quoted identifier.
+fn push_identifier(sql: &mut String, name: &str) {
+    sql.push('"');
+    sql.push_str(&name.replace('"', "\"\""));
+    sql.push('"');
 }
 
 /// Whether a statement is a SQL-level PREPARE.

@@ -22,9 +22,13 @@ impl Summary {
             Statement::Explain { analyze, options, statement, .. } => {
                 self.explain(*analyze || analyze_option(options), statement, source)
             }
-            Statement::Prepare { name, .. } => {
+            Statement::Prepare { name, statement: prepared, .. } => {
+                let mut inner = Summary::default();
+                let class = inner.statement(prepared, source);
+                inner.classes.push(class);
+                let body = std::sync::Arc::new(inner.finish(None));
                 let (name, statement) = (fold(name), source.text());
-                self.effects.push(SessionEffect::Prepare { name, statement });
+                self.effects.push(SessionEffect::Prepare { name, statement, body });
                 Class::Session
             }
             _ => {
@@ -48,6 +52,10 @@ impl Summary {
     fn explain(&mut self, analyze: bool, inner: &Statement, source: &Source) -> Class {
         if !analyze {
             self.scan(inner, false);
+            if let Statement::Execute { .. } = inner {
+                // Planning it needs the prepared statement where it runs.
+                self.execute(inner);
+            }
             return Class::Read;
         }
         match self.statement(inner, source) {
@@ -74,6 +82,7 @@ impl Summary {
             Statement::Reset(reset) => self.reset(&reset.reset, source),
             Statement::Discard { object_type } => self.discard(object_type, source),
             Statement::Deallocate { name, .. } => self.deallocate(name),
+            Statement::Execute { .. } => self.execute(statement),
             Statement::LISTEN { .. } => {
                 self.pin(PinReason::Listen);
                 Class::Session
@@ -120,6 +129,26 @@ impl Summary {
             return Class::Write;
         }
         Class::Read
+    }
+
+    /// `EXECUTE name`: a read as far as this text shows (its arguments are
+    /// scanned like any expression); the session adds the class of what
+    /// `name` prepared. `EXECUTE IMMEDIATE` and qualified names are not
+    /// PostgreSQL's: writes.
+    fn execute(&mut self, statement: &Statement) -> Class {
+        let Statement::Execute { name: Some(name), immediate: false, .. } = statement else {
+            return Class::Write;
+        };
+        match &name.0[..] {
+            [part] => match part.as_ident() {
+                Some(ident) => {
+                    push_unique(&mut self.executes, fold(ident));
+                    Class::Read
+                }
+                None => Class::Write,
+            },
+            _ => Class::Write,
+        }
     }
 
     fn deallocate(&mut self, name: &Ident) -> Class {

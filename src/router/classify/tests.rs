@@ -187,8 +187,6 @@ const WRITES: &[&str] = &[
     "TRUNCATE t",
     "TRUNCATE TABLE t, u RESTART IDENTITY CASCADE",
     "COMMENT ON TABLE t IS 'x'",
-    "EXECUTE foo",
-    "EXECUTE foo(1, 'a')",
     "CREATE TABLE t (a int)",
     "CREATE UNLOGGED TABLE t (a int)",
     "CREATE TABLE IF NOT EXISTS t (id serial PRIMARY KEY, a text NOT NULL DEFAULT 'x', b timestamptz DEFAULT now())",
@@ -695,6 +693,7 @@ fn reset_discard_prepare_deallocate_effects() {
     let prepare = SessionEffect::Prepare {
         name: "foo".to_owned(),
         statement: "PREPARE Foo (int) AS SELECT $1".to_owned(),
+        body: Arc::new(classify("SELECT $1")),
     };
     assert_eq!(effects("PREPARE Foo (int) AS SELECT $1"), [prepare]);
     let deallocate = |name: Option<&str>| SessionEffect::Deallocate { name: name.map(str::to_owned) };
@@ -702,6 +701,34 @@ fn reset_discard_prepare_deallocate_effects() {
     assert_eq!(effects("DEALLOCATE PREPARE \"Foo\""), [deallocate(Some("Foo"))]);
     assert_eq!(effects("DEALLOCATE ALL"), [deallocate(None)]);
     assert_eq!(effects("DEALLOCATE PREPARE ALL"), [deallocate(None)]);
+}
+
+#[test]
+fn prepare_classifies_its_body_and_execute_names_it() {
+    let body = |sql: &str| match &classify(sql).effects[..] {
+        [SessionEffect::Prepare { body, .. }] => body.clone(),
+        other => panic!("{sql}: {other:?}"),
+    };
+    let read = body("PREPARE r AS SELECT * FROM items WHERE id = $1");
+    assert_eq!((&read.class, &read.tables[..]), (&Class::Read, &["items".to_owned()][..]));
+    assert_eq!(body("PREPARE w (int) AS INSERT INTO t VALUES ($1)").class, Class::Write);
+    assert_eq!(body("PREPARE n AS SELECT nextval('s')").class, Class::Write);
+    let pinned = body("PREPARE l AS SELECT pg_advisory_lock(1)");
+    assert!(pinned.needs_primary(), "{pinned:?}");
+    // The PREPARE itself is session state, whatever it prepares.
+    assert_eq!(classify("PREPARE w AS DELETE FROM t").class, Class::Session);
+
+    // EXECUTE is classed by its arguments; the session adds the body.
+    let execute = classify("EXECUTE Foo(1, 'a')");
+    assert_eq!((&execute.class, &execute.executes[..]), (&Class::Read, &["foo".to_owned()][..]));
+    assert_eq!(classify("EXECUTE \"Foo\"").executes, ["Foo"]);
+    assert_eq!(classify("EXECUTE foo(nextval('s'))").class, Class::Write);
+    let both = classify("EXECUTE a; EXECUTE b; EXECUTE a");
+    assert_eq!(both.executes, ["a", "b"]);
+    let explained = classify("EXPLAIN EXECUTE a(1)");
+    assert_eq!((&explained.class, &explained.executes[..]), (&Class::Read, &["a".to_owned()][..]));
+    assert_eq!(classify("EXPLAIN ANALYZE EXECUTE a").executes, ["a"]);
+    assert!(classify("SELECT 1").executes.is_empty());
 }
 
 #[test]
