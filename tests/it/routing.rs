@@ -264,6 +264,10 @@ async fn sql_prepared_statements_follow_the_session() {
     let row = c.query_one("EXECUTE here", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(1), "second");
 
+    // A PREPARE outlasts the transaction block it ran in, even rolled back.
+    c.batch_execute("BEGIN; PREPARE in_block AS SELECT inet_server_port(), 'kept'; ROLLBACK").await.unwrap();
+    eventually_on_replica(&env, &c, "EXECUTE in_block").await;
+
     // Names the session does not have fail as they would directly.
     assert_eq!(sqlstate(c.batch_execute("EXECUTE nothing").await), "26000");
     c.batch_execute("DEALLOCATE ALL").await.unwrap();

@@ -195,7 +195,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                         }
                     }
                     Step::Savepoint(..) => {}
-                    Step::Effects(class) if in_block => pending.push(class),
+                    Step::Effects(class) if in_block => {
+                        // Prepared statements are not transactional: a
+                        // PREPARE or DEALLOCATE lasts whatever the block does.
+                        let (lasting, transactional) = split_lasting(&class);
+                        kept.extend(lasting);
+                        pending.extend(transactional);
+                    }
                     Step::Effects(class) => kept.push(class),
                 }
             }
@@ -300,6 +306,24 @@ enum Step {
     Savepoint(SavepointOp, String),
     /// Statements with effects.
     Effects(Arc<Classification>),
+}
+
+/// A classification's effects split into those that outlast a rolled-back
+/// transaction (PREPARE, DEALLOCATE) and the others, each as a
+/// classification of its own where there are any.
+fn split_lasting(class: &Arc<Classification>) -> (Option<Arc<Classification>>, Option<Arc<Classification>>) {
+    use crate::router::classify::SessionEffect;
+    let lasting =
+        |e: &SessionEffect| matches!(e, SessionEffect::Prepare { .. } | SessionEffect::Deallocate { .. });
+    if !class.effects.iter().any(lasting) {
+        return (None, Some(class.clone()));
+    }
+    let (kept, rest): (Vec<SessionEffect>, Vec<SessionEffect>) =
+        class.effects.iter().cloned().partition(lasting);
+    let with = |effects: Vec<SessionEffect>| {
+        (!effects.is_empty()).then(|| Arc::new(Classification { effects, ..(**class).clone() }))
+    };
+    (with(kept), with(rest))
 }
 
 /// A classification as steps: transaction control, or its effects, split
