@@ -207,6 +207,21 @@ async fn rows(client: &Client, sql: &str) -> Vec<Vec<String>> {
         .collect()
 }
 
+/// Runs `sql`, which gives a port and a label, until a replica runs it;
+/// every run must give `label`.
+async fn executes_on_a_replica(env: &Env, client: &Client, sql: &str, label: &str) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let got = rows(client, sql).await;
+        assert_eq!(got[0][1], label, "{sql}");
+        if ran(env, &got[0][0]) == Ran::Replica {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{sql} never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// SQL-level PREPARE and EXECUTE: an EXECUTE goes where what it runs
 /// belongs, and the statement is prepared there first, as the client last
 /// prepared it, inside a read-only transaction too.
@@ -250,16 +265,7 @@ async fn sql_prepared_statements_follow_the_session() {
     // Prepared again as something else: the replica, which has the old
     // one, replaces it.
     c.batch_execute("DEALLOCATE here; PREPARE here AS SELECT inet_server_port(), 'second'").await.unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let got = rows(&c, "EXECUTE here").await;
-        assert_eq!(got[0][1], "second");
-        if ran(&env, &got[0][0]) == Ran::Replica {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "EXECUTE never reached a replica");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    executes_on_a_replica(&env, &c, "EXECUTE here", "second").await;
     // Through the extended protocol too (tokio-postgres parses the text).
     let row = c.query_one("EXECUTE here", &[]).await.unwrap();
     assert_eq!(row.get::<_, String>(1), "second");
@@ -274,16 +280,7 @@ async fn sql_prepared_statements_follow_the_session() {
     assert_eq!(sqlstate(c.batch_execute("EXECUTE here").await), "26000");
     assert_eq!(sqlstate(c.batch_execute("EXECUTE later0(1)").await), "26000");
     c.batch_execute("PREPARE here AS SELECT inet_server_port(), 'third'").await.unwrap();
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let got = rows(&c, "EXECUTE here").await;
-        assert_eq!(got[0][1], "third");
-        if ran(&env, &got[0][0]) == Ran::Replica {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline);
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    executes_on_a_replica(&env, &c, "EXECUTE here", "third").await;
     // Pipelined behind a query still running on that replica, the EXECUTE
     // waits for it before its statement is prepared there.
     c.batch_execute("PREPARE fourth AS SELECT inet_server_port(), 'fourth'").await.unwrap();
