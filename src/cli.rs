@@ -118,7 +118,7 @@ fn check(path: &std::path::Path) -> ExitCode {
 
 async fn run(config: Config) -> ExitCode {
     tracing::info!(worker_threads = config.proxy.workers(), "starting");
-    let proxy = match crate::Proxy::start(config).await {
+    let mut proxy = match crate::Proxy::start(config).await {
         Ok(proxy) => proxy,
         Err(error) => {
             tracing::error!(%error, "pgnear could not start");
@@ -126,8 +126,18 @@ async fn run(config: Config) -> ExitCode {
         }
     };
     shutdown_signal().await;
-    tracing::info!("shutting down");
-    proxy.shutdown().await;
+    tracing::info!(
+        "shutting down: no new clients; waiting for sessions to end (signal again to close them now)"
+    );
+    proxy.drain();
+    let forced = tokio::select! {
+        () = proxy.wait() => false,
+        () = shutdown_signal() => true,
+    };
+    if forced {
+        proxy.close_now();
+        proxy.wait().await;
+    }
     ExitCode::SUCCESS
 }
 

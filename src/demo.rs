@@ -60,7 +60,8 @@ async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     println!("\nstopping pgnear and the cluster...");
-    proxy.shutdown().await;
+    // A demo stops at once, even with a psql still connected.
+    proxy.shutdown_now().await;
     drop(to_us);
     drop(to_ap);
     drop(cluster);

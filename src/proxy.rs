@@ -35,11 +35,14 @@ pub enum StartError {
 }
 
 /// A running proxy. Dropping it stops accepting; [`Proxy::shutdown`]
-/// also waits for sessions to drain.
+/// also waits for sessions to drain, [`Proxy::shutdown_now`] closes them.
 pub struct Proxy {
     addr: SocketAddr,
     shared: Arc<Shared>,
+    /// Turns true to stop accepting clients and let sessions end.
     shutdown: watch::Sender<bool>,
+    /// Turns true to close every remaining session at once.
+    close_now: watch::Sender<bool>,
     server: JoinHandle<()>,
     /// The admin listener's address and task, when `proxy.admin_listen` is
     /// set.
@@ -95,13 +98,14 @@ impl Proxy {
             tokio::spawn(reap_pools(Arc::downgrade(&shared)));
         }
         let (shutdown, watch) = watch::channel(false);
+        let (close_now, closing) = watch::channel(false);
         let admin = admin_listener.map(|(listener, admin_addr)| {
             tracing::info!(addr = %admin_addr, "admin listener is up");
             (admin_addr, tokio::spawn(crate::admin::run(listener, shared.clone(), watch.clone())))
         });
-        let server = tokio::spawn(crate::server::run(listener, shared.clone(), watch));
+        let server = tokio::spawn(crate::server::run(listener, shared.clone(), watch, closing));
         tracing::info!(%addr, "pgnear is listening");
-        Ok(Proxy { addr, shared, shutdown, server, admin, _monitor: monitor })
+        Ok(Proxy { addr, shared, shutdown, close_now, server, admin, _monitor: monitor })
     }
 
     /// The address clients connect to.
@@ -122,11 +126,33 @@ impl Proxy {
 
     /// Stops accepting and waits for every session to end.
     pub async fn shutdown(mut self) {
-        let _ = self.shutdown.send(true);
-        let _ = (&mut self.server).await;
+        self.drain();
+        self.wait().await;
     }
 
-    /// Runs until the listener task ends.
+    /// Stops accepting, closes every session at once and waits for them
+    /// to be gone.
+    pub async fn shutdown_now(mut self) {
+        self.close_now();
+        self.wait().await;
+    }
+
+    /// Stops accepting clients; running sessions go on until their
+    /// clients leave (see [`Proxy::wait`]).
+    pub fn drain(&self) {
+        let _ = self.shutdown.send(true);
+    }
+
+    /// Stops accepting clients and closes every session: their client and
+    /// server connections are dropped where they stand, as PgBouncer's
+    /// immediate shutdown does.
+    pub fn close_now(&self) {
+        let _ = self.shutdown.send(true);
+        let _ = self.close_now.send(true);
+    }
+
+    /// Runs until the listener task ends: after [`Proxy::drain`], once
+    /// every session has ended. Cancel safe.
     pub async fn wait(&mut self) {
         let _ = (&mut self.server).await;
     }

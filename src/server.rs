@@ -28,8 +28,13 @@ use crate::frontend::{serve, Shared};
 use crate::tls::Stream;
 
 /// Accepts clients until `shutdown` turns true, then waits for running
-/// sessions to finish.
-pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch::Receiver<bool>) {
+/// sessions to finish, or closes them all when `close_now` turns true.
+pub async fn run(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    mut shutdown: watch::Receiver<bool>,
+    mut close_now: watch::Receiver<bool>,
+) {
     let limit = Arc::new(Semaphore::new(shared.config.proxy.max_client_connections));
     let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
@@ -54,8 +59,26 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
         }
     }
     drop(listener);
-    tracing::info!(sessions = sessions.len(), "draining client sessions");
-    while sessions.join_next().await.is_some() {}
+    if !*close_now.borrow() {
+        tracing::info!(sessions = sessions.len(), "draining client sessions");
+    }
+    let mut closing = false;
+    loop {
+        if !closing && *close_now.borrow_and_update() {
+            closing = true;
+            tracing::warn!(sessions = sessions.len(), "closing the remaining client sessions");
+            sessions.abort_all();
+        }
+        tokio::select! {
+            joined = sessions.join_next() => if joined.is_none() { break },
+            changed = close_now.changed(), if !closing => {
+                if changed.is_err() {
+                    // The proxy is gone: nobody can ask any more.
+                    closing = true;
+                }
+            }
+        }
+    }
     drop(loops);
 }
 

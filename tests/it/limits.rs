@@ -214,6 +214,53 @@ async fn the_binary_serves_on_one_or_several_event_loops() {
     }
 }
 
+/// SIGTERM (or Ctrl-C) stops new clients and lets the connected ones
+/// finish, as PgBouncer's safe shutdown does; a second signal closes them
+/// at once. Without clients the process exits by itself.
+#[tokio::test]
+async fn a_signal_drains_and_a_second_one_closes_the_sessions() {
+    let cluster = Cluster::builder().start().await.unwrap();
+    let toml = ProxyConfig::default().toml(&cluster);
+    let signal = |child: &tokio::process::Child, name: &str| {
+        let pid = child.id().unwrap().to_string();
+        assert!(std::process::Command::new("kill").args([name, &pid]).status().unwrap().success());
+    };
+    let mut proxy = Process::spawn(env!("CARGO_BIN_EXE_pgnear"), &toml, "pgnear=info").await;
+    let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", proxy.addr.port());
+    let client = connect_once(&conn).await;
+    signal(&proxy.child, "-TERM");
+    // The log says it is draining once the listener has closed.
+    let deadline = Instant::now() + PATIENCE;
+    while !std::fs::read_to_string(&proxy.log).unwrap().contains("draining client sessions") {
+        assert!(Instant::now() < deadline, "no drain began");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(TcpStream::connect(proxy.addr).await.is_err(), "a new client got in while draining");
+    for i in 0..20 {
+        let row = client.query_one("SELECT $1::int", &[&i]).await.unwrap();
+        assert_eq!(row.get::<_, i32>(0), i);
+    }
+    assert!(proxy.child.try_wait().unwrap().is_none(), "pgnear left before its client did");
+    signal(&proxy.child, "-INT");
+    let status = tokio::time::timeout(PATIENCE, proxy.child.wait()).await.expect("a second signal").unwrap();
+    assert!(status.success(), "{status}");
+    assert!(client.query_one("SELECT 1", &[]).await.is_err(), "the session outlived pgnear");
+    let log = std::fs::read_to_string(&proxy.log).unwrap();
+    assert!(log.contains("closing the remaining client sessions"), "{log}");
+
+    // A drain with no client left ends by itself.
+    let mut proxy = Process::spawn(env!("CARGO_BIN_EXE_pgnear"), &toml, "pgnear=info").await;
+    let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", proxy.addr.port());
+    let client = connect_once(&conn).await;
+    client.batch_execute("SELECT 1").await.unwrap();
+    signal(&proxy.child, "-TERM");
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(proxy.child.try_wait().unwrap().is_none(), "pgnear left before its client did");
+    drop(client);
+    let status = tokio::time::timeout(PATIENCE, proxy.child.wait()).await.expect("the drain to end").unwrap();
+    assert!(status.success(), "{status}");
+}
+
 /// The extra event-loop threads of process `pid`, each with its count of
 /// voluntary context switches (how often it parked waiting for events).
 fn loop_threads(pid: u32) -> Vec<(String, u64)> {

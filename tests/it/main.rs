@@ -6,6 +6,7 @@
 mod auth;
 mod config;
 mod consistency;
+mod demo;
 mod fuzz_corpus;
 mod hostile;
 mod limits;
