@@ -215,8 +215,8 @@ async fn the_binary_serves_on_one_or_several_event_loops() {
 }
 
 /// SIGTERM (or Ctrl-C) stops new clients and lets the connected ones
-/// finish, as PgBouncer's safe shutdown does; a second signal closes them
-/// at once. Without clients the process exits by itself.
+/// finish, as PgBouncer does on SIGTERM; a second signal closes them at
+/// once. Without clients the process exits by itself.
 #[tokio::test]
 async fn a_signal_drains_and_a_second_one_closes_the_sessions() {
     let cluster = Cluster::builder().start().await.unwrap();
