@@ -292,6 +292,18 @@ async fn sql_prepared_statements_follow_the_session() {
         // Behind the slow read, wherever it ran.
         assert_eq!(fourth, [[slow[0][0].clone(), "fourth".to_string()]]);
         if ran(&env, &slow[0][0]) == Ran::Replica {
+            // And through the extended protocol, on the other replica
+            // connection's statement cache: a new name again.
+            let name = format!("fifth{attempt}");
+            c.batch_execute(&format!("PREPARE {name} AS SELECT inet_server_port()::text, 'fifth'"))
+                .await
+                .unwrap();
+            let execute = format!("EXECUTE {name}");
+            let slow = c.query_one("SELECT inet_server_port()::text, pg_sleep(0.2)::text", &[]);
+            let (slow, fifth) = tokio::join!(slow, c.query_one(&execute, &[]));
+            let (slow, fifth) = (slow.unwrap(), fifth.unwrap());
+            assert_eq!(fifth.get::<_, String>(0), slow.get::<_, String>(0));
+            assert_eq!(fifth.get::<_, String>(1), "fifth");
             break;
         }
         assert!(tokio::time::Instant::now() < deadline, "the slow read never ran on a replica");
