@@ -292,8 +292,8 @@ async fn sql_prepared_statements_follow_the_session() {
         // Behind the slow read, wherever it ran.
         assert_eq!(fourth, [[slow[0][0].clone(), "fourth".to_string()]]);
         if ran(&env, &slow[0][0]) == Ran::Replica {
-            // And through the extended protocol, on the other replica
-            // connection's statement cache: a new name again.
+            // And through the extended protocol, with a name the replica
+            // has not seen: its Parse, Describe and Sync wait the same way.
             let name = format!("fifth{attempt}");
             c.batch_execute(&format!("PREPARE {name} AS SELECT inet_server_port()::text, 'fifth'"))
                 .await
