@@ -160,7 +160,8 @@ struct Batch {
 }
 
 impl Batch {
-    /// A unit of one message: a simple Query or a FunctionCall.
+    /// A unit of one message: a FunctionCall (a simple Query is built by
+    /// `query_unit`, which adds what an EXECUTE runs).
     fn one(frame: Frame, class: Arc<Classification>) -> Batch {
         Batch { frames: smallvec![frame], classes: smallvec![class], ..Batch::default() }
     }

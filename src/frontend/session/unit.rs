@@ -129,13 +129,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The unit of a simple Query.
     fn query_unit(&self, frame: Frame, class: Arc<Classification>) -> Batch {
-        let mut unit = Batch::one(frame, class);
-        if !unit.classes[0].executes.is_empty() {
-            let class = unit.classes.pop();
-            if let Some(class) = class {
-                add_class(&self.state, &mut unit.classes, class);
-            }
-        }
+        let mut unit = Batch { frames: smallvec::smallvec![frame], ..Batch::default() };
+        add_class(&self.state, &mut unit.classes, class);
         unit
     }
 
