@@ -73,7 +73,8 @@ pub async fn run(
             joined = sessions.join_next() => if joined.is_none() { break },
             changed = close_now.changed(), if !closing => {
                 if changed.is_err() {
-                    // The proxy is gone: nobody can ask any more.
+                    // The proxy is gone, and with it the way to ask:
+                    // stop listening and go on draining.
                     closing = true;
                 }
             }
