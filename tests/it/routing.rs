@@ -222,6 +222,22 @@ async fn executes_on_a_replica(env: &Env, client: &Client, sql: &str, label: &st
     }
 }
 
+/// Begins read-only transactions until one runs on a replica, and leaves
+/// that one open; gives the replica's port.
+async fn begin_read_only_on_a_replica(env: &Env, client: &Client) -> String {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        client.batch_execute("BEGIN READ ONLY").await.unwrap();
+        let port = rows(client, "SELECT inet_server_port()").await[0][0].clone();
+        if ran(env, &port) == Ran::Replica {
+            return port;
+        }
+        client.batch_execute("COMMIT").await.unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "a read-only transaction never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// SQL-level PREPARE and EXECUTE: an EXECUTE goes where what it runs
 /// belongs, and the statement is prepared there first, as the client last
 /// prepared it, inside a read-only transaction too.
@@ -240,26 +256,13 @@ async fn sql_prepared_statements_follow_the_session() {
     eventually_on_replica(&env, &c, "EXECUTE here").await;
 
     // In a read-only transaction on a replica, a statement not run there yet.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    for attempt in 0.. {
-        let name = format!("later{attempt}");
-        c.batch_execute(&format!(
-            "PREPARE {name} (int) AS SELECT inet_server_port(), v FROM items WHERE id = $1"
-        ))
+    c.batch_execute("PREPARE later (int) AS SELECT inet_server_port(), v FROM items WHERE id = $1")
         .await
         .unwrap();
-        c.batch_execute("BEGIN READ ONLY").await.unwrap();
-        let port = rows(&c, "SELECT inet_server_port()").await[0][0].clone();
-        if ran(&env, &port) == Ran::Replica {
-            let got = rows(&c, &format!("EXECUTE {name}(1)")).await;
-            assert_eq!(got, [[port, "one".to_string()]], "run in the transaction, on its replica");
-            c.batch_execute("COMMIT").await.unwrap();
-            break;
-        }
-        c.batch_execute("COMMIT").await.unwrap();
-        assert!(tokio::time::Instant::now() < deadline, "a read-only transaction never reached a replica");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let port = begin_read_only_on_a_replica(&env, &c).await;
+    let got = rows(&c, "EXECUTE later(1)").await;
+    assert_eq!(got, [[port, "one".to_string()]], "run in the transaction, on its replica");
+    c.batch_execute("COMMIT").await.unwrap();
 
     // Prepared again as something else: the replica, which has the old
     // one, replaces it.
@@ -273,11 +276,18 @@ async fn sql_prepared_statements_follow_the_session() {
     c.batch_execute("BEGIN; PREPARE in_block AS SELECT inet_server_port(), 'kept'; ROLLBACK").await.unwrap();
     eventually_on_replica(&env, &c, "EXECUTE in_block").await;
 
+    // Prepared in a read-only transaction on a replica, executed on the
+    // primary: prepared there first.
+    begin_read_only_on_a_replica(&env, &c).await;
+    c.batch_execute("PREPARE from_replica AS SELECT inet_server_port(), 'kept'; COMMIT").await.unwrap();
+    let got = rows(&c, "/* pgnear:primary */ EXECUTE from_replica").await;
+    assert_eq!((ran(&env, &got[0][0]), got[0][1].as_str()), (Ran::Primary, "kept"));
+
     // Names the session does not have fail as they would directly.
     assert_eq!(sqlstate(c.batch_execute("EXECUTE nothing").await), "26000");
     c.batch_execute("DEALLOCATE ALL").await.unwrap();
     assert_eq!(sqlstate(c.batch_execute("EXECUTE here").await), "26000");
-    assert_eq!(sqlstate(c.batch_execute("EXECUTE later0(1)").await), "26000");
+    assert_eq!(sqlstate(c.batch_execute("EXECUTE later(1)").await), "26000");
     c.batch_execute("PREPARE here AS SELECT inet_server_port(), 'third'").await.unwrap();
     executes_on_a_replica(&env, &c, "EXECUTE here", "third").await;
     // Pipelined behind a query still running on that replica, the EXECUTE
