@@ -60,6 +60,9 @@ pub enum ProxyError {
     Unsupported(String),
     #[error("no server connection came free within proxy.pool_timeout ({} ms)", .0.as_millis())]
     PoolExhausted(std::time::Duration),
+    /// A second shutdown signal closes every session.
+    #[error("terminating connection due to administrator command: pgnear is shutting down")]
+    Shutdown,
 }
 
 impl ProxyError {
@@ -95,6 +98,7 @@ impl ProxyError {
             E::SettingsLost(_) => (Fatal, S::ConnectionFailure),
             E::Unsupported(_) => (Fatal, S::FeatureNotSupported),
             E::PoolExhausted(_) => (Fatal, S::TooManyConnections),
+            E::Shutdown => (Fatal, S::AdminShutdown),
         };
         Some(error_response(severity, code, &self.to_string()))
     }
@@ -115,6 +119,7 @@ impl ProxyError {
             | E::BackendProtocol { .. }
             | E::PrimaryMoved { .. }
             | E::SettingsLost(_) => "backend_error",
+            E::Shutdown => "shutdown",
         }
     }
 }

@@ -36,8 +36,16 @@ const PIN_BUCKETS: &[f64] =
 
 /// The error classes of `ProxyError::class`; anything else counts as
 /// `other`, so the label set stays bounded.
-const ERROR_CLASSES: [&str; 7] =
-    ["client_protocol", "client_gone", "auth", "limit", "timeout", "backend_connect", "backend_error"];
+const ERROR_CLASSES: [&str; 8] = [
+    "client_protocol",
+    "client_gone",
+    "auth",
+    "limit",
+    "timeout",
+    "backend_connect",
+    "backend_error",
+    "shutdown",
+];
 
 /// The role label of a routed query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -143,9 +143,11 @@ impl Proxy {
         let _ = self.shutdown.send(true);
     }
 
-    /// Stops accepting clients and closes every session: their client and
-    /// server connections are dropped where they stand, as PgBouncer's
-    /// immediate shutdown does.
+    /// Stops accepting clients and closes every session: each tells its
+    /// client (FATAL 57P01, as PostgreSQL's fast shutdown does) and closes
+    /// its server connections, cancelling a running query. A session
+    /// that has not closed within two seconds (one still in its handshake
+    /// or waiting on a server) is dropped.
     pub fn close_now(&self) {
         let _ = self.shutdown.send(true);
         let _ = self.close_now.send(true);

@@ -63,11 +63,16 @@ pub async fn run(
         tracing::info!(sessions = sessions.len(), "draining client sessions");
     }
     let mut closing = false;
+    // After a close, what is left once this has passed is aborted.
+    let mut grace: Option<std::pin::Pin<Box<tokio::time::Sleep>>> = None;
     loop {
         if !closing && *close_now.borrow_and_update() {
             closing = true;
             tracing::warn!(sessions = sessions.len(), "closing the remaining client sessions");
-            sessions.abort_all();
+            // Each session tells its client (FATAL 57P01) and closes its
+            // server connections, as PostgreSQL's own fast shutdown does.
+            shared.cancels.close_all();
+            grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
         }
         tokio::select! {
             joined = sessions.join_next() => if joined.is_none() { break },
@@ -78,10 +83,18 @@ pub async fn run(
                     closing = true;
                 }
             }
+            () = async { if let Some(grace) = grace.as_mut() { grace.await } }, if grace.is_some() => {
+                // Still in a handshake, or waiting on a server: dropped.
+                sessions.abort_all();
+                grace = None;
+            }
         }
     }
     drop(loops);
 }
+
+/// How long sessions asked to close may take to say so to their clients.
+const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 thread_local! {
     /// The event loop this thread runs: 0 for the accepting one.

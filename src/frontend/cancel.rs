@@ -3,8 +3,11 @@
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
+
+use futures_util::task::AtomicWaker;
 
 use crate::backend::connect::send_cancel;
 use crate::protocol::startup::CancelKey;
@@ -21,9 +24,15 @@ pub struct ServerKey {
 /// transaction pooling, the session gives its connection back and a late
 /// cancel must not reach whichever session has it next), read by cancel
 /// requests.
+///
+/// It also carries the proxy's request that the session close: set, with
+/// the session woken, by [`CancelRegistry::close_all`].
 #[derive(Debug, Default)]
 pub struct CancelTarget {
     current: Mutex<Option<ServerKey>>,
+    closing: AtomicBool,
+    /// The session's task, registered once by the session.
+    task: AtomicWaker,
 }
 
 impl CancelTarget {
@@ -34,6 +43,16 @@ impl CancelTarget {
 
     fn get(&self) -> Option<ServerKey> {
         *self.current.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Whether the proxy asked the session to close; `waker` is woken
+    /// when it does (the session's task waker, which does not change, so
+    /// registering it once is enough).
+    pub fn closing(&self, waker: Option<&std::task::Waker>) -> bool {
+        if let Some(waker) = waker {
+            self.task.register(waker);
+        }
+        self.closing.load(Ordering::Acquire)
     }
 }
 
@@ -87,6 +106,15 @@ impl CancelRegistry {
         match target {
             Some(server) => send_cancel(server.addr, server.key, timeout).await,
             None => tracing::info!(pid = key.pid, "cancel request ignored: unknown key, or no query running"),
+        }
+    }
+
+    /// Asks every registered session to close, and wakes it.
+    pub fn close_all(&self) {
+        let sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        for target in sessions.values() {
+            target.closing.store(true, Ordering::Release);
+            target.task.wake();
         }
     }
 

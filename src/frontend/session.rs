@@ -77,6 +77,8 @@ enum Event {
     Permit(tokio::sync::OwnedSemaphorePermit),
     /// The waiting unit waited `proxy.pool_timeout`.
     PoolTimeout,
+    /// The proxy is closing every session (a second shutdown signal).
+    Close,
 }
 
 /// The client side of a session.
@@ -248,6 +250,8 @@ pub struct Session<S: Split> {
     /// Where the registration points cancels now (changed only when this
     /// does).
     cancels_to: Option<ServerKey>,
+    /// The registration has the task's waker, to wake it for a close.
+    close_watch: bool,
 }
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -358,6 +362,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             timers: Timers::new(shared_idle_timeout),
             span,
             registration,
+            close_watch: false,
             cancels_to: None,
         })
     }
@@ -449,6 +454,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     Flow::Continue
                 }
                 Event::IdleTimeout if self.idle_expired() => return Err(ProxyError::IdleTimeout),
+                Event::Close => return Err(ProxyError::Shutdown),
                 Event::IdleTimeout => Flow::Continue,
             };
             if flow == Flow::End {
@@ -648,8 +654,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let held = self.held.is_some() || self.waiting.is_some();
         let sources = &self.sources;
         let timers = &mut self.timers;
+        let closing = &self.registration.target;
+        let close_watch = &mut self.close_watch;
         std::future::poll_fn(|cx| {
             sources.register(cx);
+            // The task's waker is registered once: it does not change.
+            let waker = (!std::mem::replace(close_watch, true)).then(|| cx.waker());
+            if closing.closing(waker) {
+                return Poll::Ready(Event::Close);
+            }
             // Servers first: responses drain before new work is taken.
             if let Some(server) = self.primary.as_mut() {
                 if let Poll::Ready(filled) = sources.poll(wake::PRIMARY, pin!(server.backend.fill())) {

@@ -216,7 +216,7 @@ async fn the_binary_serves_on_one_or_several_event_loops() {
 
 /// SIGTERM (or Ctrl-C) stops new clients and lets the connected ones
 /// finish, as PgBouncer does on SIGTERM; a second signal closes them at
-/// once. Without clients the process exits by itself.
+/// once, each client told with FATAL 57P01. Without clients the process exits by itself.
 #[tokio::test]
 async fn a_signal_drains_and_a_second_one_closes_the_sessions() {
     let cluster = Cluster::builder().start().await.unwrap();
@@ -228,6 +228,8 @@ async fn a_signal_drains_and_a_second_one_closes_the_sessions() {
     let mut proxy = Process::spawn(env!("CARGO_BIN_EXE_pgnear"), &toml, "pgnear=info").await;
     let conn = format!("host=127.0.0.1 port={} user=postgres dbname=postgres", proxy.addr.port());
     let client = connect_once(&conn).await;
+    let (mut idle, _) = Wire::login(proxy.addr, "postgres").await;
+    let (mut busy, _) = Wire::login(proxy.addr, "postgres").await;
     signal(&proxy.child, "-TERM");
     // The log says it is draining once the listener has closed.
     let deadline = Instant::now() + PATIENCE;
@@ -241,7 +243,13 @@ async fn a_signal_drains_and_a_second_one_closes_the_sessions() {
         assert_eq!(row.get::<_, i32>(0), i);
     }
     assert!(proxy.child.try_wait().unwrap().is_none(), "pgnear left before its client did");
+    busy.send(&crate::support::wire::query("SELECT pg_sleep(30)")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
     signal(&proxy.child, "-INT");
+    // Idle or running a query, each client is told, as by PostgreSQL's
+    // own fast shutdown.
+    assert_eq!(idle.expect_fatal().await, "57P01");
+    assert_eq!(busy.expect_fatal().await, "57P01");
     let status = tokio::time::timeout(PATIENCE, proxy.child.wait()).await.expect("a second signal").unwrap();
     assert!(status.success(), "{status}");
     assert!(client.query_one("SELECT 1", &[]).await.is_err(), "the session outlived pgnear");
