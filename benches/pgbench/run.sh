@@ -127,6 +127,11 @@ cleanup() {
     # PgBouncer runs under runuser as root: its pidfile names the process.
     # (It removes the file as it exits: a stop just before may race.)
     [[ -s $WORK/pgbouncer.pid ]] && kill "$(cat "$WORK/pgbouncer.pid" 2>/dev/null)" 2>/dev/null
+    # pgnear drains on SIGTERM; a second one closes sessions still open.
+    for pid in "${PIDS[@]}"; do
+        for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.1; done
+        kill "$pid" 2>/dev/null
+    done
     for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null; done
     for node in replica primary; do
         [[ -f $WORK/$node/postmaster.pid ]] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/$node" -m immediate -w stop >/dev/null 2>&1
@@ -279,7 +284,10 @@ start_pgnear() {
     wait_port "$3" "pgnear ($1)"
 }
 
+# pgnear drains on SIGTERM; a second one closes sessions still open.
 stop_pid() {
+    kill "$1" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "$1" 2>/dev/null || break; sleep 0.1; done
     kill "$1" 2>/dev/null || true
     wait "$1" 2>/dev/null || true
 }

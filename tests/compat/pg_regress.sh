@@ -104,13 +104,21 @@ PGNEAR_PID=
 FAILED_SETUP=1
 KEEP_WORK=${PGNEAR_COMPAT_KEEP:-0}
 
+# SIGTERM drains; a second one closes any session still open.
+stop_pgnear() {
+    if [ -n "$PGNEAR_PID" ]; then
+        kill "$PGNEAR_PID" 2>/dev/null || true
+        for _ in $(seq 50); do kill -0 "$PGNEAR_PID" 2>/dev/null || break; sleep 0.1; done
+        kill "$PGNEAR_PID" 2>/dev/null || true
+        wait "$PGNEAR_PID" 2>/dev/null || true
+        PGNEAR_PID=
+    fi
+}
+
 cleanup() {
     local rc=$?
     set +e
-    if [ -n "$PGNEAR_PID" ]; then
-        kill "$PGNEAR_PID" 2>/dev/null
-        wait "$PGNEAR_PID" 2>/dev/null
-    fi
+    stop_pgnear
     local d
     for d in "${STARTED_DATADIRS[@]}"; do
         [ -f "$d/postmaster.pid" ] && as_pg "$PGBIN/pg_ctl" -D "$d" -m immediate -w stop >/dev/null 2>&1
@@ -386,14 +394,6 @@ start_pgnear() {
         sleep 0.1
     done
     die_log "$log" "pgnear did not accept a query within 20 s"
-}
-
-stop_pgnear() {
-    if [ -n "$PGNEAR_PID" ]; then
-        kill "$PGNEAR_PID" 2>/dev/null || true
-        wait "$PGNEAR_PID" 2>/dev/null || true
-        PGNEAR_PID=
-    fi
 }
 
 # ---------------------------------------------------------------------------

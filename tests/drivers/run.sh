@@ -99,7 +99,13 @@ as_pg() { runuser -u postgres -- "$@"; }
 cleanup() {
     local rc=$?
     set +e
-    if [ -n "$PGNEAR_PID" ]; then kill "$PGNEAR_PID" 2>/dev/null; wait "$PGNEAR_PID" 2>/dev/null; fi
+    if [ -n "$PGNEAR_PID" ]; then
+        # SIGTERM drains; a second one closes any session still open.
+        kill "$PGNEAR_PID" 2>/dev/null
+        for _ in $(seq 50); do kill -0 "$PGNEAR_PID" 2>/dev/null || break; sleep 0.1; done
+        kill "$PGNEAR_PID" 2>/dev/null
+        wait "$PGNEAR_PID" 2>/dev/null
+    fi
     for node in replica primary; do
         [ -f "$WORK/$node/postmaster.pid" ] && as_pg "$PG_BIN/pg_ctl" -D "$WORK/$node" -m immediate -w stop >/dev/null 2>&1
     done
