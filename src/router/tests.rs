@@ -108,6 +108,7 @@ fn reads_go_to_the_replica_in_this_region_and_the_rest_to_the_primary() {
         ("SELEC 1", (PRIMARY, Reason::Unparsed)),
         ("SELECT pg_backend_pid()", (PRIMARY, Reason::Rule)),
         ("SELECT name FROM pg_prepared_statements", (PRIMARY, Reason::Rule)),
+        ("SELECT name FROM pg_cursors", (PRIMARY, Reason::Rule)),
         ("SELECT id, amount FROM payments WHERE id = 3", (PRIMARY, Reason::Rule)),
         ("/* pgnear:primary */ SELECT 1", (PRIMARY, Reason::Hint)),
     ];

@@ -735,12 +735,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         unit: &Batch,
         complete: bool,
     ) -> Result<Option<(Target, Reason)>, ProxyError> {
-        if !self.lacks_sql_prepared(target, unit) {
+        if unit.classes.iter().all(|c| c.executes.is_empty()) {
             return Ok(Some((target, reason)));
-        }
-        if self.in_flight() {
-            self.hold(unit);
-            return Ok(None);
         }
         let missing: Vec<(String, SqlPrepared, bool)> = match self.server(target) {
             Some(server) => self
@@ -753,6 +749,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 .collect(),
             None => Vec::new(),
         };
+        if missing.is_empty() {
+            return Ok(Some((target, reason)));
+        }
+        if self.in_flight() {
+            self.hold(unit);
+            return Ok(None);
+        }
         for (name, prepared, redefined) in missing {
             let mut sql = String::new();
             if redefined {
