@@ -288,7 +288,7 @@ fn parsing(c: &mut Criterion) {
         b.iter(|| frontend::execute_portal(black_box(&execute)).map(str::len))
     });
     group.bench_function("frontend_query_text", |b| {
-        b.iter(|| frontend::query_text(black_box(&query)).map(str::len))
+        b.iter(|| frontend::query_text(black_box(&query)).map(<[u8]>::len))
     });
     group.bench_function("backend_ready_status", |b| b.iter(|| backend::ready_status(black_box(&ready))));
     group.bench_function("backend_error_fields", |b| b.iter(|| ErrorFields::parse(black_box(&error))));

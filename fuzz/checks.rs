@@ -60,4 +60,10 @@ pub fn classify(data: &[u8]) {
     if first.unparsed {
         assert!(first.needs_primary(), "unparsed text routed to a replica: {sql:?}");
     }
+    // A text that was not UTF-8 is a lossy copy: nothing of it is replayed.
+    if sql.contains(char::REPLACEMENT_CHARACTER) {
+        let replayable =
+            first.effects.iter().any(|e| !matches!(e, pgnear::router::classify::SessionEffect::Pin(_)));
+        assert!(!replayable, "a lossy copy would be replayed: {sql:?}");
+    }
 }

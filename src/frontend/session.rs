@@ -755,7 +755,7 @@ fn filled_event(
 /// A ParameterStatus saying new transactions are read-only by default.
 fn is_read_only_default(frame: &Frame) -> bool {
     crate::protocol::backend::parse_parameter_status(frame)
-        .is_ok_and(|(name, value)| name == "default_transaction_read_only" && value == "on")
+        .is_ok_and(|(name, value)| name == "default_transaction_read_only" && value == b"on")
 }
 
 /// Splits `pgnear.*` settings out of the startup `options`; the rest of

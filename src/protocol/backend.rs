@@ -3,7 +3,7 @@
 
 use bytes::{BufMut, BytesMut};
 
-use super::frame::{cstr, int32, Frame, ProtocolError};
+use super::frame::{cstr, cstr_bytes, int32, Frame, ProtocolError};
 use super::startup::CancelKey;
 use super::SqlState;
 
@@ -170,12 +170,15 @@ impl ErrorFields {
                 break;
             }
             buf = rest;
-            let value = cstr(&mut buf, "ErrorResponse")?;
+            // In the client's encoding: a message may quote the client's
+            // text.
+            let value = cstr_bytes(&mut buf, "ErrorResponse")?;
+            let text = || String::from_utf8_lossy(value).into_owned();
             match kind {
-                b'V' => fields.severity = value.to_string(),
-                b'S' if fields.severity.is_empty() => fields.severity = value.to_string(),
-                b'C' => fields.code = value.to_string(),
-                b'M' => fields.message = value.to_string(),
+                b'V' => fields.severity = text(),
+                b'S' if fields.severity.is_empty() => fields.severity = text(),
+                b'C' => fields.code = text(),
+                b'M' => fields.message = text(),
                 _ => {}
             }
         }
@@ -195,11 +198,12 @@ pub fn parse_backend_key(frame: &Frame) -> Result<CancelKey, ProtocolError> {
     Ok(CancelKey { pid, secret: int32(&mut buf, "BackendKeyData")? })
 }
 
-/// Name and value of a ParameterStatus.
-pub fn parse_parameter_status(frame: &Frame) -> Result<(&str, &str), ProtocolError> {
+/// Name and value of a ParameterStatus. The value is in the client's
+/// encoding (`application_name` may hold any text).
+pub fn parse_parameter_status(frame: &Frame) -> Result<(&str, &[u8]), ProtocolError> {
     let mut buf = frame.body();
     let name = cstr(&mut buf, "ParameterStatus")?;
-    Ok((name, cstr(&mut buf, "ParameterStatus")?))
+    Ok((name, cstr_bytes(&mut buf, "ParameterStatus")?))
 }
 
 #[cfg(test)]
@@ -225,6 +229,17 @@ mod tests {
         let fields = ErrorFields::parse(&Frame::new(b'E', body)).unwrap();
         assert_eq!(fields.code, "57P01");
         assert!(fields.is_fatal());
+    }
+
+    #[test]
+    fn reads_server_texts_in_any_encoding() {
+        // A LATIN1 client's error quotes its text: 'café'.
+        let body = b"SERROR\0VERROR\0C22P02\0Minvalid input syntax for type integer: \"caf\xe9\"\0\0";
+        let fields = ErrorFields::parse(&Frame::new(b'E', body)).unwrap();
+        assert_eq!(fields.code, "22P02");
+        assert_eq!(fields.message, "invalid input syntax for type integer: \"caf\u{FFFD}\"");
+        let status = Frame::new(b'S', b"application_name\0caf\xe9\0");
+        assert_eq!(parse_parameter_status(&status).unwrap(), ("application_name", &b"caf\xe9"[..]));
     }
 
     #[test]

@@ -12,6 +12,11 @@ pub enum ProtocolError {
     TooLarge { tag: char, length: usize, limit: usize },
     #[error("malformed {what} message")]
     Malformed { what: &'static str },
+    /// A name (statement, portal, startup parameter) that is not UTF-8.
+    /// SQL texts may be in any `client_encoding`; names pgnear tracks must
+    /// be UTF-8.
+    #[error("a name in a {what} message is not UTF-8 (statement and portal names must be; SQL texts may use any client_encoding)")]
+    NotUtf8 { what: &'static str },
     #[error("unexpected message type {tag:?} {when}")]
     Unexpected { tag: char, when: &'static str },
     #[error("connection closed in the middle of a message")]
@@ -219,6 +224,14 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
 /// Reads a NUL-terminated string from the front of `buf`.
 pub fn cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, ProtocolError> {
+    let bytes = cstr_bytes(buf, what)?;
+    std::str::from_utf8(bytes).map_err(|_| ProtocolError::NotUtf8 { what })
+}
+
+/// Reads a NUL-terminated string of any encoding from the front of `buf`:
+/// texts in the client's encoding (`client_encoding`), which need not be
+/// UTF-8.
+pub fn cstr_bytes<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a [u8], ProtocolError> {
     // Most strings are short names, quicker to scan than to set up a
     // vector search for; a query text is not.
     let head = buf.len().min(16);
@@ -226,9 +239,9 @@ pub fn cstr<'a>(buf: &mut &'a [u8], what: &'static str) -> Result<&'a str, Proto
         Some(end) => end,
         None => head + memchr::memchr(0, &buf[head..]).ok_or(ProtocolError::Malformed { what })?,
     };
-    let s = std::str::from_utf8(&buf[..end]).map_err(|_| ProtocolError::Malformed { what })?;
+    let bytes = &buf[..end];
     *buf = &buf[end + 1..];
-    Ok(s)
+    Ok(bytes)
 }
 
 /// Reads a big-endian i32 from the front of `buf`.

@@ -1,28 +1,29 @@
 //! Client-to-server messages that routing or session tracking looks inside.
 
-use super::frame::{cstr, int32, Frame, ProtocolError};
+use super::frame::{cstr, cstr_bytes, int32, Frame, ProtocolError};
 
-/// The SQL text of a simple Query.
-pub fn query_text(frame: &Frame) -> Result<&str, ProtocolError> {
+/// The SQL text of a simple Query, in the client's encoding.
+pub fn query_text(frame: &Frame) -> Result<&[u8], ProtocolError> {
     let mut buf = frame.body();
-    let text = cstr(&mut buf, "Query")?;
+    let text = cstr_bytes(&mut buf, "Query")?;
     if !buf.is_empty() {
         return Err(ProtocolError::Malformed { what: "Query" });
     }
     Ok(text)
 }
 
-/// A Parse message: statement name and SQL text.
+/// A Parse message: statement name and SQL text (in the client's
+/// encoding).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Parse<'a> {
     pub name: &'a str,
-    pub query: &'a str,
+    pub query: &'a [u8],
 }
 
 pub fn parse(frame: &Frame) -> Result<Parse<'_>, ProtocolError> {
     let mut buf = frame.body();
     let name = cstr(&mut buf, "Parse")?;
-    let query = cstr(&mut buf, "Parse")?;
+    let query = cstr_bytes(&mut buf, "Parse")?;
     if buf.len() < 2 {
         return Err(ProtocolError::Malformed { what: "Parse" });
     }
@@ -125,5 +126,16 @@ mod tests {
         assert!(target(&Frame::new(b'D', b"")).is_err());
         assert!(execute_portal(&Frame::new(b'E', b"\0\0")).is_err());
         assert!(sasl_initial(&Frame::new(b'p', b"SCRAM-SHA-256\0\0\0\0\x09n,,")).is_err());
+    }
+
+    #[test]
+    fn texts_may_use_any_encoding_names_must_be_utf8() {
+        // 'café' in LATIN1.
+        assert_eq!(query_text(&Frame::new(b'Q', b"SELECT 'caf\xe9'\0")).unwrap(), b"SELECT 'caf\xe9'");
+        let frame = Frame::new(b'P', b"s\0SELECT 'caf\xe9'\0\0\0");
+        assert_eq!(parse(&frame).unwrap(), Parse { name: "s", query: b"SELECT 'caf\xe9'" });
+        let error = parse(&Frame::new(b'P', b"caf\xe9\0SELECT 1\0\0\0")).unwrap_err();
+        assert!(matches!(error, ProtocolError::NotUtf8 { what: "Parse" }), "{error}");
+        assert!(bind(&Frame::new(b'B', b"\0caf\xe9\0\0\0\0\0\0\0")).is_err());
     }
 }

@@ -43,8 +43,14 @@ impl ClassifyCache {
     }
 
     /// The classification of `sql`, from the cache when present. A hit
-    /// borrows `sql` for the lookup and allocates nothing.
-    pub fn classify(&self, sql: &str) -> Arc<Classification> {
+    /// borrows `sql` for the lookup and allocates nothing. `sql` is in the
+    /// client's encoding: a text that is not UTF-8 is classified as a copy
+    /// with U+FFFD for what is not (see [`classify`]).
+    pub fn classify(&self, sql: impl AsRef<[u8]>) -> Arc<Classification> {
+        self.classify_text(&String::from_utf8_lossy(sql.as_ref()))
+    }
+
+    fn classify_text(&self, sql: &str) -> Arc<Classification> {
         let cacheable = sql.len() <= MAX_CACHED_SQL_LEN;
         // Texts with $n parameters (the extended protocol's, which repeat
         // exactly) or dollar quotes: the exact text first, a hash being

@@ -210,6 +210,10 @@ pub enum PinReason {
     /// `set_config(name, value, is_local)` whose `is_local` is not the
     /// literal `true`: a session setting pgnear cannot replay.
     SessionConfig,
+    /// A SET, PREPARE or other session statement whose text is not UTF-8
+    /// (a `client_encoding` other than UTF8): pgnear classified a copy and
+    /// cannot replay the client's bytes.
+    NotUtf8,
 }
 
 // === impl Class ===
@@ -263,7 +267,30 @@ pub fn classify(sql: &str) -> Classification {
         summary.unparsed = true;
         summary.classes.push(Class::Write);
     }
-    summary.finish(hint)
+    let mut classification = summary.finish(hint);
+    if sql.contains(char::REPLACEMENT_CHARACTER) {
+        not_utf8(&mut classification);
+    }
+    classification
+}
+
+/// The text held U+FFFD: most likely it was not UTF-8 and this is a lossy
+/// copy of it (`ClassifyCache::classify`), in which ASCII, and so every
+/// keyword, quote and comment, is as the client sent it. Two things of the
+/// copy cannot be trusted: names that held other bytes (a function named
+/// so is not found among the volatile ones, and could write) and the text
+/// of session statements (a replay would send the copy, not the client's
+/// bytes). Such a function makes the text a write; such a statement pins
+/// the session.
+fn not_utf8(c: &mut Classification) {
+    let replaced = |name: &String| name.contains(char::REPLACEMENT_CHARACTER);
+    if c.class == Class::Read && c.functions.iter().any(replaced) {
+        c.class = Class::Write;
+    }
+    if c.effects.iter().any(|e| !matches!(e, SessionEffect::Pin(_))) {
+        c.effects.retain(|e| matches!(e, SessionEffect::Pin(_)));
+        c.effects.push(SessionEffect::Pin(PinReason::NotUtf8));
+    }
 }
 
 /// Per-text accumulator while statements are classified one by one.

@@ -588,3 +588,92 @@ async fn flushed_prepares_do_not_hold_the_session_on_a_replica() {
         assert!(msgs.iter().all(|m| m.tag != b'E'), "the simple write failed: {msgs:?}");
     }
 }
+
+/// A client whose `client_encoding` is LATIN1 sends texts that are not
+/// UTF-8. They are relayed byte for byte and classified (reads still go to
+/// replicas, whose connections follow the session's encoding); a session
+/// statement in such a text pins the session, since pgnear could not
+/// replay the client's bytes; statement names must be UTF-8.
+#[tokio::test]
+async fn texts_in_another_client_encoding() {
+    use crate::support::wire::{message, query_bytes, Msg, Wire};
+    async fn ask(wire: &mut Wire, sql: &[u8]) -> Vec<Msg> {
+        wire.send(&query_bytes(sql)).await;
+        wire.until_ready().await
+    }
+    fn row(msgs: &[Msg]) -> Vec<Vec<u8>> {
+        let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
+        row.columns().into_iter().map(|c| c.unwrap_or_default()).collect()
+    }
+    let env = two_replicas(ProxyConfig::default()).await;
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    ask(&mut wire, b"SET client_encoding = 'LATIN1'").await;
+    // 'café' in LATIN1 is not UTF-8. A read runs on a replica, which must
+    // have been told the encoding to take and return these bytes.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let msgs = ask(&mut wire, b"SELECT 'caf\xe9', inet_server_port()").await;
+        let columns = row(&msgs);
+        assert_eq!(columns[0], b"caf\xe9");
+        if ran(&env, std::str::from_utf8(&columns[1]).unwrap()) == Ran::Replica {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "a LATIN1 read never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // An error quoting the text is relayed, and the session goes on.
+    let msgs = ask(&mut wire, b"SELECT 'caf\xe9'::int").await;
+    let error = msgs.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {msgs:?}"));
+    assert_eq!(error.sqlstate().as_deref(), Some("22P02"));
+    assert_eq!(error.field(b'V').as_deref(), Some("ERROR"));
+    // A write, and reading it back (the session's own write).
+    let msgs = ask(&mut wire, b"INSERT INTO items VALUES (3, 'na\xefve') RETURNING inet_server_port()").await;
+    assert_eq!(ran(&env, std::str::from_utf8(&row(&msgs)[0]).unwrap()), Ran::Primary);
+    let msgs = ask(&mut wire, b"SELECT v FROM items WHERE id = 3").await;
+    assert_eq!(row(&msgs)[0], b"na\xefve");
+    // The extended protocol.
+    let parse = message(b'P', b"\0SELECT 'caf\xe9' || v FROM items WHERE id = 3\0\0\0");
+    wire.send(&[parse, message(b'B', &[0; 8]), message(b'E', &[0; 5]), message(b'S', b"")].concat()).await;
+    assert_eq!(row(&wire.until_ready().await)[0], b"caf\xe9na\xefve");
+    // A function whose name is not UTF-8 cannot be looked up among the
+    // volatile ones: calling it is a write.
+    ask(&mut wire, b"CREATE TABLE hits (n int)").await;
+    let define = b"CREATE FUNCTION bump\xe9() RETURNS int LANGUAGE sql VOLATILE AS 'INSERT INTO hits VALUES (1) RETURNING n'";
+    assert!(ask(&mut wire, define).await.iter().all(|m| m.tag != b'E'));
+    env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
+    for _ in 0..5 {
+        let msgs = ask(&mut wire, b"SELECT bump\xe9(), inet_server_port()").await;
+        assert_eq!(ran(&env, std::str::from_utf8(&row(&msgs)[1]).unwrap()), Ran::Primary, "{msgs:?}");
+    }
+    // A SET in such a text is applied as sent, and keeps the session on
+    // the primary.
+    eventually_on_replica_wire(&env, &mut wire).await;
+    assert!(ask(&mut wire, b"SET myapp.label = 'caf\xe9'").await.iter().all(|m| m.tag != b'E'));
+    for _ in 0..5 {
+        let msgs = ask(&mut wire, b"SELECT current_setting('myapp.label'), inet_server_port()").await;
+        let columns = row(&msgs);
+        assert_eq!(columns[0], b"caf\xe9");
+        assert_eq!(ran(&env, std::str::from_utf8(&columns[1]).unwrap()), Ran::Primary);
+    }
+    // Statement names are tracked, and must be UTF-8.
+    wire.send(&[message(b'P', b"s\xe9\0SELECT 1\0\0\0"), message(b'S', b"")].concat()).await;
+    let msgs = wire.until_ready().await;
+    let fatal = msgs.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {msgs:?}"));
+    assert_eq!(fatal.sqlstate().as_deref(), Some("08P01"));
+    assert!(fatal.field(b'M').unwrap().contains("not UTF-8"), "{fatal:?}");
+}
+
+/// Polls until a plain read of the raw client runs on a replica.
+async fn eventually_on_replica_wire(env: &Env, wire: &mut crate::support::wire::Wire) {
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        wire.send(&crate::support::wire::query("SELECT inet_server_port()")).await;
+        let msgs = wire.until_ready().await;
+        let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
+        if ran(env, std::str::from_utf8(&row.columns()[0].clone().unwrap()).unwrap()) == Ran::Replica {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "reads never went back to a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}

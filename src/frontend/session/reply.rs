@@ -93,7 +93,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             b'S' if target == Target::Primary || no_primary => {
                 if let Ok((name, value)) = crate::protocol::backend::parse_parameter_status(&frame) {
                     if name == "default_transaction_read_only" {
-                        read_only = Some(value == "on");
+                        read_only = Some(value == b"on");
                     }
                 }
             }

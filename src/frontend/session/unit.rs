@@ -1228,7 +1228,7 @@ fn prepares(class: &Classification) -> bool {
 
 /// Whether the unit's SQL names databases (CREATE, DROP, ALTER DATABASE).
 fn mentions_databases(frames: &[Frame]) -> bool {
-    unit_sql(frames).any(|t| t.to_ascii_lowercase().contains("database"))
+    unit_sql(frames).any(|t| memchr::memmem::find(&t.to_ascii_lowercase(), b"database").is_some())
 }
 
 /// The error that fails a unit that waited `after` for a pooled connection.
@@ -1273,9 +1273,12 @@ fn no_route(no_primary: &crate::cluster::NoPrimary) -> Frame {
 /// Under `default_transaction_read_only = on` (as the server reports it),
 /// a plain BEGIN starts a read-only transaction, which a replica may run.
 /// `BEGIN READ WRITE` keeps its primary.
-fn read_only_begin(default_read_only: bool, class: Arc<Classification>, text: &str) -> Arc<Classification> {
+fn read_only_begin(default_read_only: bool, class: Arc<Classification>, text: &[u8]) -> Arc<Classification> {
     let plain_begin = matches!(class.class, Class::Transaction(Tx::Begin { read_only: false }));
-    if !default_read_only || !plain_begin || text.to_ascii_lowercase().contains("read write") {
+    if !default_read_only
+        || !plain_begin
+        || memchr::memmem::find(&text.to_ascii_lowercase(), b"read write").is_some()
+    {
         return class;
     }
     Arc::new(Classification { class: Class::Transaction(Tx::Begin { read_only: true }), ..(*class).clone() })
@@ -1336,13 +1339,15 @@ fn uses_unnamed(frames: &[Frame]) -> bool {
 fn may_define_functions(frames: &[Frame]) -> bool {
     unit_sql(frames).any(|t| {
         let t = t.to_ascii_lowercase();
-        ["function", "procedure", "extension", "aggregate", "language"].iter().any(|w| t.contains(w))
-            || t.trim_start().starts_with("do")
+        ["function", "procedure", "extension", "aggregate", "language"]
+            .iter()
+            .any(|w| memchr::memmem::find(&t, w.as_bytes()).is_some())
+            || t.trim_ascii_start().starts_with(b"do")
     })
 }
 
 /// The SQL texts of a unit's Query and Parse messages.
-fn unit_sql(frames: &[Frame]) -> impl Iterator<Item = &str> {
+fn unit_sql(frames: &[Frame]) -> impl Iterator<Item = &[u8]> {
     frames.iter().filter_map(|frame| match frame.tag() {
         b'Q' => frontend::query_text(frame).ok(),
         b'P' => frontend::parse(frame).ok().map(|p| p.query),
@@ -1358,7 +1363,8 @@ fn loaded_library(frames: &[Frame]) -> Option<String> {
     if !frame.body()[start..].get(..4)?.eq_ignore_ascii_case(b"load") {
         return None;
     }
-    let text = frontend::query_text(frame).ok()?.trim().trim_end_matches(';').trim();
+    let text = std::str::from_utf8(frontend::query_text(frame).ok()?).ok()?;
+    let text = text.trim().trim_end_matches(';').trim();
     text.get(..4).filter(|w| w.eq_ignore_ascii_case("load"))?;
     let path = text[4..].trim().trim_matches('\'');
     let base = path.rsplit('/').next()?.split('.').next()?;

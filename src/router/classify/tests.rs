@@ -982,3 +982,38 @@ fn cache_is_bounded_and_shared() {
     assert!(cache.len() <= 20, "len {}", cache.len());
     assert_eq!(cache.hits() + cache.misses(), 400);
 }
+
+// === Texts in another client_encoding ===
+
+#[test]
+fn texts_that_are_not_utf8_are_classified_from_a_lossy_copy() {
+    let cache = ClassifyCache::new(64);
+    // 'café' and the identifier bumpé in LATIN1.
+    let read = cache.classify(b"SELECT 'caf\xe9' FROM t WHERE v = 'na\xefve'");
+    assert_eq!(read.class, Class::Read);
+    assert!(read.effects.is_empty() && !read.unparsed);
+    assert_eq!(read.tables, ["t"]);
+    assert_eq!(cache.classify(b"INSERT INTO t VALUES ('caf\xe9')").class, Class::Write);
+    // A function whose name is not UTF-8 cannot be found among the
+    // volatile ones.
+    assert_eq!(cache.classify(b"SELECT bump\xe9()").class, Class::Write);
+    assert_eq!(cache.classify(b"SELECT lower('caf\xe9')").class, Class::Read);
+    // Session statements could not be replayed byte for byte: they pin.
+    for sql in [
+        &b"SET myapp.label = 'caf\xe9'"[..],
+        b"PREPARE p\xe9 AS SELECT 1",
+        b"BEGIN; SET search_path = caf\xe9; COMMIT",
+        b"DEALLOCATE p\xe9",
+    ] {
+        let c = cache.classify(sql);
+        assert_eq!(c.pins().collect::<Vec<_>>(), [PinReason::NotUtf8], "{}", String::from_utf8_lossy(sql));
+        assert_eq!(c.effects.len(), 1);
+    }
+    let listen = cache.classify(b"LISTEN ch; SET myapp.label = 'caf\xe9'");
+    assert_eq!(listen.pins().collect::<Vec<_>>(), [PinReason::Listen, PinReason::NotUtf8]);
+    // UTF-8 texts are untouched; one holding U+FFFD itself is treated the
+    // same way, as it may be such a copy.
+    let utf8 = cache.classify("SET myapp.label = 'café'");
+    assert!(matches!(utf8.effects[..], [SessionEffect::Set { .. }]));
+    assert_eq!(pins("SET myapp.label = '\u{FFFD}'"), [PinReason::NotUtf8]);
+}

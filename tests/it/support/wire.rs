@@ -22,6 +22,23 @@ impl Msg {
         self.field(b'C')
     }
 
+    /// The columns of a DataRow (`None` for NULL).
+    pub fn columns(&self) -> Vec<Option<Vec<u8>>> {
+        assert_eq!(self.tag, b'D', "not a DataRow: {self:?}");
+        let count = i16::from_be_bytes([self.body[0], self.body[1]]);
+        let mut rest = &self.body[2..];
+        (0..count)
+            .map(|_| {
+                let len = i32::from_be_bytes(rest[..4].try_into().unwrap());
+                rest = &rest[4..];
+                let len = usize::try_from(len).ok()?;
+                let value = rest[..len].to_vec();
+                rest = &rest[len..];
+                Some(value)
+            })
+            .collect()
+    }
+
     pub fn field(&self, kind: u8) -> Option<String> {
         let mut rest = &self.body[..];
         while let Some((&k, tail)) = rest.split_first() {
@@ -65,7 +82,12 @@ pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
 }
 
 pub fn query(sql: &str) -> Vec<u8> {
-    let mut body = sql.as_bytes().to_vec();
+    query_bytes(sql.as_bytes())
+}
+
+/// A Query of a text in any encoding.
+pub fn query_bytes(sql: &[u8]) -> Vec<u8> {
+    let mut body = sql.to_vec();
     body.push(0);
     message(b'Q', &body)
 }
