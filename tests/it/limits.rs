@@ -404,3 +404,29 @@ async fn listening_addr(log: &std::path::Path) -> SocketAddr {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// Closing at once (`Proxy::close_now`, what a second signal does) tells
+/// idle and busy clients alike, and counts each close under the error
+/// class `shutdown`.
+#[tokio::test]
+async fn closing_now_counts_each_session_it_closes() {
+    let env = start(Cluster::builder(), ProxyConfig::default()).await;
+    let (mut idle, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let (mut busy, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    busy.send(&crate::support::wire::query("SELECT pg_sleep(30)")).await;
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    env.proxy.close_now();
+    assert_eq!(idle.expect_fatal().await, "57P01");
+    assert_eq!(busy.expect_fatal().await, "57P01");
+    let shared = env.proxy.shared();
+    let counted = "pgnear_errors_total{class=\"shutdown\"} 2";
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let metrics = shared.metrics.render(shared).unwrap();
+        if metrics.lines().any(|line| line == counted) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "no {counted} in:\n{metrics}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
