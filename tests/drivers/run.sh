@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Driver compatibility check: psycopg 3, asyncpg, node-postgres and JDBC,
-# each used the ordinary way, through pgnear in front of a throwaway
+# Driver compatibility check: psycopg 3, asyncpg, node-postgres, JDBC and
+# sqlx, each used the ordinary way, through pgnear in front of a throwaway
 # PostgreSQL 15 primary and one streaming replica.
 #
 #   bash tests/drivers/run.sh                 # builds pgnear --release
@@ -14,6 +14,8 @@
 #                         between runs (~/.cache/pgnear-drivers)
 #   PGNEAR_DRIVERS_LOGS   where logs are copied at the end
 #                         (/tmp/pgnear-drivers-logs)
+#   PGNEAR_SQLX_TARGET_DIR  cargo target dir of the sqlx check
+#                         (target/sqlx-check)
 #   KEEP=1                leave the temp dir (servers are still stopped)
 #   HOLD=1                set everything up, print how to connect, and wait
 #                         (Ctrl-C or kill to clean up); runs no driver
@@ -30,7 +32,7 @@ PG_BIN="${PGNEAR_PG_BIN:-/usr/lib/postgresql/15/bin}"
 CACHE="${PGNEAR_DRIVERS_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/pgnear-drivers}"
 LOGS="${PGNEAR_DRIVERS_LOGS:-${TMPDIR:-/tmp}/pgnear-drivers-logs}"
 DRIVER_TIMEOUT="${DRIVER_TIMEOUT:-90}"
-ALL_DRIVERS=(psycopg asyncpg node jdbc)
+ALL_DRIVERS=(psycopg asyncpg node jdbc sqlx)
 if [ $# -gt 0 ]; then DRIVERS=("$@"); else DRIVERS=("${ALL_DRIVERS[@]}"); fi
 
 say() { printf '==> %s\n' "$*"; }
@@ -38,7 +40,7 @@ die() { printf 'run.sh: %s\n' "$*" >&2; exit 1; }
 START_TS=$(date +%s)
 
 for d in "${DRIVERS[@]}"; do
-    case "$d" in psycopg|asyncpg|node|jdbc) ;; *) die "unknown driver '$d' (known: ${ALL_DRIVERS[*]})" ;; esac
+    case "$d" in psycopg|asyncpg|node|jdbc|sqlx) ;; *) die "unknown driver '$d' (known: ${ALL_DRIVERS[*]})" ;; esac
 done
 wants() { local d; for d in "${DRIVERS[@]}"; do [ "$d" = "$1" ] && return 0; done; return 1; }
 
@@ -79,6 +81,13 @@ JDBC_JAR=/usr/share/java/postgresql.jar
 if wants jdbc; then
     command -v javac >/dev/null || apt_install openjdk-17-jdk-headless
     [ -f "$JDBC_JAR" ] || { say "installing libpostgresql-jdbc-java"; apt_install libpostgresql-jdbc-java; }
+fi
+
+SQLX_CHECK="${PGNEAR_SQLX_TARGET_DIR:-$ROOT/target/sqlx-check}/debug/sqlx-check"
+if wants sqlx; then
+    command -v cargo >/dev/null || die "cargo is required for the sqlx check"
+    say "building the sqlx check (tests/drivers/sqlx_check)"
+    (cd "$HERE/sqlx_check" && cargo build --locked --quiet --target-dir "$(dirname "$(dirname "$SQLX_CHECK")")")
 fi
 
 # ---------------------------------------------------------------- pgnear
@@ -300,6 +309,7 @@ wants psycopg && run_driver psycopg "$PY" "$HERE/psycopg_check.py"
 wants asyncpg && run_driver asyncpg "$PY" "$HERE/asyncpg_check.py"
 wants node && run_driver node env NODE_PATH="$CACHE/node/node_modules" node --no-deprecation "$HERE/node_check.js"
 wants jdbc && run_driver jdbc java -cp "$JDBC_JAR:$WORK/classes" JdbcCheck
+wants sqlx && run_driver sqlx "$SQLX_CHECK"
 
 if ! kill -0 "$PGNEAR_PID" 2>/dev/null; then
     echo "pgnear died during the run"
