@@ -38,8 +38,8 @@ pub fn frame_decode(data: &[u8]) {
 }
 
 pub fn startup_parse(data: &[u8]) {
-    if let Ok(Some(StartupRequest::Startup(params))) = parse_startup(data) {
-        let mut body = 196_608i32.to_be_bytes().to_vec();
+    if let Ok(Some(StartupRequest::Startup { minor, params })) = parse_startup(data) {
+        let mut body = (3 << 16 | i32::from(minor)).to_be_bytes().to_vec();
         for (name, value) in &params {
             assert!(!name.is_empty());
             body.extend_from_slice(name.as_bytes());
@@ -49,7 +49,7 @@ pub fn startup_parse(data: &[u8]) {
         }
         body.push(0);
         let again = parse_startup(&body).ok().flatten();
-        assert_eq!(again, Some(StartupRequest::Startup(params)));
+        assert_eq!(again, Some(StartupRequest::Startup { minor, params }));
     }
 }
 

@@ -12,7 +12,9 @@ use crate::auth::md5::Md5Secret;
 use crate::auth::{Credential, ScramServer, ScramVerifier};
 use crate::config::{TlsMode, UserConfig};
 use crate::error::ProxyError;
-use crate::protocol::backend::{auth_md5, auth_ok, auth_sasl, auth_sasl_continue, auth_sasl_final};
+use crate::protocol::backend::{
+    auth_md5, auth_ok, auth_sasl, auth_sasl_continue, auth_sasl_final, negotiate_protocol_version,
+};
 use crate::protocol::frontend::{password, sasl_initial};
 use crate::protocol::startup::{read_startup, CancelKey, StartupRequest};
 use crate::protocol::{Frame, FrameReader, ProtocolError};
@@ -80,9 +82,18 @@ pub async fn negotiate(stream: &mut Stream, tls: Option<&Acceptor>) -> Result<Op
             Some(StartupRequest::Ssl) => ssl_request(stream, tls).await?,
             Some(StartupRequest::GssEnc) => stream.write_all(b"N").await.map_err(ProxyError::ClientGone)?,
             Some(StartupRequest::Cancel(key)) => return Ok(Opening::Cancel(key)),
-            Some(StartupRequest::Startup(params)) => {
+            Some(StartupRequest::Startup { minor, params }) => {
                 if tls.is_some_and(|a| a.mode() == TlsMode::Require) && !stream.is_tls() {
                     return Err(ProxyError::TlsRequired);
+                }
+                // Protocol options are for pgnear, which knows none; they
+                // never reach a server.
+                let (options, params): (Vec<_>, Vec<_>) =
+                    params.into_iter().partition(|(name, _)| name.starts_with("_pq_."));
+                if minor > 0 || !options.is_empty() {
+                    let names: Vec<&str> = options.iter().map(|(name, _)| name.as_str()).collect();
+                    let answer = negotiate_protocol_version(&names);
+                    stream.write_all(answer.raw()).await.map_err(ProxyError::ClientGone)?;
                 }
                 return Ok(Opening::Startup(params));
             }

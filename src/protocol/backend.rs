@@ -36,6 +36,19 @@ fn put_cstr(buf: &mut BytesMut, s: &str) {
     buf.put_u8(0);
 }
 
+/// NegotiateProtocolVersion: the newest protocol version supported (3.0),
+/// written as PostgreSQL writes it (major and minor in one word), and the
+/// protocol options (`_pq_.*`) not recognised.
+pub fn negotiate_protocol_version(unrecognised: &[&str]) -> Frame {
+    frame(b'v', |b| {
+        b.put_i32(3 << 16);
+        b.put_i32(unrecognised.len() as i32);
+        for option in unrecognised {
+            put_cstr(b, option);
+        }
+    })
+}
+
 /// An ErrorResponse with severity, SQLSTATE and message.
 pub fn error_response(severity: Severity, code: SqlState, message: &str) -> Frame {
     frame(b'E', |b| {

@@ -7,7 +7,7 @@ use super::frame::{cstr, int32, ProtocolError};
 
 /// PostgreSQL's own limit for a startup packet.
 pub const MAX_STARTUP_PACKET: usize = 10_000;
-const PROTOCOL_3_0: i32 = 196_608;
+const PROTOCOL_MAJOR_3: i32 = 3;
 const CANCEL_CODE: i32 = 80_877_102;
 const SSL_CODE: i32 = 80_877_103;
 const GSSENC_CODE: i32 = 80_877_104;
@@ -22,8 +22,14 @@ pub struct CancelKey {
 /// What a client asked for in its first packet.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum StartupRequest {
-    /// Protocol 3.0 startup with its parameters, in the order sent.
-    Startup(Vec<(String, String)>),
+    /// Protocol 3.x startup with its parameters, in the order sent (any
+    /// `_pq_.` protocol options among them). pgnear speaks 3.0: a client
+    /// asking for a later minor version, or for protocol options, is told
+    /// so with NegotiateProtocolVersion, as PostgreSQL does.
+    Startup {
+        minor: u16,
+        params: Vec<(String, String)>,
+    },
     Ssl,
     GssEnc,
     Cancel(CancelKey),
@@ -72,7 +78,9 @@ pub fn parse_startup(body: &[u8]) -> Result<Option<StartupRequest>, StartupError
             StartupRequest::Cancel(CancelKey { pid, secret: int32(&mut buf, "CancelRequest")? })
         }
         SSL_CODE | GSSENC_CODE | CANCEL_CODE => return Err(StartupError::BadLength),
-        PROTOCOL_3_0 => StartupRequest::Startup(parameters(buf)?),
+        code if code >> 16 == PROTOCOL_MAJOR_3 => {
+            StartupRequest::Startup { minor: (code & 0xffff) as u16, params: parameters(buf)? }
+        }
         other => return Err(StartupError::UnsupportedVersion { major: other >> 16, minor: other & 0xffff }),
     };
     Ok(Some(request))
@@ -124,9 +132,22 @@ mod tests {
         let packet: &[u8] = b"\0\0\0\x36\0\x03\0\0user\0app\0database\0shop\0application_name\0psql\0\0";
         let mut r = packet;
         let req = read_startup(&mut r).await.unwrap().unwrap();
-        let StartupRequest::Startup(params) = req else { panic!("not a startup") };
+        let StartupRequest::Startup { minor: 0, params } = req else { panic!("not a 3.0 startup") };
         assert_eq!(params[0], ("user".into(), "app".into()));
         assert_eq!(params[2], ("application_name".into(), "psql".into()));
+    }
+
+    #[test]
+    fn accepts_later_minor_versions_and_protocol_options() {
+        // Protocol 3.2 (libpq 18 with max_protocol_version=3.2).
+        let body = b"\0\x03\0\x02user\0app\0_pq_.compression\0on\0\0";
+        let req = parse_startup(body).unwrap().unwrap();
+        let StartupRequest::Startup { minor: 2, params } = req else { panic!("not a 3.2 startup: {req:?}") };
+        assert_eq!(params[1], ("_pq_.compression".into(), "on".into()));
+        assert!(matches!(
+            parse_startup(b"\0\x04\0\0user\0app\0\0"),
+            Err(StartupError::UnsupportedVersion { major: 4, minor: 0 })
+        ));
     }
 
     #[tokio::test]

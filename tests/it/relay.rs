@@ -216,3 +216,29 @@ async fn a_client_leaving_mid_query_cancels_its_server_work() {
     drop(wire);
     env.cluster.primary().poll_query_until(active, "0", PATIENCE).await.unwrap();
 }
+
+/// A client asking for protocol 3.2 (libpq 18's `max_protocol_version`)
+/// and for a protocol option is answered as PostgreSQL answers it:
+/// NegotiateProtocolVersion naming 3.0 and the option, then the session.
+#[tokio::test]
+async fn later_protocol_versions_are_negotiated_down_as_postgresql_does() {
+    let env = primary_only().await;
+    let mut body = (3i32 << 16 | 2).to_be_bytes().to_vec();
+    body.extend_from_slice(b"user\0postgres\0database\0postgres\0_pq_.test_option\0on\0\0");
+    let mut packet = ((body.len() + 4) as i32).to_be_bytes().to_vec();
+    packet.extend_from_slice(&body);
+    let primary = std::net::SocketAddr::from(([127, 0, 0, 1], env.cluster.primary().port()));
+    let mut answers = Vec::new();
+    for addr in [primary, env.proxy.addr()] {
+        let mut wire = Wire::connect(addr).await;
+        wire.send(&packet).await;
+        let msgs = wire.until_ready().await;
+        assert_eq!(msgs.last().map(|m| m.tag), Some(b'Z'), "{msgs:?}");
+        let negotiated = msgs.iter().find(|m| m.tag == b'v').unwrap_or_else(|| panic!("{msgs:?}")).clone();
+        wire.send(&query("SELECT 1")).await;
+        assert!(wire.until_ready().await.iter().any(|m| m.tag == b'D'));
+        answers.push(negotiated.body);
+    }
+    assert_eq!(answers[1], answers[0], "pgnear's NegotiateProtocolVersion differs from PostgreSQL's");
+    assert_eq!(answers[1], b"\0\x03\0\0\0\0\0\x01_pq_.test_option\0");
+}
