@@ -15,7 +15,7 @@ pub enum ProtocolError {
     /// A name (statement, portal, startup parameter) that is not UTF-8.
     /// SQL texts may be in any `client_encoding`; names pgnear tracks must
     /// be UTF-8.
-    #[error("a name in a {what} message is not UTF-8 (statement and portal names must be; SQL texts may use any client_encoding)")]
+    #[error("a name in a {what} message is not UTF-8 (pgnear reads names as UTF-8; SQL texts may use any client_encoding)")]
     NotUtf8 { what: &'static str },
     #[error("unexpected message type {tag:?} {when}")]
     Unexpected { tag: char, when: &'static str },
