@@ -134,6 +134,7 @@ pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake
         }
         Opening::Startup(params) => params,
     };
+    refuse_replication(&params)?;
     let user_name =
         params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).ok_or(ProxyError::NoUser)?;
     let user = shared.config.user(&user_name).cloned().ok_or(ProxyError::UnknownUser(user_name.clone()))?;
@@ -145,6 +146,20 @@ pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake
     send(stream, &auth_ok()).await?;
     let params = params.into_iter().filter(|(k, _)| k != "user").collect();
     Ok(Handshake::Authenticated(Login { user, params, buffered }))
+}
+
+/// A replication connection (`replication=true` or `database`, as
+/// pg_basebackup, pg_receivewal and logical replication subscribers open)
+/// is refused: its walsender protocol streams in both directions at once,
+/// and a replica cannot serve it for the primary. PgBouncer refuses it too.
+fn refuse_replication(params: &[(String, String)]) -> Result<(), ProxyError> {
+    let Some((_, value)) = params.iter().find(|(k, _)| k == "replication") else { return Ok(()) };
+    if ["false", "off", "no", "0"].iter().any(|off| value.eq_ignore_ascii_case(off)) {
+        return Ok(());
+    }
+    Err(ProxyError::Unsupported(format!(
+        "pgnear does not proxy replication connections (replication={value}): connect to the server itself"
+    )))
 }
 
 async fn send<S: AsyncWrite + Unpin>(stream: &mut S, frame: &Frame) -> Result<(), ProxyError> {

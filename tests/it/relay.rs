@@ -242,3 +242,42 @@ async fn later_protocol_versions_are_negotiated_down_as_postgresql_does() {
     assert_eq!(answers[1], answers[0], "pgnear's NegotiateProtocolVersion differs from PostgreSQL's");
     assert_eq!(answers[1], b"\0\x03\0\0\0\0\0\x01_pq_.test_option\0");
 }
+
+/// Replication connections (pg_basebackup, pg_receivewal, subscribers)
+/// are refused with a clear error; `replication=off` is an ordinary one.
+#[tokio::test]
+async fn replication_connections_are_refused_clearly() {
+    use crate::support::wire::startup_packet;
+    let env = primary_only().await;
+    for value in ["database", "true", "1"] {
+        let mut wire = Wire::connect(env.proxy.addr()).await;
+        let params = [("user", "postgres"), ("database", "postgres"), ("replication", value)];
+        wire.send(&startup_packet(&params)).await;
+        let msgs = wire.until_ready().await;
+        let fatal = msgs.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("{value}: {msgs:?}"));
+        assert_eq!(fatal.sqlstate().as_deref(), Some("0A000"), "{value}");
+        assert!(fatal.field(b'M').unwrap().contains("replication connections"), "{fatal:?}");
+        wire.expect_closed().await;
+    }
+    let mut wire = Wire::connect(env.proxy.addr()).await;
+    wire.send(&startup_packet(&[("user", "postgres"), ("database", "postgres"), ("replication", "off")]))
+        .await;
+    assert_eq!(wire.until_ready().await.last().map(|m| m.tag), Some(b'Z'));
+    wire.send(&query("SELECT 1")).await;
+    assert!(wire.until_ready().await.iter().any(|m| m.tag == b'D'));
+    // What a newcomer sees from the tool itself.
+    let port = env.proxy.addr().port().to_string();
+    let dir = tempfile::tempdir().unwrap();
+    let bin = std::env::var("PGNEAR_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let output = tokio::process::Command::new(format!("{bin}/pg_receivewal"))
+        .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n", "-D"])
+        .arg(dir.path())
+        .env("PGCONNECT_TIMEOUT", "10")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .await
+        .unwrap();
+    assert!(!output.status.success());
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("pgnear does not proxy replication connections"), "{stderr}");
+}
