@@ -151,7 +151,7 @@ pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake
 /// A replication connection (`replication=true` or `database`, as
 /// pg_basebackup, pg_receivewal and logical replication subscribers open)
 /// is refused: pgnear does not model the walsender's CopyBoth stream, and
-/// routing has nothing to offer it. PgBouncer refuses it too.
+/// routing has nothing to offer it. PgBouncer before 1.23 refuses it too.
 fn refuse_replication(params: &[(String, String)]) -> Result<(), ProxyError> {
     let Some((_, value)) = params.iter().find(|(k, _)| k == "replication") else { return Ok(()) };
     if ["false", "off", "no", "0"].iter().any(|off| value.eq_ignore_ascii_case(off)) {
