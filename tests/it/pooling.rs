@@ -532,3 +532,32 @@ async fn idle_pooled_connections_close_after_server_idle_timeout() {
     }
     assert_ne!(pid(&client).await, before, "the session still had the closed connection");
 }
+
+/// A LATIN1 client and a UTF8 client on one pooled connection: each gets
+/// its text in its own encoding, so neither reads the other's bytes.
+#[tokio::test]
+async fn client_encodings_stay_with_their_session() {
+    use crate::support::wire::query_bytes;
+    let env = start(Cluster::builder(), pooled(1)).await;
+    let utf8 = env.client().await;
+    // The startup tokio-postgres sends, for one pool.
+    let mut latin1 = Wire::connect(env.proxy.addr()).await;
+    let startup = [("user", "postgres"), ("database", "postgres"), ("client_encoding", "UTF8")];
+    latin1.send(&crate::support::wire::startup_packet(&startup)).await;
+    latin1.until_ready().await;
+    latin1.send(&query_bytes(b"SET client_encoding = 'LATIN1'")).await;
+    latin1.until_ready().await;
+    for _ in 0..3 {
+        latin1
+            .send(&query_bytes(b"SELECT 'caf\xe9', current_setting('client_encoding'), pg_backend_pid()"))
+            .await;
+        let msgs = latin1.until_ready().await;
+        let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
+        let columns: Vec<Vec<u8>> = row.columns().into_iter().map(Option::unwrap).collect();
+        assert_eq!(columns[0], b"caf\xe9");
+        assert_eq!(columns[1], b"LATIN1");
+        assert_eq!(value(&utf8, "SELECT 'café'").await, "café");
+        assert_eq!(value(&utf8, "SHOW client_encoding").await, "UTF8");
+        assert_eq!(pid(&utf8).await.as_bytes(), columns[2], "the two sessions did not share the connection");
+    }
+}
