@@ -47,7 +47,11 @@ impl ClassifyCache {
     /// client's encoding: a text that is not UTF-8 is classified as a copy
     /// with U+FFFD for what is not (see [`classify`]).
     pub fn classify(&self, sql: impl AsRef<[u8]>) -> Arc<Classification> {
-        self.classify_text(&String::from_utf8_lossy(sql.as_ref()))
+        // `from_utf8` first: `from_utf8_lossy` validates in a slower loop.
+        match std::str::from_utf8(sql.as_ref()) {
+            Ok(text) => self.classify_text(text),
+            Err(_) => self.classify_text(&String::from_utf8_lossy(sql.as_ref())),
+        }
     }
 
     fn classify_text(&self, sql: &str) -> Arc<Classification> {
