@@ -221,6 +221,8 @@ pub struct Session<S: Split> {
     /// statement (empty: none), for a later unit that binds it on another
     /// connection.
     unnamed_parse: Vec<u8>,
+    /// The text the session classified last, for a repeat.
+    last_classified: crate::router::cache::LastClassified,
     /// Transaction pooling: the session's pool for each node it used.
     pools: Vec<(usize, Arc<pool::Pool>)>,
     /// Transaction pooling: the pool whose connections were all in use
@@ -350,6 +352,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             app_name,
             write_at: None,
             unnamed_parse: Vec::new(),
+            last_classified: Default::default(),
             pools: Vec::new(),
             exhausted: None,
             waiting: None,

@@ -141,6 +141,40 @@ fn shareable(c: &Classification) -> bool {
     c.effects.is_empty() && !matches!(c.class, Class::ProxyLocal(_))
 }
 
+/// One session's last classified text, in front of the shared cache: a
+/// client that repeats a statement (drivers send the same Parse text for
+/// every execution of an unnamed statement) gets its classification by one
+/// comparison of bytes, without UTF-8 validation, hashing or the shared
+/// cache's lock.
+#[derive(Debug, Default)]
+pub struct LastClassified {
+    text: Vec<u8>,
+    classification: Option<Arc<Classification>>,
+}
+
+impl LastClassified {
+    /// Longer texts are not kept: an idle session holds at most this much.
+    pub const MAX_TEXT: usize = 1024;
+
+    /// [`ClassifyCache::classify`], answered here when `sql` is the text
+    /// classified last (counted as a cache hit).
+    pub fn classify(&mut self, cache: &ClassifyCache, sql: &[u8]) -> Arc<Classification> {
+        if let Some(classification) = self.classification.as_ref().filter(|_| self.text == sql) {
+            cache.hits.fetch_add(1, Ordering::Relaxed);
+            return Arc::clone(classification);
+        }
+        let classification = cache.classify(sql);
+        if sql.len() <= Self::MAX_TEXT {
+            self.text.clear();
+            self.text.extend_from_slice(sql);
+            self.classification = Some(Arc::clone(&classification));
+        } else {
+            self.classification = None;
+        }
+        classification
+    }
+}
+
 impl std::fmt::Debug for ClassifyCache {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ClassifyCache")
