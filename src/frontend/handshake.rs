@@ -154,7 +154,7 @@ pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake
 /// routing has nothing to offer it. PgBouncer before 1.23 refuses it too.
 fn refuse_replication(params: &[(String, String)]) -> Result<(), ProxyError> {
     let Some((_, value)) = params.iter().find(|(k, _)| k == "replication") else { return Ok(()) };
-    if ["false", "off", "no", "0"].iter().any(|off| value.eq_ignore_ascii_case(off)) {
+    if crate::protocol::parse_bool(value) == Some(false) {
         return Ok(());
     }
     Err(ProxyError::Unsupported(format!(

@@ -260,7 +260,8 @@ async fn replication_connections_are_refused_clearly() {
         wire.expect_closed().await;
     }
     let mut wire = Wire::connect(env.proxy.addr()).await;
-    wire.send(&startup_packet(&[("user", "postgres"), ("database", "postgres"), ("replication", "off")]))
+    // PostgreSQL's spellings of false, prefixes included.
+    wire.send(&startup_packet(&[("user", "postgres"), ("database", "postgres"), ("replication", "of")]))
         .await;
     assert_eq!(wire.until_ready().await.last().map(|m| m.tag), Some(b'Z'));
     wire.send(&query("SELECT 1")).await;
@@ -268,12 +269,9 @@ async fn replication_connections_are_refused_clearly() {
     // What a newcomer sees from the tool itself.
     let port = env.proxy.addr().port().to_string();
     let dir = tempfile::tempdir().unwrap();
-    let bin = std::env::var("PGNEAR_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    let output = tokio::process::Command::new(format!("{bin}/pg_receivewal"))
+    let output = crate::support::pg_tool("pg_receivewal")
         .args(["-h", "127.0.0.1", "-p", &port, "-U", "postgres", "-n", "-D"])
         .arg(dir.path())
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(std::process::Stdio::null())
         .output()
         .await
         .unwrap();

@@ -610,17 +610,8 @@ async fn texts_in_another_client_encoding() {
     ask(&mut wire, b"SET client_encoding = 'LATIN1'").await;
     // 'café' in LATIN1 is not UTF-8. A read runs on a replica, which must
     // have been told the encoding to take and return these bytes.
-    let deadline = tokio::time::Instant::now() + PATIENCE;
-    loop {
-        let msgs = ask(&mut wire, b"SELECT 'caf\xe9', inet_server_port()").await;
-        let columns = row(&msgs);
-        assert_eq!(columns[0], b"caf\xe9");
-        if ran(&env, std::str::from_utf8(&columns[1]).unwrap()) == Ran::Replica {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "a LATIN1 read never reached a replica");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let columns = read_on_a_replica(&env, &mut wire, b"SELECT 'caf\xe9', inet_server_port()").await;
+    assert_eq!(columns[0], b"caf\xe9");
     // An error quoting the text is relayed, and the session goes on.
     let msgs = ask(&mut wire, b"SELECT 'caf\xe9'::int").await;
     let error = msgs.iter().find(|m| m.tag == b'E').unwrap_or_else(|| panic!("no error: {msgs:?}"));
@@ -647,7 +638,7 @@ async fn texts_in_another_client_encoding() {
     }
     // A SET in such a text is applied as sent, and keeps the session on
     // the primary.
-    eventually_on_replica_wire(&env, &mut wire).await;
+    read_on_a_replica(&env, &mut wire, b"SELECT inet_server_port()").await;
     assert!(ask(&mut wire, b"SET myapp.label = 'caf\xe9'").await.iter().all(|m| m.tag != b'E'));
     for _ in 0..5 {
         let msgs = ask(&mut wire, b"SELECT current_setting('myapp.label'), inet_server_port()").await;
@@ -663,17 +654,21 @@ async fn texts_in_another_client_encoding() {
     assert!(fatal.field(b'M').unwrap().contains("not UTF-8"), "{fatal:?}");
 }
 
-/// Polls until a plain read of the raw client runs on a replica.
-async fn eventually_on_replica_wire(env: &Env, wire: &mut crate::support::wire::Wire) {
+/// Polls until `sql`, whose last column is `inet_server_port()`, runs on a
+/// replica through the raw client; returns that row's columns.
+async fn read_on_a_replica(env: &Env, wire: &mut crate::support::wire::Wire, sql: &[u8]) -> Vec<Vec<u8>> {
     let deadline = tokio::time::Instant::now() + PATIENCE;
     loop {
-        wire.send(&crate::support::wire::query("SELECT inet_server_port()")).await;
+        wire.send(&crate::support::wire::query_bytes(sql)).await;
         let msgs = wire.until_ready().await;
         let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
-        if ran(env, std::str::from_utf8(&row.columns()[0].clone().unwrap()).unwrap()) == Ran::Replica {
-            return;
+        let columns: Vec<Vec<u8>> = row.columns().into_iter().map(Option::unwrap_or_default).collect();
+        let port = columns.last().map(|p| std::str::from_utf8(p).unwrap().to_string()).unwrap_or_default();
+        if ran(env, &port) == Ran::Replica {
+            return columns;
         }
-        assert!(tokio::time::Instant::now() < deadline, "reads never went back to a replica");
+        let text = String::from_utf8_lossy(sql);
+        assert!(tokio::time::Instant::now() < deadline, "{text} never reached a replica");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }

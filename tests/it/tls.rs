@@ -21,14 +21,13 @@ use crate::support::{start, Env, ProxyConfig, PATIENCE};
 
 /// Runs psql; returns whether it succeeded, and what it printed.
 async fn psql(conn: &str, command: &str, password: Option<&str>) -> (bool, String) {
-    let bin = std::env::var("PGNEAR_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    let mut cmd = tokio::process::Command::new(format!("{bin}/psql"));
-    cmd.args(["-X", "-At", "-d", conn, "-c", command]).env("PGCONNECT_TIMEOUT", "10");
+    let mut cmd = crate::support::pg_tool("psql");
+    cmd.args(["-X", "-At", "-d", conn, "-c", command]);
     cmd.env_remove("PGPASSWORD").env_remove("PGSSLMODE");
     if let Some(password) = password {
         cmd.env("PGPASSWORD", password);
     }
-    let output = cmd.stdin(std::process::Stdio::null()).output().await.unwrap();
+    let output = cmd.output().await.unwrap();
     let text =
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     (output.status.success(), text)

@@ -351,10 +351,8 @@ fn analyze_option(options: &Option<Vec<UtilityOption>>) -> bool {
     let Some(options) = options else {
         return false;
     };
-    let is_false = |arg: &Expr| {
-        let text = setting_value(std::slice::from_ref(arg));
-        matches!(text.to_lowercase().as_str(), "false" | "off" | "0" | "no")
-    };
+    let is_false =
+        |arg: &Expr| crate::protocol::parse_bool(&setting_value(std::slice::from_ref(arg))) == Some(false);
     options
         .iter()
         .filter(|o| o.name.value.eq_ignore_ascii_case("analyze"))

@@ -156,17 +156,21 @@ pub fn sqlstate<T: std::fmt::Debug>(result: Result<T, tokio_postgres::Error>) ->
     }
 }
 
+/// A PostgreSQL client program (from `PGNEAR_PG_BIN`, else Debian's
+/// PostgreSQL 15), with a connect timeout and no stdin.
+pub fn pg_tool(program: &str) -> tokio::process::Command {
+    let bin = std::env::var(pgnear::lab::cluster::PG_BIN_ENV)
+        .unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
+    let mut command = tokio::process::Command::new(format!("{bin}/{program}"));
+    command.env("PGCONNECT_TIMEOUT", "10").stdin(std::process::Stdio::null());
+    command
+}
+
 /// Runs a PostgreSQL client program and returns its output; fails the
 /// test on a non-zero exit.
 pub async fn run_tool(program: &str, args: &[&str]) -> String {
-    let bin = std::env::var("PGNEAR_PG_BIN").unwrap_or_else(|_| "/usr/lib/postgresql/15/bin".into());
-    let output = tokio::process::Command::new(format!("{bin}/{program}"))
-        .args(args)
-        .env("PGCONNECT_TIMEOUT", "10")
-        .stdin(std::process::Stdio::null())
-        .output()
-        .await
-        .unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
+    let output =
+        pg_tool(program).args(args).output().await.unwrap_or_else(|e| panic!("cannot run {program}: {e}"));
     let text =
         format!("{}{}", String::from_utf8_lossy(&output.stdout), String::from_utf8_lossy(&output.stderr));
     assert!(output.status.success(), "{program} {args:?} failed:\n{text}");
