@@ -57,7 +57,7 @@ pub async fn run(listener: TcpListener, shared: Arc<Shared>, mut shutdown: watch
                 Ok(_) => tracing::warn!(limit = MAX_CONNECTIONS, "admin connection refused: too many open"),
                 Err(error) => {
                     tracing::warn!(%error, "admin accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::clock::sleep(Duration::from_millis(50)).await;
                 }
             },
             Some(_) = connections.join_next(), if !connections.is_empty() => {}

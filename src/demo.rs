@@ -52,6 +52,7 @@ async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     println!("eu-replica is local. Press Ctrl-C to stop and clean up.");
     println!();
     let shared = proxy.shared().clone();
+    #[allow(clippy::disallowed_methods)] // the demo's own loop has a time driver
     let mut ticker = tokio::time::interval(REFRESH);
     loop {
         tokio::select! {

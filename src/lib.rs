@@ -22,6 +22,7 @@ pub mod admin;
 pub mod auth;
 pub mod backend;
 pub mod cli;
+pub mod clock;
 pub mod cluster;
 pub mod config;
 pub mod demo;

@@ -78,8 +78,12 @@ impl Proxy {
         };
         monitor::probe_all(&topology, &config.monitor, config.proxy.connect_timeout).await;
         let monitor = monitor::spawn(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout);
-        let catalogs =
-            Arc::new(Catalogs::new(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout));
+        let catalogs = Arc::new(Catalogs::new(
+            topology.clone(),
+            config.monitor.clone(),
+            config.proxy.connect_timeout,
+            tokio::runtime::Handle::current(),
+        ));
         let pool_mode = config.proxy.pool_mode;
         let pools = Pools::new(&config.proxy);
         let shared = Arc::new(Shared {
@@ -178,7 +182,7 @@ async fn reap_pools(shared: std::sync::Weak<Shared>) {
         None => return,
     };
     loop {
-        tokio::time::sleep(every).await;
+        crate::clock::sleep(every).await;
         let Some(shared) = shared.upgrade() else { return };
         shared.pools.reap();
     }

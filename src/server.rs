@@ -3,12 +3,15 @@
 //! and drains on shutdown.
 //!
 //! With `proxy.worker_threads` above one, sessions are spread over that
-//! many event loops, each a single-threaded runtime on its own thread (the
-//! accepting thread's runtime is the first). A session stays on its loop:
-//! its sockets and timers are registered there, so a round trip wakes one
-//! thread and no work is stolen across threads, as with PgBouncer's
-//! `so_reuseport` processes, but sharing one configuration, cluster view
-//! and set of pools.
+//! many event loops, each a single-threaded runtime on its own thread
+//! beside the accepting one (the service loop, which also runs the
+//! monitor and the admin listener). A session stays on its loop: its
+//! sockets are registered there, so a round trip wakes one thread and no
+//! work is stolen across threads, as with PgBouncer's `so_reuseport`
+//! processes, but sharing one configuration, cluster view and set of
+//! pools. Session loops have no time driver: their rare timers are served
+//! by the service loop's (`crate::clock`). With one worker, sessions run
+//! on the service loop itself.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -50,7 +53,7 @@ pub async fn run(
                 Err(error) => {
                     // EMFILE and friends: back off briefly instead of spinning.
                     tracing::warn!(%error, "accept failed");
-                    tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                    crate::clock::sleep(std::time::Duration::from_millis(50)).await;
                 }
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -72,7 +75,7 @@ pub async fn run(
             // Each session tells its client (FATAL 57P01) and closes its
             // server connections, as PostgreSQL's own fast shutdown does.
             shared.cancels.close_all();
-            grace = Some(Box::pin(tokio::time::sleep(CLOSE_GRACE)));
+            grace = Some(Box::pin(crate::clock::sleep(CLOSE_GRACE)));
         }
         tokio::select! {
             joined = sessions.join_next() => if joined.is_none() { break },
@@ -125,18 +128,22 @@ impl Drop for Seat {
 }
 
 impl Loops {
-    /// Starts `workers - 1` extra loops. A loop that cannot start is
-    /// logged and left out: its sessions run on the others.
+    /// Starts `workers` session loops beside the calling (service) loop,
+    /// or none for one worker. A loop that cannot start is logged and
+    /// left out: its sessions run on the others, or on the service loop.
     fn start(workers: usize) -> Loops {
         let (stop, stopped) = oneshot::channel::<()>();
         let stopped = stopped.shared();
+        let service = Handle::current();
         let mut extra = Vec::new();
-        for index in 1..workers {
+        for index in (1..=workers).filter(|_| workers > 1) {
             let (handle_tx, handle_rx) = std::sync::mpsc::channel();
             let stopped = stopped.clone();
+            let service = service.clone();
             let spawned = std::thread::Builder::new().name(format!("pgnear-loop-{index}")).spawn(move || {
                 LOOP.with(|l| l.set(index));
-                match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                crate::clock::serve_timers_from(service);
+                match tokio::runtime::Builder::new_current_thread().enable_io().build() {
                     Ok(runtime) => {
                         let _ = handle_tx.send(Ok(runtime.handle().clone()));
                         let _ = runtime.block_on(stopped);
@@ -163,13 +170,15 @@ impl Loops {
         Loops { sessions, extra, _stop: stop }
     }
 
-    /// The loop with the fewest sessions (0 is the accepting loop), and
-    /// the new session's seat there.
+    /// The session loop with the fewest sessions (0, the service loop,
+    /// only when there is no other), and the new session's seat there.
     fn pick(&self) -> (usize, Seat) {
+        let skip = usize::from(!self.extra.is_empty());
         let (index, count) = self
             .sessions
             .iter()
             .enumerate()
+            .skip(skip)
             .min_by_key(|(_, count)| count.load(Ordering::Relaxed))
             .unwrap_or((0, &self.sessions[0]));
         count.fetch_add(1, Ordering::Relaxed);
@@ -256,7 +265,7 @@ fn accept(
 /// query that holds its connection.
 async fn refuse_over_limit(mut stream: Stream, shared: Arc<Shared>) {
     let timeout = shared.config.proxy.startup_timeout;
-    let opening = tokio::time::timeout(timeout, negotiate(&mut stream, shared.tls.acceptor.as_ref())).await;
+    let opening = crate::clock::timeout(timeout, negotiate(&mut stream, shared.tls.acceptor.as_ref())).await;
     match opening {
         Ok(Ok(Opening::Startup(_))) => {}
         Ok(Ok(Opening::Cancel(key))) => {

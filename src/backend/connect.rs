@@ -96,7 +96,7 @@ pub async fn connect(
             result => result.map_err(|failed| failed.error),
         }
     };
-    tokio::time::timeout(timeout, attempts).await.map_err(|_| ConnectError::Timeout(addr))?
+    crate::clock::timeout(timeout, attempts).await.map_err(|_| ConnectError::Timeout(addr))?
 }
 
 impl ConnectError {
@@ -317,7 +317,7 @@ pub async fn send_cancel(addr: SocketAddr, key: crate::protocol::startup::Cancel
         let _ = tokio::io::AsyncReadExt::read(&mut stream, &mut sink).await;
         Ok::<(), std::io::Error>(())
     };
-    match tokio::time::timeout(timeout, attempt).await {
+    match crate::clock::timeout(timeout, attempt).await {
         Ok(Ok(())) => {}
         Ok(Err(error)) => tracing::warn!(%addr, %error, "cancel request failed"),
         Err(_) => tracing::warn!(%addr, "cancel request timed out"),

@@ -49,7 +49,7 @@ impl Catalog {
     pub async fn refresh_now(&self, timeout: Duration) {
         let done = self.refreshed.notified();
         self.refresh.notify_one();
-        let _ = tokio::time::timeout(timeout, done).await;
+        let _ = crate::clock::timeout(timeout, done).await;
     }
 }
 
@@ -77,11 +77,19 @@ pub struct Catalogs {
     config: MonitorConfig,
     timeout: Duration,
     by_db: Mutex<HashMap<(String, String), Arc<Catalog>>>,
+    /// The service loop, where refresh loops run (with tokio-postgres and
+    /// its timers) whichever session loop asks for a catalog first.
+    service: tokio::runtime::Handle,
 }
 
 impl Catalogs {
-    pub fn new(topology: Arc<Topology>, config: MonitorConfig, timeout: Duration) -> Catalogs {
-        Catalogs { topology, config, timeout, by_db: Mutex::new(HashMap::new()) }
+    pub fn new(
+        topology: Arc<Topology>,
+        config: MonitorConfig,
+        timeout: Duration,
+        service: tokio::runtime::Handle,
+    ) -> Catalogs {
+        Catalogs { topology, config, timeout, by_db: Mutex::new(HashMap::new()), service }
     }
 
     /// The catalog of `database` in `cluster`, loaded once before this
@@ -107,7 +115,7 @@ impl Catalogs {
         if fresh {
             let this = self.clone();
             let weak = Arc::downgrade(&catalog);
-            tokio::spawn(async move { this.refresh_loop(key, weak).await });
+            self.service.spawn(async move { this.refresh_loop(key, weak).await });
             catalog.refresh_now(self.timeout).await;
         }
         catalog
@@ -127,7 +135,7 @@ impl Catalogs {
                 Err(error) => tracing::warn!(database = key.1, %error, "cannot load volatile functions"),
             }
             c.refreshed.notify_waiters();
-            let wait = tokio::time::sleep(self.config.function_refresh);
+            let wait = crate::clock::sleep(self.config.function_refresh);
             tokio::select! {
                 () = wait => {}
                 () = c.refresh.notified() => {}
@@ -137,11 +145,11 @@ impl Catalogs {
 
     async fn load(&self, cluster: &str, database: &str) -> Result<VolatileFunctions, String> {
         let node = self.topology.primary(cluster).map_err(|e| e.to_string())?;
-        let client = tokio::time::timeout(self.timeout, self.connect(node, database))
+        let client = crate::clock::timeout(self.timeout, self.connect(node, database))
             .await
             .map_err(|_| "timed out connecting".to_string())?
             .map_err(|e| e.to_string())?;
-        let rows = tokio::time::timeout(self.timeout, client.simple_query(VOLATILE_FUNCTIONS_QUERY))
+        let rows = crate::clock::timeout(self.timeout, client.simple_query(VOLATILE_FUNCTIONS_QUERY))
             .await
             .map_err(|_| "timed out".to_string())?
             .map_err(|e| e.to_string())?;

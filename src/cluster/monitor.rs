@@ -81,6 +81,7 @@ pub fn spawn(topology: Arc<Topology>, config: MonitorConfig, connect_timeout: Du
 
 async fn node_loop(node: &Node, config: &MonitorConfig, connect_timeout: Duration) {
     let mut conn: Option<Client> = None;
+    #[allow(clippy::disallowed_methods)] // monitors run on the service loop
     let mut ticker = tokio::time::interval(config.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -97,7 +98,7 @@ async fn probe_and_publish(
     timeout: Duration,
     first: bool,
 ) {
-    let result = tokio::time::timeout(timeout, probe(node, conn, config)).await;
+    let result = crate::clock::timeout(timeout, probe(node, conn, config)).await;
     let sample = match result {
         Ok(Ok(sample)) => Ok(sample),
         Ok(Err(e)) => Err(e.to_string()),

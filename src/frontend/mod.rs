@@ -80,7 +80,7 @@ async fn open_session(
     span: tracing::Span,
 ) -> Option<Session<Stream>> {
     let startup = shared.config.proxy.startup_timeout;
-    let outcome = match tokio::time::timeout(startup, handshake(&mut stream, shared)).await {
+    let outcome = match crate::clock::timeout(startup, handshake(&mut stream, shared)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(ProxyError::StartupTimeout),
     };

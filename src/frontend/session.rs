@@ -133,11 +133,11 @@ impl Timers {
         let now = tokio::time::Instant::now();
         let far = now + std::time::Duration::from_secs(86_400 * 365);
         Timers {
-            tick: Box::pin(tokio::time::sleep_until(far)),
+            tick: Box::pin(crate::clock::sleep_until(far)),
             tick_armed: false,
-            idle: Box::pin(tokio::time::sleep_until(idle_timeout.map_or(far, |after| now + after))),
+            idle: Box::pin(crate::clock::sleep_until(idle_timeout.map_or(far, |after| now + after))),
             last_activity: Instant::now(),
-            pool_wait: Box::pin(tokio::time::sleep_until(far)),
+            pool_wait: Box::pin(crate::clock::sleep_until(far)),
         }
     }
 }

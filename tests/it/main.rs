@@ -2,6 +2,8 @@
 //! by `pgnear::lab`, and pgnear itself started in-process on port 0.
 
 #![allow(clippy::unwrap_used)] // tests fail loudly
+// Tests run on their own runtimes, with time drivers.
+#![allow(clippy::disallowed_methods)]
 
 mod auth;
 mod config;

@@ -15,10 +15,13 @@ fn pooled(size: usize) -> ProxyConfig {
     pooled_waiting(size, 30_000)
 }
 
-/// Pooling with `pool_timeout_ms` of `timeout`.
+/// Pooling with `pool_timeout_ms` of `timeout`, on two session loops
+/// whatever the machine (their pool waits are timed by the service loop).
 fn pooled_waiting(size: usize, timeout: u64) -> ProxyConfig {
     ProxyConfig::default()
-        .proxy(&format!("pool_mode = \"transaction\"\npool_size = {size}\npool_timeout_ms = {timeout}"))
+        .proxy(&format!(
+            "pool_mode = \"transaction\"\npool_size = {size}\npool_timeout_ms = {timeout}\nworker_threads = 2"
+        ))
         .section("[routing]\ndefault = \"primary\"")
 }
 

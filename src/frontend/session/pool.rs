@@ -218,7 +218,7 @@ impl Pool {
             Ok(permit) => permit,
             Err(_) => {
                 self.waiting.fetch_add(1, Ordering::Relaxed);
-                let waited = tokio::time::timeout(self.timeout, permits.acquire_owned()).await;
+                let waited = crate::clock::timeout(self.timeout, permits.acquire_owned()).await;
                 self.waiting.fetch_sub(1, Ordering::Relaxed);
                 match waited {
                     Ok(Ok(permit)) => permit,

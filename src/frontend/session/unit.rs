@@ -899,7 +899,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     if now >= until {
                         break route;
                     }
-                    tokio::time::sleep(REPLICA_WAIT_STEP.min(until - now)).await;
+                    crate::clock::sleep(REPLICA_WAIT_STEP.min(until - now)).await;
                 }
                 Ok(route) => break route,
             }
@@ -1039,7 +1039,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let deadline = Instant::now() + self.shared.config.monitor.interval * 4 + Duration::from_millis(100);
         while self.watermark.is_pending() && Instant::now() < deadline {
             self.refresh_watermark();
-            tokio::time::sleep(REPLICA_WAIT_STEP).await;
+            crate::clock::sleep(REPLICA_WAIT_STEP).await;
         }
     }
 
