@@ -43,7 +43,9 @@
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
 #   INSTR_CLIENTS=4 INSTR_EXTRA='pool_mode = "transaction"' ([proxy] keys)
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
-#   pgnear-primary-1 or pgnear-pool-1 for worker_threads = 1, one event loop)
+#   pgnear-primary-1 or pgnear-pool-1 for worker_threads = 1, one event loop;
+#   pgnear-primary-base or pgnear-pool-base run BASELINE_BIN, another build of
+#   pgnear, for an A/B comparison in the same interleaved rounds)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
 #   POOL_SIZE=20 (PgBouncer's default_pool_size and pgnear-pool's pool_size)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
@@ -278,7 +280,9 @@ wait_port() {
 
 # start_pgnear NAME CONFIG PORT [ENV=VALUE...]: sets NEAR_PID
 start_pgnear() {
-    env "${@:4}" "$PGNEAR" --config "$2" >"$OUT/$1.log" 2>&1 &
+    local bin=$PGNEAR
+    [[ $1 == *-base ]] && bin=${BASELINE_BIN:?"set BASELINE_BIN to the pgnear binary for $1"}
+    env "${@:4}" "$bin" --config "$2" >"$OUT/$1.log" 2>&1 &
     NEAR_PID=$!
     PIDS+=("$NEAR_PID")
     wait_port "$3" "pgnear ($1)"
