@@ -136,7 +136,8 @@ impl Loops {
         let stopped = stopped.shared();
         let service = Handle::current();
         let mut extra = Vec::new();
-        for index in (1..=workers).filter(|_| workers > 1) {
+        let count = if workers > 1 { workers } else { 0 };
+        for index in 1..=count {
             let (handle_tx, handle_rx) = std::sync::mpsc::channel();
             let stopped = stopped.clone();
             let service = service.clone();
