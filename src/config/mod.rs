@@ -93,7 +93,8 @@ pub enum PoolMode {
 }
 
 impl ProxySettings {
-    /// Event loops: `proxy.worker_threads`, or one per core. Each is a
+    /// Session loops: `proxy.worker_threads`, or one per core, beside the
+    /// service loop (with one, sessions run on the service loop). Each is a
     /// single-threaded runtime that keeps its sessions, so a loop with
     /// nothing to do costs nothing and one with work never waits for a
     /// lock or wakes another thread; more loops let a busy proxy keep up
