@@ -110,6 +110,12 @@ log "building pgnear (release)"
 (cd "$ROOT" && cargo build --release --bin pgnear >&2 && cargo build --release --example wan_relay >&2)
 PGNEAR=$ROOT/target/release/pgnear
 RELAY=$ROOT/target/release/examples/wan_relay
+# An A/B run of a binary against itself measures only the noise: cargo does
+# not re-link target/release/pgnear when another checkout built into the
+# same target directory last and this one is already fresh.
+if [[ ${TARGETS:-} == *-base* && -n ${BASELINE_BIN:-} ]] && cmp -s "$PGNEAR" "$BASELINE_BIN"; then
+    log "warning: BASELINE_BIN is identical to $PGNEAR (touch src/lib.rs and rebuild): this is an A/A run"
+fi
 
 mkdir -p "$OUT"
 WORK=$(mktemp -d /tmp/pgnear-bench.XXXXXX)
