@@ -77,9 +77,10 @@ pub fn main(cli: Cli) -> ExitCode {
     }
 }
 
-/// The accepting thread's runtime: a current-thread runtime, a single
-/// event loop. More `proxy.worker_threads` start more such loops beside
-/// it (`server::run`), not a work-stealing pool.
+/// The service loop: the accepting thread's current-thread runtime, with
+/// the time driver that serves every loop's timers. With more than one
+/// `proxy.worker_threads`, that many session loops start beside it
+/// (`server::run`), not a work-stealing pool.
 fn runtime() -> tokio::runtime::Runtime {
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

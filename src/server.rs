@@ -100,18 +100,19 @@ pub async fn run(
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
 thread_local! {
-    /// The event loop this thread runs: 0 for the accepting one.
+    /// The event loop this thread runs: 0 for the service loop.
     static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
 }
 
-/// The event loop the calling thread runs (0: the accepting one).
+/// The event loop the calling thread runs (0: the service loop).
 pub fn current_loop() -> usize {
     LOOP.with(std::cell::Cell::get)
 }
 
-/// The event loops sessions run on besides the accepting one.
+/// The session loops beside the service loop.
 struct Loops {
-    /// The accepting loop's sessions, then each extra loop's.
+    /// The service loop's sessions (with one worker), then each session
+    /// loop's.
     sessions: Vec<Arc<AtomicUsize>>,
     extra: Vec<Handle>,
     /// Dropped to stop the extra loops, once their sessions are done.
