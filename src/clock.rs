@@ -1,4 +1,5 @@
-//! Timers for code that may run on a session loop.
+//! Timers, and tasks that need them, for code that may run on a session
+//! loop.
 //!
 //! The session loops run without tokio's time driver: with it, every park
 //! of a loop (about once per round trip) locks the timer wheel, reads the
@@ -11,8 +12,11 @@
 //!
 //! Everything that runs on a session loop makes its timers through this
 //! module (`clippy.toml` forbids `tokio::time`'s constructors elsewhere).
-//! On a thread without a service loop installed (the service loop itself,
-//! tests, a single-threaded tool) they are plain tokio timers.
+//! A background task that uses timers it does not make here (a
+//! tokio-postgres connection's connect timeout) is spawned on the service
+//! loop with [`spawn_on_service`]. On a thread without a service loop
+//! installed (the service loop itself, tests, a single-threaded tool) these
+//! are plain tokio timers and `tokio::spawn`.
 
 use std::cell::OnceCell;
 use std::future::IntoFuture;
@@ -45,6 +49,16 @@ fn on_service<T>(make: impl FnOnce() -> T) -> T {
         }
         None => make(),
     })
+}
+
+/// [`tokio::spawn`] on the service loop: for tasks that outlive the
+/// session asking for them or use timers made outside this module.
+pub fn spawn_on_service<F>(future: F) -> tokio::task::JoinHandle<F::Output>
+where
+    F: std::future::Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    on_service(|| tokio::spawn(future))
 }
 
 /// [`tokio::time::sleep_until`], served by the service loop.
@@ -90,6 +104,10 @@ mod tests {
                 let mut reset = Box::pin(sleep_until(Instant::now() + Duration::from_secs(3600)));
                 reset.as_mut().reset(Instant::now() + Duration::from_millis(10));
                 reset.await;
+                // A task that makes its own tokio timers runs on the service loop.
+                #[allow(clippy::disallowed_methods)]
+                let spawned = spawn_on_service(async { tokio::time::sleep(Duration::from_millis(5)).await });
+                assert!(spawned.await.is_ok(), "the spawned task panicked");
             });
         });
         assert!(worker.join().is_ok(), "the io-only loop panicked");

@@ -78,12 +78,8 @@ impl Proxy {
         };
         monitor::probe_all(&topology, &config.monitor, config.proxy.connect_timeout).await;
         let monitor = monitor::spawn(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout);
-        let catalogs = Arc::new(Catalogs::new(
-            topology.clone(),
-            config.monitor.clone(),
-            config.proxy.connect_timeout,
-            tokio::runtime::Handle::current(),
-        ));
+        let catalogs =
+            Arc::new(Catalogs::new(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout));
         let pool_mode = config.proxy.pool_mode;
         let pools = Pools::new(&config.proxy);
         let shared = Arc::new(Shared {

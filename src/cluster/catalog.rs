@@ -77,19 +77,11 @@ pub struct Catalogs {
     config: MonitorConfig,
     timeout: Duration,
     by_db: Mutex<HashMap<(String, String), Arc<Catalog>>>,
-    /// The service loop, where refresh loops run (with tokio-postgres and
-    /// its timers) whichever session loop asks for a catalog first.
-    service: tokio::runtime::Handle,
 }
 
 impl Catalogs {
-    pub fn new(
-        topology: Arc<Topology>,
-        config: MonitorConfig,
-        timeout: Duration,
-        service: tokio::runtime::Handle,
-    ) -> Catalogs {
-        Catalogs { topology, config, timeout, by_db: Mutex::new(HashMap::new()), service }
+    pub fn new(topology: Arc<Topology>, config: MonitorConfig, timeout: Duration) -> Catalogs {
+        Catalogs { topology, config, timeout, by_db: Mutex::new(HashMap::new()) }
     }
 
     /// The catalog of `database` in `cluster`, loaded once before this
@@ -115,7 +107,10 @@ impl Catalogs {
         if fresh {
             let this = self.clone();
             let weak = Arc::downgrade(&catalog);
-            self.service.spawn(async move { this.refresh_loop(key, weak).await });
+            // On the service loop, whichever session loop asks first: the
+            // refresh loop outlives the session, and tokio-postgres times
+            // its connect with tokio's own timers.
+            crate::clock::spawn_on_service(async move { this.refresh_loop(key, weak).await });
             catalog.refresh_now(self.timeout).await;
         }
         catalog

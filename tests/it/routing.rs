@@ -112,9 +112,11 @@ async fn reads_go_to_replicas_and_writes_to_the_primary() {
     }
 }
 
+/// On two session loops whatever the machine: the catalog's refresh loop
+/// (tokio-postgres, with its own timers) must run on the service loop.
 #[tokio::test]
 async fn a_function_created_in_one_session_is_a_write_in_every_other() {
-    let env = two_replicas(ProxyConfig::default()).await;
+    let env = two_replicas(ProxyConfig::default().proxy("worker_threads = 2")).await;
     // A session open before the function exists, its catalog long loaded.
     let other = env.client().await;
     eventually_on_replica(&env, &other, "SELECT inet_server_port()").await;
