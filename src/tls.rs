@@ -22,7 +22,7 @@ use rustls_pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 
 use crate::config::{Config, NodeConfig, SslMode, TlsConfig, TlsMode};
 pub use end_point::end_point;
-pub use split::{ReadHalf, Split, WriteHalf};
+pub use split::{send_all, ReadHalf, Split, WriteHalf, WriteNow};
 pub use stream::Stream;
 
 /// The ALPN protocol name PostgreSQL 17 uses, and requires for direct TLS.

@@ -119,9 +119,7 @@ impl Backend {
     /// Writes everything queued.
     pub async fn flush(&mut self) -> std::io::Result<()> {
         if !self.out.is_empty() {
-            self.writer.write_all(&self.out).await?;
-            // TLS holds records back until flushed.
-            self.writer.flush().await?;
+            crate::tls::send_all(&mut self.writer, &self.out).await?;
             self.out.clear();
         }
         Ok(())

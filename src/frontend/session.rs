@@ -104,9 +104,7 @@ impl<S: Split> Client<S> {
 
     async fn flush(&mut self) -> Result<(), ProxyError> {
         if !self.out.is_empty() {
-            self.writer.write_all(&self.out).await.map_err(ProxyError::ClientGone)?;
-            // TLS buffers records until flushed.
-            self.writer.flush().await.map_err(ProxyError::ClientGone)?;
+            crate::tls::send_all(&mut self.writer, &self.out).await.map_err(ProxyError::ClientGone)?;
             self.out.clear();
             self.relayed_counter.inc_by(std::mem::take(&mut self.relayed));
         }

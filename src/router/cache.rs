@@ -47,14 +47,20 @@ impl ClassifyCache {
     /// client's encoding: a text that is not UTF-8 is classified as a copy
     /// with U+FFFD for what is not (see [`classify`]).
     pub fn classify(&self, sql: impl AsRef<[u8]>) -> Arc<Classification> {
+        self.classify_remembering(sql.as_ref(), None)
+    }
+
+    /// [`ClassifyCache::classify`], with a session's memo of the shape it
+    /// looked up last in front of the shared cache.
+    fn classify_remembering(&self, sql: &[u8], memo: Option<&mut LastShape>) -> Arc<Classification> {
         // `from_utf8` first: `from_utf8_lossy` validates in a slower loop.
-        match std::str::from_utf8(sql.as_ref()) {
-            Ok(text) => self.classify_text(text),
-            Err(_) => self.classify_text(&String::from_utf8_lossy(sql.as_ref())),
+        match std::str::from_utf8(sql) {
+            Ok(text) => self.classify_text(text, memo),
+            Err(_) => self.classify_text(&String::from_utf8_lossy(sql), None),
         }
     }
 
-    fn classify_text(&self, sql: &str) -> Arc<Classification> {
+    fn classify_text(&self, sql: &str, memo: Option<&mut LastShape>) -> Arc<Classification> {
         let cacheable = sql.len() <= MAX_CACHED_SQL_LEN;
         // Texts with $n parameters (the extended protocol's, which repeat
         // exactly) or dollar quotes: the exact text first, a hash being
@@ -75,7 +81,14 @@ impl ClassifyCache {
             let mut shape = buffer.borrow_mut();
             let replaced = shape_into(sql, &mut shape) == Some(true);
             if replaced {
+                if let Some(found) = memo.as_ref().and_then(|memo| memo.get(&shape)) {
+                    self.hits.fetch_add(1, Ordering::Relaxed);
+                    return found;
+                }
                 if let Some(found) = self.hit(self.shapes.get(shape.as_str())) {
+                    if let Some(memo) = memo {
+                        memo.keep(&shape, &found);
+                    }
                     return found;
                 }
             }
@@ -145,11 +158,39 @@ fn shareable(c: &Classification) -> bool {
 /// client that repeats a statement (drivers send the same Parse text for
 /// every execution of an unnamed statement) gets its classification by one
 /// comparison of bytes, without UTF-8 validation, hashing or the shared
-/// cache's lock.
+/// cache's lock. A client that repeats a statement with other literals
+/// (the simple protocol's interpolated parameters) gets it after the
+/// shape's scan, by a comparison with the last shape found in the shared
+/// cache, without hashing or the lock.
 #[derive(Debug, Default)]
 pub struct LastClassified {
     text: Vec<u8>,
     classification: Option<Arc<Classification>>,
+    shape: LastShape,
+}
+
+/// The shape a session last found in the shared cache's shapes, and its
+/// classification (which holds for every text of that shape).
+#[derive(Debug, Default)]
+struct LastShape {
+    shape: String,
+    classification: Option<Arc<Classification>>,
+}
+
+impl LastShape {
+    fn get(&self, shape: &str) -> Option<Arc<Classification>> {
+        self.classification.as_ref().filter(|_| self.shape == shape).cloned()
+    }
+
+    fn keep(&mut self, shape: &str, classification: &Arc<Classification>) {
+        if shape.len() > LastClassified::MAX_TEXT {
+            self.classification = None;
+            return;
+        }
+        self.shape.clear();
+        self.shape.push_str(shape);
+        self.classification = Some(Arc::clone(classification));
+    }
 }
 
 impl LastClassified {
@@ -163,7 +204,7 @@ impl LastClassified {
             cache.hits.fetch_add(1, Ordering::Relaxed);
             return Arc::clone(classification);
         }
-        let classification = cache.classify(sql);
+        let classification = cache.classify_remembering(sql, Some(&mut self.shape));
         if sql.len() <= Self::MAX_TEXT {
             self.text.clear();
             self.text.extend_from_slice(sql);
@@ -182,5 +223,51 @@ impl std::fmt::Debug for ClassifyCache {
             .field("hits", &self.hits())
             .field("misses", &self.misses())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_session_remembers_the_last_shape_it_found_shared() {
+        let cache = ClassifyCache::new(64);
+        let mut last = LastClassified::default();
+        let first = last.classify(&cache, b"SELECT v FROM t WHERE id = 1");
+        assert_eq!((cache.hits(), cache.misses()), (0, 1));
+        assert!(last.shape.classification.is_none(), "a miss is not remembered by shape");
+        let second = last.classify(&cache, b"SELECT v FROM t WHERE id = 2");
+        assert!(Arc::ptr_eq(&first, &second));
+        assert_eq!(last.shape.shape, "SELECT v FROM t WHERE id = ?");
+        // Served by the memo: the shared cache no longer holds the shape.
+        cache.shapes.clear();
+        let third = last.classify(&cache, b"SELECT v FROM t WHERE id = 3");
+        assert!(Arc::ptr_eq(&first, &third));
+        assert_eq!((cache.hits(), cache.misses()), (2, 1), "a memo answer counts as a hit");
+        // Another shape goes to the shared cache: a miss, then a hit
+        // that the memo keeps in place of the first shape.
+        assert_eq!(last.classify(&cache, b"UPDATE t SET v = 1 WHERE id = 3").class, Class::Write);
+        assert_eq!(cache.misses(), 2);
+        assert_eq!(last.classify(&cache, b"UPDATE t SET v = 2 WHERE id = 5").class, Class::Write);
+        assert_eq!(last.shape.shape, "UPDATE t SET v = ? WHERE id = ?");
+        assert_eq!(last.classify(&cache, b"SELECT v FROM t WHERE id = 4").class, Class::Read);
+        assert_eq!(cache.misses(), 3, "the memo holds one shape");
+    }
+
+    #[test]
+    fn classifications_that_depend_on_literals_are_never_remembered_by_shape() {
+        let cache = ClassifyCache::new(64);
+        let mut last = LastClassified::default();
+        for round in 0..3 {
+            for value in ["'a'", "'b'"] {
+                let sql = format!("SET search_path = {value}");
+                let class = last.classify(&cache, sql.as_bytes());
+                assert_eq!(class.effects.len(), 1);
+                let effect = format!("{:?}", class.effects[0]);
+                assert!(effect.contains(value), "round {round}: {sql} gave {effect}");
+            }
+        }
+        assert!(last.shape.classification.is_none());
     }
 }

@@ -156,6 +156,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         before: u8,
         after: u8,
     ) {
+        if effects.is_empty() && self.tx_effects.is_empty() && self.tx_savepoints.is_empty() {
+            // Nothing to keep, undo or carry: most units.
+            return;
+        }
         let mut pending = std::mem::take(&mut self.tx_effects);
         let mut savepoints = std::mem::take(&mut self.tx_savepoints);
         let mut kept = Vec::new();
