@@ -47,20 +47,21 @@ impl ClassifyCache {
     /// client's encoding: a text that is not UTF-8 is classified as a copy
     /// with U+FFFD for what is not (see [`classify`]).
     pub fn classify(&self, sql: impl AsRef<[u8]>) -> Arc<Classification> {
-        self.classify_remembering(sql.as_ref(), None)
+        self.classify_remembering(sql.as_ref(), None).0
     }
 
-    /// [`ClassifyCache::classify`], with a session's memo of the shape it
-    /// looked up last in front of the shared cache.
-    fn classify_remembering(&self, sql: &[u8], memo: Option<&mut LastShape>) -> Arc<Classification> {
+    /// [`ClassifyCache::classify`], with a session's memo of the shapes
+    /// it used lately in front of the shared cache. Also says whether the
+    /// classification holds for the text's shape (and is in `shapes`).
+    fn classify_remembering(&self, sql: &[u8], shapes: Option<&mut Recent>) -> (Arc<Classification>, bool) {
         // `from_utf8` first: `from_utf8_lossy` validates in a slower loop.
         match std::str::from_utf8(sql) {
-            Ok(text) => self.classify_text(text, memo),
-            Err(_) => self.classify_text(&String::from_utf8_lossy(sql), None),
+            Ok(text) => self.classify_text(text, shapes),
+            Err(_) => (self.classify_text(&String::from_utf8_lossy(sql), None).0, false),
         }
     }
 
-    fn classify_text(&self, sql: &str, memo: Option<&mut LastShape>) -> Arc<Classification> {
+    fn classify_text(&self, sql: &str, shapes: Option<&mut Recent>) -> (Arc<Classification>, bool) {
         let cacheable = sql.len() <= MAX_CACHED_SQL_LEN;
         // Texts with $n parameters (the extended protocol's, which repeat
         // exactly) or dollar quotes: the exact text first, a hash being
@@ -68,10 +69,10 @@ impl ClassifyCache {
         let exact_first = !cacheable || memchr::memchr(b'$', sql.as_bytes()).is_some();
         if exact_first {
             if let Some(found) = self.hit(self.entries.get(sql)) {
-                return found;
+                return (found, false);
             }
             if !cacheable {
-                return self.miss(sql, None);
+                return (self.miss(sql, None), false);
             }
         }
         // Statements that differ only in literals (the simple protocol's
@@ -81,25 +82,30 @@ impl ClassifyCache {
             let mut shape = buffer.borrow_mut();
             let replaced = shape_into(sql, &mut shape) == Some(true);
             if replaced {
-                if let Some(found) = memo.as_ref().and_then(|memo| memo.get(&shape)) {
+                if let Some(found) = shapes.as_ref().and_then(|recent| recent.get(shape.as_bytes())) {
                     self.hits.fetch_add(1, Ordering::Relaxed);
-                    return found;
+                    return (Arc::clone(found), true);
                 }
                 if let Some(found) = self.hit(self.shapes.get(shape.as_str())) {
-                    if let Some(memo) = memo {
-                        memo.keep(&shape, &found);
+                    if let Some(recent) = shapes {
+                        recent.keep(shape.as_bytes(), &found);
                     }
-                    return found;
+                    return (found, true);
                 }
             }
             // Statements whose class holds for their text only (SET ...)
             // and texts without literals are kept by their exact text.
             if !exact_first {
                 if let Some(found) = self.hit(self.entries.get(sql)) {
-                    return found;
+                    return (found, false);
                 }
             }
-            self.miss(sql, replaced.then_some(shape.as_str()))
+            let classification = self.miss(sql, replaced.then_some(shape.as_str()));
+            let by_shape = replaced && shareable(&classification);
+            if let Some(recent) = shapes.filter(|_| by_shape) {
+                recent.keep(shape.as_bytes(), &classification);
+            }
+            (classification, by_shape)
         })
     }
 
@@ -154,65 +160,71 @@ fn shareable(c: &Classification) -> bool {
     c.effects.is_empty() && !matches!(c.class, Class::ProxyLocal(_))
 }
 
-/// One session's last classified text, in front of the shared cache: a
-/// client that repeats a statement (drivers send the same Parse text for
-/// every execution of an unnamed statement) gets its classification by one
-/// comparison of bytes, without UTF-8 validation, hashing or the shared
-/// cache's lock. A client that repeats a statement with other literals
-/// (the simple protocol's interpolated parameters) gets it after the
-/// shape's scan, by a comparison with the last shape found in the shared
-/// cache, without hashing or the lock.
+/// The texts and shapes one session classified lately, in front of the
+/// shared cache. A client that repeats a statement (drivers send the same
+/// Parse text for every execution of an unnamed statement, and an
+/// application cycles through a few) gets its classification by comparing
+/// bytes, without UTF-8 validation, hashing or the shared cache's lock.
+/// One that repeats a statement with other literals (the simple protocol's
+/// interpolated parameters) gets it after the shape's scan, by comparing
+/// the shape with those it used lately. A text with such a shape is
+/// remembered by its shape only, so that texts that differ in every
+/// literal do not crowd out those that repeat.
 #[derive(Debug, Default)]
 pub struct LastClassified {
-    text: Vec<u8>,
-    classification: Option<Arc<Classification>>,
-    shape: LastShape,
-}
-
-/// The shape a session last found in the shared cache's shapes, and its
-/// classification (which holds for every text of that shape).
-#[derive(Debug, Default)]
-struct LastShape {
-    shape: String,
-    classification: Option<Arc<Classification>>,
-}
-
-impl LastShape {
-    fn get(&self, shape: &str) -> Option<Arc<Classification>> {
-        self.classification.as_ref().filter(|_| self.shape == shape).cloned()
-    }
-
-    fn keep(&mut self, shape: &str, classification: &Arc<Classification>) {
-        if shape.len() > LastClassified::MAX_TEXT {
-            self.classification = None;
-            return;
-        }
-        self.shape.clear();
-        self.shape.push_str(shape);
-        self.classification = Some(Arc::clone(classification));
-    }
+    texts: Recent,
+    shapes: Recent,
 }
 
 impl LastClassified {
-    /// Longer texts are not kept: an idle session holds at most this much.
+    /// Longer texts are not kept: an idle session holds at most
+    /// [`Recent::SLOTS`] texts and as many shapes of this size.
     pub const MAX_TEXT: usize = 1024;
 
-    /// [`ClassifyCache::classify`], answered here when `sql` is the text
-    /// classified last (counted as a cache hit).
+    /// [`ClassifyCache::classify`], answered here when `sql`, or its
+    /// shape, was classified lately (counted as a cache hit).
     pub fn classify(&mut self, cache: &ClassifyCache, sql: &[u8]) -> Arc<Classification> {
-        if let Some(classification) = self.classification.as_ref().filter(|_| self.text == sql) {
+        if let Some(classification) = self.texts.get(sql) {
             cache.hits.fetch_add(1, Ordering::Relaxed);
             return Arc::clone(classification);
         }
-        let classification = cache.classify_remembering(sql, Some(&mut self.shape));
-        if sql.len() <= Self::MAX_TEXT {
-            self.text.clear();
-            self.text.extend_from_slice(sql);
-            self.classification = Some(Arc::clone(&classification));
-        } else {
-            self.classification = None;
+        let (classification, by_shape) = cache.classify_remembering(sql, Some(&mut self.shapes));
+        if !by_shape {
+            self.texts.keep(sql, &classification);
         }
         classification
+    }
+}
+
+/// A few keys (texts or shapes) and their classifications, the oldest
+/// replaced first once full.
+#[derive(Debug, Default)]
+struct Recent {
+    entries: Vec<(Vec<u8>, Arc<Classification>)>,
+    /// The entry replaced next once full.
+    next: usize,
+}
+
+impl Recent {
+    const SLOTS: usize = 8;
+
+    fn get(&self, key: &[u8]) -> Option<&Arc<Classification>> {
+        self.entries.iter().find(|(kept, _)| kept.as_slice() == key).map(|(_, c)| c)
+    }
+
+    fn keep(&mut self, key: &[u8], classification: &Arc<Classification>) {
+        if key.len() > LastClassified::MAX_TEXT {
+            return;
+        }
+        if self.entries.len() < Self::SLOTS {
+            self.entries.push((key.to_vec(), Arc::clone(classification)));
+            return;
+        }
+        let (kept, class) = &mut self.entries[self.next];
+        kept.clear();
+        kept.extend_from_slice(key);
+        *class = Arc::clone(classification);
+        self.next = (self.next + 1) % Self::SLOTS;
     }
 }
 
@@ -231,32 +243,46 @@ mod tests {
     use super::*;
 
     #[test]
-    fn a_session_remembers_the_last_shape_it_found_shared() {
+    fn a_session_remembers_the_shapes_it_used_lately() {
         let cache = ClassifyCache::new(64);
         let mut last = LastClassified::default();
         let first = last.classify(&cache, b"SELECT v FROM t WHERE id = 1");
         assert_eq!((cache.hits(), cache.misses()), (0, 1));
-        assert!(last.shape.classification.is_none(), "a miss is not remembered by shape");
+        assert!(last.shapes.get(b"SELECT v FROM t WHERE id = ?").is_some());
+        assert!(last.texts.entries.is_empty(), "a text with a shape is remembered by its shape only");
+        // Served by the session: the shared cache no longer holds the shape.
+        cache.shapes.clear();
         let second = last.classify(&cache, b"SELECT v FROM t WHERE id = 2");
         assert!(Arc::ptr_eq(&first, &second));
-        assert_eq!(last.shape.shape, "SELECT v FROM t WHERE id = ?");
-        // Served by the memo: the shared cache no longer holds the shape.
+        assert_eq!((cache.hits(), cache.misses()), (1, 1), "a session's answer counts as a hit");
+        // A cycle of statements, each answered by the session after its
+        // first run.
+        let cycle = [
+            "UPDATE t SET v = {} WHERE id = 3",
+            "SELECT v FROM t WHERE id = {}",
+            "INSERT INTO h VALUES ({})",
+        ];
+        for round in 0..3 {
+            for sql in cycle {
+                let class = last.classify(&cache, sql.replace("{}", &round.to_string()).as_bytes());
+                assert_eq!(class.class == Class::Read, sql.starts_with("SELECT"));
+            }
+        }
+        assert_eq!(cache.misses(), 3, "the UPDATE and INSERT missed once each");
+        // Once full, the oldest shape goes first.
+        for n in 0..Recent::SLOTS {
+            last.classify(&cache, format!("SELECT c{n} FROM t WHERE id = 1").as_bytes());
+        }
+        assert_eq!(last.shapes.entries.len(), Recent::SLOTS);
+        assert!(last.shapes.get(b"SELECT v FROM t WHERE id = ?").is_none());
+        let misses = cache.misses();
         cache.shapes.clear();
-        let third = last.classify(&cache, b"SELECT v FROM t WHERE id = 3");
-        assert!(Arc::ptr_eq(&first, &third));
-        assert_eq!((cache.hits(), cache.misses()), (2, 1), "a memo answer counts as a hit");
-        // Another shape goes to the shared cache: a miss, then a hit
-        // that the memo keeps in place of the first shape.
-        assert_eq!(last.classify(&cache, b"UPDATE t SET v = 1 WHERE id = 3").class, Class::Write);
-        assert_eq!(cache.misses(), 2);
-        assert_eq!(last.classify(&cache, b"UPDATE t SET v = 2 WHERE id = 5").class, Class::Write);
-        assert_eq!(last.shape.shape, "UPDATE t SET v = ? WHERE id = ?");
-        assert_eq!(last.classify(&cache, b"SELECT v FROM t WHERE id = 4").class, Class::Read);
-        assert_eq!(cache.misses(), 3, "the memo holds one shape");
+        last.classify(&cache, b"SELECT c7 FROM t WHERE id = 9");
+        assert_eq!(cache.misses(), misses, "the newest shape is still remembered");
     }
 
     #[test]
-    fn classifications_that_depend_on_literals_are_never_remembered_by_shape() {
+    fn texts_are_remembered_exactly_when_their_class_depends_on_them() {
         let cache = ClassifyCache::new(64);
         let mut last = LastClassified::default();
         for round in 0..3 {
@@ -268,6 +294,8 @@ mod tests {
                 assert!(effect.contains(value), "round {round}: {sql} gave {effect}");
             }
         }
-        assert!(last.shape.classification.is_none());
+        assert!(last.shapes.entries.is_empty());
+        assert_eq!(last.texts.entries.len(), 2);
+        assert_eq!(cache.misses(), 2);
     }
 }

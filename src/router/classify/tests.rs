@@ -1039,5 +1039,5 @@ fn a_sessions_repeated_text_is_answered_in_front_of_the_cache() {
     let long = format!("SELECT 1 FROM t WHERE v = '{}'", "x".repeat(LastClassified::MAX_TEXT));
     assert_eq!(last.classify(&cache, long.as_bytes()).class, Class::Read);
     assert_eq!(last.classify(&cache, long.as_bytes()).class, Class::Read);
-    assert_eq!(cache.hits(), 3, "the second long lookup came from the shared cache");
+    assert_eq!(cache.hits(), 3, "the second long lookup came from its (short) shape");
 }
