@@ -243,6 +243,35 @@ mod tests {
     use super::*;
 
     #[test]
+    fn a_session_remembers_the_texts_it_used_lately() {
+        let cache = ClassifyCache::new(64);
+        let mut last = LastClassified::default();
+        let first = last.classify(&cache, b"SELECT v FROM t WHERE id = $1");
+        assert_eq!((cache.hits(), cache.misses()), (0, 1));
+        let again = last.classify(&cache, b"SELECT v FROM t WHERE id = $1");
+        assert!(Arc::ptr_eq(&first, &again));
+        assert_eq!((cache.hits(), cache.misses()), (1, 1), "a repeat counts as a hit");
+        assert_eq!(last.classify(&cache, b"UPDATE t SET v = $2 WHERE id = $1").class, Class::Write);
+        // Served by the session: the shared cache no longer holds them.
+        cache.entries.clear();
+        assert_eq!(last.classify(&cache, b"SELECT v FROM t WHERE id = $1").class, Class::Read);
+        assert_eq!(last.classify(&cache, b"UPDATE t SET v = $2 WHERE id = $1").class, Class::Write);
+        assert_eq!((cache.hits(), cache.misses()), (3, 2));
+        // A text that differs in its last byte is another text.
+        assert_eq!(last.classify(&cache, b"SELECT v FROM t WHERE id = $2").class, Class::Read);
+        assert_eq!(cache.misses(), 3);
+        // Long texts are classified but not kept.
+        let long =
+            format!("SELECT v FROM t WHERE id = $1{}", " OR v = $1".repeat(LastClassified::MAX_TEXT / 10));
+        assert!(long.len() > LastClassified::MAX_TEXT);
+        assert_eq!(last.classify(&cache, long.as_bytes()).class, Class::Read);
+        assert_eq!(last.texts.entries.len(), 3);
+        cache.entries.clear();
+        assert_eq!(last.classify(&cache, long.as_bytes()).class, Class::Read);
+        assert_eq!(cache.misses(), 5, "the long text was classified again");
+    }
+
+    #[test]
     fn a_session_remembers_the_shapes_it_used_lately() {
         let cache = ClassifyCache::new(64);
         let mut last = LastClassified::default();

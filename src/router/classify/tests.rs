@@ -1017,27 +1017,3 @@ fn texts_that_are_not_utf8_are_classified_from_a_lossy_copy() {
     assert!(matches!(utf8.effects[..], [SessionEffect::Set { .. }]));
     assert_eq!(pins("SET myapp.label = '\u{FFFD}'"), [PinReason::NotUtf8]);
 }
-
-#[test]
-fn a_sessions_repeated_text_is_answered_in_front_of_the_cache() {
-    use crate::router::cache::LastClassified;
-    let cache = ClassifyCache::new(64);
-    let mut last = LastClassified::default();
-    let first = last.classify(&cache, b"SELECT v FROM t WHERE id = $1");
-    assert_eq!((cache.hits(), cache.misses()), (0, 1));
-    let again = last.classify(&cache, b"SELECT v FROM t WHERE id = $1");
-    assert!(Arc::ptr_eq(&first, &again));
-    assert_eq!((cache.hits(), cache.misses()), (1, 1), "a repeat counts as a hit");
-    let write = last.classify(&cache, b"UPDATE t SET v = $2 WHERE id = $1");
-    assert_eq!(write.class, Class::Write);
-    assert_eq!(last.classify(&cache, b"SELECT v FROM t WHERE id = $1").class, Class::Read);
-    assert_eq!((cache.hits(), cache.misses()), (2, 2));
-    // A text that differs in its last byte is another text.
-    assert_eq!(last.classify(&cache, b"SELECT v FROM t WHERE id = $2").class, Class::Read);
-    assert_eq!(cache.misses(), 3);
-    // Long texts are classified but not kept.
-    let long = format!("SELECT 1 FROM t WHERE v = '{}'", "x".repeat(LastClassified::MAX_TEXT));
-    assert_eq!(last.classify(&cache, long.as_bytes()).class, Class::Read);
-    assert_eq!(last.classify(&cache, long.as_bytes()).class, Class::Read);
-    assert_eq!(cache.hits(), 3, "the second long lookup came from its (short) shape");
-}
