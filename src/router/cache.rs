@@ -242,12 +242,19 @@ impl std::fmt::Debug for ClassifyCache {
 mod tests {
     use super::*;
 
-    #[test]
-    fn a_session_remembers_the_texts_it_used_lately() {
+    /// A new shared cache and session memo, and `sql` classified once (a
+    /// miss) through them.
+    fn first_run(sql: &[u8]) -> (ClassifyCache, LastClassified, Arc<Classification>) {
         let cache = ClassifyCache::new(64);
         let mut last = LastClassified::default();
-        let first = last.classify(&cache, b"SELECT v FROM t WHERE id = $1");
+        let first = last.classify(&cache, sql);
         assert_eq!((cache.hits(), cache.misses()), (0, 1));
+        (cache, last, first)
+    }
+
+    #[test]
+    fn a_session_remembers_the_texts_it_used_lately() {
+        let (cache, mut last, first) = first_run(b"SELECT v FROM t WHERE id = $1");
         let again = last.classify(&cache, b"SELECT v FROM t WHERE id = $1");
         assert!(Arc::ptr_eq(&first, &again));
         assert_eq!((cache.hits(), cache.misses()), (1, 1), "a repeat counts as a hit");
@@ -273,10 +280,7 @@ mod tests {
 
     #[test]
     fn a_session_remembers_the_shapes_it_used_lately() {
-        let cache = ClassifyCache::new(64);
-        let mut last = LastClassified::default();
-        let first = last.classify(&cache, b"SELECT v FROM t WHERE id = 1");
-        assert_eq!((cache.hits(), cache.misses()), (0, 1));
+        let (cache, mut last, first) = first_run(b"SELECT v FROM t WHERE id = 1");
         assert!(last.shapes.get(b"SELECT v FROM t WHERE id = ?").is_some());
         assert!(last.texts.entries.is_empty(), "a text with a shape is remembered by its shape only");
         // Served by the session: the shared cache no longer holds the shape.
