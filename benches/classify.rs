@@ -112,6 +112,18 @@ fn cached(c: &mut Criterion) {
     group.bench_function("orm_join_repeated_by_a_session", |b| {
         b.iter(|| last.classify(&cache, black_box(join.as_bytes())))
     });
+    // A session sending one statement with a new literal each time (the
+    // simple protocol's interpolated parameters): answered by its shape.
+    let selects: Vec<String> = (0..64)
+        .map(|aid| format!("SELECT abalance FROM pgbench_accounts WHERE aid = {};", aid * 7919))
+        .collect();
+    let mut turn = 0;
+    group.bench_function("pgbench_select_new_literal_in_a_session", |b| {
+        b.iter(|| {
+            turn = (turn + 1) % selects.len();
+            last.classify(&cache, black_box(selects[turn].as_bytes()))
+        })
+    });
     group.finish();
 }
 
