@@ -219,7 +219,7 @@ pub struct Session<S: Split> {
     /// statement (empty: none), for a later unit that binds it on another
     /// connection.
     unnamed_parse: Vec<u8>,
-    /// The text the session classified last, for a repeat.
+    /// The texts and shapes the session classified lately, for repeats.
     last_classified: crate::router::cache::LastClassified,
     /// Transaction pooling: the session's pool for each node it used.
     pools: Vec<(usize, Arc<pool::Pool>)>,

@@ -177,8 +177,8 @@ pub struct LastClassified {
 }
 
 impl LastClassified {
-    /// Longer texts are not kept: an idle session holds at most
-    /// [`Recent::SLOTS`] texts and as many shapes of this size.
+    /// Longer texts are not kept; an idle session holds at most 2 KiB of
+    /// texts and 2 KiB of shapes.
     pub const MAX_TEXT: usize = 1024;
 
     /// [`ClassifyCache::classify`], answered here when `sql`, or its
@@ -197,16 +197,21 @@ impl LastClassified {
 }
 
 /// A few keys (texts or shapes) and their classifications, the oldest
-/// replaced first once full.
+/// dropped first once [`Recent::SLOTS`] keys or [`Recent::BYTES`] bytes of
+/// them are kept.
 #[derive(Debug, Default)]
 struct Recent {
+    /// Oldest first.
     entries: Vec<(Vec<u8>, Arc<Classification>)>,
-    /// The entry replaced next once full.
-    next: usize,
+    /// The bytes of the keys kept.
+    bytes: usize,
 }
 
 impl Recent {
     const SLOTS: usize = 8;
+    /// At most this many bytes of keys, so that ten thousand idle sessions
+    /// that each ran a few long statements stay small.
+    const BYTES: usize = 2 * LastClassified::MAX_TEXT;
 
     fn get(&self, key: &[u8]) -> Option<&Arc<Classification>> {
         self.entries.iter().find(|(kept, _)| kept.as_slice() == key).map(|(_, c)| c)
@@ -216,15 +221,12 @@ impl Recent {
         if key.len() > LastClassified::MAX_TEXT {
             return;
         }
-        if self.entries.len() < Self::SLOTS {
-            self.entries.push((key.to_vec(), Arc::clone(classification)));
-            return;
+        while self.entries.len() == Self::SLOTS || self.bytes + key.len() > Self::BYTES {
+            let (dropped, _) = self.entries.remove(0);
+            self.bytes -= dropped.len();
         }
-        let (kept, class) = &mut self.entries[self.next];
-        kept.clear();
-        kept.extend_from_slice(key);
-        *class = Arc::clone(classification);
-        self.next = (self.next + 1) % Self::SLOTS;
+        self.bytes += key.len();
+        self.entries.push((key.to_vec(), Arc::clone(classification)));
     }
 }
 
@@ -276,6 +278,17 @@ mod tests {
         cache.entries.clear();
         assert_eq!(last.classify(&cache, long.as_bytes()).class, Class::Read);
         assert_eq!(cache.misses(), 5, "the long text was classified again");
+        // Texts up to the limit are kept within the session's budget.
+        let mut near_limit = Vec::new();
+        for n in 0..3 {
+            let text = format!("SELECT v{n} FROM t WHERE id = $1 {}", " ".repeat(900));
+            last.classify(&cache, text.as_bytes());
+            near_limit.push(text);
+        }
+        assert!(last.texts.bytes <= Recent::BYTES);
+        assert_eq!(last.texts.bytes, last.texts.entries.iter().map(|(key, _)| key.len()).sum::<usize>());
+        assert_eq!(last.texts.entries.len(), 2, "the oldest were dropped to make room");
+        assert!(last.texts.get(near_limit[2].as_bytes()).is_some());
     }
 
     #[test]
