@@ -4,7 +4,7 @@
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
-use pgnear::router::cache::{ClassifyCache, LastClassified};
+use pgnear::router::cache::{ClassifyCache, RecentlyClassified};
 use pgnear::router::classify::classify;
 
 /// pgbench's TPC-B-like transaction, then the statements an ORM-backed web
@@ -108,7 +108,7 @@ fn cached(c: &mut Criterion) {
     group.bench_function("orm_join", |b| b.iter(|| cache.classify(black_box(join))));
     // A session repeating its last text (a driver's Parse of the same
     // statement): answered in front of the shared cache.
-    let mut last = LastClassified::default();
+    let mut last = RecentlyClassified::default();
     group.bench_function("orm_join_repeated_by_a_session", |b| {
         b.iter(|| last.classify(&cache, black_box(join.as_bytes())))
     });

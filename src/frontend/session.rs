@@ -220,7 +220,7 @@ pub struct Session<S: Split> {
     /// connection.
     unnamed_parse: Vec<u8>,
     /// The texts and shapes the session classified lately, for repeats.
-    last_classified: crate::router::cache::LastClassified,
+    recently_classified: crate::router::cache::RecentlyClassified,
     /// Transaction pooling: the session's pool for each node it used.
     pools: Vec<(usize, Arc<pool::Pool>)>,
     /// Transaction pooling: the pool whose connections were all in use
@@ -350,7 +350,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             app_name,
             write_at: None,
             unnamed_parse: Vec::new(),
-            last_classified: Default::default(),
+            recently_classified: Default::default(),
             pools: Vec::new(),
             exhausted: None,
             waiting: None,

@@ -82,9 +82,9 @@ impl ClassifyCache {
             let mut shape = buffer.borrow_mut();
             let replaced = shape_into(sql, &mut shape) == Some(true);
             if replaced {
-                if let Some(found) = shapes.as_ref().and_then(|recent| recent.get(shape.as_bytes())) {
-                    self.hits.fetch_add(1, Ordering::Relaxed);
-                    return (Arc::clone(found), true);
+                if let Some(found) = self.hit(shapes.as_ref().and_then(|recent| recent.get(shape.as_bytes())))
+                {
+                    return (found, true);
                 }
                 if let Some(found) = self.hit(self.shapes.get(shape.as_str())) {
                     if let Some(recent) = shapes {
@@ -171,12 +171,12 @@ fn shareable(c: &Classification) -> bool {
 /// remembered by its shape only, so that texts that differ in every
 /// literal do not crowd out those that repeat.
 #[derive(Debug, Default)]
-pub struct LastClassified {
+pub struct RecentlyClassified {
     texts: Recent,
     shapes: Recent,
 }
 
-impl LastClassified {
+impl RecentlyClassified {
     /// Longer texts are not kept; an idle session holds at most 2 KiB of
     /// texts and 2 KiB of shapes.
     pub const MAX_TEXT: usize = 1024;
@@ -184,9 +184,8 @@ impl LastClassified {
     /// [`ClassifyCache::classify`], answered here when `sql`, or its
     /// shape, was classified lately (counted as a cache hit).
     pub fn classify(&mut self, cache: &ClassifyCache, sql: &[u8]) -> Arc<Classification> {
-        if let Some(classification) = self.texts.get(sql) {
-            cache.hits.fetch_add(1, Ordering::Relaxed);
-            return Arc::clone(classification);
+        if let Some(classification) = cache.hit(self.texts.get(sql)) {
+            return classification;
         }
         let (classification, by_shape) = cache.classify_remembering(sql, Some(&mut self.shapes));
         if !by_shape {
@@ -203,7 +202,7 @@ impl LastClassified {
 struct Recent {
     /// Oldest first.
     entries: Vec<(Vec<u8>, Arc<Classification>)>,
-    /// The bytes of the keys kept.
+    /// The bytes the keys' buffers hold.
     bytes: usize,
 }
 
@@ -211,22 +210,32 @@ impl Recent {
     const SLOTS: usize = 8;
     /// At most this many bytes of keys, so that ten thousand idle sessions
     /// that each ran a few long statements stay small.
-    const BYTES: usize = 2 * LastClassified::MAX_TEXT;
+    const BYTES: usize = 2 * RecentlyClassified::MAX_TEXT;
 
-    fn get(&self, key: &[u8]) -> Option<&Arc<Classification>> {
-        self.entries.iter().find(|(kept, _)| kept.as_slice() == key).map(|(_, c)| c)
+    fn get(&self, key: &[u8]) -> Option<Arc<Classification>> {
+        self.entries.iter().find(|(kept, _)| kept.as_slice() == key).map(|(_, c)| Arc::clone(c))
     }
 
+    /// Keeps `key`, in the buffer of the oldest key it replaces when that
+    /// one fits: a session cycling through more statements than it keeps
+    /// allocates nothing per statement.
     fn keep(&mut self, key: &[u8], classification: &Arc<Classification>) {
-        if key.len() > LastClassified::MAX_TEXT {
+        if key.len() > RecentlyClassified::MAX_TEXT {
             return;
         }
+        let mut buffer = Vec::new();
         while self.entries.len() == Self::SLOTS || self.bytes + key.len() > Self::BYTES {
             let (dropped, _) = self.entries.remove(0);
-            self.bytes -= dropped.len();
+            self.bytes -= dropped.capacity();
+            buffer = dropped;
         }
-        self.bytes += key.len();
-        self.entries.push((key.to_vec(), Arc::clone(classification)));
+        if buffer.capacity() < key.len() || buffer.capacity() > Self::BYTES - self.bytes {
+            buffer = Vec::with_capacity(key.len());
+        }
+        buffer.clear();
+        buffer.extend_from_slice(key);
+        self.bytes += buffer.capacity();
+        self.entries.push((buffer, Arc::clone(classification)));
     }
 }
 
@@ -246,9 +255,9 @@ mod tests {
 
     /// A new shared cache and session memo, and `sql` classified once (a
     /// miss) through them.
-    fn first_run(sql: &[u8]) -> (ClassifyCache, LastClassified, Arc<Classification>) {
+    fn first_run(sql: &[u8]) -> (ClassifyCache, RecentlyClassified, Arc<Classification>) {
         let cache = ClassifyCache::new(64);
-        let mut last = LastClassified::default();
+        let mut last = RecentlyClassified::default();
         let first = last.classify(&cache, sql);
         assert_eq!((cache.hits(), cache.misses()), (0, 1));
         (cache, last, first)
@@ -270,9 +279,11 @@ mod tests {
         assert_eq!(last.classify(&cache, b"SELECT v FROM t WHERE id = $2").class, Class::Read);
         assert_eq!(cache.misses(), 3);
         // Long texts are classified but not kept.
-        let long =
-            format!("SELECT v FROM t WHERE id = $1{}", " OR v = $1".repeat(LastClassified::MAX_TEXT / 10));
-        assert!(long.len() > LastClassified::MAX_TEXT);
+        let long = format!(
+            "SELECT v FROM t WHERE id = $1{}",
+            " OR v = $1".repeat(RecentlyClassified::MAX_TEXT / 10)
+        );
+        assert!(long.len() > RecentlyClassified::MAX_TEXT);
         assert_eq!(last.classify(&cache, long.as_bytes()).class, Class::Read);
         assert_eq!(last.texts.entries.len(), 3);
         cache.entries.clear();
@@ -286,7 +297,7 @@ mod tests {
             near_limit.push(text);
         }
         assert!(last.texts.bytes <= Recent::BYTES);
-        assert_eq!(last.texts.bytes, last.texts.entries.iter().map(|(key, _)| key.len()).sum::<usize>());
+        assert_eq!(last.texts.bytes, last.texts.entries.iter().map(|(key, _)| key.capacity()).sum::<usize>());
         assert_eq!(last.texts.entries.len(), 2, "the oldest were dropped to make room");
         assert!(last.texts.get(near_limit[2].as_bytes()).is_some());
     }
@@ -325,12 +336,22 @@ mod tests {
         cache.shapes.clear();
         last.classify(&cache, b"SELECT c7 FROM t WHERE id = 9");
         assert_eq!(cache.misses(), misses, "the newest shape is still remembered");
+        // The next (shorter) shape takes the oldest one's buffer, room and all.
+        let oldest = last.shapes.entries[0].0.capacity();
+        last.classify(&cache, b"SELECT c FROM t WHERE id = 1");
+        let (newest, _) = &last.shapes.entries[Recent::SLOTS - 1];
+        assert_eq!((newest.as_slice(), newest.capacity()), (&b"SELECT c FROM t WHERE id = ?"[..], oldest));
+        assert!(newest.capacity() > newest.len());
+        assert_eq!(
+            last.shapes.bytes,
+            last.shapes.entries.iter().map(|(key, _)| key.capacity()).sum::<usize>()
+        );
     }
 
     #[test]
     fn texts_are_remembered_exactly_when_their_class_depends_on_them() {
         let cache = ClassifyCache::new(64);
-        let mut last = LastClassified::default();
+        let mut last = RecentlyClassified::default();
         for round in 0..3 {
             for value in ["'a'", "'b'"] {
                 let sql = format!("SET search_path = {value}");

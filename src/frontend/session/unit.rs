@@ -105,7 +105,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     async fn on_query(&mut self, frame: Frame) -> Result<(), ProxyError> {
         let text = frontend::query_text(&frame)?;
-        let class = self.last_classified.classify(&self.shared.classifier, text);
+        let class = self.recently_classified.classify(&self.shared.classifier, text);
         let class = read_only_begin(self.default_read_only, class, text);
         if let Class::ProxyLocal(command) = &class.class {
             if self.in_flight() {
@@ -143,7 +143,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         match frame.tag() {
             b'P' => {
                 let parse = frontend::parse(&frame)?;
-                let class = self.last_classified.classify(&self.shared.classifier, parse.query);
+                let class = self.recently_classified.classify(&self.shared.classifier, parse.query);
                 let class = read_only_begin(self.default_read_only, class, parse.query);
                 add_class(&self.state, &mut batch.classes, class);
                 batch.named |= !parse.name.is_empty();
@@ -359,7 +359,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
             b'Q' => {
                 let text = frontend::query_text(&frame)?;
-                let class = self.last_classified.classify(&self.shared.classifier, text);
+                let class = self.recently_classified.classify(&self.shared.classifier, text);
                 let class = read_only_begin(self.default_read_only, class, text);
                 if matches!(class.class, Class::ProxyLocal(_)) {
                     return Ok(Some(Deferred::Message(frame)));
