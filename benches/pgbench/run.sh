@@ -43,7 +43,7 @@
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
 #   INSTR_CLIENTS=4 INSTR_EXTRA='pool_mode = "transaction"' ([proxy] keys)
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
-#   pgnear-primary-1 or pgnear-pool-1 for worker_threads = 1, one event loop;
+#   pgnear-primary-N or pgnear-pool-N for worker_threads = N event loops;
 #   pgnear-primary-base or pgnear-pool-base run BASELINE_BIN, another build of
 #   pgnear, for an A/B comparison in the same interleaved rounds)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
@@ -313,42 +313,47 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 per_txn() { awk -v t="$1" -v n="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}'; }
 
 # run_pgbench TARGET PORT PROXY_PID|- NAME ARGS...
-#   -> "tps lat_ms status proxy_cpu pg_cpu pgbench_cpu" (CPU: us per transaction)
+#   -> "tps lat_ms status proxy_cpu pg_cpu pgbench_cpu proxy_sleeps proxy_preempted"
+#   (CPU: us per transaction; the proxy's voluntary and involuntary context
+#   switches per transaction)
 run_pgbench() {
     local target=$1 port=$2 pid=$3 name=$4
     shift 4
     local log="$OUT/runs/$name.$target.r$ROUND.log"
-    local rc=0 before=0 after=0 pg_before pg_after postmaster
+    local rc=0 before=0 after=0 pg_before pg_after postmaster sw_before="0 0" sw_after="0 0"
     postmaster=$(head -1 "$WORK/primary/postmaster.pid")
-    [[ $pid != - ]] && before=$(cpu_ticks "$pid")
+    [[ $pid != - ]] && before=$(cpu_ticks "$pid") && sw_before=$($TOOLS switches "$pid")
     pg_before=$($TOOLS server-ticks "$postmaster")
     local TIMEFORMAT='%3U %3S'
     { time "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?; } 2>"$log.time"
     pg_after=$($TOOLS server-ticks "$postmaster")
-    [[ $pid != - ]] && after=$(cpu_ticks "$pid")
-    local tps lat txns cpu=nan pg=nan bench=nan
+    [[ $pid != - ]] && after=$(cpu_ticks "$pid") && sw_after=$($TOOLS switches "$pid")
+    local tps lat txns cpu=nan pg=nan bench=nan sleeps=nan preempted=nan
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$log")
     lat=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$log")
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$log")
     if [[ $pid != - && ${txns:-0} -gt 0 ]]; then
         cpu=$(per_txn $((after - before)) "$txns")
+        read -r sleeps preempted < <(awk -v b="$sw_before" -v a="$sw_after" -v n="$txns" 'BEGIN {
+            split(b, x, " "); split(a, y, " "); printf "%.2f %.2f\n", (y[1] - x[1]) / n, (y[2] - x[2]) / n }')
     fi
     if [[ ${txns:-0} -gt 0 ]]; then
         pg=$(per_txn $((pg_after - pg_before)) "$txns")
         bench=$(awk -v n="$txns" '{printf "%.1f", ($1 + $2) * 1e6 / n}' "$log.time")
     fi
     if [[ $rc != 0 || -z $tps ]]; then
-        echo "nan nan failed nan nan nan"
+        echo "nan nan failed nan nan nan nan nan"
     else
-        echo "$tps $lat ok $cpu $pg $bench"
+        echo "$tps $lat ok $cpu $pg $bench $sleeps $preempted"
     fi
 }
 
 # Targets: direct, pgbouncer, pgnear-primary (routing.default = "primary"),
 # pgnear-pool (the same in transaction pooling with PgBouncer's pool size of
 # 20: like for like with PgBouncer), pgnear-split (the default read/write
-# split); optional pgnear-primary-1 and pgnear-pool-1 (as pgnear-primary and
-# pgnear-pool with a single event loop instead of the default one per core).
+# split); optional pgnear-primary-N and pgnear-pool-N (as pgnear-primary and
+# pgnear-pool with worker_threads = N event loops instead of the default,
+# half the cores).
 TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-pool pgnear-split"}
 
 phase_pgbench() {
@@ -376,7 +381,7 @@ phase_pgbench() {
         [[ $t == pgnear-split ]] && routing=auto
         local extra=""
         [[ $t == pgnear-pool* ]] && extra=$'pool_mode = "transaction"\npool_size = '"${POOL_SIZE:-20}"
-        [[ $t == pgnear-*-1 ]] && extra+=$'\nworker_threads = 1'
+        [[ $t =~ ^pgnear-[a-z]+-([0-9]+)$ ]] && extra+=$'\nworker_threads = '"${BASH_REMATCH[1]}"
         write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
         start_pgnear "$t" "$WORK/$t.toml" "$p"
         port[$t]=$p
@@ -395,7 +400,7 @@ phase_pgbench() {
     ROUND=0
     for t in "${targets[@]}"; do run_pgbench "$t" "${port[$t]}" - warmup -S -c 4 -j 2 -T 2 >/dev/null; done
 
-    printf 'round\tcase\ttarget\ttps\tlatency_ms\tstatus\tload1\tproxy_cpu_us_per_txn\tpostgres_cpu_us_per_txn\tpgbench_cpu_us_per_txn\n' >"$OUT/results.tsv"
+    printf 'round\tcase\ttarget\ttps\tlatency_ms\tstatus\tload1\tproxy_cpu_us_per_txn\tpostgres_cpu_us_per_txn\tpgbench_cpu_us_per_txn\tproxy_sleeps_per_txn\tproxy_preempted_per_txn\n' >"$OUT/results.tsv"
     for ROUND in $(seq "$ROUNDS"); do
         local k=0
         for cs in "${cases[@]}"; do
@@ -411,14 +416,14 @@ phase_pgbench() {
                 local load
                 load=$(load1)
                 if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]]; then
-                    printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
+                    printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
                     continue
                 fi
-                read -r tps lat status cpu pg bench <<<"$(run_pgbench "$t" "${port[$t]}" "${pid[$t]}" "$cs" "${args[@]}")"
-                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$cs" "$t" "$tps" "$lat" "$status" "$load" "$cpu" "$pg" "$bench" >>"$OUT/results.tsv"
+                read -r tps lat status cpu pg bench sleeps preempted <<<"$(run_pgbench "$t" "${port[$t]}" "${pid[$t]}" "$cs" "${args[@]}")"
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$cs" "$t" "$tps" "$lat" "$status" "$load" "$cpu" "$pg" "$bench" "$sleeps" "$preempted" >>"$OUT/results.tsv"
                 local proxy_cpu=${cpu}us
                 [[ $cpu == nan ]] && proxy_cpu=n/a
-                log "round $ROUND $cs $t: tps=$tps lat=${lat}ms cpu/txn proxy=$proxy_cpu postgres=${pg}us pgbench=${bench}us ($status, load $load)"
+                log "round $ROUND $cs $t: tps=$tps lat=${lat}ms cpu/txn proxy=$proxy_cpu postgres=${pg}us pgbench=${bench}us proxy switches/txn=$sleeps/$preempted ($status, load $load)"
             done
         done
     done

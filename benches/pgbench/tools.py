@@ -277,7 +277,8 @@ def summarize_main(args):
         if r["target"] not in targets:
             targets.append(r["target"])
         c = cell.setdefault((r["case"], r["target"]),
-                            {"tps": [], "lat": [], "load": [], "cpu": [], "pg": [], "bench": [], "status": set()})
+                            {"tps": [], "lat": [], "load": [], "cpu": [], "pg": [], "bench": [], "sleeps": [],
+                             "preempted": [], "status": set()})
         c["status"].add(r["status"])
         c["load"].append(float(r["load1"]))
         if r["status"] == "ok":
@@ -286,13 +287,16 @@ def summarize_main(args):
             c["cpu"].append(float(r.get("proxy_cpu_us_per_txn", "nan")))
             c["pg"].append(float(r.get("postgres_cpu_us_per_txn", "nan")))
             c["bench"].append(float(r.get("pgbench_cpu_us_per_txn", "nan")))
+            c["sleeps"].append(float(r.get("proxy_sleeps_per_txn", "nan")))
+            c["preempted"].append(float(r.get("proxy_preempted_per_txn", "nan")))
     rounds = len({r["round"] for r in rows})
     med = {k: (median(v["tps"]), median(v["lat"])) for k, v in cell.items()}
     print(f"pgbench -n, -j 2 (-j 1 at -c 1), medians of {rounds} interleaved round(s); "
           "TPS excludes connection time;\nCPU: user+system CPU per transaction, microseconds, of the proxy "
-          "process, of the primary's\nbackends (PostgreSQL) and of pgbench")
+          "process, of the primary's\nbackends (PostgreSQL) and of pgbench; proxy switches: the proxy's context switches per "
+          "transaction,\nvoluntary (it slept and was woken) / involuntary (preempted)")
     print(f"{'case':<20} {'target':<15} {'TPS':>9} {'lat ms':>8} {'x direct':>9} {'x bouncer':>10} "
-          f"{'proxy CPU':>10} {'pg CPU':>7} {'bench CPU':>9} {'load1':>6}  runs (TPS)")
+          f"{'proxy CPU':>10} {'pg CPU':>7} {'bench CPU':>9} {'proxy switches':>14} {'load1':>6}  runs (TPS)")
     for case in cases:
         for t in targets:
             if (case, t) not in cell:
@@ -302,9 +306,11 @@ def summarize_main(args):
             b = med.get((case, "pgbouncer"), (float("nan"),))[0]
             c = cell[(case, t)]
             runs = " ".join(f"{x:.0f}" for x in c["tps"]) or "/".join(sorted(c["status"]))
+            sleeps, preempted = median(c["sleeps"]), median(c["preempted"])
+            switches = "n/a" if sleeps != sleeps else f"{sleeps:.2f} / {preempted:.2f}"
             print(f"{case:<20} {t:<15} {fmt(tps, '.0f'):>9} {fmt(lat, '.3f'):>8} {fmt(tps / d, '.2f'):>9} "
                   f"{fmt(tps / b, '.2f'):>10} {fmt(median(c['cpu']), '.1f'):>10} {fmt(median(c['pg']), '.1f'):>7} "
-                  f"{fmt(median(c['bench']), '.1f'):>9} {median(c['load']):>6.2f}  {runs}")
+                  f"{fmt(median(c['bench']), '.1f'):>9} {switches:>14} {median(c['load']):>6.2f}  {runs}")
         print()
     print("added latency per query at -c 1 (median latency minus direct's), microseconds:")
     for case in cases:
@@ -438,6 +444,28 @@ def server_ticks_main(args):
     print(total)
 
 
+def switches_main(args):
+    """Context switches of a process so far, summed over its threads:
+    voluntary (it blocked, then was woken) and involuntary (preempted)."""
+    voluntary = involuntary = 0
+    try:
+        tasks = os.listdir(f"/proc/{args.pid}/task")
+    except OSError:
+        tasks = []
+    for task in tasks:
+        try:
+            with open(f"/proc/{args.pid}/task/{task}/status") as f:
+                for line in f:
+                    key, _, value = line.partition(":")
+                    if key == "voluntary_ctxt_switches":
+                        voluntary += int(value)
+                    elif key == "nonvoluntary_ctxt_switches":
+                        involuntary += int(value)
+        except (OSError, ValueError):
+            continue  # a thread that ended meanwhile
+    print(voluntary, involuntary)
+
+
 def rss_main(args):
     fields = {}
     with open(f"/proc/{args.pid}/status") as f:
@@ -490,6 +518,8 @@ def main():
     sp.add_argument("postmaster", type=int)
     sp = sub.add_parser("rss")
     sp.add_argument("pid", type=int)
+    sp = sub.add_parser("switches")
+    sp.add_argument("pid", type=int)
     args = p.parse_args()
     if args.cmd == "idle":
         asyncio.run(idle_main(args))
@@ -503,6 +533,7 @@ def main():
             "summarize-memory": summarize_memory_main,
             "freeport": freeport_main,
             "rss": rss_main,
+            "switches": switches_main,
             "server-ticks": server_ticks_main,
         }[args.cmd](args)
 

@@ -244,7 +244,10 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
     }
     let worker_threads = p.worker_threads.filter(|&n| n > 0);
     if worker_threads.is_some_and(|n| n > 1024) {
-        faults.add("proxy.worker_threads", "must be between 1 and 1024 (0 or absent: one per core)");
+        faults.add(
+            "proxy.worker_threads",
+            "must be between 1 and 1024 (0 or absent: half the cores, at least one)",
+        );
     }
     let pool_mode = choice(
         p.pool_mode.as_deref(),

@@ -82,7 +82,8 @@ fn worker_threads_are_sized_or_checked() {
     let auto = parsed("").unwrap().proxy;
     assert_eq!(auto.worker_threads, None);
     assert_eq!(auto.workers(), pgnear::config::default_workers());
-    assert!(auto.workers() >= 1);
+    let cores = std::thread::available_parallelism().expect("the core count").get();
+    assert_eq!(auto.workers(), (cores / 2).max(1), "half the cores, at least one");
     assert_eq!(parsed("worker_threads = 0").unwrap().proxy.workers(), pgnear::config::default_workers());
     assert_eq!(parsed("worker_threads = 3").unwrap().proxy.workers(), 3);
     let errors = errors(&format!("[proxy]\nworker_threads = 5000\n{NODE}"));

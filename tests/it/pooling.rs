@@ -18,9 +18,13 @@ fn pooled(size: usize) -> ProxyConfig {
 /// Pooling with `pool_timeout_ms` of `timeout`, on two session loops
 /// whatever the machine (their pool waits are timed by the service loop).
 fn pooled_waiting(size: usize, timeout: u64) -> ProxyConfig {
+    pooled_on(size, timeout, 2)
+}
+
+fn pooled_on(size: usize, timeout: u64, loops: usize) -> ProxyConfig {
     ProxyConfig::default()
         .proxy(&format!(
-            "pool_mode = \"transaction\"\npool_size = {size}\npool_timeout_ms = {timeout}\nworker_threads = 2"
+            "pool_mode = \"transaction\"\npool_size = {size}\npool_timeout_ms = {timeout}\nworker_threads = {loops}"
         ))
         .section("[routing]\ndefault = \"primary\"")
 }
@@ -124,7 +128,11 @@ async fn clients_with_different_application_names_share_connections() {
 
 #[tokio::test]
 async fn currval_reads_the_sessions_own_nextval_or_fails() {
-    let env = start(Cluster::builder(), pooled(2)).await;
+    // One loop: the pool hands out the most recently used connection, so
+    // b's insert lands on the connection a wrote on. With two loops each
+    // session prefers a connection of its own loop, and whether b takes
+    // a's depends on whether a second one was opened meanwhile.
+    let env = start(Cluster::builder(), pooled_on(2, 30_000, 1)).await;
     let a = env.client().await;
     let b = env.client().await;
     a.batch_execute("CREATE TABLE seq_items (id serial PRIMARY KEY, v text)").await.unwrap();
