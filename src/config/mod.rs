@@ -101,7 +101,7 @@ impl ProxySettings {
     /// less to do per wake-up and sleeps more often, and a sleep and a
     /// wake-up cost more CPU than relaying a round trip. On two cores shared
     /// with PostgreSQL and pgbench, one loop slept about half as often per
-    /// transaction as two and used 12-29% less CPU per transaction. A
+    /// transaction as two and used 6-29% less CPU per transaction. A
     /// sidecar shares its cores with the application, so by default it
     /// leaves half of them alone.
     pub fn workers(&self) -> usize {
