@@ -171,8 +171,8 @@ const FD_SLACK: usize = 10;
 /// Long enough to open them all even on a loaded machine.
 const STARTUP_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// The binary with one event loop and with two (the default on two
-/// cores: one per core), in session mode and in transaction pooling (where a pooled
+/// The binary with one event loop (the default on two cores: half the
+/// cores) and with two, in session mode and in transaction pooling (where a pooled
 /// connection opened on one loop serves a session on the other): each
 /// serves concurrent clients, the extended protocol and a cancel. One
 /// loop is the service loop itself; two are two session loops beside it
