@@ -444,6 +444,16 @@ def server_ticks_main(args):
     print(total)
 
 
+def status_fields(path):
+    """The first word of each field of a /proc status file, by name."""
+    fields = {}
+    with open(path) as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value.split()[0] if value.split() else ""
+    return fields
+
+
 def switches_main(args):
     """Context switches of a process so far, summed over its threads:
     voluntary (it blocked, then was woken) and involuntary (preempted)."""
@@ -454,24 +464,16 @@ def switches_main(args):
         tasks = []
     for task in tasks:
         try:
-            with open(f"/proc/{args.pid}/task/{task}/status") as f:
-                for line in f:
-                    key, _, value = line.partition(":")
-                    if key == "voluntary_ctxt_switches":
-                        voluntary += int(value)
-                    elif key == "nonvoluntary_ctxt_switches":
-                        involuntary += int(value)
-        except (OSError, ValueError):
+            fields = status_fields(f"/proc/{args.pid}/task/{task}/status")
+            voluntary += int(fields["voluntary_ctxt_switches"])
+            involuntary += int(fields["nonvoluntary_ctxt_switches"])
+        except (OSError, KeyError, ValueError):
             continue  # a thread that ended meanwhile
     print(voluntary, involuntary)
 
 
 def rss_main(args):
-    fields = {}
-    with open(f"/proc/{args.pid}/status") as f:
-        for line in f:
-            key, _, value = line.partition(":")
-            fields[key] = value.split()[0] if value.split() else ""
+    fields = status_fields(f"/proc/{args.pid}/status")
     print(fields.get("VmRSS", "0"), fields.get("VmHWM", "0"))
 
 
