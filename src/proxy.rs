@@ -20,12 +20,15 @@ use crate::frontend::Shared;
 use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::consistency::SharedWatermark;
+use crate::server::UnixSocket;
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum StartError {
     #[error("cannot listen on {addr}: {source}")]
     Listen { addr: SocketAddr, source: std::io::Error },
+    #[error("cannot listen on {}: {source}", path.display())]
+    ListenUnix { path: std::path::PathBuf, source: std::io::Error },
     #[error("cannot resolve a node: {0}")]
     Resolve(std::io::Error),
     #[error("invalid user credential: {0}")]
@@ -38,6 +41,8 @@ pub enum StartError {
 /// also waits for sessions to drain, [`Proxy::shutdown_now`] closes them.
 pub struct Proxy {
     addr: SocketAddr,
+    /// The Unix socket's path, when `proxy.unix_socket_dir` is set.
+    unix_socket: Option<std::path::PathBuf>,
     shared: Arc<Shared>,
     /// Turns true to stop accepting clients and let sessions end.
     shutdown: watch::Sender<bool>,
@@ -58,6 +63,14 @@ impl Proxy {
         let addr = config.proxy.listen;
         let listener = client_listener(addr).map_err(|source| StartError::Listen { addr, source })?;
         let addr = listener.local_addr().map_err(|source| StartError::Listen { addr, source })?;
+        let unix_socket = match &config.proxy.unix_socket_dir {
+            Some(dir) => {
+                let path = crate::config::unix_socket_path(dir, addr.port());
+                let bound = UnixSocket::bind(&path, config.proxy.unix_socket_mode);
+                Some(bound.map_err(|source| StartError::ListenUnix { path, source })?)
+            }
+            None => None,
+        };
         let admin_listener = match config.proxy.admin_listen {
             Some(addr) => {
                 let admin =
@@ -103,14 +116,33 @@ impl Proxy {
             tracing::info!(addr = %admin_addr, "admin listener is up");
             (admin_addr, tokio::spawn(crate::admin::run(listener, shared.clone(), watch.clone())))
         });
-        let server = tokio::spawn(crate::server::run(listener, shared.clone(), watch, closing));
+        let unix_path = unix_socket.as_ref().map(|socket| socket.path().to_path_buf());
+        if let Some(path) = &unix_path {
+            tracing::info!(path = %path.display(), "pgnear is listening on a Unix socket");
+        }
+        let server = tokio::spawn(crate::server::run(listener, unix_socket, shared.clone(), watch, closing));
         tracing::info!(%addr, "pgnear is listening");
-        Ok(Proxy { addr, shared, shutdown, close_now, server, admin, _monitor: monitor })
+        Ok(Proxy {
+            addr,
+            unix_socket: unix_path,
+            shared,
+            shutdown,
+            close_now,
+            server,
+            admin,
+            _monitor: monitor,
+        })
     }
 
     /// The address clients connect to.
     pub fn addr(&self) -> SocketAddr {
         self.addr
+    }
+
+    /// The Unix socket clients may connect to, when
+    /// `proxy.unix_socket_dir` is set.
+    pub fn unix_socket(&self) -> Option<&std::path::Path> {
+        self.unix_socket.as_deref()
     }
 
     /// The admin HTTP address (`/metrics`, `/health`, `/ready`), when

@@ -1,5 +1,6 @@
-//! The client listener: accepts connections, enforces the connection
-//! limit, runs one task per client, reloads the TLS certificate on SIGHUP
+//! The client listeners (TCP, and a Unix-domain socket with
+//! `proxy.unix_socket_dir`): accepts connections, enforces the connection
+//! limit over both, runs one task per client, reloads the TLS certificate on SIGHUP
 //! and drains on shutdown.
 //!
 //! With `proxy.worker_threads` above one, sessions are spread over that
@@ -14,12 +15,13 @@
 //! on the service loop itself.
 
 use std::net::SocketAddr;
+use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use futures_util::FutureExt;
 use tokio::io::AsyncWriteExt;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::{TcpListener, TcpStream, UnixStream};
 use tokio::runtime::Handle;
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tokio::sync::{oneshot, watch, Semaphore};
@@ -30,10 +32,79 @@ use crate::frontend::handshake::{negotiate, Opening};
 use crate::frontend::{serve, Shared};
 use crate::tls::Stream;
 
+mod unix;
+pub use unix::UnixSocket;
+
+/// Where a client connected from.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    Tcp(SocketAddr),
+    /// The Unix-domain socket (its clients have no address).
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => addr.fmt(f),
+            Peer::Unix => f.write_str("unix socket"),
+        }
+    }
+}
+
+/// An accepted connection, before it is a [`Stream`].
+enum Client {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// A [`Client`] between two event loops' reactors.
+enum Moving {
+    Tcp(std::net::TcpStream),
+    Unix(StdUnixStream),
+}
+
+impl Client {
+    fn into_stream(self) -> Stream {
+        match self {
+            Client::Tcp(tcp) => Stream::plain(tcp),
+            Client::Unix(unix) => Stream::unix(unix),
+        }
+    }
+
+    /// Leaves this loop's reactor.
+    fn into_std(self) -> std::io::Result<Moving> {
+        match self {
+            Client::Tcp(tcp) => tcp.into_std().map(Moving::Tcp),
+            Client::Unix(unix) => unix.into_std().map(Moving::Unix),
+        }
+    }
+}
+
+impl Moving {
+    /// Joins the calling loop's reactor.
+    fn register(self) -> std::io::Result<Stream> {
+        match self {
+            Moving::Tcp(tcp) => TcpStream::from_std(tcp).map(Stream::plain),
+            Moving::Unix(unix) => UnixStream::from_std(unix).map(Stream::unix),
+        }
+    }
+}
+
+/// The next client on the Unix socket; never resolves without one.
+/// Cancel safe.
+async fn accept_unix(socket: Option<&UnixSocket>) -> std::io::Result<UnixStream> {
+    match socket {
+        Some(socket) => socket.listener().accept().await.map(|(stream, _)| stream),
+        None => std::future::pending().await,
+    }
+}
+
 /// Accepts clients until `shutdown` turns true, then waits for running
 /// sessions to finish, or closes them all when `close_now` turns true.
 pub async fn run(
     listener: TcpListener,
+    unix_socket: Option<UnixSocket>,
     shared: Arc<Shared>,
     mut shutdown: watch::Receiver<bool>,
     mut close_now: watch::Receiver<bool>,
@@ -47,14 +118,18 @@ pub async fn run(
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
                     let id = next_id.fetch_add(1, Ordering::Relaxed);
-                    accept(stream, peer, &shared, &limit, id, &mut sessions, &loops);
+                    accept(Client::Tcp(stream), Peer::Tcp(peer), &shared, &limit, id, &mut sessions, &loops);
                 }
-                Err(error) => {
-                    // EMFILE and friends: back off briefly instead of spinning.
-                    tracing::warn!(%error, "accept failed");
-                    crate::clock::sleep(std::time::Duration::from_millis(50)).await;
+                Err(error) => accept_failed(error).await,
+            },
+            accepted = accept_unix(unix_socket.as_ref()) => match accepted {
+                Ok(stream) => {
+                    let id = next_id.fetch_add(1, Ordering::Relaxed);
+                    accept(Client::Unix(stream), Peer::Unix, &shared, &limit, id, &mut sessions, &loops);
                 }
+                Err(error) => accept_failed(error).await,
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             Some(()) = recv(&mut hangup) => reload_certificate(&shared),
@@ -62,6 +137,7 @@ pub async fn run(
         }
     }
     drop(listener);
+    drop(unix_socket);
     if !*close_now.borrow() {
         tracing::info!(sessions = sessions.len(), "draining client sessions");
     }
@@ -94,6 +170,12 @@ pub async fn run(
         }
     }
     drop(loops);
+}
+
+/// EMFILE and friends: back off briefly instead of spinning.
+async fn accept_failed(error: std::io::Error) {
+    tracing::warn!(%error, "accept failed");
+    crate::clock::sleep(std::time::Duration::from_millis(50)).await;
 }
 
 /// How long sessions asked to close may take to say so to their clients.
@@ -218,32 +300,31 @@ fn reload_certificate(shared: &Shared) {
 }
 
 fn accept(
-    stream: TcpStream,
-    peer: SocketAddr,
+    client: Client,
+    peer: Peer,
     shared: &Arc<Shared>,
     limit: &Arc<Semaphore>,
     id: u64,
     sessions: &mut JoinSet<()>,
     loops: &Loops,
 ) {
-    let _ = stream.set_nodelay(true);
     let shared = shared.clone();
     let Ok(permit) = limit.clone().try_acquire_owned() else {
         tracing::warn!(%peer, "connection refused: too many clients");
-        sessions.spawn(refuse_over_limit(Stream::plain(stream), shared));
+        sessions.spawn(refuse_over_limit(client.into_stream(), shared));
         return;
     };
     let (index, seat) = loops.pick();
     let Some(handle) = index.checked_sub(1).and_then(|i| loops.extra.get(i)) else {
         sessions.spawn(async move {
-            serve(Stream::plain(stream), peer, shared, id).await;
+            serve(client.into_stream(), peer, shared, id).await;
             drop((seat, permit));
         });
         return;
     };
     // The socket moves to the other loop's reactor.
-    let stream = match stream.into_std() {
-        Ok(stream) => stream,
+    let moving = match client.into_std() {
+        Ok(moving) => moving,
         Err(error) => {
             tracing::warn!(%peer, %error, "cannot hand the connection to an event loop");
             return;
@@ -251,8 +332,8 @@ fn accept(
     };
     sessions.spawn_on(
         async move {
-            match TcpStream::from_std(stream) {
-                Ok(stream) => serve(Stream::plain(stream), peer, shared, id).await,
+            match moving.register() {
+                Ok(stream) => serve(stream, peer, shared, id).await,
                 Err(error) => tracing::warn!(%peer, %error, "cannot register the connection"),
             }
             drop((seat, permit));
@@ -271,7 +352,7 @@ async fn refuse_over_limit(mut stream: Stream, shared: Arc<Shared>) {
     match opening {
         Ok(Ok(Opening::Startup(_))) => {}
         Ok(Ok(Opening::Cancel(key))) => {
-            return shared.cancels.cancel(key, shared.config.proxy.connect_timeout).await
+            return shared.cancels.cancel(key, &shared.topology, shared.config.proxy.connect_timeout).await
         }
         Ok(Err(error)) => return crate::frontend::refuse(&mut stream, &error).await,
         Ok(Ok(Opening::Closed)) | Err(_) => return,

@@ -188,10 +188,16 @@ impl Connector {
     /// `verify-ca`; `prefer` and `require` without one encrypt but do not
     /// authenticate the server.
     pub fn for_node(node: &NodeConfig, key: &str) -> Result<Connector, TlsError> {
+        // A Unix socket never carries TLS (validation allows only disable
+        // and prefer there), and its host is a directory, not a name.
+        let (mode, host) = match node.is_unix_socket() {
+            true => (SslMode::Disable, "localhost"),
+            false => (node.sslmode, node.host.as_str()),
+        };
         let root_key = format!("{key}.sslrootcert");
-        let needs_roots = matches!(node.sslmode, SslMode::VerifyCa | SslMode::VerifyFull);
+        let needs_roots = matches!(mode, SslMode::VerifyCa | SslMode::VerifyFull);
         let roots = match &node.sslrootcert {
-            Some(path) if node.sslmode != SslMode::Disable => Some(roots(&root_key, path)?),
+            Some(path) if mode != SslMode::Disable => Some(roots(&root_key, path)?),
             None if needs_roots => {
                 return Err(TlsError::Invalid {
                     key: root_key,
@@ -200,12 +206,12 @@ impl Connector {
             }
             _ => None,
         };
-        let name = ServerName::try_from(node.host.clone()).map_err(|e| TlsError::Invalid {
+        let name = ServerName::try_from(host.to_string()).map_err(|e| TlsError::Invalid {
             key: format!("{key}.host"),
             message: format!("not a TLS server name: {e}"),
         })?;
-        let config = client_config(node.sslmode, roots).map_err(invalid(&root_key))?;
-        Ok(Connector { mode: node.sslmode, config: Arc::new(config), name })
+        let config = client_config(mode, roots).map_err(invalid(&root_key))?;
+        Ok(Connector { mode, config: Arc::new(config), name })
     }
 
     pub fn mode(&self) -> SslMode {

@@ -1,8 +1,8 @@
-//! Opening a server connection: TCP, TLS as the node's `sslmode` says,
+//! Opening a server connection: TCP (TLS as the node's `sslmode` says) or
+//! a Unix socket (never TLS, as in libpq),
 //! startup, authentication, and the server's ParameterStatus and
 //! BackendKeyData, up to ReadyForQuery.
 
-use std::net::SocketAddr;
 use std::time::Duration;
 
 use bytes::BytesMut;
@@ -13,9 +13,10 @@ use postgres_protocol::authentication::sasl::{
 };
 use postgres_protocol::message::frontend;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 
 use super::Backend;
+use crate::cluster::Endpoint;
 use crate::config::{Secret, SslMode};
 use crate::protocol::backend::{parse_backend_key, ErrorFields};
 use crate::protocol::frame::{cstr, int32};
@@ -45,13 +46,13 @@ impl ServerLogin {
 #[derive(Debug, thiserror::Error)]
 pub enum ConnectError {
     #[error("cannot connect to {addr}: {source}")]
-    Io { addr: SocketAddr, source: std::io::Error },
+    Io { addr: Endpoint, source: std::io::Error },
     #[error("timed out connecting to {0}")]
-    Timeout(SocketAddr),
+    Timeout(Endpoint),
     #[error("server at {0} does not accept TLS, which its sslmode requires")]
-    TlsRefused(SocketAddr),
+    TlsRefused(Endpoint),
     #[error("TLS with {addr} failed: {source}")]
-    Tls { addr: SocketAddr, source: std::io::Error },
+    Tls { addr: Endpoint, source: std::io::Error },
     /// The server refused the login; the frame is relayed verbatim.
     #[error("server refused the connection: {}", .fields.message)]
     Server { frame: Frame, fields: ErrorFields },
@@ -79,7 +80,7 @@ impl ConnectError {
 /// login over TLS by its pg_hba.conf (`hostnossl` lines only, or a
 /// `hostssl ... reject`).
 pub async fn connect(
-    addr: SocketAddr,
+    addr: &Endpoint,
     tls: &Connector,
     login: &ServerLogin,
     timeout: Duration,
@@ -96,7 +97,7 @@ pub async fn connect(
             result => result.map_err(|failed| failed.error),
         }
     };
-    crate::clock::timeout(timeout, attempts).await.map_err(|_| ConnectError::Timeout(addr))?
+    crate::clock::timeout(timeout, attempts).await.map_err(|_| ConnectError::Timeout(addr.clone()))?
 }
 
 impl ConnectError {
@@ -126,20 +127,26 @@ impl From<ConnectError> for Attempt {
 
 /// One attempt; `try_tls` false keeps it in plain text whatever the mode.
 async fn connect_inner(
-    addr: SocketAddr,
+    addr: &Endpoint,
     tls: &Connector,
     login: &ServerLogin,
     limit: usize,
     try_tls: bool,
 ) -> Result<Backend, Attempt> {
-    let io = |source| ConnectError::Io { addr, source };
-    let tcp = TcpStream::connect(addr).await.map_err(io)?;
-    tcp.set_nodelay(true).map_err(io)?;
-    let stream = match try_tls {
-        true => secure(tcp, addr, tls)
-            .await
-            .map_err(|error| Attempt { encrypted: matches!(error, ConnectError::Tls { .. }), error })?,
-        false => Stream::plain(tcp),
+    let io = |source| ConnectError::Io { addr: addr.clone(), source };
+    let stream = match addr {
+        Endpoint::Unix(path) => Stream::unix(UnixStream::connect(path).await.map_err(io)?),
+        Endpoint::Tcp(socket) => {
+            let tcp = TcpStream::connect(socket).await.map_err(io)?;
+            tcp.set_nodelay(true).map_err(io)?;
+            match try_tls {
+                true => secure(tcp, addr, tls).await.map_err(|error| Attempt {
+                    encrypted: matches!(error, ConnectError::Tls { .. }),
+                    error,
+                })?,
+                false => Stream::plain(tcp),
+            }
+        }
     };
     let encrypted = stream.is_tls();
     startup(stream, addr, login, limit).await.map_err(|error| Attempt { error, encrypted })
@@ -148,11 +155,11 @@ async fn connect_inner(
 /// Startup and authentication on an open stream, up to ReadyForQuery.
 async fn startup(
     stream: Stream,
-    addr: SocketAddr,
+    addr: &Endpoint,
     login: &ServerLogin,
     limit: usize,
 ) -> Result<Backend, ConnectError> {
-    let io = |source| ConnectError::Io { addr, source };
+    let io = |source| ConnectError::Io { addr: addr.clone(), source };
     let encrypted = stream.is_tls();
     let binding = match (encrypted, stream.end_point()) {
         (true, Some(end_point)) => Binding::Available(end_point),
@@ -186,25 +193,25 @@ async fn startup(
         }
     }
     let key = key.ok_or(ProtocolError::Malformed { what: "server startup without BackendKeyData" })?;
-    Ok(Backend::new(addr, key, encrypted, reader, write, startup))
+    Ok(Backend::new(key, encrypted, reader, write, startup))
 }
 
 /// Asks for TLS with an SSLRequest unless `sslmode = disable`, and starts
 /// it when the server agrees. A server that declines is used in plain text
 /// only with `prefer`.
-async fn secure(mut tcp: TcpStream, addr: SocketAddr, tls: &Connector) -> Result<Stream, ConnectError> {
+async fn secure(mut tcp: TcpStream, addr: &Endpoint, tls: &Connector) -> Result<Stream, ConnectError> {
     if tls.mode() == SslMode::Disable {
         return Ok(Stream::plain(tcp));
     }
-    let io = |source| ConnectError::Io { addr, source };
+    let io = |source| ConnectError::Io { addr: addr.clone(), source };
     tcp.write_all(&ssl_request()).await.map_err(io)?;
     // Exactly one byte: anything the server sent after it would be
     // unencrypted data injected ahead of the handshake.
     let answer = tcp.read_u8().await.map_err(io)?;
     match answer {
-        b'S' => tls.connect(tcp).await.map_err(|source| ConnectError::Tls { addr, source }),
+        b'S' => tls.connect(tcp).await.map_err(|source| ConnectError::Tls { addr: addr.clone(), source }),
         b'N' if tls.mode() == SslMode::Prefer => Ok(Stream::plain(tcp)),
-        b'N' => Err(ConnectError::TlsRefused(addr)),
+        b'N' => Err(ConnectError::TlsRefused(addr.clone())),
         other => {
             Err(ProtocolError::Unexpected { tag: other as char, when: "in answer to SSLRequest" }.into())
         }
@@ -232,7 +239,7 @@ fn server_error(frame: Frame) -> Result<ConnectError, ProtocolError> {
 async fn authenticate(
     reader: &mut ServerReader,
     write: &mut WriteHalf,
-    addr: SocketAddr,
+    addr: &Endpoint,
     login: &ServerLogin,
     binding: &Binding,
 ) -> Result<(), ConnectError> {
@@ -301,16 +308,19 @@ async fn authenticate(
             }
             other => return Err(ConnectError::UnsupportedAuth(other)),
         }
-        let io = |source| ConnectError::Io { addr, source };
+        let io = |source| ConnectError::Io { addr: addr.clone(), source };
         write.write_all(&out).await.map_err(io)?;
         write.flush().await.map_err(io)?;
     }
 }
 
 /// Sends a CancelRequest for `key` to the server at `addr`.
-pub async fn send_cancel(addr: SocketAddr, key: crate::protocol::startup::CancelKey, timeout: Duration) {
+pub async fn send_cancel(addr: &Endpoint, key: crate::protocol::startup::CancelKey, timeout: Duration) {
     let attempt = async {
-        let mut stream = TcpStream::connect(addr).await?;
+        let mut stream = match addr {
+            Endpoint::Tcp(socket) => Stream::plain(TcpStream::connect(socket).await?),
+            Endpoint::Unix(path) => Stream::unix(UnixStream::connect(path).await?),
+        };
         stream.write_all(&crate::protocol::startup::cancel_request(key)).await?;
         // The server closes the connection once it has the request.
         let mut sink = [0u8; 1];

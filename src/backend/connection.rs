@@ -2,7 +2,6 @@
 //! write buffer flushed once per batch, and what is in flight on it.
 
 use std::collections::VecDeque;
-use std::net::SocketAddr;
 
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
@@ -51,7 +50,6 @@ fn needs_no_bookkeeping(tag: u8) -> bool {
 /// An authenticated server connection.
 #[derive(Debug)]
 pub struct Backend {
-    pub addr: SocketAddr,
     /// The server's real key, for cancel requests.
     pub key: CancelKey,
     /// Whether the connection is encrypted.
@@ -75,7 +73,6 @@ pub struct Backend {
 
 impl Backend {
     pub(super) fn new(
-        addr: SocketAddr,
         key: CancelKey,
         tls: bool,
         reader: FrameReader<ReadHalf>,
@@ -83,7 +80,6 @@ impl Backend {
         startup_params: Vec<Frame>,
     ) -> Backend {
         Backend {
-            addr,
             key,
             tls,
             reader,

@@ -84,11 +84,43 @@ impl Default for NodeStatus {
     }
 }
 
+/// Where a node's server listens: a TCP address, resolved once at start,
+/// or the path of its Unix socket.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Endpoint {
+    Tcp(SocketAddr),
+    Unix(std::path::PathBuf),
+}
+
+impl Endpoint {
+    /// The node's endpoint: its socket file for a host that is a
+    /// directory, else the first address its host resolves to.
+    fn of(config: &NodeConfig) -> std::io::Result<Endpoint> {
+        if config.is_unix_socket() {
+            let dir = std::path::Path::new(&config.host);
+            return Ok(Endpoint::Unix(crate::config::unix_socket_path(dir, config.port)));
+        }
+        std::net::ToSocketAddrs::to_socket_addrs(&(config.host.as_str(), config.port))?
+            .next()
+            .map(Endpoint::Tcp)
+            .ok_or_else(|| std::io::Error::other(format!("{} does not resolve", config.host)))
+    }
+}
+
+impl std::fmt::Display for Endpoint {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Endpoint::Tcp(addr) => addr.fmt(f),
+            Endpoint::Unix(path) => path.display().fmt(f),
+        }
+    }
+}
+
 /// A configured node and its published status.
 #[derive(Debug)]
 pub struct Node {
     pub config: NodeConfig,
-    pub addr: SocketAddr,
+    pub endpoint: Endpoint,
     /// Published with [`Node::publish`].
     pub status: ArcSwap<NodeStatus>,
     /// `status.claims_primary()`, readable without loading the status:
@@ -115,16 +147,14 @@ pub struct Topology {
 
 impl Topology {
     /// Resolves each node's address once. Fails on a host that does not
-    /// resolve.
+    /// resolve. A Unix socket is not checked here: the monitor finds out
+    /// whether a server answers on it, as for any node.
     pub fn new(configs: &[NodeConfig]) -> std::io::Result<Arc<Topology>> {
         let mut nodes = Vec::new();
         for config in configs {
-            let addr = std::net::ToSocketAddrs::to_socket_addrs(&(config.host.as_str(), config.port))?
-                .next()
-                .ok_or_else(|| std::io::Error::other(format!("{} does not resolve", config.host)))?;
             nodes.push(Node {
+                endpoint: Endpoint::of(config)?,
                 config: config.clone(),
-                addr,
                 status: ArcSwap::from_pointee(NodeStatus::default()),
                 primary_claim: AtomicBool::new(false),
                 outstanding: Arc::new(AtomicU32::new(0)),

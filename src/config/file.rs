@@ -11,6 +11,8 @@ use serde::Deserialize;
 pub struct ProxyFile {
     pub listen: Option<String>,
     pub admin_listen: Option<String>,
+    pub unix_socket_dir: Option<String>,
+    pub unix_socket_mode: Option<String>,
     pub region: Option<String>,
     pub max_client_connections: Option<u64>,
     pub max_message_bytes: Option<u64>,

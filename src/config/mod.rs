@@ -53,6 +53,14 @@ impl Config {
 pub struct ProxySettings {
     pub listen: SocketAddr,
     pub admin_listen: Option<SocketAddr>,
+    /// A directory for a Unix-domain socket beside the TCP listener,
+    /// named as PostgreSQL names its own (`.s.PGSQL.<port>`, with the
+    /// port of `listen`), so that libpq's `host=<dir> port=<port>` finds
+    /// it. A sidecar's application reaches pgnear without TCP.
+    pub unix_socket_dir: Option<std::path::PathBuf>,
+    /// The socket file's permission bits (`proxy.unix_socket_mode`,
+    /// octal, default 0777 as PostgreSQL's and PgBouncer's).
+    pub unix_socket_mode: u32,
     pub region: String,
     pub max_client_connections: usize,
     /// The largest frame accepted from a client or a server.
@@ -109,6 +117,12 @@ impl ProxySettings {
     }
 }
 
+/// The socket file in `dir` for clients of `port`: `.s.PGSQL.<port>`,
+/// as PostgreSQL names its own.
+pub fn unix_socket_path(dir: &std::path::Path, port: u16) -> std::path::PathBuf {
+    dir.join(format!(".s.PGSQL.{port}"))
+}
+
 /// Half the cores, at least one.
 pub fn default_workers() -> usize {
     std::thread::available_parallelism().map_or(1, |n| (n.get() / 2).max(1))
@@ -137,6 +151,8 @@ pub enum SslMode {
 #[derive(Debug, Clone)]
 pub struct NodeConfig {
     pub name: String,
+    /// A host name or address, or, starting with `/`, the directory of
+    /// the server's Unix socket (as libpq takes it).
     pub host: String,
     pub port: u16,
     pub region: String,
@@ -144,6 +160,13 @@ pub struct NodeConfig {
     pub cluster: String,
     pub sslmode: SslMode,
     pub sslrootcert: Option<PathBuf>,
+}
+
+impl NodeConfig {
+    /// The node is reached over a Unix socket (its host is a directory).
+    pub fn is_unix_socket(&self) -> bool {
+        self.host.starts_with('/')
+    }
 }
 
 /// A password or other secret: never printed.

@@ -234,6 +234,11 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
     let listen = p.listen.as_deref().unwrap_or("127.0.0.1:6432");
     let listen = socket_addr(listen, "proxy.listen", faults).unwrap_or(fallback);
     let admin_listen = p.admin_listen.as_deref().and_then(|a| socket_addr(a, "proxy.admin_listen", faults));
+    let unix_socket_dir = p.unix_socket_dir.map(std::path::PathBuf::from);
+    if let Some(dir) = &unix_socket_dir {
+        unix_socket_dir_fits(dir, listen.port(), "proxy.unix_socket_dir", faults);
+    }
+    let unix_socket_mode = octal_mode(p.unix_socket_mode.as_deref(), "proxy.unix_socket_mode", faults);
     let max_message_bytes = p.max_message_bytes.unwrap_or(256 * 1024 * 1024);
     if !(1024..=1 << 30).contains(&max_message_bytes) {
         faults.add("proxy.max_message_bytes", "must be between 1024 and 1073741824");
@@ -263,6 +268,8 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
     ProxySettings {
         listen,
         admin_listen,
+        unix_socket_dir,
+        unix_socket_mode,
         region: p.region.unwrap_or_else(|| "local".into()),
         max_client_connections: max_clients as usize,
         max_message_bytes: max_message_bytes as usize,
@@ -277,6 +284,37 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
         pool_size: pool_size as usize,
         pool_timeout: ms(p.pool_timeout_ms, 30_000),
         server_idle_timeout: ms(p.server_idle_timeout_ms, 60_000),
+    }
+}
+
+/// A socket directory must be absolute, and the socket's path must fit
+/// in a `sockaddr_un` (107 bytes and the terminating NUL on Linux).
+fn unix_socket_dir_fits(dir: &std::path::Path, port: u16, path: &str, faults: &mut Faults) {
+    if !dir.is_absolute() {
+        faults.add(path, format!("{:?} is not an absolute path", dir.display()));
+        return;
+    }
+    let socket = crate::config::unix_socket_path(dir, port);
+    if socket.as_os_str().len() > UNIX_PATH_MAX {
+        let message = format!("the socket path {:?} is longer than {UNIX_PATH_MAX} bytes", socket.display());
+        faults.add(path, message);
+    }
+}
+
+/// The longest path a Unix-domain socket address holds on Linux.
+const UNIX_PATH_MAX: usize = 107;
+
+/// Permission bits written in octal, as chmod takes them: "0777", "660".
+fn octal_mode(value: Option<&str>, path: &str, faults: &mut Faults) -> u32 {
+    const DEFAULT: u32 = 0o777;
+    let Some(value) = value else { return DEFAULT };
+    let digits = value.strip_prefix("0o").unwrap_or(value);
+    match u32::from_str_radix(digits, 8) {
+        Ok(mode) if digits.bytes().all(|b| (b'0'..=b'7').contains(&b)) && mode <= 0o777 => mode,
+        _ => {
+            faults.add(path, format!("{value:?} is not an octal mode between \"000\" and \"0777\""));
+            DEFAULT
+        }
     }
 }
 
@@ -321,6 +359,16 @@ fn node(n: NodeFile, i: usize, default_region: &str, faults: &mut Faults) -> Nod
     let sslmode = choice(n.sslmode.as_deref(), S::Prefer, &ssl_opts, &format!("{path}.sslmode"), faults);
     if matches!(sslmode, S::VerifyCa | S::VerifyFull) && n.sslrootcert.is_none() {
         faults.add(format!("{path}.sslrootcert"), "is required by sslmode verify-ca and verify-full");
+    }
+    if n.host.starts_with('/') {
+        // As in libpq, a host that is a directory names a Unix socket,
+        // where PostgreSQL never offers TLS.
+        if !matches!(sslmode, S::Disable | S::Prefer) {
+            let message =
+                "TLS is not used on a Unix socket (a host starting with \"/\"): use disable or prefer";
+            faults.add(format!("{path}.sslmode"), message);
+        }
+        unix_socket_dir_fits(std::path::Path::new(&n.host), port as u16, &format!("{path}.host"), faults);
     }
     NodeConfig {
         role: choice(n.role.as_deref(), R::Auto, &role_opts, &format!("{path}.role"), faults),

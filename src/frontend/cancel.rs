@@ -2,7 +2,6 @@
 //! CancelRequest to the server connection running that client's query.
 
 use std::collections::HashMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -10,12 +9,14 @@ use std::time::Duration;
 use futures_util::task::AtomicWaker;
 
 use crate::backend::connect::send_cancel;
+use crate::cluster::Topology;
 use crate::protocol::startup::CancelKey;
 
 /// A server connection a cancel can be sent to.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ServerKey {
-    pub addr: SocketAddr,
+    /// The node (its index in the topology).
+    pub node: usize,
     pub key: CancelKey,
 }
 
@@ -98,13 +99,16 @@ impl CancelRegistry {
 
     /// Forwards a client's CancelRequest. An unknown key is ignored, as
     /// PostgreSQL does, so that keys cannot be probed.
-    pub async fn cancel(&self, key: CancelKey, timeout: Duration) {
+    pub async fn cancel(&self, key: CancelKey, topology: &Topology, timeout: Duration) {
         let target = {
             let sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
             sessions.get(&key).and_then(|t| t.get())
         };
         match target {
-            Some(server) => send_cancel(server.addr, server.key, timeout).await,
+            Some(server) => match topology.nodes.get(server.node) {
+                Some(node) => send_cancel(&node.endpoint, server.key, timeout).await,
+                None => tracing::warn!(node = server.node, "cancel request for an unknown node"),
+            },
             None => tracing::info!(pid = key.pid, "cancel request ignored: unknown key, or no query running"),
         }
     }

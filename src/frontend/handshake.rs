@@ -69,7 +69,12 @@ pub enum Opening {
 /// With `tls.mode = "require"` a plaintext StartupMessage is refused; a
 /// plaintext CancelRequest is still honoured, since its key is the secret
 /// and libpq before 17 never encrypts one.
+///
+/// A Unix-socket client is never offered TLS, and `require` does not
+/// apply to it, as in PostgreSQL (`hostssl` lines match only TCP): the
+/// socket does not leave the host, and its file mode guards it.
 pub async fn negotiate(stream: &mut Stream, tls: Option<&Acceptor>) -> Result<Opening, ProxyError> {
+    let tls = tls.filter(|_| !stream.is_unix());
     if let Some(acceptor) = tls {
         direct_tls(stream, acceptor).await?;
     }
@@ -129,7 +134,7 @@ pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake
     let params = match negotiate(stream, shared.tls.acceptor.as_ref()).await? {
         Opening::Closed => return Ok(Handshake::Closed),
         Opening::Cancel(key) => {
-            shared.cancels.cancel(key, shared.config.proxy.connect_timeout).await;
+            shared.cancels.cancel(key, &shared.topology, shared.config.proxy.connect_timeout).await;
             return Ok(Handshake::Cancelled);
         }
         Opening::Startup(params) => params,

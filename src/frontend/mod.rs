@@ -48,7 +48,7 @@ pub struct Shared {
 
 /// Serves one client connection to its end. Never panics on bad input;
 /// every failure the client can be told about is sent as ErrorResponse.
-pub async fn serve(stream: Stream, peer: std::net::SocketAddr, shared: Arc<Shared>, session_id: u64) {
+pub async fn serve(stream: Stream, peer: crate::server::Peer, shared: Arc<Shared>, session_id: u64) {
     let span = tracing::info_span!("session", id = session_id, %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     let handshake_gauge = shared.metrics.client_connection(ClientState::Handshake);
     let Some(mut session) = open_session(stream, &shared, span.clone()).instrument(span.clone()).await else {

@@ -1,6 +1,6 @@
 //! Splitting a [`Stream`] into a read half and a write half that a session
-//! polls independently. Plain TCP splits into tokio's owned halves, which
-//! share the socket without a lock; TLS needs one state machine for both
+//! polls independently. A plain socket (TCP or Unix) splits into tokio's
+//! owned halves, which share the socket without a lock; TLS needs one state machine for both
 //! directions, so it goes through `tokio::io::split` and its lock.
 
 use std::io;
@@ -8,8 +8,9 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
+use tokio::net::{tcp, unix};
 
+use super::stream::Socket;
 use super::Stream;
 
 /// Anything a session can split into independently polled halves.
@@ -23,14 +24,16 @@ pub trait Split: AsyncRead + AsyncWrite + Sized {
 /// The read half of a [`Stream`].
 #[derive(Debug)]
 pub enum ReadHalf {
-    Plain(OwnedReadHalf),
+    Plain(tcp::OwnedReadHalf),
+    Unix(unix::OwnedReadHalf),
     Locked(tokio::io::ReadHalf<Stream>),
 }
 
 /// The write half of a [`Stream`].
 #[derive(Debug)]
 pub enum WriteHalf {
-    Plain(OwnedWriteHalf),
+    Plain(tcp::OwnedWriteHalf),
+    Unix(unix::OwnedWriteHalf),
     Locked(tokio::io::WriteHalf<Stream>),
 }
 
@@ -40,9 +43,13 @@ impl Split for Stream {
 
     fn split(self) -> (ReadHalf, WriteHalf) {
         match self.into_plain() {
-            Ok(tcp) => {
+            Ok(Socket::Tcp(tcp)) => {
                 let (read, write) = tcp.into_split();
                 (ReadHalf::Plain(read), WriteHalf::Plain(write))
+            }
+            Ok(Socket::Unix(unix)) => {
+                let (read, write) = unix.into_split();
+                (ReadHalf::Unix(read), WriteHalf::Unix(write))
             }
             Err(stream) => {
                 let (read, write) = tokio::io::split(stream);
@@ -63,6 +70,7 @@ impl WriteNow for WriteHalf {
     fn write_now(&mut self, buf: &[u8]) -> io::Result<usize> {
         match self {
             WriteHalf::Plain(half) => half.try_write(buf),
+            WriteHalf::Unix(half) => half.try_write(buf),
             // TLS records go through the stream's state machine.
             WriteHalf::Locked(_) => Err(io::ErrorKind::WouldBlock.into()),
         }
@@ -98,6 +106,7 @@ impl AsyncRead for ReadHalf {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             ReadHalf::Plain(half) => Pin::new(half).poll_read(cx, buf),
+            ReadHalf::Unix(half) => Pin::new(half).poll_read(cx, buf),
             ReadHalf::Locked(half) => Pin::new(half).poll_read(cx, buf),
         }
     }
@@ -107,6 +116,7 @@ impl AsyncWrite for WriteHalf {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             WriteHalf::Plain(half) => Pin::new(half).poll_write(cx, buf),
+            WriteHalf::Unix(half) => Pin::new(half).poll_write(cx, buf),
             WriteHalf::Locked(half) => Pin::new(half).poll_write(cx, buf),
         }
     }
@@ -114,6 +124,7 @@ impl AsyncWrite for WriteHalf {
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(half) => Pin::new(half).poll_flush(cx),
+            WriteHalf::Unix(half) => Pin::new(half).poll_flush(cx),
             WriteHalf::Locked(half) => Pin::new(half).poll_flush(cx),
         }
     }
@@ -121,6 +132,7 @@ impl AsyncWrite for WriteHalf {
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         match self.get_mut() {
             WriteHalf::Plain(half) => Pin::new(half).poll_shutdown(cx),
+            WriteHalf::Unix(half) => Pin::new(half).poll_shutdown(cx),
             WriteHalf::Locked(half) => Pin::new(half).poll_shutdown(cx),
         }
     }

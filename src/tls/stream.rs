@@ -1,6 +1,7 @@
-//! A connection that is plain TCP or TLS, toward a client or a server.
-//! Toward clients it starts plain and may switch to TLS in place during
-//! the handshake (SSLRequest or direct TLS).
+//! A connection that is plain TCP, TLS, or a Unix-domain socket, toward a
+//! client or a server. Toward clients TCP starts plain and may switch to
+//! TLS in place during the handshake (SSLRequest or direct TLS). A Unix
+//! socket never carries TLS, as in PostgreSQL: it does not leave the host.
 
 use std::io;
 use std::pin::Pin;
@@ -8,12 +9,12 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-use tokio::net::TcpStream;
+use tokio::net::{TcpStream, UnixStream};
 use tokio_rustls::{TlsAcceptor, TlsConnector, TlsStream};
 
 use super::{end_point, Acceptor, Connector};
 
-/// Plain TCP or TLS over TCP.
+/// Plain TCP, TLS over TCP, or a Unix-domain socket.
 #[derive(Debug)]
 pub struct Stream {
     inner: Inner,
@@ -26,6 +27,7 @@ pub struct Stream {
 enum Inner {
     Plain(TcpStream),
     Tls(Box<TlsStream<TcpStream>>),
+    Unix(UnixStream),
     /// The TCP stream is inside a TLS handshake that failed or was
     /// interrupted: nothing can be read or written any more.
     Detached,
@@ -38,6 +40,15 @@ fn detached() -> io::Error {
 impl Stream {
     pub fn plain(tcp: TcpStream) -> Stream {
         Stream { inner: Inner::Plain(tcp), end_point: None }
+    }
+
+    pub fn unix(socket: UnixStream) -> Stream {
+        Stream { inner: Inner::Unix(socket), end_point: None }
+    }
+
+    /// A Unix-domain socket, which never switches to TLS.
+    pub fn is_unix(&self) -> bool {
+        matches!(self.inner, Inner::Unix(_))
     }
 
     pub fn is_tls(&self) -> bool {
@@ -57,16 +68,18 @@ impl Stream {
         }
     }
 
-    /// The TCP stream, if the connection is plain (not TLS).
-    pub(super) fn into_plain(self) -> Result<TcpStream, Stream> {
+    /// The socket, if the connection is plain (not TLS).
+    pub(super) fn into_plain(self) -> Result<Socket, Stream> {
         match self.inner {
-            Inner::Plain(tcp) => Ok(tcp),
+            Inner::Plain(tcp) => Ok(Socket::Tcp(tcp)),
+            Inner::Unix(unix) => Ok(Socket::Unix(unix)),
             inner => Err(Stream { inner, end_point: self.end_point }),
         }
     }
 
     /// The first byte the peer sent, without consuming it; `None` if the
-    /// peer closed first or the stream is already TLS. Cancel safe.
+    /// peer closed first or the stream is not plain TCP (TLS is not
+    /// offered on a Unix socket). Cancel safe.
     pub async fn peek_first(&self) -> io::Result<Option<u8>> {
         let Inner::Plain(tcp) = &self.inner else { return Ok(None) };
         let mut byte = [0u8; 1];
@@ -101,23 +114,39 @@ impl Stream {
     }
 }
 
+/// A plain socket, TCP or Unix.
+pub(super) enum Socket {
+    Tcp(TcpStream),
+    Unix(UnixStream),
+}
+
+/// Each of the plain sockets, the same way.
+macro_rules! on_socket {
+    ($inner:expr, $socket:ident => $plain:expr, $tls:ident => $encrypted:expr, $detached:expr) => {
+        match $inner {
+            Inner::Plain($socket) => $plain,
+            Inner::Unix($socket) => $plain,
+            Inner::Tls($tls) => $encrypted,
+            Inner::Detached => $detached,
+        }
+    };
+}
+
 impl AsyncRead for Stream {
     fn poll_read(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut ReadBuf<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            Inner::Plain(tcp) => Pin::new(tcp).poll_read(cx, buf),
-            Inner::Tls(tls) => Pin::new(tls.as_mut()).poll_read(cx, buf),
-            Inner::Detached => Poll::Ready(Err(detached())),
-        }
+        on_socket!(&mut self.get_mut().inner,
+            socket => Pin::new(socket).poll_read(cx, buf),
+            tls => Pin::new(tls.as_mut()).poll_read(cx, buf),
+            Poll::Ready(Err(detached())))
     }
 }
 
 impl AsyncWrite for Stream {
     fn poll_write(self: Pin<&mut Self>, cx: &mut Context<'_>, buf: &[u8]) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().inner {
-            Inner::Plain(tcp) => Pin::new(tcp).poll_write(cx, buf),
-            Inner::Tls(tls) => Pin::new(tls.as_mut()).poll_write(cx, buf),
-            Inner::Detached => Poll::Ready(Err(detached())),
-        }
+        on_socket!(&mut self.get_mut().inner,
+            socket => Pin::new(socket).poll_write(cx, buf),
+            tls => Pin::new(tls.as_mut()).poll_write(cx, buf),
+            Poll::Ready(Err(detached())))
     }
 
     fn poll_write_vectored(
@@ -125,34 +154,27 @@ impl AsyncWrite for Stream {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        match &mut self.get_mut().inner {
-            Inner::Plain(tcp) => Pin::new(tcp).poll_write_vectored(cx, bufs),
-            Inner::Tls(tls) => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
-            Inner::Detached => Poll::Ready(Err(detached())),
-        }
+        on_socket!(&mut self.get_mut().inner,
+            socket => Pin::new(socket).poll_write_vectored(cx, bufs),
+            tls => Pin::new(tls.as_mut()).poll_write_vectored(cx, bufs),
+            Poll::Ready(Err(detached())))
     }
 
     fn is_write_vectored(&self) -> bool {
-        match &self.inner {
-            Inner::Plain(tcp) => tcp.is_write_vectored(),
-            Inner::Tls(tls) => tls.is_write_vectored(),
-            Inner::Detached => false,
-        }
+        on_socket!(&self.inner, socket => socket.is_write_vectored(), tls => tls.is_write_vectored(), false)
     }
 
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            Inner::Plain(tcp) => Pin::new(tcp).poll_flush(cx),
-            Inner::Tls(tls) => Pin::new(tls.as_mut()).poll_flush(cx),
-            Inner::Detached => Poll::Ready(Ok(())),
-        }
+        on_socket!(&mut self.get_mut().inner,
+            socket => Pin::new(socket).poll_flush(cx),
+            tls => Pin::new(tls.as_mut()).poll_flush(cx),
+            Poll::Ready(Ok(())))
     }
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
-        match &mut self.get_mut().inner {
-            Inner::Plain(tcp) => Pin::new(tcp).poll_shutdown(cx),
-            Inner::Tls(tls) => Pin::new(tls.as_mut()).poll_shutdown(cx),
-            Inner::Detached => Poll::Ready(Ok(())),
-        }
+        on_socket!(&mut self.get_mut().inner,
+            socket => Pin::new(socket).poll_shutdown(cx),
+            tls => Pin::new(tls.as_mut()).poll_shutdown(cx),
+            Poll::Ready(Ok(())))
     }
 }

@@ -91,6 +91,45 @@ fn worker_threads_are_sized_or_checked() {
 }
 
 #[test]
+fn unix_sockets_are_checked() {
+    let parsed = |proxy: &str, node: &str| Config::parse(&format!("[proxy]\n{proxy}\n{node}"), &env);
+    let off = parsed("", NODE).unwrap().proxy;
+    assert_eq!((off.unix_socket_dir, off.unix_socket_mode), (None, 0o777));
+    let on = parsed(
+        "listen = \"127.0.0.1:7000\"\nunix_socket_dir = \"/run/pgnear\"\nunix_socket_mode = \"0660\"",
+        NODE,
+    )
+    .unwrap()
+    .proxy;
+    assert_eq!(on.unix_socket_dir.as_deref(), Some(Path::new("/run/pgnear")));
+    assert_eq!(on.unix_socket_mode, 0o660);
+    let unix_node = "[[nodes]]\nname = \"a\"\nhost = \"/var/run/postgresql\"\nport = 5433\n";
+    let node = &parsed("", unix_node).unwrap().nodes[0];
+    assert!(node.is_unix_socket());
+
+    let long = format!("/{}", "d".repeat(100));
+    let text = format!(
+        "[proxy]\nunix_socket_dir = \"run\"\nunix_socket_mode = \"0999\"\n\
+         [[nodes]]\nname = \"a\"\nhost = \"/tmp\"\nsslmode = \"require\"\n\
+         [[nodes]]\nname = \"b\"\nhost = \"{long}\"\n"
+    );
+    let faults = errors(&text);
+    let expect = [
+        ("proxy.unix_socket_dir", "not an absolute path"),
+        ("proxy.unix_socket_mode", "not an octal mode"),
+        ("nodes[0].sslmode", "TLS is not used on a Unix socket"),
+        ("nodes[1].host", "longer than 107 bytes"),
+    ];
+    for (key, text) in expect {
+        assert!(faults.iter().any(|e| e.starts_with(key) && e.contains(text)), "no {key}: {faults:#?}");
+    }
+    for mode in ["+777", "", "1777", "rwx"] {
+        let errors = errors(&format!("[proxy]\nunix_socket_mode = \"{mode}\"\n{NODE}"));
+        assert!(errors.iter().any(|e| e.starts_with("proxy.unix_socket_mode")), "{mode}: {errors:#?}");
+    }
+}
+
+#[test]
 fn env_expansion_and_missing_variables() {
     let text = format!("{NODE}\n[[users]]\nname = \"app\"\npassword = \"${{APP_PASSWORD}}\"\n");
     let config = Config::parse(&text, &env).unwrap();

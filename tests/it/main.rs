@@ -19,3 +19,4 @@ mod routing;
 mod support;
 mod tls;
 mod topology;
+mod unix;

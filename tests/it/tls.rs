@@ -237,7 +237,7 @@ async fn open(
         password: None,
         params: vec![("database".into(), "postgres".into())],
     };
-    connect(addr, &connector, &login, PATIENCE, 1 << 20).await
+    connect(&pgnear::cluster::Endpoint::Tcp(addr), &connector, &login, PATIENCE, 1 << 20).await
 }
 
 #[tokio::test]

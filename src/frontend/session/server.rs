@@ -138,11 +138,11 @@ pub(super) async fn open(
     node: usize,
     login: &ServerLogin,
 ) -> Result<Box<Server>, ProxyError> {
-    let addr = shared.topology.nodes[node].addr;
+    let endpoint = &shared.topology.nodes[node].endpoint;
     let proxy = &shared.config.proxy;
     let tls = &shared.tls.connectors[node];
-    let backend = connect(addr, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
-    let cancel_key = ServerKey { addr, key: backend.key };
+    let backend = connect(endpoint, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
+    let cancel_key = ServerKey { node, key: backend.key };
     let metrics = shared.metrics.node(&shared.topology.nodes[node].config.name);
     // Boxed: in transaction pooling connections move between sessions
     // and the pool on every transaction.

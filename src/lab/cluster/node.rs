@@ -74,6 +74,12 @@ impl PgNode {
         SocketAddr::from((Ipv4Addr::LOCALHOST, self.port))
     }
 
+    /// The directory of the node's Unix socket (`.s.PGSQL.<port>`), where
+    /// every login is trusted.
+    pub fn socket_dir(&self) -> &Path {
+        &self.node_dir
+    }
+
     /// PGDATA.
     pub fn data_dir(&self) -> &Path {
         &self.data_dir
