@@ -45,7 +45,10 @@
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
 #   pgnear-primary-N or pgnear-pool-N for worker_threads = N event loops;
 #   pgnear-primary-base or pgnear-pool-base run BASELINE_BIN, another build of
-#   pgnear, for an A/B comparison in the same interleaved rounds)
+#   pgnear, for an A/B comparison in the same interleaved rounds; a -sock
+#   suffix (pgnear-primary-sock, pgbouncer-sock, direct-sock) has pgbench
+#   connect over the target's Unix socket instead of TCP, as a sidecar's
+#   application would; proxies still reach PostgreSQL over TCP)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
 #   POOL_SIZE=20 (PgBouncer's default_pool_size and pgnear-pool's pool_size)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
@@ -215,6 +218,7 @@ start_pgbouncer() { start_pgbouncer_with; }
 # start_pgbouncer_with [WRAPPER ARGS...]: PgBouncer, run by WRAPPER if given
 start_pgbouncer_with() {
     echo '"postgres" ""' >"$WORK/userlist.txt"
+    mkdir -p "$WORK/bouncer-sock" && chown postgres: "$WORK/bouncer-sock" 2>/dev/null || true
     cat >"$WORK/pgbouncer.ini" <<EOF
 [databases]
 * = host=127.0.0.1 port=$P_PRIMARY
@@ -222,7 +226,7 @@ start_pgbouncer_with() {
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = $P_BOUNCER
-unix_socket_dir =
+unix_socket_dir = $WORK/bouncer-sock
 auth_type = trust
 auth_file = $WORK/userlist.txt
 pool_mode = transaction
@@ -325,7 +329,7 @@ run_pgbench() {
     [[ $pid != - ]] && before=$(cpu_ticks "$pid") && sw_before=$($TOOLS switches "$pid")
     pg_before=$($TOOLS server-ticks "$postmaster")
     local TIMEFORMAT='%3U %3S'
-    { time "$PGBENCH" -n -h 127.0.0.1 -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?; } 2>"$log.time"
+    { time "$PGBENCH" -n -h "$(target_host "$target")" -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?; } 2>"$log.time"
     pg_after=$($TOOLS server-ticks "$postmaster")
     [[ $pid != - ]] && after=$(cpu_ticks "$pid") && sw_after=$($TOOLS switches "$pid")
     local tps lat txns cpu=nan pg=nan bench=nan sleeps=nan preempted=nan
@@ -348,23 +352,36 @@ run_pgbench() {
     fi
 }
 
+# target_host TARGET: where pgbench connects: 127.0.0.1, or the directory of
+# the target's Unix socket for a -sock target.
+target_host() {
+    case $1 in
+        direct-sock) echo "$WORK" ;;
+        pgbouncer-sock) echo "$WORK/bouncer-sock" ;;
+        *-sock) echo "$WORK/sock-$1" ;;
+        *) echo 127.0.0.1 ;;
+    esac
+}
+
 # Targets: direct, pgbouncer, pgnear-primary (routing.default = "primary"),
 # pgnear-pool (the same in transaction pooling with PgBouncer's pool size of
 # 20: like for like with PgBouncer), pgnear-split (the default read/write
 # split); optional pgnear-primary-N and pgnear-pool-N (as pgnear-primary and
 # pgnear-pool with worker_threads = N event loops instead of the default,
-# half the cores).
+# half the cores), and -sock variants of each (see target_host).
 TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-pool pgnear-split"}
 
 phase_pgbench() {
     mkdir -p "$OUT/runs"
     local targets=($TARGETS)
-    declare -A port=([direct]=$P_PRIMARY) pid=([direct]=-)
+    declare -A port=([direct]=$P_PRIMARY [direct-sock]=$P_PRIMARY) pid=([direct]=- [direct-sock]=-)
     local bouncer_prepared=0
-    if [[ " $TARGETS " == *" pgbouncer "* ]]; then
+    if [[ " $TARGETS " == *" pgbouncer "* || " $TARGETS " == *" pgbouncer-sock "* ]]; then
         start_pgbouncer
         port[pgbouncer]=$P_BOUNCER
         pid[pgbouncer]=$BOUNCER_PID
+        port[pgbouncer-sock]=$P_BOUNCER
+        pid[pgbouncer-sock]=$BOUNCER_PID
         # PgBouncer supports protocol-level prepared statements in
         # transaction mode from 1.21 (max_prepared_statements).
         if pgbouncer --version | head -1 | awk '{split($2, v, "."); exit !(v[1] > 1 || v[2] >= 21)}'; then
@@ -378,10 +395,14 @@ phase_pgbench() {
         [[ $t == pgnear-* ]] || continue
         read -r p _ <<<"$($TOOLS freeport)"
         routing=primary
-        [[ $t == pgnear-split ]] && routing=auto
+        [[ $t == pgnear-split* ]] && routing=auto
         local extra=""
         [[ $t == pgnear-pool* ]] && extra=$'pool_mode = "transaction"\npool_size = '"${POOL_SIZE:-20}"
         [[ $t =~ ^pgnear-[a-z]+-([0-9]+)$ ]] && extra+=$'\nworker_threads = '"${BASH_REMATCH[1]}"
+        if [[ $t == *-sock ]]; then
+            mkdir -p "$(target_host "$t")"
+            extra+=$'\nunix_socket_dir = "'"$(target_host "$t")"'"'
+        fi
         write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
         start_pgnear "$t" "$WORK/$t.toml" "$p"
         port[$t]=$p
@@ -415,7 +436,7 @@ phase_pgbench() {
                 t=${targets[$(((i + ROUND + k) % n))]}
                 local load
                 load=$(load1)
-                if [[ $t == pgbouncer && $mode == prepared && $bouncer_prepared == 0 ]]; then
+                if [[ $t == pgbouncer* && $mode == prepared && $bouncer_prepared == 0 ]]; then
                     printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
                     continue
                 fi
