@@ -13,7 +13,7 @@ use tokio_postgres::{Client, NoTls};
 
 use crate::support::certs::{tls_section, Ca};
 use crate::support::wire::startup_packet;
-use crate::support::{connect, sqlstate, start, ProxyConfig, PATIENCE};
+use crate::support::{connect, run_tool, sqlstate, start, ProxyConfig, PATIENCE};
 
 /// A directory for pgnear's socket, removed with everything in it when
 /// dropped.
@@ -122,6 +122,11 @@ async fn clients_and_servers_on_unix_sockets() {
         .await
         .unwrap();
     assert_eq!(scalar(&tcp, "SELECT body FROM notes WHERE id = 1").await, "over a socket");
+    // libpq finds the socket by directory and port, as it finds PostgreSQL's.
+    let (dir_arg, port) = (dir.path().display().to_string(), proxy.addr().port().to_string());
+    let args = ["-X", "-At", "-h", &dir_arg, "-p", &port, "-U", "postgres", "-d", "postgres"];
+    let out = run_tool("psql", &[&args[..], &["-c", "SELECT body FROM notes WHERE id = 1"]].concat()).await;
+    assert_eq!(out.trim(), "over a socket");
 
     drop((client, reader, tcp));
     tokio::time::timeout(PATIENCE, proxy.shutdown()).await.expect("the proxy drains");
@@ -177,4 +182,20 @@ async fn a_live_socket_is_not_taken_over() {
     // The first is unharmed.
     let client = unix_client(dir.path(), &env.proxy).await.unwrap();
     assert_eq!(scalar(&client, "SELECT 'still here'").await, "still here");
+}
+
+/// A socket directory that does not exist stops the start with the path.
+#[tokio::test]
+async fn a_missing_socket_directory_is_a_start_error() {
+    let missing = std::env::temp_dir().join(format!("pgnear-sock-{}-missing", std::process::id()));
+    let text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\nunix_socket_dir = \"{}\"\n\
+         [[nodes]]\nname = \"a\"\nhost = \"127.0.0.1\"\nport = 1\n",
+        missing.display()
+    );
+    let config = pgnear::Config::parse(&text, &|_| None).unwrap();
+    let error = Proxy::start(config).await.err().expect("no directory, no start");
+    let text = error.to_string();
+    assert!(text.starts_with(&format!("cannot listen on {}/.s.PGSQL.", missing.display())), "{text}");
+    assert!(text.contains("No such file or directory"), "{text}");
 }
