@@ -1,7 +1,7 @@
 //! The client listeners (TCP, and a Unix-domain socket with
 //! `proxy.unix_socket_dir`): accepts connections, enforces the connection
-//! limit over both, runs one task per client, reloads the TLS certificate on SIGHUP
-//! and drains on shutdown.
+//! limit over both, runs one task per client, reloads the TLS certificate
+//! on SIGHUP and drains on shutdown.
 //!
 //! With `proxy.worker_threads` above one, sessions are spread over that
 //! many event loops, each a single-threaded runtime on its own thread
