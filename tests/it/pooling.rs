@@ -174,7 +174,10 @@ async fn currval_reads_the_sessions_own_nextval_or_fails() {
 
 #[tokio::test]
 async fn a_reset_custom_setting_stays_defined_on_the_next_connection() {
-    let env = start(Cluster::builder(), pooled(2)).await;
+    // One loop: there the pool hands out the most recently used idle
+    // connection. With two, a session prefers one its own loop watches,
+    // so which connection a gets would depend on which loop opened each.
+    let env = start(Cluster::builder(), pooled_on(2, 30_000, 1)).await;
     let a = env.client().await;
     let c = env.client().await;
     // c holds one connection in a transaction, so a uses the other ...

@@ -105,6 +105,18 @@ async fn clients_and_servers_on_unix_sockets() {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 
+    // A user-defined volatile function is known from the primary's
+    // catalog, loaded over its socket: the replica-bound session's call
+    // goes to the primary (a replica would refuse the INSERT).
+    client
+        .batch_execute(
+            "CREATE FUNCTION bump() RETURNS int LANGUAGE sql VOLATILE \
+             AS 'INSERT INTO notes VALUES (2, ''bumped'') RETURNING id'",
+        )
+        .await
+        .unwrap();
+    assert_eq!(reader.query_one("SELECT bump()", &[]).await.unwrap().get::<_, i32>(0), 2);
+
     // A cancel comes in on pgnear's socket and goes out on the server's.
     let sleeper = unix_client(dir.path(), &proxy).await.unwrap();
     let token = sleeper.cancel_token();
