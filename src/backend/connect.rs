@@ -1,7 +1,6 @@
 //! Opening a server connection: TCP (TLS as the node's `sslmode` says) or
-//! a Unix socket (never TLS, as in libpq),
-//! startup, authentication, and the server's ParameterStatus and
-//! BackendKeyData, up to ReadyForQuery.
+//! a Unix socket (never TLS, as in libpq), startup, authentication, and
+//! the server's ParameterStatus and BackendKeyData, up to ReadyForQuery.
 
 use std::time::Duration;
 
