@@ -48,7 +48,9 @@
 #   pgnear, for an A/B comparison in the same interleaved rounds; a -sock
 #   suffix (pgnear-primary-sock, pgbouncer-sock, direct-sock) has pgbench
 #   connect over the target's Unix socket instead of TCP, as a sidecar's
-#   application would; proxies still reach PostgreSQL over TCP)
+#   application would; proxies still reach PostgreSQL over TCP; a pgnear
+#   target with -local, e.g. pgnear-primary-local, reaches PostgreSQL
+#   through its Unix sockets instead, as a proxy on the database's host may)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
 #   POOL_SIZE=20 (PgBouncer's default_pool_size and pgnear-pool's pool_size)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
@@ -249,6 +251,8 @@ EOF
 # --- pgnear -------------------------------------------------------------------
 
 # write_pgnear_config FILE PORT PRIMARY_PORT ROUTING_DEFAULT [EXTRA_PROXY_KEYS]
+#   [PRIMARY_REGION]; NODE_HOST (default 127.0.0.1) is where both servers
+#   are reached: $WORK reaches them through their Unix sockets
 write_pgnear_config() {
     cat >"$1" <<EOF
 [proxy]
@@ -258,13 +262,13 @@ $5
 
 [[nodes]]
 name = "primary"
-host = "127.0.0.1"
+host = "${NODE_HOST:-127.0.0.1}"
 port = $3
 region = "${6:-local}"
 
 [[nodes]]
 name = "replica"
-host = "127.0.0.1"
+host = "${NODE_HOST:-127.0.0.1}"
 port = $P_REPLICA
 region = "local"
 
@@ -403,7 +407,9 @@ phase_pgbench() {
             mkdir -p "$(target_host "$t")"
             extra+=$'\nunix_socket_dir = "'"$(target_host "$t")"'"'
         fi
-        write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
+        local node_host=127.0.0.1
+        [[ $t == *-local* ]] && node_host=$WORK
+        NODE_HOST=$node_host write_pgnear_config "$WORK/$t.toml" "$p" "$P_PRIMARY" "$routing" "$extra"
         start_pgnear "$t" "$WORK/$t.toml" "$p"
         port[$t]=$p
         pid[$t]=$NEAR_PID
