@@ -9,7 +9,7 @@ use pgnear::lab::cluster::Cluster;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 use crate::support::wire::{message, Wire};
-use crate::support::{connect, sqlstate, start, ProxyConfig, PATIENCE};
+use crate::support::{connect, sqlstate, start, Env, ProxyConfig, PATIENCE};
 
 fn pooled(size: usize) -> ProxyConfig {
     pooled_waiting(size, 30_000)
@@ -47,11 +47,12 @@ async fn pid(client: &Client) -> String {
 
 #[tokio::test]
 async fn sessions_take_turns_on_few_server_connections() {
-    let env = start(Cluster::builder(), pooled(2)).await;
-    let mut clients = Vec::new();
-    for _ in 0..6 {
-        clients.push(env.client().await);
-    }
+    // One loop: a session gives its connection back in the same loop turn
+    // that relays its ReadyForQuery, before the loop reads the next
+    // client. Across two loops the next client's query can arrive first
+    // and open the pool's second connection (see the next test).
+    let env = start(Cluster::builder(), pooled_on(2, 30_000, 1)).await;
+    let clients = six_clients(&env).await;
     // One after another: the most recently used connection serves all.
     let mut pids = HashSet::new();
     for _ in 0..3 {
@@ -60,7 +61,26 @@ async fn sessions_take_turns_on_few_server_connections() {
         }
     }
     assert_eq!(pids.len(), 1, "sequential work should reuse one connection: {pids:?}");
-    // All at once: never more than the pool's two.
+    at_most_two_at_once(&env, &clients).await;
+}
+
+#[tokio::test]
+async fn loops_share_the_pool_size() {
+    let env = start(Cluster::builder(), pooled(2)).await;
+    let clients = six_clients(&env).await;
+    at_most_two_at_once(&env, &clients).await;
+}
+
+async fn six_clients(env: &Env) -> Vec<Client> {
+    let mut clients = Vec::new();
+    for _ in 0..6 {
+        clients.push(env.client().await);
+    }
+    clients
+}
+
+/// All at once: never more than the pool's two server connections.
+async fn at_most_two_at_once(env: &Env, clients: &[Client]) {
     let mut all = HashSet::new();
     for _ in 0..5 {
         let round = futures_util::future::join_all(clients.iter().map(pid)).await;
@@ -291,7 +311,9 @@ async fn the_unnamed_statement_survives_a_turn_of_the_connection() {
 
 #[tokio::test]
 async fn a_session_wide_set_config_keeps_its_connection_and_does_not_leak() {
-    let env = start(Cluster::builder(), pooled(2)).await;
+    // One loop: a and b, one after the other, share the connection just
+    // given back (see `sessions_take_turns_on_few_server_connections`).
+    let env = start(Cluster::builder(), pooled_on(2, 30_000, 1)).await;
     let a = env.client().await;
     let b = env.client().await;
     // Transaction-local: nothing outlives the statement, nothing is pinned.
