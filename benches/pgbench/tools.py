@@ -337,14 +337,15 @@ def summarize_main(args):
             print("; ".join(f"{n} VmRSS {r} VmHWM {h}" for n, r, h in (l.split() for l in f if l.strip())))
     print("\ntargets (issue #8):")
 
-    def check(label, ok):
-        # Clients on a Unix socket are another deployment (a sidecar's),
-        # not the issue's measurement: shown, not judged.
-        verdict = ("pass" if ok else "miss") if label.split()[0].endswith("-sock") else ("PASS" if ok else "MISS")
-        print(f"  [{verdict}] {label}")
-
     for t in [t for t in targets if t.startswith("pgnear")]:
         bouncer = bouncer_for(t, targets)
+
+        def check(label, ok, t=t):
+            # Clients on a Unix socket are another deployment (a sidecar's),
+            # not the issue's measurement: shown, not judged.
+            verdict = "PASS" if ok else "MISS"
+            print(f"  [{verdict.lower() if t.endswith('-sock') else verdict}] {label}")
+
         for mode in ("simple", "extended"):
             case = f"S-{mode}-c16"
             if (case, t) in med:

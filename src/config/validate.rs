@@ -360,17 +360,7 @@ fn node(n: NodeFile, i: usize, default_region: &str, faults: &mut Faults) -> Nod
     if matches!(sslmode, S::VerifyCa | S::VerifyFull) && n.sslrootcert.is_none() {
         faults.add(format!("{path}.sslrootcert"), "is required by sslmode verify-ca and verify-full");
     }
-    if n.host.starts_with('/') {
-        // As in libpq, a host that is a directory names a Unix socket,
-        // where PostgreSQL never offers TLS.
-        if !matches!(sslmode, S::Disable | S::Prefer) {
-            let message =
-                "TLS is not used on a Unix socket (a host starting with \"/\"): use disable or prefer";
-            faults.add(format!("{path}.sslmode"), message);
-        }
-        unix_socket_dir_fits(std::path::Path::new(&n.host), port as u16, &format!("{path}.host"), faults);
-    }
-    NodeConfig {
+    let node = NodeConfig {
         role: choice(n.role.as_deref(), R::Auto, &role_opts, &format!("{path}.role"), faults),
         sslmode,
         name: n.name,
@@ -379,7 +369,17 @@ fn node(n: NodeFile, i: usize, default_region: &str, faults: &mut Faults) -> Nod
         region: n.region.unwrap_or_else(|| default_region.to_string()),
         cluster: n.cluster.unwrap_or_else(|| "default".into()),
         sslrootcert: n.sslrootcert.map(PathBuf::from),
+    };
+    if node.is_unix_socket() {
+        // PostgreSQL never offers TLS on its Unix socket.
+        if !matches!(sslmode, S::Disable | S::Prefer) {
+            let message =
+                "TLS is not used on a Unix socket (a host starting with \"/\"): use disable or prefer";
+            faults.add(format!("{path}.sslmode"), message);
+        }
+        unix_socket_dir_fits(std::path::Path::new(&node.host), node.port, &format!("{path}.host"), faults);
     }
+    node
 }
 
 fn user(u: UserFile, i: usize, faults: &mut Faults) -> UserConfig {
