@@ -78,9 +78,9 @@ pub fn main(cli: Cli) -> ExitCode {
 }
 
 /// The service loop: the accepting thread's current-thread runtime, with
-/// the time driver that serves every loop's timers. With more than one
-/// `proxy.worker_threads`, that many session loops start beside it
-/// (`server::run`), not a work-stealing pool.
+/// the time driver that serves every loop's timers. `proxy.worker_threads`
+/// session loops (at least one) start beside it (`server::run`), not a
+/// work-stealing pool.
 fn runtime() -> tokio::runtime::Runtime {
     match tokio::runtime::Builder::new_current_thread().enable_all().build() {
         Ok(rt) => rt,

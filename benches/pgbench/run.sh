@@ -50,7 +50,8 @@
 #   connect over the target's Unix socket instead of TCP, as a sidecar's
 #   application would; proxies still reach PostgreSQL over TCP; a pgnear
 #   target with -local, e.g. pgnear-primary-local, reaches PostgreSQL
-#   through its Unix sockets instead, as a proxy on the database's host may)
+#   through its Unix sockets instead, as a proxy on the database's host may;
+#   relay is a byte relay that parses nothing, the floor under any proxy)
 #   BOUNCER_EXTRA="server_round_robin = 1" (lines added to pgbouncer.ini)
 #   POOL_SIZE=20 (PgBouncer's default_pool_size and pgnear-pool's pool_size)
 #   PGNEAR_PG_BIN=/usr/lib/postgresql/15/bin
@@ -321,13 +322,16 @@ cpu_ticks() { awk '{print $14 + $15}' "/proc/$1/stat" 2>/dev/null || echo 0; }
 per_txn() { awk -v t="$1" -v n="$2" -v hz="$(getconf CLK_TCK)" 'BEGIN{printf "%.1f", t * 1e6 / hz / n}'; }
 
 # run_pgbench TARGET PORT PROXY_PID|- NAME ARGS...
-#   -> "tps lat_ms status proxy_cpu pg_cpu pgbench_cpu proxy_sleeps proxy_preempted"
+#   -> "tps lat_ms status proxy_cpu pg_cpu pgbench_cpu proxy_sleeps proxy_preempted p50_us"
 #   (CPU: us per transaction; the proxy's voluntary and involuntary context
-#   switches per transaction)
+#   switches per transaction; p50_us: at -c 1, the median latency of single
+#   transactions, from a 20% sample pgbench logs, which a stall of part of
+#   the run moves less than it moves the average)
 run_pgbench() {
     local target=$1 port=$2 pid=$3 name=$4
     shift 4
-    local log="$OUT/runs/$name.$target.r$ROUND.log"
+    local log="$OUT/runs/$name.$target.r$ROUND.log" txlog="$OUT/runs/$name.$target.r$ROUND.tx"
+    [[ " $* " == *" -c 1 "* ]] && set -- "$@" -l --sampling-rate=0.2 --log-prefix="$txlog"
     local rc=0 before=0 after=0 pg_before pg_after postmaster sw_before="0 0" sw_after="0 0"
     postmaster=$(head -1 "$WORK/primary/postmaster.pid")
     [[ $pid != - ]] && before=$(cpu_ticks "$pid") && sw_before=$($TOOLS switches "$pid")
@@ -336,7 +340,8 @@ run_pgbench() {
     { time "$PGBENCH" -n -h "$(target_host "$target")" -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?; } 2>"$log.time"
     pg_after=$($TOOLS server-ticks "$postmaster")
     [[ $pid != - ]] && after=$(cpu_ticks "$pid") && sw_after=$($TOOLS switches "$pid")
-    local tps lat txns cpu=nan pg=nan bench=nan sleeps=nan preempted=nan
+    local tps lat txns cpu=nan pg=nan bench=nan sleeps=nan preempted=nan p50=nan
+    compgen -G "$txlog.*" >/dev/null && p50=$($TOOLS p50 --prefix "$txlog")
     tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$log")
     lat=$(sed -n 's/^latency average = \([0-9.]*\) ms$/\1/p' "$log")
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$log")
@@ -350,9 +355,9 @@ run_pgbench() {
         bench=$(awk -v n="$txns" '{printf "%.1f", ($1 + $2) * 1e6 / n}' "$log.time")
     fi
     if [[ $rc != 0 || -z $tps ]]; then
-        echo "nan nan failed nan nan nan nan nan"
+        echo "nan nan failed nan nan nan nan nan nan"
     else
-        echo "$tps $lat ok $cpu $pg $bench $sleeps $preempted"
+        echo "$tps $lat ok $cpu $pg $bench $sleeps $preempted $p50"
     fi
 }
 
@@ -372,7 +377,9 @@ target_host() {
 # 20: like for like with PgBouncer), pgnear-split (the default read/write
 # split); optional pgnear-primary-N and pgnear-pool-N (as pgnear-primary and
 # pgnear-pool with worker_threads = N event loops instead of the default,
-# half the cores), and -sock variants of each (see target_host).
+# half the cores), and -sock variants of each (see target_host); and relay,
+# the floor: a byte relay in front of the primary that parses nothing (the
+# wan_relay example with --plain, one tokio event loop like pgnear's default).
 TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-pool pgnear-split"}
 
 phase_pgbench() {
@@ -393,6 +400,14 @@ phase_pgbench() {
             echo "max_prepared_statements = 100" >>"$WORK/pgbouncer.ini"
             kill -HUP "$BOUNCER_PID"
         fi
+    fi
+    if [[ " $TARGETS " == *" relay "* ]]; then
+        "$RELAY" --plain --target "127.0.0.1:$P_PRIMARY" --port-file "$WORK/plain-relay.port" >/dev/null 2>"$OUT/plain-relay.log" &
+        pid[relay]=$!
+        PIDS+=("${pid[relay]}")
+        for _ in $(seq 100); do [[ -s $WORK/plain-relay.port ]] && break; sleep 0.1; done
+        [[ -s $WORK/plain-relay.port ]] || die "the plain relay did not start (see $OUT/plain-relay.log)"
+        port[relay]=$(cat "$WORK/plain-relay.port")
     fi
     local t p routing
     for t in "${targets[@]}"; do
@@ -427,7 +442,7 @@ phase_pgbench() {
     ROUND=0
     for t in "${targets[@]}"; do run_pgbench "$t" "${port[$t]}" - warmup -S -c 4 -j 2 -T 2 >/dev/null; done
 
-    printf 'round\tcase\ttarget\ttps\tlatency_ms\tstatus\tload1\tproxy_cpu_us_per_txn\tpostgres_cpu_us_per_txn\tpgbench_cpu_us_per_txn\tproxy_sleeps_per_txn\tproxy_preempted_per_txn\n' >"$OUT/results.tsv"
+    printf 'round\tcase\ttarget\ttps\tlatency_ms\tstatus\tload1\tproxy_cpu_us_per_txn\tpostgres_cpu_us_per_txn\tpgbench_cpu_us_per_txn\tproxy_sleeps_per_txn\tproxy_preempted_per_txn\tlatency_p50_us\n' >"$OUT/results.tsv"
     for ROUND in $(seq "$ROUNDS"); do
         local k=0
         for cs in "${cases[@]}"; do
@@ -443,11 +458,11 @@ phase_pgbench() {
                 local load
                 load=$(load1)
                 if [[ $t == pgbouncer* && $mode == prepared && $bouncer_prepared == 0 ]]; then
-                    printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
+                    printf '%s\t%s\t%s\tnan\tnan\tn/a\t%s\tnan\tnan\tnan\tnan\tnan\tnan\n' "$ROUND" "$cs" "$t" "$load" >>"$OUT/results.tsv"
                     continue
                 fi
-                read -r tps lat status cpu pg bench sleeps preempted <<<"$(run_pgbench "$t" "${port[$t]}" "${pid[$t]}" "$cs" "${args[@]}")"
-                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$cs" "$t" "$tps" "$lat" "$status" "$load" "$cpu" "$pg" "$bench" "$sleeps" "$preempted" >>"$OUT/results.tsv"
+                read -r tps lat status cpu pg bench sleeps preempted p50 <<<"$(run_pgbench "$t" "${port[$t]}" "${pid[$t]}" "$cs" "${args[@]}")"
+                printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$ROUND" "$cs" "$t" "$tps" "$lat" "$status" "$load" "$cpu" "$pg" "$bench" "$sleeps" "$preempted" "$p50" >>"$OUT/results.tsv"
                 local proxy_cpu=${cpu}us
                 [[ $cpu == nan ]] && proxy_cpu=n/a
                 log "round $ROUND $cs $t: tps=$tps lat=${lat}ms cpu/txn proxy=$proxy_cpu postgres=${pg}us pgbench=${bench}us proxy switches/txn=$sleeps/$preempted ($status, load $load)"

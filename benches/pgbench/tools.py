@@ -7,6 +7,7 @@ Subcommands:
   stream      run one query and read its result slowly (bounded rate)
   raw         read-after-write latency: UPDATE a row, then SELECT it
   pct         percentiles per script from pgbench --log files
+  p50         the median transaction latency (us) in pgbench --log files
   freeport    print N free loopback TCP ports
   rss         print VmRSS/VmHWM (kB) of a pid
 """
@@ -247,6 +248,19 @@ def pct_main(args):
     print(" ".join(out))
 
 
+def p50_main(args):
+    """The median latency, in microseconds, of the transactions in pgbench
+    --log files (one script)."""
+    values = []
+    for path in glob.glob(args.prefix + ".*"):
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 3 and parts[2] not in ("skipped", "failed"):
+                    values.append(int(parts[2]))
+    print(f"{percentile(values, 50):.1f}" if values else "nan")
+
+
 # --- summaries -------------------------------------------------------------
 
 
@@ -286,7 +300,7 @@ def summarize_main(args):
             targets.append(r["target"])
         c = cell.setdefault((r["case"], r["target"]),
                             {"tps": [], "lat": [], "load": [], "cpu": [], "pg": [], "bench": [], "sleeps": [],
-                             "preempted": [], "status": set()})
+                             "preempted": [], "p50": [], "status": set()})
         c["status"].add(r["status"])
         c["load"].append(float(r["load1"]))
         if r["status"] == "ok":
@@ -297,6 +311,7 @@ def summarize_main(args):
             c["bench"].append(float(r.get("pgbench_cpu_us_per_txn", "nan")))
             c["sleeps"].append(float(r.get("proxy_sleeps_per_txn", "nan")))
             c["preempted"].append(float(r.get("proxy_preempted_per_txn", "nan")))
+            c["p50"].append(float(r.get("latency_p50_us", "nan")))
     rounds = len({r["round"] for r in rows})
     med = {k: (median(v["tps"]), median(v["lat"])) for k, v in cell.items()}
     print(f"pgbench -n, -j 2 (-j 1 at -c 1), medians of {rounds} interleaved round(s); "
@@ -331,6 +346,17 @@ def summarize_main(args):
             if t != "direct" and (case, t) in med:
                 parts.append(f"{t} {fmt((med[(case, t)][1] - direct) * 1000, '+.0f')}")
         print(f"  {case:<20} " + ", ".join(parts))
+    # The same from the median of single transactions (a 20% sample pgbench
+    # logs at -c 1), which a stall of part of a round moves less.
+    p50 = {k: median(v["p50"]) for k, v in cell.items()}
+    added_p50 = {k: round(p50[k] - p50[(k[0], "direct")], 1) for k in p50
+                 if k[0].endswith("-c1") and (k[0], "direct") in p50 and p50[k] == p50[k]}
+    if added_p50:
+        print("the same from each round's median single-transaction latency (p50), microseconds:")
+        for case in [c for c in cases if c.endswith("-c1")]:
+            parts = [f"{t} {fmt(added_p50[(case, t)], '+.0f')}" for t in targets
+                     if t != "direct" and (case, t) in added_p50]
+            print(f"  {case:<20} " + ", ".join(parts))
     if args.rss:
         print("\npgnear memory over the whole pgbench phase (kB): ", end="")
         with open(args.rss) as f:
@@ -353,6 +379,13 @@ def summarize_main(args):
                 d, b = med[(case, "direct")][0], med.get((case, bouncer), (float("nan"),))[0]
                 check(f"{t} {case}: {tps / b:.2f}x PgBouncer (>= 1.0), {tps / d:.2f}x direct (>= 0.8)",
                       tps >= b and tps >= 0.8 * d)
+        for case in cases:
+            # The byte relay is the floor under any proxy: how much of the
+            # gap to direct is pgnear's own work, and how much is relaying.
+            if (case, t) in med and (case, "relay") in med:
+                r = med[(case, t)][0] / med[(case, "relay")][0]
+                print(f"  [info] {t} {case}: {r:.2f}x the byte relay's TPS, which is "
+                      f"{med[(case, 'relay')][0] / med[(case, 'direct')][0]:.2f}x direct")
         case = "S-prepared-c16"
         if (case, t) in med:
             r = med[(case, t)][0] / med[(case, "direct")][0]
@@ -368,6 +401,9 @@ def summarize_main(args):
                 # (0.177 - 0.137 is 39.99... and would pass).
                 added = round((med[(case, t)][1] - med[(case, "direct")][1]) * 1000, 1)
                 check(f"{t} {case}: added latency {added:.0f} us (< 40)", added < 40)
+                if (case, t) in added_p50:
+                    added = added_p50[(case, t)]
+                    check(f"{t} {case}: added p50 latency {added:.0f} us (< 40)", added < 40)
 
 
 def summarize_wan_main(args):
@@ -524,6 +560,8 @@ def main():
     sp = sub.add_parser("pct")
     sp.add_argument("--prefix", required=True)
     sp.add_argument("--names", required=True)
+    sp = sub.add_parser("p50")
+    sp.add_argument("--prefix", required=True)
     sp = sub.add_parser("summarize")
     sp.add_argument("--results", required=True)
     sp.add_argument("--rss")
@@ -547,6 +585,7 @@ def main():
             "stream": stream_main,
             "raw": raw_main,
             "pct": pct_main,
+            "p50": p50_main,
             "summarize": summarize_main,
             "summarize-wan": summarize_wan_main,
             "summarize-memory": summarize_memory_main,

@@ -332,14 +332,14 @@ const MD5_PW: &str = "md5-pw-Kd02j";
 const BAD_SERVER_PW: &str = "bad-server-pw-Tt63w";
 const PARAM: &str = "param-secret-Vb42h";
 
-/// Runs on the test's own thread (the current-thread runtime) with one
-/// event loop, which is then the test's, so the thread-local subscriber
-/// sees every pgnear task.
+/// The subscriber is the test thread's own (scoped, not global). pgnear
+/// starts on that thread, and its session loops, two here, log through
+/// the starting thread's subscriber, so the capture sees every task.
 #[tokio::test]
 async fn no_secret_reaches_the_logs_or_the_metrics() {
     let cluster = Cluster::builder().auth(AuthMethod::Scram).user("app", SERVER_PW).start().await.unwrap();
     let config = with_admin()
-        .proxy("worker_threads = 1")
+        .proxy("worker_threads = 2")
         .user(&format!("name = \"app\"\npassword = \"{CLIENT_PW}\"\nserver_password = \"{SERVER_PW}\""))
         .user(&format!("name = \"md5_user\"\npassword = \"{MD5_PW}\"\nauth = \"md5\"\nserver_user = \"app\"\nserver_password = \"{SERVER_PW}\""))
         .user(&format!("name = \"misconfigured\"\npassword = \"{CLIENT_PW}\"\nserver_user = \"app\"\nserver_password = \"{BAD_SERVER_PW}\""))
