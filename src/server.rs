@@ -5,14 +5,15 @@
 //!
 //! Sessions are spread over `proxy.worker_threads` event loops, each a
 //! single-threaded runtime on its own thread beside the accepting one (the
-//! service loop, which also runs the monitor and the admin listener). A session stays on its loop: its
-//! sockets are registered there, so a round trip wakes one thread and no
-//! work is stolen across threads, as with PgBouncer's `so_reuseport`
-//! processes, but sharing one configuration, cluster view and set of
-//! pools. Session loops have no time driver: their rare timers are served
-//! by the service loop's (`crate::clock`). That is why even one worker is
-//! a loop of its own: on the service loop, every park of the sessions' loop
-//! also turned the timer wheel, some 370 instructions per transaction.
+//! service loop, which also runs the monitor and the admin listener). A
+//! session stays on its loop: its sockets are registered there, so a round
+//! trip wakes one thread and no work is stolen across threads, as with
+//! PgBouncer's `so_reuseport` processes, but sharing one configuration,
+//! cluster view and set of pools. Session loops have no time driver: their
+//! rare timers are served by the service loop's (`crate::clock`). That is
+//! why even one worker is a loop of its own: on the service loop, every
+//! park of the sessions' loop also turned the timer wheel, some 370
+//! instructions per transaction.
 
 use std::net::SocketAddr;
 use std::os::unix::net::UnixStream as StdUnixStream;

@@ -101,17 +101,16 @@ pub enum PoolMode {
 }
 
 impl ProxySettings {
-    /// Session loops: `proxy.worker_threads`, or half the cores (at least
-    /// one), beside the service loop (even one: the service loop has a
-    /// time driver, and session loops do not). Each is a single-threaded
-    /// runtime that keeps its sessions, so a loop never waits for a lock or
-    /// wakes another thread. Fewer loops batch more: a loop with a share of
-    /// the clients finds less to do per wake-up and sleeps more often, and
-    /// a sleep and a wake-up cost more CPU than relaying a round trip. On two cores shared
-    /// with PostgreSQL and pgbench, one loop slept about half as often per
-    /// transaction as two and used 6-29% less CPU per transaction. A
-    /// sidecar shares its cores with the application, so by default it
-    /// leaves half of them alone.
+    /// Session loops: `proxy.worker_threads`, or half the cores (at least one),
+    /// beside the service loop (even one: the service loop has a time driver,
+    /// and session loops do not). Each is a single-threaded runtime that keeps
+    /// its sessions, so a loop never waits for a lock or wakes another thread.
+    /// Fewer loops batch more: a loop with a share of the clients finds less to
+    /// do per wake-up and sleeps more often, and a sleep and a wake-up cost
+    /// more CPU than relaying a round trip. On two cores shared with PostgreSQL
+    /// and pgbench, one loop slept about half as often per transaction as two
+    /// and used 6-29% less CPU per transaction. A sidecar shares its cores with
+    /// the application, so by default it leaves half of them alone.
     pub fn workers(&self) -> usize {
         self.worker_threads.unwrap_or_else(default_workers)
     }
