@@ -27,8 +27,9 @@
 #   profile  syscalls per transaction (pgnear and PgBouncer, perf stat) and a
 #            perf record of pgnear, under pgbench -S -c 16 (simple, extended,
 #            prepared) and the TPC-B-like mix
-#   instructions  user-space instructions per transaction of pgnear and of
-#            PgBouncer (valgrind's callgrind; installed if missing), under
+#   instructions  user-space instructions per transaction of pgnear, of
+#            PgBouncer and of the byte relay (valgrind's callgrind; installed
+#            if missing), under
 #            pgbench -c 4 -t INSTR_TRANSACTIONS: a figure the load on a shared
 #            machine does not move
 #
@@ -697,9 +698,9 @@ phase_profile() {
 # --- phase: instructions -------------------------------------------------------
 
 # User-space instructions per transaction, counted by valgrind's callgrind
-# in pgnear and in PgBouncer under the same pgbench runs. Unlike CPU time
-# on a shared machine, the count does not move with the load, so it shows
-# what a change to the hot path is worth.
+# in pgnear, in PgBouncer and in the byte relay (the floor) under the same
+# pgbench runs. Unlike CPU time on a shared machine, the count does not
+# move with the load, so it shows what a change to the hot path is worth.
 # instr_count NAME PID PORT CASE ARGS...: one "case target instructions" row
 instr_count() {
     local name=$1 pid=$2 port=$3 case=$4
@@ -738,6 +739,17 @@ phase_instructions() {
     PIDS+=("$near")
     wait_port "$P_NEAR_PRIMARY" "pgnear under callgrind"
     start_pgbouncer_with valgrind --tool=callgrind --callgrind-out-file="$dir/pgbouncer.callgrind.%p"
+    # The floor: the byte relay's own count under the same runs.
+    rm -f "$WORK/instr-relay.port"
+    valgrind --tool=callgrind --callgrind-out-file="$dir/relay.callgrind.%p" \
+        "$RELAY" --plain --target "127.0.0.1:$P_PRIMARY" --port-file "$WORK/instr-relay.port" \
+        >/dev/null 2>"$OUT/relay-instr.log" &
+    local relay=$!
+    PIDS+=("$relay")
+    for _ in $(seq 300); do [[ -s $WORK/instr-relay.port ]] && break; sleep 0.1; done
+    [[ -s $WORK/instr-relay.port ]] || die "the plain relay did not start under callgrind (see $OUT/relay-instr.log)"
+    local p_relay
+    p_relay=$(cat "$WORK/instr-relay.port")
     printf 'case\ttarget\ttransactions\tinstructions_per_txn\n' >"$dir/instructions.tsv"
     for name in $INSTR_CASES; do
         local mode=${name#tpcb-} args=(-c "${INSTR_CLIENTS:-4}" -j 1)
@@ -745,8 +757,10 @@ phase_instructions() {
         args+=(-M "$mode")
         instr_count pgnear "$near" "$P_NEAR_PRIMARY" "$name" "${args[@]}"
         [[ $mode == prepared ]] || instr_count pgbouncer "$BOUNCER_PID" "$P_BOUNCER" "$name" "${args[@]}"
+        instr_count relay "$relay" "$p_relay" "$name" "${args[@]}"
     done
     column -t "$dir/instructions.tsv" | tee -a "$OUT/summary.txt"
+    stop_pid "$relay"
     stop_pid "$near"
     stop_pid "$BOUNCER_PID"
 }

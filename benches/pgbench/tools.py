@@ -290,6 +290,17 @@ def bouncer_for(target, targets):
     return "pgbouncer"
 
 
+def paired_ratios(rows, case, target, other):
+    """TPS of `target` over `other`'s in each round where both ran: the two
+    ran back to back, so a load that moves both cancels out."""
+    tps = {}
+    for r in rows:
+        if r["case"] == case and r["status"] == "ok" and r["target"] in (target, other):
+            tps[(r["round"], r["target"])] = float(r["tps"])
+    rounds = sorted({k[0] for k in tps}, key=int)
+    return [tps[(n, target)] / tps[(n, other)] for n in rounds if (n, target) in tps and (n, other) in tps]
+
+
 def summarize_main(args):
     rows = read_tsv(args.results)
     cases, targets, cell = [], [], {}
@@ -386,6 +397,12 @@ def summarize_main(args):
                 r = med[(case, t)][0] / med[(case, "relay")][0]
                 print(f"  [info] {t} {case}: {r:.2f}x the byte relay's TPS, which is "
                       f"{med[(case, 'relay')][0] / med[(case, 'direct')][0]:.2f}x direct")
+        for case in cases:
+            paired = paired_ratios(rows, case, t, bouncer)
+            if paired:
+                won = sum(r >= 1.0 for r in paired)
+                print(f"  [info] {t} {case}: round by round {median(paired):.2f}x PgBouncer "
+                      f"({min(paired):.2f}-{max(paired):.2f}; ahead in {won} of {len(paired)} rounds)")
         case = "S-prepared-c16"
         if (case, t) in med:
             r = med[(case, t)][0] / med[(case, "direct")][0]
@@ -404,6 +421,15 @@ def summarize_main(args):
                 if (case, t) in added_p50:
                     added = added_p50[(case, t)]
                     check(f"{t} {case}: added p50 latency {added:.0f} us (< 40)", added < 40)
+
+    # The floor against PgBouncer, paired the same way.
+    if "relay" in targets:
+        for case in cases:
+            paired = paired_ratios(rows, case, "relay", "pgbouncer")
+            if paired:
+                won = sum(r >= 1.0 for r in paired)
+                print(f"  [info] relay {case}: round by round {median(paired):.2f}x PgBouncer "
+                      f"({min(paired):.2f}-{max(paired):.2f}; ahead in {won} of {len(paired)} rounds)")
 
 
 def summarize_wan_main(args):
