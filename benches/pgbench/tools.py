@@ -385,15 +385,17 @@ def summarize_main(args):
 
         for mode in ("simple", "extended"):
             case = f"S-{mode}-c16"
-            if (case, t) in med:
+            # A run without both references (an A/B of two builds, say)
+            # is not the measurement: no verdict then.
+            if (case, t) in med and (case, "direct") in med and (case, bouncer) in med:
                 tps = med[(case, t)][0]
-                d, b = med[(case, "direct")][0], med.get((case, bouncer), (float("nan"),))[0]
+                d, b = med[(case, "direct")][0], med[(case, bouncer)][0]
                 check(f"{t} {case}: {tps / b:.2f}x PgBouncer (>= 1.0), {tps / d:.2f}x direct (>= 0.8)",
                       tps >= b and tps >= 0.8 * d)
         for case in cases:
             # The byte relay is the floor under any proxy: how much of the
             # gap to direct is pgnear's own work, and how much is relaying.
-            if (case, t) in med and (case, "relay") in med:
+            if (case, t) in med and (case, "relay") in med and (case, "direct") in med:
                 r = med[(case, t)][0] / med[(case, "relay")][0]
                 print(f"  [info] {t} {case}: {r:.2f}x the byte relay's TPS, which is "
                       f"{med[(case, 'relay')][0] / med[(case, 'direct')][0]:.2f}x direct")
@@ -403,8 +405,15 @@ def summarize_main(args):
                 won = sum(r >= 1.0 for r in paired)
                 print(f"  [info] {t} {case}: round by round {median(paired):.2f}x PgBouncer "
                       f"({min(paired):.2f}-{max(paired):.2f}; ahead in {won} of {len(paired)} rounds)")
+        for case in cases:
+            # An A/B run: this build against the other, round by round.
+            paired = paired_ratios(rows, case, t, f"{t}-base")
+            if paired:
+                won = sum(r >= 1.0 for r in paired)
+                print(f"  [info] {t} {case}: round by round {median(paired):.2f}x {t}-base "
+                      f"({min(paired):.2f}-{max(paired):.2f}; ahead in {won} of {len(paired)} rounds)")
         case = "S-prepared-c16"
-        if (case, t) in med:
+        if (case, t) in med and (case, "direct") in med:
             r = med[(case, t)][0] / med[(case, "direct")][0]
             check(f"{t} {case}: {r:.2f}x direct (>= 0.6)", r >= 0.6)
         case = "tpcb-simple-c16"
@@ -412,7 +421,7 @@ def summarize_main(args):
             r = med[(case, t)][0] / med[(case, bouncer)][0]
             check(f"{t} {case}: {r:.2f}x PgBouncer (>= 1.0)", r >= 1.0)
         for case in cases:
-            if case.endswith("-c1") and (case, t) in med:
+            if case.endswith("-c1") and (case, t) in med and (case, "direct") in med:
                 # pgbench prints latency in ms to 3 places: whole
                 # microseconds, which float subtraction must not blur
                 # (0.177 - 0.137 is 39.99... and would pass).
