@@ -294,6 +294,24 @@ wait_port() {
     die "$2 on port $1 did not come up"
 }
 
+# start_relay NAME [WRAPPER...] -- RELAY_ARGS...: starts the wan_relay example
+# (under WRAPPER, e.g. valgrind) and waits for its port; sets RELAY_PID and
+# RELAY_PORT. Its stderr goes to $OUT/NAME.log.
+start_relay() {
+    local name=$1 wrapper=()
+    shift
+    while [[ $1 != -- ]]; do wrapper+=("$1"); shift; done
+    shift
+    local port_file=$WORK/$name.port
+    rm -f "$port_file"
+    "${wrapper[@]}" "$RELAY" "$@" --port-file "$port_file" >/dev/null 2>"$OUT/$name.log" &
+    RELAY_PID=$!
+    PIDS+=("$RELAY_PID")
+    for _ in $(seq 300); do [[ -s $port_file ]] && break; sleep 0.1; done
+    [[ -s $port_file ]] || die "$name did not start (see $OUT/$name.log)"
+    RELAY_PORT=$(cat "$port_file")
+}
+
 # start_pgnear NAME CONFIG PORT [ENV=VALUE...]: sets NEAR_PID
 start_pgnear() {
     local bin=$PGNEAR
@@ -403,12 +421,9 @@ phase_pgbench() {
         fi
     fi
     if [[ " $TARGETS " == *" relay "* ]]; then
-        "$RELAY" --plain --target "127.0.0.1:$P_PRIMARY" --port-file "$WORK/plain-relay.port" >/dev/null 2>"$OUT/plain-relay.log" &
-        pid[relay]=$!
-        PIDS+=("${pid[relay]}")
-        for _ in $(seq 100); do [[ -s $WORK/plain-relay.port ]] && break; sleep 0.1; done
-        [[ -s $WORK/plain-relay.port ]] || die "the plain relay did not start (see $OUT/plain-relay.log)"
-        port[relay]=$(cat "$WORK/plain-relay.port")
+        start_relay plain-relay -- --plain --target "127.0.0.1:$P_PRIMARY"
+        pid[relay]=$RELAY_PID
+        port[relay]=$RELAY_PORT
     fi
     local t p routing
     for t in "${targets[@]}"; do
@@ -489,12 +504,8 @@ phase_pgbench() {
 
 phase_wan() {
     mkdir -p "$OUT/wan"
-    "$RELAY" --target "127.0.0.1:$P_PRIMARY" --delay-ms "$WAN_DELAY_MS" --port-file "$WORK/relay.port" >/dev/null 2>"$OUT/relay.log" &
-    local relay_pid=$!
-    PIDS+=("$relay_pid")
-    for _ in $(seq 100); do [[ -s $WORK/relay.port ]] && break; sleep 0.1; done
-    local p_relay
-    p_relay=$(cat "$WORK/relay.port")
+    start_relay relay -- --target "127.0.0.1:$P_PRIMARY" --delay-ms "$WAN_DELAY_MS"
+    local relay_pid=$RELAY_PID p_relay=$RELAY_PORT
     log "relay on $p_relay: primary $WAN_DELAY_MS ms away each way"
     # This pgnear runs next to the replica; the primary is across the WAN.
     write_pgnear_config "$WORK/pgnear-wan.toml" "$P_NEAR_WAN" "$p_relay" auto "" remote
@@ -740,16 +751,9 @@ phase_instructions() {
     wait_port "$P_NEAR_PRIMARY" "pgnear under callgrind"
     start_pgbouncer_with valgrind --tool=callgrind --callgrind-out-file="$dir/pgbouncer.callgrind.%p"
     # The floor: the byte relay's own count under the same runs.
-    rm -f "$WORK/instr-relay.port"
-    valgrind --tool=callgrind --callgrind-out-file="$dir/relay.callgrind.%p" \
-        "$RELAY" --plain --target "127.0.0.1:$P_PRIMARY" --port-file "$WORK/instr-relay.port" \
-        >/dev/null 2>"$OUT/relay-instr.log" &
-    local relay=$!
-    PIDS+=("$relay")
-    for _ in $(seq 300); do [[ -s $WORK/instr-relay.port ]] && break; sleep 0.1; done
-    [[ -s $WORK/instr-relay.port ]] || die "the plain relay did not start under callgrind (see $OUT/relay-instr.log)"
-    local p_relay
-    p_relay=$(cat "$WORK/instr-relay.port")
+    start_relay relay-instr valgrind --tool=callgrind --callgrind-out-file="$dir/relay.callgrind.%p" -- \
+        --plain --target "127.0.0.1:$P_PRIMARY"
+    local relay=$RELAY_PID p_relay=$RELAY_PORT
     printf 'case\ttarget\ttransactions\tinstructions_per_txn\n' >"$dir/instructions.tsv"
     for name in $INSTR_CASES; do
         local mode=${name#tpcb-} args=(-c "${INSTR_CLIENTS:-4}" -j 1)

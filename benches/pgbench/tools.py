@@ -301,6 +301,15 @@ def paired_ratios(rows, case, target, other):
     return [tps[(n, target)] / tps[(n, other)] for n in rounds if (n, target) in tps and (n, other) in tps]
 
 
+def print_paired(rows, case, target, other, label):
+    """One [info] line: `target` against `other`, round by round."""
+    paired = paired_ratios(rows, case, target, other)
+    if paired:
+        won = sum(r >= 1.0 for r in paired)
+        print(f"  [info] {target} {case}: round by round {median(paired):.2f}x {label} "
+              f"({min(paired):.2f}-{max(paired):.2f}; ahead in {won} of {len(paired)} rounds)")
+
+
 def summarize_main(args):
     rows = read_tsv(args.results)
     cases, targets, cell = [], [], {}
@@ -400,18 +409,10 @@ def summarize_main(args):
                 print(f"  [info] {t} {case}: {r:.2f}x the byte relay's TPS, which is "
                       f"{med[(case, 'relay')][0] / med[(case, 'direct')][0]:.2f}x direct")
         for case in cases:
-            paired = paired_ratios(rows, case, t, bouncer)
-            if paired:
-                won = sum(r >= 1.0 for r in paired)
-                print(f"  [info] {t} {case}: round by round {median(paired):.2f}x PgBouncer "
-                      f"({min(paired):.2f}-{max(paired):.2f}; ahead in {won} of {len(paired)} rounds)")
+            print_paired(rows, case, t, bouncer, "PgBouncer")
         for case in cases:
             # An A/B run: this build against the other, round by round.
-            paired = paired_ratios(rows, case, t, f"{t}-base")
-            if paired:
-                won = sum(r >= 1.0 for r in paired)
-                print(f"  [info] {t} {case}: round by round {median(paired):.2f}x {t}-base "
-                      f"({min(paired):.2f}-{max(paired):.2f}; ahead in {won} of {len(paired)} rounds)")
+            print_paired(rows, case, t, f"{t}-base", f"{t}-base")
         case = "S-prepared-c16"
         if (case, t) in med and (case, "direct") in med:
             r = med[(case, t)][0] / med[(case, "direct")][0]
@@ -434,11 +435,7 @@ def summarize_main(args):
     # The floor against PgBouncer, paired the same way.
     if "relay" in targets:
         for case in cases:
-            paired = paired_ratios(rows, case, "relay", "pgbouncer")
-            if paired:
-                won = sum(r >= 1.0 for r in paired)
-                print(f"  [info] relay {case}: round by round {median(paired):.2f}x PgBouncer "
-                      f"({min(paired):.2f}-{max(paired):.2f}; ahead in {won} of {len(paired)} rounds)")
+            print_paired(rows, case, "relay", "pgbouncer", "PgBouncer")
 
 
 def summarize_wan_main(args):
