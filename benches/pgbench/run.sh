@@ -24,9 +24,9 @@
 #   memory   pgnear RSS streaming a 1 GB result to a slow reader; with idle
 #            authenticated clients; with 10,000 idle TCP-only clients; and
 #            what 10,000 authenticated clients do
-#   profile  syscalls per transaction (pgnear and PgBouncer, perf stat) and a
-#            perf record of pgnear, under pgbench -S -c 16 (simple, extended,
-#            prepared) and the TPC-B-like mix
+#   profile  syscalls per transaction (pgnear, PgBouncer and the byte relay,
+#            perf stat) and a perf record of pgnear, under pgbench -S -c 16
+#            (simple, extended, prepared) and the TPC-B-like mix
 #   instructions  user-space instructions per transaction of pgnear, of
 #            PgBouncer and of the byte relay (valgrind's callgrind; installed
 #            if missing), under
@@ -673,6 +673,9 @@ phase_profile() {
     start_pgnear pgnear-profile "$WORK/pgnear-profile.toml" "$P_NEAR_PRIMARY"
     local pid=$NEAR_PID
     start_pgbouncer
+    # The floor: the byte relay's syscalls and CPU under the same pgbench.
+    start_relay profile-relay -- --plain --target "127.0.0.1:$P_PRIMARY"
+    local relay=$RELAY_PID p_relay=$RELAY_PORT
     # Rows "<target>+all" count every process on the machine (pgbench,
     # PostgreSQL and the proxy), with context switches in the last column.
     printf 'case\ttarget\ttransactions\tuser_us\tsys_us\tsendto\trecvfrom\tepoll_wait\tfutex\twrite\tread\tcswitch\n' >"$OUT/profile/syscalls.tsv"
@@ -686,6 +689,7 @@ phase_profile() {
         log "syscalls per transaction under pgbench ${args[*]} (load $(load1))"
         count_syscalls pgnear "$pid" "$P_NEAR_PRIMARY" "$name" "${args[@]}"
         [[ $mode == prepared ]] || count_syscalls pgbouncer "$BOUNCER_PID" "$P_BOUNCER" "$name" "${args[@]}"
+        count_syscalls relay "$relay" "$p_relay" "$name" "${args[@]}"
         # A sampled profile with DWARF call graphs (cpu-clock: no PMU in VMs).
         log "profiling pgnear under pgbench ${args[*]} (load $(load1))"
         "$PGBENCH" -n "${args[@]}" -T $((PROFILE_SECONDS + 4)) -h 127.0.0.1 -p "$P_NEAR_PRIMARY" \
@@ -702,6 +706,7 @@ phase_profile() {
         log "profile ($name): $(grep -m1 '^tps' "$dir/pgbench.out"); reports and perf.data in $dir"
     done
     column -t "$OUT/profile/syscalls.tsv" | tee -a "$OUT/summary.txt"
+    stop_pid "$relay"
     stop_pid "$pid"
     stop_pid "$BOUNCER_PID"
 }
