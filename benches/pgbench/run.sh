@@ -31,7 +31,11 @@
 #            PgBouncer and of the byte relay (valgrind's callgrind; installed
 #            if missing), under
 #            pgbench -c 4 -t INSTR_TRANSACTIONS: a figure the load on a shared
-#            machine does not move
+#            machine does not move; beside it the cache lines of code and of
+#            data each fetches per transaction through a simulated cache of
+#            INSTR_CACHE_BYTES (a cache PostgreSQL's backends keep evicting
+#            between the proxy's wake-ups: roughly the lines a transaction
+#            touches, which is what costs time under load)
 #
 # Settings (environment):
 #   DURATION=10  ROUNDS=3  SCALE=10  CLIENTS="1 16 64"  MODES="simple extended prepared"
@@ -43,6 +47,7 @@
 #   PROFILE_EXTRA='pool_mode = "transaction"' ([proxy] keys for the profiled pgnear)
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
 #   INSTR_CLIENTS=4 INSTR_EXTRA='pool_mode = "transaction"' ([proxy] keys)
+#   INSTR_CACHE_BYTES=16384 (the simulated last-level cache; 0: no simulation)
 #   TARGETS="direct pgbouncer pgnear-primary pgnear-pool pgnear-split" (add
 #   pgnear-primary-N or pgnear-pool-N for worker_threads = N event loops;
 #   pgnear-primary-base or pgnear-pool-base run BASELINE_BIN, another build of
@@ -79,6 +84,7 @@ PROFILE_SECONDS=${PROFILE_SECONDS:-10}
 PROFILE_CASES=${PROFILE_CASES:-"simple extended prepared tpcb-simple"}
 INSTR_CASES=${INSTR_CASES:-"simple extended prepared tpcb-simple"}
 INSTR_TRANSACTIONS=${INSTR_TRANSACTIONS:-2500}
+INSTR_CACHE_BYTES=${INSTR_CACHE_BYTES:-16384}
 BOUNCER_EXTRA=${BOUNCER_EXTRA:-}
 PG_BIN=${PGNEAR_PG_BIN:-/usr/lib/postgresql/15/bin}
 OUT=${OUT:-$ROOT/target/pgbench-results/$(date +%Y%m%d-%H%M%S)}
@@ -730,13 +736,13 @@ instr_count() {
     "$PGBENCH" -n "$@" -t "$INSTR_TRANSACTIONS" -h 127.0.0.1 -p "$port" -U postgres postgres \
         >"$dir/$case.$name.pgbench" 2>&1 || die "pgbench through $name failed: see $dir/$case.$name.pgbench"
     "${control[@]}" -d "$case" "$pid" >/dev/null 2>&1 || die "callgrind_control cannot reach $name"
-    local dump total txns
-    dump=$(ls -t "$dir/$name".callgrind.* | head -1)
-    total=$(sed -n 's/^summary: \([0-9]*\).*/\1/p' "$dump")
-    [[ -n $total ]] || die "no callgrind summary in $dump"
+    local txns figures
     txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$dir/$case.$name.pgbench")
-    printf '%s\t%s\t%s\t%s\n' "$case" "$name" "$txns" "$((total / txns))" >>"$dir/instructions.tsv"
-    log "instructions ($case, $name): $((total / txns)) per transaction"
+    # "instructions loop_instructions code_lines data_lines" per transaction
+    figures=$($TOOLS callgrind-per-txn --prefix "$dir/$name.callgrind.$pid" --transactions "$txns") ||
+        die "no callgrind summary for $name in $dir"
+    printf '%s\t%s\t%s\t%s\n' "$case" "$name" "$txns" "${figures// /$'\t'}" >>"$dir/instructions.tsv"
+    log "instructions ($case, $name): per transaction, instructions (all threads, session loops), code and data cache lines: $figures"
 }
 
 phase_instructions() {
@@ -749,17 +755,24 @@ phase_instructions() {
     mkdir -p "$dir"
     chmod 777 "$dir"
     write_pgnear_config "$WORK/pgnear-instr.toml" "$P_NEAR_PRIMARY" "$P_PRIMARY" primary "${INSTR_EXTRA:-}"
-    valgrind --tool=callgrind --callgrind-out-file="$dir/pgnear.callgrind.%p" \
+    # The same simulated caches for all three: first levels of 4 KiB and a
+    # last level of INSTR_CACHE_BYTES, whose misses are reported.
+    local sim=()
+    ((INSTR_CACHE_BYTES > 0)) &&
+        sim=(--cache-sim=yes --I1=4096,2,64 --D1=4096,2,64 --LL="$INSTR_CACHE_BYTES",2,64)
+    # pgnear's threads apart: the service loop's monitor and timers run on
+    # a wall clock, which valgrind's slowdown inflates per transaction.
+    valgrind --tool=callgrind "${sim[@]}" --separate-threads=yes --callgrind-out-file="$dir/pgnear.callgrind.%p" \
         "$PGNEAR" --config "$WORK/pgnear-instr.toml" >"$OUT/pgnear-instr.log" 2>&1 &
     local near=$!
     PIDS+=("$near")
     wait_port "$P_NEAR_PRIMARY" "pgnear under callgrind"
-    start_pgbouncer_with valgrind --tool=callgrind --callgrind-out-file="$dir/pgbouncer.callgrind.%p"
+    start_pgbouncer_with valgrind --tool=callgrind "${sim[@]}" --callgrind-out-file="$dir/pgbouncer.callgrind.%p"
     # The floor: the byte relay's own count under the same runs.
-    start_relay relay-instr valgrind --tool=callgrind --callgrind-out-file="$dir/relay.callgrind.%p" -- \
+    start_relay relay-instr valgrind --tool=callgrind "${sim[@]}" --callgrind-out-file="$dir/relay.callgrind.%p" -- \
         --plain --target "127.0.0.1:$P_PRIMARY"
     local relay=$RELAY_PID p_relay=$RELAY_PORT
-    printf 'case\ttarget\ttransactions\tinstructions_per_txn\n' >"$dir/instructions.tsv"
+    printf 'case\ttarget\ttransactions\tinstructions_per_txn\tloop_instructions_per_txn\tcode_lines_per_txn\tdata_lines_per_txn\n' >"$dir/instructions.tsv"
     for name in $INSTR_CASES; do
         local mode=${name#tpcb-} args=(-c "${INSTR_CLIENTS:-4}" -j 1)
         [[ $name == tpcb-* ]] || args+=(-S)

@@ -10,6 +10,10 @@ Subcommands:
   p50         the median transaction latency (us) in pgbench --log files
   freeport    print N free loopback TCP ports
   rss         print VmRSS/VmHWM (kB) of a pid
+  callgrind-per-txn  instructions (all threads and the session loops), and
+              the code and data cache lines the loops missed in the
+              simulated last-level cache, per transaction, from the newest
+              callgrind dump
 """
 
 import argparse
@@ -562,6 +566,56 @@ def rss_main(args):
     print(fields.get("VmRSS", "0"), fields.get("VmHWM", "0"))
 
 
+def read_callgrind_summary(path):
+    """The events and summary totals of one callgrind dump, as a dict."""
+    events = summary = None
+    with open(path) as f:
+        for line in f:
+            if line.startswith("events:"):
+                events = line.split()[1:]
+            elif line.startswith("summary:"):
+                summary = [int(x) for x in line.split()[1:]]
+    return dict(zip(events, summary)) if events and summary else None
+
+
+def callgrind_per_txn_main(args):
+    """Prints "instructions loop_instructions code_lines data_lines" per
+    transaction from the newest dump of `--prefix` (the out-file name with
+    its PID: PREFIX.PART, or PREFIX.PART-TID per thread with
+    --separate-threads=yes).
+
+    With one file per thread, the first thread (the process's main thread:
+    pgnear's service loop, which runs the monitor and the timers on a wall
+    clock, so under valgrind's slowdown it does far more per transaction
+    than it would at full speed) counts in `instructions` only; the rest
+    (the session loops) make `loop_instructions` and the cache lines. The
+    lines are n/a without the cache simulation. Exits 1 without a dump."""
+    dumps = {}
+    for path in glob.glob(glob.escape(args.prefix) + ".*"):
+        part, _, tid = path[len(args.prefix) + 1:].partition("-")
+        if part.isdigit() and (tid == "" or tid.isdigit()):
+            dumps.setdefault(int(part), []).append((int(tid) if tid else 1, path))
+    if not dumps or args.transactions <= 0:
+        sys.exit(1)
+    threads = [(tid, read_callgrind_summary(path)) for tid, path in dumps[max(dumps)]]
+    if any(t is None for _, t in threads):
+        sys.exit(1)
+    loops = [t for tid, t in threads if tid != 1] if len(threads) > 1 else [t for _, t in threads]
+    n = args.transactions
+
+    # A thread that ran nothing has a summary of one zero: missing
+    # events count as zero, but events no thread recorded are n/a.
+    recorded = {event for _, t in threads for event in t}
+
+    def per(totals, *names):
+        if not all(name in recorded for name in names):
+            return "n/a"
+        return str(round(sum(t.get(name, 0) for t in totals for name in names) / n))
+
+    all_threads = [t for _, t in threads]
+    print(per(all_threads, "Ir"), per(loops, "Ir"), per(loops, "ILmr"), per(loops, "DLmr", "DLmw"))
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -609,6 +663,9 @@ def main():
     sp.add_argument("pid", type=int)
     sp = sub.add_parser("switches")
     sp.add_argument("pid", type=int)
+    sp = sub.add_parser("callgrind-per-txn")
+    sp.add_argument("--prefix", required=True)
+    sp.add_argument("--transactions", type=int, required=True)
     args = p.parse_args()
     if args.cmd == "idle":
         asyncio.run(idle_main(args))
@@ -625,6 +682,7 @@ def main():
             "rss": rss_main,
             "switches": switches_main,
             "server-ticks": server_ticks_main,
+            "callgrind-per-txn": callgrind_per_txn_main,
         }[args.cmd](args)
 
 
