@@ -119,7 +119,10 @@ async fn probe(
     config: &MonitorConfig,
 ) -> Result<Sample, tokio_postgres::Error> {
     if conn.as_ref().is_none_or(|c| c.is_closed()) {
-        *conn = Some(connect(node, config).await?);
+        // Boxed: tokio-postgres's connect future is kilobytes, and inline
+        // it would make every probe's future (built and moved 20 times a
+        // second per node) as large, although a probe rarely connects.
+        *conn = Some(Box::pin(connect(node, config)).await?);
     }
     let Some(client) = conn.as_ref() else { unreachable!("connected above") };
     let started = Instant::now();
