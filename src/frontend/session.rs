@@ -47,6 +47,10 @@ use unit::Deferred;
 /// Client output is flushed once it grows past this, even mid-batch.
 const FLUSH_AT: usize = 64 * 1024;
 
+/// How far the watermark re-check backs off while the session stays busy:
+/// up to this many times its first wait (half the monitor's interval).
+const TICK_BACKOFF: u32 = 16;
+
 /// Which of the session's server connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -112,13 +116,26 @@ impl<S: Split> Client<S> {
     }
 }
 
-/// The session's two timers, created once and re-armed only when they
+/// The session's timers, created once and re-armed only when they
 /// fire: a timer made afresh on every wait would register and cancel an
 /// entry in the runtime's timer wheel for every message relayed.
 struct Timers {
-    /// Re-checks a pending write watermark while the session is quiet.
+    /// Re-checks a pending write watermark while the session is quiet, so
+    /// that a client that wrote and went quiet still gets its
+    /// `pgnear.write_lsn`.
     tick: Pin<Box<tokio::time::Sleep>>,
     tick_armed: bool,
+    /// The re-check's next wait: half the monitor's interval, doubled (up
+    /// to `TICK_BACKOFF` times) each time it finds that the session sent
+    /// work since it was armed, back to the start when it finds it quiet.
+    /// A busy session's own units resolve and report the watermark, and
+    /// every expiry costs the service loop (which serves these timers) a
+    /// wake-up and the session a cross-thread one: a client writing
+    /// nonstop (pgbench's TPC-B) would otherwise cause 40 a second each.
+    tick_every: std::time::Duration,
+    /// Complete units sent so far, and when the re-check was armed.
+    units: u64,
+    units_at_arm: u64,
     /// `proxy.idle_client_timeout`, counted from `last_activity`.
     idle: Pin<Box<tokio::time::Sleep>>,
     last_activity: Instant,
@@ -127,16 +144,38 @@ struct Timers {
 }
 
 impl Timers {
-    fn new(idle_timeout: Option<std::time::Duration>) -> Timers {
+    fn new(idle_timeout: Option<std::time::Duration>, monitor_interval: std::time::Duration) -> Timers {
         let now = tokio::time::Instant::now();
         let far = now + std::time::Duration::from_secs(86_400 * 365);
         Timers {
             tick: Box::pin(crate::clock::sleep_until(far)),
             tick_armed: false,
+            tick_every: monitor_interval / 2,
+            units: 0,
+            units_at_arm: 0,
             idle: Box::pin(crate::clock::sleep_until(idle_timeout.map_or(far, |after| now + after))),
             last_activity: Instant::now(),
             pool_wait: Box::pin(crate::clock::sleep_until(far)),
         }
+    }
+
+    /// Arms the watermark re-check, `tick_every` from now.
+    fn arm_tick(&mut self) {
+        self.tick.as_mut().reset(tokio::time::Instant::now() + self.tick_every);
+        self.tick_armed = true;
+        self.units_at_arm = self.units;
+    }
+
+    /// The re-check fired: the next one waits longer if the session sent
+    /// work meanwhile, and half the monitor's interval again if not.
+    fn tick_fired(&mut self, monitor_interval: std::time::Duration) {
+        self.tick_armed = false;
+        let first = monitor_interval / 2;
+        self.tick_every = if self.units == self.units_at_arm {
+            first
+        } else {
+            (self.tick_every * 2).min(first * TICK_BACKOFF)
+        };
     }
 }
 
@@ -321,6 +360,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         client.flush().await?;
         let shared_mode = shared.config.consistency.read_your_writes;
         let shared_idle_timeout = shared.config.proxy.idle_client_timeout;
+        let shared_monitor_interval = shared.config.monitor.interval;
         let shared_watermark = shared.watermark.get();
         Ok(Session {
             shared,
@@ -360,7 +400,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             tx_savepoints: Vec::new(),
             default_read_only: startup_params.iter().any(is_read_only_default),
             retry: None,
-            timers: Timers::new(shared_idle_timeout),
+            timers: Timers::new(shared_idle_timeout, shared_monitor_interval),
             span,
             registration,
             close_watch: false,
@@ -451,6 +491,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     Flow::Continue
                 }
                 Event::WatermarkTick => {
+                    self.timers.tick_fired(self.shared.config.monitor.interval);
                     self.refresh_watermark();
                     Flow::Continue
                 }
@@ -649,9 +690,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         // While a unit runs, its own responses wake the loop often enough.
         let tick_on = self.bound.is_none() && self.watermark.is_pending();
         if tick_on && !self.timers.tick_armed {
-            let every = self.shared.config.monitor.interval / 2;
-            self.timers.tick.as_mut().reset(tokio::time::Instant::now() + every);
-            self.timers.tick_armed = true;
+            self.timers.arm_tick();
         }
         let held = self.held.is_some() || self.waiting.is_some();
         let sources = &self.sources;
@@ -682,7 +721,6 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
             }
             if tick_on && timers.tick.as_mut().poll(cx).is_ready() {
-                timers.tick_armed = false;
                 return Poll::Ready(Event::WatermarkTick);
             }
             if idle_on && timers.idle.as_mut().poll(cx).is_ready() {

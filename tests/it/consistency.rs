@@ -191,3 +191,48 @@ async fn lagging_replica_leaves_rotation_and_returns() {
     replica.batch_execute("SELECT pg_wal_replay_resume()").await.unwrap();
     until(true).await;
 }
+
+/// An LSN as PostgreSQL prints it (`16/B374D848`), as a number.
+fn lsn(text: &str) -> u64 {
+    let (high, low) = text.split_once('/').unwrap_or_else(|| panic!("not an LSN: {text:?}"));
+    (u64::from_str_radix(high, 16).unwrap() << 32) | u64::from_str_radix(low, 16).unwrap()
+}
+
+/// A client that wrote and then went quiet still receives, unasked, a
+/// ParameterStatus `pgnear.write_lsn` at or past its last write, also
+/// after a run of writes long enough for pgnear's re-checks to find the
+/// session busy and back off.
+#[tokio::test]
+async fn a_quiet_client_receives_its_write_lsn_unasked() {
+    use crate::support::wire::{query, Wire};
+    let env = delayed("read_your_writes = \"session\"").await;
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let busy_until = tokio::time::Instant::now() + Duration::from_millis(400);
+    let mut written = 0;
+    let mut round = 0;
+    while round < 10 || tokio::time::Instant::now() < busy_until {
+        round += 1;
+        let sql =
+            format!("UPDATE kv SET v = {round} WHERE k = 7 RETURNING pg_current_wal_insert_lsn()::text");
+        wire.send(&query(&sql)).await;
+        let msgs = wire.until_ready().await;
+        assert!(msgs.iter().all(|m| m.tag != b'E'), "the write failed: {msgs:?}");
+        let row = msgs.iter().find(|m| m.tag == b'D').expect("the write returned no row");
+        let column = row.columns()[0].clone().expect("no LSN");
+        written = lsn(std::str::from_utf8(&column).unwrap());
+    }
+    // Quiet from here: only pgnear speaks. Reports of earlier writes may
+    // come first; the one covering the last write must follow.
+    loop {
+        let msg = wire.recv().await.expect("pgnear closed the connection");
+        assert_eq!(msg.tag, b'S', "only ParameterStatus may arrive unasked: {msg:?}");
+        let mut fields = msg.body.split(|&b| b == 0);
+        if fields.next() != Some(b"pgnear.write_lsn".as_slice()) {
+            continue;
+        }
+        let value = std::str::from_utf8(fields.next().unwrap_or_default()).unwrap();
+        if lsn(value) >= written {
+            break;
+        }
+    }
+}

@@ -298,6 +298,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         let bytes: usize = frames.iter().map(Frame::len).sum();
         self.shared.metrics.bytes(Direction::ClientToServer, bytes);
+        if complete {
+            self.timers.units += 1;
+        }
         let Some(server) = self.server_mut(target) else { return };
         for frame in frames {
             server.backend.queue(frame);
