@@ -133,6 +133,8 @@ struct Timers {
     /// wake-up and the session a cross-thread one: a client writing
     /// nonstop (pgbench's TPC-B) would otherwise cause 40 a second each.
     tick_every: std::time::Duration,
+    /// The re-check's first wait: half the monitor's interval.
+    tick_first: std::time::Duration,
     /// Complete units sent so far, and when the re-check was armed.
     units: u64,
     units_at_arm: u64,
@@ -151,6 +153,7 @@ impl Timers {
             tick: Box::pin(crate::clock::sleep_until(far)),
             tick_armed: false,
             tick_every: monitor_interval / 2,
+            tick_first: monitor_interval / 2,
             units: 0,
             units_at_arm: 0,
             idle: Box::pin(crate::clock::sleep_until(idle_timeout.map_or(far, |after| now + after))),
@@ -168,13 +171,12 @@ impl Timers {
 
     /// The re-check fired: the next one waits longer if the session sent
     /// work meanwhile, and half the monitor's interval again if not.
-    fn tick_fired(&mut self, monitor_interval: std::time::Duration) {
+    fn tick_fired(&mut self) {
         self.tick_armed = false;
-        let first = monitor_interval / 2;
         self.tick_every = if self.units == self.units_at_arm {
-            first
+            self.tick_first
         } else {
-            (self.tick_every * 2).min(first * TICK_BACKOFF)
+            (self.tick_every * 2).min(self.tick_first * TICK_BACKOFF)
         };
     }
 }
@@ -491,7 +493,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     Flow::Continue
                 }
                 Event::WatermarkTick => {
-                    self.timers.tick_fired(self.shared.config.monitor.interval);
+                    self.timers.tick_fired();
                     self.refresh_watermark();
                     Flow::Continue
                 }
@@ -822,4 +824,32 @@ fn startup_settings(login: &Login) -> Result<(ProxySettings, Vec<(String, String
         params.push(("database".into(), login.user.name.clone()));
     }
     Ok((settings, params))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::{Timers, TICK_BACKOFF};
+
+    #[tokio::test]
+    async fn the_watermark_recheck_backs_off_while_busy_and_resets_when_quiet() {
+        let first = Duration::from_millis(25);
+        let mut timers = Timers::new(None, first * 2);
+        let mut waits = Vec::new();
+        for _ in 0..6 {
+            timers.arm_tick();
+            waits.push(timers.tick_every);
+            timers.units += 3; // the session sent work before it fired
+            timers.tick_fired();
+        }
+        let doubling: Vec<Duration> = [1, 2, 4, 8, 16, 16].iter().map(|k| first * *k).collect();
+        assert_eq!(waits, doubling);
+        assert_eq!(timers.tick_every, first * TICK_BACKOFF);
+        // Quiet since it was armed: back to the first wait.
+        timers.arm_tick();
+        timers.tick_fired();
+        assert_eq!(timers.tick_every, first);
+        assert!(!timers.tick_armed);
+    }
 }

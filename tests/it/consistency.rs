@@ -2,6 +2,7 @@
 
 use std::time::Duration;
 
+use pgnear::cluster::Lsn;
 use pgnear::lab::cluster::Cluster;
 use pgnear::router::ClusterView;
 use tokio_postgres::{Client, SimpleQueryMessage};
@@ -192,12 +193,6 @@ async fn lagging_replica_leaves_rotation_and_returns() {
     until(true).await;
 }
 
-/// An LSN as PostgreSQL prints it (`16/B374D848`), as a number.
-fn lsn(text: &str) -> u64 {
-    let (high, low) = text.split_once('/').unwrap_or_else(|| panic!("not an LSN: {text:?}"));
-    (u64::from_str_radix(high, 16).unwrap() << 32) | u64::from_str_radix(low, 16).unwrap()
-}
-
 /// A client that wrote and then went quiet still receives, unasked, a
 /// ParameterStatus `pgnear.write_lsn` at or past its last write, also
 /// after a run of writes long enough for pgnear's re-checks to find the
@@ -208,7 +203,7 @@ async fn a_quiet_client_receives_its_write_lsn_unasked() {
     let env = delayed("read_your_writes = \"session\"").await;
     let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
     let busy_until = tokio::time::Instant::now() + Duration::from_millis(400);
-    let mut written = 0;
+    let mut written = Lsn(0);
     let mut round = 0;
     while round < 10 || tokio::time::Instant::now() < busy_until {
         round += 1;
@@ -219,7 +214,7 @@ async fn a_quiet_client_receives_its_write_lsn_unasked() {
         assert!(msgs.iter().all(|m| m.tag != b'E'), "the write failed: {msgs:?}");
         let row = msgs.iter().find(|m| m.tag == b'D').expect("the write returned no row");
         let column = row.columns()[0].clone().expect("no LSN");
-        written = lsn(std::str::from_utf8(&column).unwrap());
+        written = std::str::from_utf8(&column).unwrap().parse().unwrap();
     }
     // Quiet from here: only pgnear speaks. Reports of earlier writes may
     // come first; the one covering the last write must follow.
@@ -230,8 +225,8 @@ async fn a_quiet_client_receives_its_write_lsn_unasked() {
         if fields.next() != Some(b"pgnear.write_lsn".as_slice()) {
             continue;
         }
-        let value = std::str::from_utf8(fields.next().unwrap_or_default()).unwrap();
-        if lsn(value) >= written {
+        let value: Lsn = std::str::from_utf8(fields.next().unwrap_or_default()).unwrap().parse().unwrap();
+        if value >= written {
             break;
         }
     }
