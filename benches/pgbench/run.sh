@@ -43,6 +43,8 @@
 #   WAN_DELAY_MS=40 WAN_CLIENTS=4 WAN_DURATION=20 RAW_ITERATIONS=100
 #   IDLE_AUTH=1000 IDLE_TCP=10000 STREAM_RATE_MB=16
 #   CASES="S-simple-c16 tpcb-simple-c16" (instead of the MODES x CLIENTS matrix)
+#   RESTART=1 (each round on freshly started proxies; 0: one process each
+#   for all rounds)
 #   PROFILE_SECONDS=10 PROFILE_CASES="simple extended prepared tpcb-simple"
 #   PROFILE_EXTRA='pool_mode = "transaction"' ([proxy] keys for the profiled pgnear)
 #   INSTR_CASES="simple extended prepared tpcb-simple" INSTR_TRANSACTIONS=2500
@@ -407,11 +409,13 @@ target_host() {
 # wan_relay example with --plain, one tokio event loop like pgnear's default).
 TARGETS=${TARGETS:-"direct pgbouncer pgnear-primary pgnear-pool pgnear-split"}
 
-phase_pgbench() {
-    mkdir -p "$OUT/runs"
-    local targets=($TARGETS)
-    declare -A port=([direct]=$P_PRIMARY [direct-sock]=$P_PRIMARY) pid=([direct]=- [direct-sock]=-)
-    local bouncer_prepared=0
+# start_proxies: starts every proxy target (PgBouncer, the relay, each pgnear)
+# and sets port[] and pid[] (phase_pgbench's). With RESTART=1 (the default)
+# each round runs on processes started for it: how a process's memory
+# happens to be placed moves its speed by up to 20% for as long as it runs
+# (two instances of one binary, side by side, differed that much over three
+# rounds), so that is sampled round by round instead of fixed for the run.
+start_proxies() {
     if [[ " $TARGETS " == *" pgbouncer "* || " $TARGETS " == *" pgbouncer-sock "* ]]; then
         start_pgbouncer
         port[pgbouncer]=$P_BOUNCER
@@ -451,7 +455,37 @@ phase_pgbench() {
         port[$t]=$p
         pid[$t]=$NEAR_PID
     done
+    log "warm-up"
+    for t in "${targets[@]}"; do run_pgbench "$t" "${port[$t]}" - warmup -S -c 4 -j 2 -T 2 >/dev/null; done
+}
 
+# stop_proxies: keeps each proxy's peak RSS so far (hwm[], the highest over
+# the instances a target had) and stops it.
+stop_proxies() {
+    local t rss peak
+    for t in "${targets[@]}"; do
+        [[ $t == pgnear-* || $t == pgbouncer ]] || continue
+        read -r rss peak <<<"$(rss_kb "${pid[$t]}")"
+        last_rss[$t]=${rss:-0}
+        ((${peak:-0} > ${hwm[$t]:-0})) && hwm[$t]=$peak
+    done
+    for t in "${targets[@]}"; do
+        [[ ${pid[$t]} != - && ${pid[$t]} != stopped ]] || continue
+        stop_pid "${pid[$t]}"
+        # pgbouncer-sock shares PgBouncer's process.
+        local u
+        for u in "${!pid[@]}"; do [[ ${pid[$u]} == "${pid[$t]}" && $u != "$t" ]] && pid[$u]=stopped; done
+        pid[$t]=stopped
+    done
+}
+
+phase_pgbench() {
+    mkdir -p "$OUT/runs"
+    local targets=($TARGETS)
+    declare -A port=([direct]=$P_PRIMARY [direct-sock]=$P_PRIMARY) pid=([direct]=- [direct-sock]=-)
+    declare -A hwm=() last_rss=()
+    local bouncer_prepared=0 ROUND=0
+    start_proxies
     local cases=()
     for mode in $MODES; do
         for c in $CLIENTS; do cases+=("S-$mode-c$c"); done
@@ -460,12 +494,12 @@ phase_pgbench() {
     # CASES overrides the matrix, e.g. CASES="S-simple-c16 tpcb-simple-c16".
     [[ -n ${CASES:-} ]] && read -r -a cases <<<"$CASES"
 
-    log "warm-up"
-    ROUND=0
-    for t in "${targets[@]}"; do run_pgbench "$t" "${port[$t]}" - warmup -S -c 4 -j 2 -T 2 >/dev/null; done
-
     printf 'round\tcase\ttarget\ttps\tlatency_ms\tstatus\tload1\tproxy_cpu_us_per_txn\tpostgres_cpu_us_per_txn\tpgbench_cpu_us_per_txn\tproxy_sleeps_per_txn\tproxy_preempted_per_txn\tlatency_p50_us\n' >"$OUT/results.tsv"
     for ROUND in $(seq "$ROUNDS"); do
+        if [[ ${RESTART:-1} == 1 && $ROUND -gt 1 ]]; then
+            stop_proxies
+            start_proxies
+        fi
         local k=0
         for cs in "${cases[@]}"; do
             k=$((k + 1))
@@ -491,18 +525,13 @@ phase_pgbench() {
             done
         done
     done
+    stop_proxies
     : >"$OUT/rss.tsv"
     for t in "${targets[@]}"; do
-        [[ $t == pgnear-* ]] || continue
-        read -r rss hwm <<<"$(rss_kb "${pid[$t]}")"
-        printf '%s\t%s\t%s\n' "$t" "$rss" "$hwm" >>"$OUT/rss.tsv"
+        [[ $t == pgnear-* || $t == pgbouncer ]] || continue
+        printf '%s\t%s\t%s\n' "$t" "${last_rss[$t]}" "${hwm[$t]}" >>"$OUT/rss.tsv"
     done
-    if [[ -n ${pid[pgbouncer]:-} ]]; then
-        read -r rss hwm <<<"$(rss_kb "${pid[pgbouncer]}")"
-        printf '%s\t%s\t%s\n' pgbouncer "$rss" "$hwm" >>"$OUT/rss.tsv"
-    fi
     $TOOLS summarize --results "$OUT/results.tsv" --rss "$OUT/rss.tsv" | tee "$OUT/summary.txt"
-    for t in "${targets[@]}"; do [[ ${pid[$t]} != - ]] && stop_pid "${pid[$t]}"; done
     return 0
 }
 
