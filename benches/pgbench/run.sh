@@ -43,6 +43,7 @@
 #   WAN_DELAY_MS=40 WAN_CLIENTS=4 WAN_DURATION=20 RAW_ITERATIONS=100
 #   IDLE_AUTH=1000 IDLE_TCP=10000 STREAM_RATE_MB=16
 #   CASES="S-simple-c16 tpcb-simple-c16" (instead of the MODES x CLIENTS matrix)
+#   SETSID=1 (proxies and pgbench each in a session of their own; see below)
 #   RESTART=1 (each round on freshly started proxies; 0: one process each
 #   for all rounds)
 #   PROFILE_SECONDS=10 PROFILE_CASES="simple extended prepared tpcb-simple"
@@ -141,6 +142,15 @@ if [[ $(id -u) == 0 ]]; then
 else
     as_pg() { "$@"; }
 fi
+
+# SETSID=1 (the default): every proxy and pgbench run in a session of their
+# own, as services do, and as each PostgreSQL backend does (it calls
+# setsid()). With the kernel's autogroup scheduling (sched_autogroup_enabled)
+# the CPU is shared first between sessions: started from this script's
+# session, pgbench and the proxy would share one share between them while
+# each of the 16 backends had one of its own.
+SETSID_CMD=()
+[[ ${SETSID:-1} == 1 ]] && SETSID_CMD=(setsid -w)
 
 PIDS=()
 cleanup() {
@@ -250,7 +260,10 @@ admin_users = postgres
 $BOUNCER_EXTRA
 EOF
     chown postgres: "$WORK"/userlist.txt "$WORK"/pgbouncer.ini 2>/dev/null || true
-    as_pg "$@" pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
+    # A wrapper (valgrind) would trace setsid instead of PgBouncer.
+    local detach=("${SETSID_CMD[@]}")
+    (($#)) && detach=()
+    as_pg "$@" "${detach[@]}" pgbouncer "$WORK/pgbouncer.ini" >/dev/null 2>&1 &
     PIDS+=("$!")
     wait_port "$P_BOUNCER" pgbouncer
     # runuser may stay in between: the pidfile names pgbouncer itself.
@@ -312,6 +325,7 @@ start_relay() {
     shift
     local port_file=$WORK/$name.port
     rm -f "$port_file"
+    [[ ${#wrapper[@]} == 0 ]] && wrapper=("${SETSID_CMD[@]}")
     "${wrapper[@]}" "$RELAY" "$@" --port-file "$port_file" >/dev/null 2>"$OUT/$name.log" &
     RELAY_PID=$!
     PIDS+=("$RELAY_PID")
@@ -324,7 +338,7 @@ start_relay() {
 start_pgnear() {
     local bin=$PGNEAR
     [[ $1 == *-base ]] && bin=${BASELINE_BIN:?"set BASELINE_BIN to the pgnear binary for $1"}
-    env "${@:4}" "$bin" --config "$2" >"$OUT/$1.log" 2>&1 &
+    "${SETSID_CMD[@]}" env "${@:4}" "$bin" --config "$2" >"$OUT/$1.log" 2>&1 &
     NEAR_PID=$!
     PIDS+=("$NEAR_PID")
     wait_port "$3" "pgnear ($1)"
@@ -364,7 +378,7 @@ run_pgbench() {
     [[ $pid != - ]] && before=$(cpu_ticks "$pid") && sw_before=$($TOOLS switches "$pid")
     pg_before=$($TOOLS server-ticks "$postmaster")
     local TIMEFORMAT='%3U %3S'
-    { time "$PGBENCH" -n -h "$(target_host "$target")" -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?; } 2>"$log.time"
+    { time "${SETSID_CMD[@]}" "$PGBENCH" -n -h "$(target_host "$target")" -p "$port" -U postgres "$@" postgres >"$log" 2>&1 || rc=$?; } 2>"$log.time"
     pg_after=$($TOOLS server-ticks "$postmaster")
     [[ $pid != - ]] && after=$(cpu_ticks "$pid") && sw_after=$($TOOLS switches "$pid")
     local tps lat txns cpu=nan pg=nan bench=nan sleeps=nan preempted=nan p50=nan
