@@ -345,6 +345,32 @@ mod tests {
     }
 
     #[test]
+    fn pgbench_tpcb_is_answered_by_the_session_whatever_the_deltas_sign() {
+        let cache = ClassifyCache::new(64);
+        let mut last = RecentlyClassified::default();
+        let script = [
+            "BEGIN;",
+            "UPDATE pgbench_accounts SET abalance = abalance + {d} WHERE aid = {n};",
+            "SELECT abalance FROM pgbench_accounts WHERE aid = {n};",
+            "UPDATE pgbench_tellers SET tbalance = tbalance + {d} WHERE tid = {n};",
+            "UPDATE pgbench_branches SET bbalance = bbalance + {d} WHERE bid = {n};",
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ({n}, 1, {n}, {d}, CURRENT_TIMESTAMP);",
+            "END;",
+        ];
+        for (round, delta) in ["-4143", "17", "-5", "4999"].into_iter().enumerate() {
+            for sql in script {
+                let sql = sql.replace("{d}", delta).replace("{n}", &(round + 1).to_string());
+                last.classify(&cache, sql.as_bytes());
+            }
+            // From the second transaction on, the session answers every
+            // statement: the shared cache is not even looked at.
+            cache.entries.clear();
+            cache.shapes.clear();
+        }
+        assert_eq!(cache.misses(), script.len() as u64, "each statement was parsed once, in the first run");
+    }
+
+    #[test]
     fn texts_are_remembered_exactly_when_their_class_depends_on_them() {
         let cache = ClassifyCache::new(64);
         let mut last = RecentlyClassified::default();

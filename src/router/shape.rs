@@ -64,11 +64,13 @@ pub fn shape_into(sql: &str, out: &mut String) -> Option<bool> {
                 let body = sql[tag_end + 1..].find(tag)?;
                 Some((i, tag_end + 1 + body + tag.len()))
             }
-            b'0'..=b'9' if !prev_ident => {
-                let len =
-                    bytes[i..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'.' || c == b'_'));
-                Some((i, len.map_or(bytes.len(), |l| i + l)))
+            // A sign after an operator, a comma or a parenthesis is the
+            // literal's own: `+ -5` has the shape of `+ 5` (pgbench's
+            // deltas are either, and a session would keep both shapes).
+            b'-' if bytes.get(i + 1).is_some_and(u8::is_ascii_digit) && after_operator(bytes, i) => {
+                Some((i, number_end(bytes, i + 1)))
             }
+            b'0'..=b'9' if !prev_ident => Some((i, number_end(bytes, i))),
             _ => None,
         };
         match end {
@@ -123,6 +125,19 @@ fn next_special(bytes: &[u8], from: usize) -> Option<usize> {
         i += 8;
     }
     bytes.get(i..)?.iter().position(|&c| SPECIAL[c as usize]).map(|p| i + p)
+}
+
+/// The index just past the number starting at `from`.
+fn number_end(bytes: &[u8], from: usize) -> usize {
+    let len = bytes[from..].iter().position(|&c| !(c.is_ascii_alphanumeric() || c == b'.' || c == b'_'));
+    len.map_or(bytes.len(), |l| from + l)
+}
+
+/// Whether the text before `at`, spaces aside, ends with an operator, a
+/// comma or an opening parenthesis: a `-` at `at` is then a sign.
+fn after_operator(bytes: &[u8], at: usize) -> bool {
+    let before = bytes[..at].iter().rev().find(|c| !c.is_ascii_whitespace());
+    before.is_some_and(|c| b"+-*/%^<>=(,|&~!".contains(c))
 }
 
 fn is_ident(b: u8) -> bool {
@@ -209,8 +224,14 @@ mod tests {
     fn literals_become_placeholders() {
         let a = shape("UPDATE pgbench_accounts SET abalance = abalance + -4230 WHERE aid = 63711;");
         let b = shape("UPDATE pgbench_accounts SET abalance = abalance + -12 WHERE aid = 5;");
+        let c = shape("UPDATE pgbench_accounts SET abalance = abalance + 4230 WHERE aid = 63711;");
         assert_eq!(a, b);
-        assert_eq!(a.as_deref(), Some("UPDATE pgbench_accounts SET abalance = abalance + -? WHERE aid = ?;"));
+        assert_eq!(a, c);
+        assert_eq!(a.as_deref(), Some("UPDATE pgbench_accounts SET abalance = abalance + ? WHERE aid = ?;"));
+        assert_eq!(shape("SELECT f(-1, -2.5) = -3").as_deref(), Some("SELECT f(?, ?) = ?"));
+        // A minus after an operand subtracts: it stays.
+        assert_eq!(shape("SELECT a-1, b - 2, c -3").as_deref(), Some("SELECT a-?, b - ?, c -?"));
+        assert_eq!(shape("SELECT 1 - -1").as_deref(), Some("SELECT ? - ?"));
         assert_eq!(
             shape("SELECT * FROM t WHERE s = 'it''s' AND e = E'a\\'b'").as_deref(),
             Some("SELECT * FROM t WHERE s = ? AND e = ?")
