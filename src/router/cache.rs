@@ -11,7 +11,7 @@ use super::shape::shape_into;
 
 thread_local! {
     /// The shape of the text being looked up, reused between lookups.
-    static SHAPE: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+    static SHAPE: std::cell::RefCell<Vec<u8>> = const { std::cell::RefCell::new(Vec::new()) };
 }
 
 /// Texts longer than this are classified on every call and never stored:
@@ -80,13 +80,15 @@ impl ClassifyCache {
         // the classification does not depend on the literals.
         SHAPE.with(|buffer| {
             let mut shape = buffer.borrow_mut();
-            let replaced = shape_into(sql, &mut shape) == Some(true);
+            let replaced = shape_into(sql.as_bytes(), &mut shape) == Some(true);
+            // A shape of UTF-8 is UTF-8: only ASCII was cut out or put in.
+            let shape = std::str::from_utf8(&shape).unwrap_or_default();
             if replaced {
                 if let Some(found) = self.hit(shapes.as_ref().and_then(|recent| recent.get(shape.as_bytes())))
                 {
                     return (found, true);
                 }
-                if let Some(found) = self.hit(self.shapes.get(shape.as_str())) {
+                if let Some(found) = self.hit(self.shapes.get(shape)) {
                     if let Some(recent) = shapes {
                         recent.keep(shape.as_bytes(), &found);
                     }
@@ -100,7 +102,7 @@ impl ClassifyCache {
                     return (found, false);
                 }
             }
-            let classification = self.miss(sql, replaced.then_some(shape.as_str()));
+            let classification = self.miss(sql, replaced.then_some(shape));
             let by_shape = replaced && shareable(&classification);
             if let Some(recent) = shapes.filter(|_| by_shape) {
                 recent.keep(shape.as_bytes(), &classification);
@@ -186,6 +188,20 @@ impl RecentlyClassified {
     pub fn classify(&mut self, cache: &ClassifyCache, sql: &[u8]) -> Arc<Classification> {
         if let Some(classification) = cache.hit(self.texts.get(sql)) {
             return classification;
+        }
+        // A shape used lately answers before the text is validated as
+        // UTF-8 (the shared cache's keys are strings): the simple
+        // protocol's statements, which differ in their literals, mostly
+        // end here. Any other text is scanned again below, which only
+        // the session's first runs of its statements pay.
+        if !self.shapes.entries.is_empty() {
+            let known = SHAPE.with(|buffer| {
+                let mut shape = buffer.borrow_mut();
+                (shape_into(sql, &mut shape) == Some(true)).then(|| self.shapes.get(&shape)).flatten()
+            });
+            if let Some(classification) = cache.hit(known) {
+                return classification;
+            }
         }
         let (classification, by_shape) = cache.classify_remembering(sql, Some(&mut self.shapes));
         if !by_shape {
