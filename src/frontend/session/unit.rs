@@ -287,17 +287,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// and records what the unit changes.
     fn send(&mut self, target: Target, reason: Reason, unit: &Batch, complete: bool) {
         let frames = &unit.frames[..];
-        self.replay(target, unit);
-        let extended = frames.iter().any(|f| f.tag() != b'Q' && f.tag() != b'F');
-        let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E' | b'F'));
-        if executes {
+        let kinds = Kinds::of(frames);
+        if kinds.names_statements {
+            self.replay(target, unit);
+        }
+        if kinds.executes {
             self.count_route(target, reason);
         }
         if target == Target::Replica && complete && self.bound.is_none() {
             self.retry = Some(unit.clone());
         }
-        let bytes: usize = frames.iter().map(Frame::len).sum();
-        self.shared.metrics.bytes(Direction::ClientToServer, bytes);
+        self.shared.metrics.bytes(Direction::ClientToServer, kinds.bytes);
         if complete {
             self.timers.units += 1;
         }
@@ -313,8 +313,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if complete && !server.backend.copy_in {
             server.backend.in_flight += 1;
         }
-        server.backend.last_unit_synced = complete && extended;
-        self.track(target, unit, complete);
+        server.backend.last_unit_synced = complete && kinds.extended;
+        self.track(target, unit, complete, kinds.runs);
         if let Some(library) = loaded_library(frames) {
             self.state.settings.forget_prefix(&library);
             let key = self.state.settings_key();
@@ -572,7 +572,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// Records what the unit changes: session state, prepared statements,
     /// whether the primary may have written, whether DDL ran.
-    fn track(&mut self, target: Target, unit: &Batch, complete: bool) {
+    fn track(&mut self, target: Target, unit: &Batch, complete: bool, executes: bool) {
         let (frames, classes) = (&unit.frames[..], &unit.classes[..]);
         let volatile = self.volatile_for(classes);
         let volatile = volatile.as_ref().map_or(&*NO_FUNCTIONS, |v| &***v);
@@ -598,7 +598,6 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 self.shared.pools.close_idle(server.node);
             }
         }
-        let executes = frames.iter().any(|f| matches!(f.tag(), b'Q' | b'E'));
         let classifier = &self.shared.classifier;
         let (state, ran_on, mut others) =
             split_state(&mut self.state, self.primary.as_deref_mut(), self.replica.as_deref_mut(), target);
@@ -832,11 +831,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// statement of the same name that another session left on a pooled
     /// connection). Their responses are swallowed. In transaction pooling
     /// the unnamed statement an earlier unit parsed is replayed too.
+    /// Only for units with Parse, Bind, Describe, Close or Execute.
     fn replay(&mut self, target: Target, unit: &Batch) {
-        let extended = unit.frames.iter().any(|f| matches!(f.tag(), b'P' | b'B' | b'D' | b'C' | b'E'));
-        if !extended {
-            return;
-        }
         let needed = match unit.named {
             true => {
                 let (state, server, _) = split_state(
@@ -1163,7 +1159,8 @@ fn missing_statements(
         let (name, parses) = match frame.tag() {
             b'P' => (frontend::parse_name(frame).ok(), true),
             b'B' => (frontend::bind(frame).map(|b| b.statement).ok(), false),
-            b'D' => match frontend::target(frame) {
+            // A Describe of a portal (pgbench's, libpq's) names none.
+            b'D' if frame.body().first() == Some(&b'S') => match frontend::target(frame) {
                 Ok(Named::Statement(name)) => (Some(name), false),
                 _ => (None, false),
             },
@@ -1187,6 +1184,36 @@ fn missing_statements(
         needed.extend(fix);
     }
     needed
+}
+
+/// What a unit's messages are, found in one pass over them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Kinds {
+    bytes: usize,
+    /// Query, Execute or FunctionCall: the unit runs something.
+    executes: bool,
+    /// Query or Execute: statements whose effects the session tracks.
+    runs: bool,
+    /// Anything but Query and FunctionCall: extended-protocol messages.
+    extended: bool,
+    /// Parse, Bind, Describe, Close or Execute: the unit may name
+    /// statements (or the unnamed one) that the server must have.
+    names_statements: bool,
+}
+
+impl Kinds {
+    fn of(frames: &[Frame]) -> Kinds {
+        let mut kinds = Kinds::default();
+        for frame in frames {
+            let tag = frame.tag();
+            kinds.bytes += frame.len();
+            kinds.executes |= matches!(tag, b'Q' | b'E' | b'F');
+            kinds.runs |= matches!(tag, b'Q' | b'E');
+            kinds.extended |= !matches!(tag, b'Q' | b'F');
+            kinds.names_statements |= matches!(tag, b'P' | b'B' | b'D' | b'C' | b'E');
+        }
+        kinds
+    }
 }
 
 /// A Close of the named statement `name`.
