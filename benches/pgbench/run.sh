@@ -491,6 +491,10 @@ stop_proxies() {
         for u in "${!pid[@]}"; do [[ ${pid[$u]} == "${pid[$t]}" && $u != "$t" ]] && pid[$u]=stopped; done
         pid[$t]=stopped
     done
+    # Their PIDs may be reused: the exit trap must not signal them.
+    local alive=() p
+    for p in "${PIDS[@]}"; do kill -0 "$p" 2>/dev/null && alive+=("$p"); done
+    PIDS=("${alive[@]}")
 }
 
 phase_pgbench() {
