@@ -232,6 +232,11 @@ pub struct Session<S: Split> {
     watermark: Watermark,
     /// The `pgnear.write_lsn` last reported to the client.
     reported_lsn: Option<Lsn>,
+    /// The session itself wrote: only then is `pgnear.write_lsn` reported
+    /// to it. A session starts from the proxy-wide watermark, and one that
+    /// never wrote must not be sent a ParameterStatus out of the blue
+    /// (PgJDBC, waiting for notifications, fails on one).
+    wrote: bool,
     /// Work that may write was sent to the primary since it was last idle.
     primary_dirty: bool,
     /// DDL that may define a function was sent to the primary: mark the
@@ -383,6 +388,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 ReadYourWrites::Session | ReadYourWrites::Proxy => shared_watermark,
             },
             reported_lsn: None,
+            wrote: false,
             primary_dirty: false,
             defines_functions: false,
             held: None,
@@ -690,7 +696,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     async fn wait_event(&mut self) -> Event {
         let idle_on = self.shared.config.proxy.idle_client_timeout.is_some() && self.bound.is_none();
         // While a unit runs, its own responses wake the loop often enough.
-        let tick_on = self.bound.is_none() && self.watermark.is_pending();
+        let tick_on = self.bound.is_none() && self.wrote && self.watermark.is_pending();
         if tick_on && !self.timers.tick_armed {
             self.timers.arm_tick();
         }

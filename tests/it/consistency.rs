@@ -231,3 +231,39 @@ async fn a_quiet_client_receives_its_write_lsn_unasked() {
         }
     }
 }
+
+/// A session starts from the proxy-wide watermark, so that a reconnecting
+/// client reads what it wrote; but `pgnear.write_lsn` reports the session's
+/// own writes. One that never wrote is sent nothing unasked while it
+/// waits (PgJDBC, waiting for notifications, fails on a ParameterStatus),
+/// even when it starts while another session's write is still unresolved.
+#[tokio::test]
+async fn a_session_that_never_wrote_is_not_sent_write_lsn() {
+    use crate::support::wire::{query, Wire};
+    // A probe a second: the write stays unresolved for up to that long.
+    let config = ProxyConfig::default()
+        .section("[consistency]\nread_your_writes = \"session\"")
+        .monitor("interval_ms = 1000");
+    let env = start(Cluster::builder().delayed_replica(DELAY), config).await;
+    env.client().await.batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v int)").await.unwrap();
+    let (mut writer, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    writer.send(&query("INSERT INTO kv VALUES (1, 1)")).await;
+    let msgs = writer.until_ready().await;
+    assert!(msgs.iter().all(|m| m.tag != b'E'), "the write failed: {msgs:?}");
+    // Logged in while the write's watermark is pending, and quiet.
+    let (mut reader, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    // The writer is told once the watermark resolves (a probe after the
+    // write, and the re-check half a probe interval later)...
+    let report = tokio::time::timeout(Duration::from_secs(10), writer.recv()).await;
+    let report = report.expect("the writer was not sent its write_lsn").expect("pgnear closed the writer");
+    assert_eq!(report.tag, b'S', "only ParameterStatus may arrive unasked: {report:?}");
+    assert!(report.body.starts_with(b"pgnear.write_lsn\0"), "{report:?}");
+    // ... and the reader, whose re-check would have come as soon, is not.
+    let unasked = tokio::time::timeout(Duration::from_millis(1500), reader.recv()).await;
+    assert!(unasked.is_err(), "a session that never wrote was sent {unasked:?}");
+    // It still reads the write: routing uses the watermark it started from.
+    reader.send(&query("SELECT v FROM kv WHERE k = 1")).await;
+    let msgs = reader.until_ready().await;
+    let row = msgs.iter().find(|m| m.tag == b'D').expect("the reader did not see the write");
+    assert_eq!(row.columns()[0].as_deref(), Some(b"1".as_slice()));
+}

@@ -263,6 +263,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             ReadYourWrites::Session | ReadYourWrites::Proxy => {
                 self.watermark.wrote(at);
                 self.shared.watermark.wrote(at);
+                self.wrote = true;
             }
         }
     }
@@ -285,7 +286,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         self.watermark.resolve(sample);
         self.shared.watermark.resolve(sample);
         let lsn = self.watermark.lsn();
-        if lsn.is_some() && lsn != self.reported_lsn {
+        if self.wrote && lsn.is_some() && lsn != self.reported_lsn {
             self.reported_lsn = lsn;
             let value = lsn.map(|l| l.to_string()).unwrap_or_default();
             self.client.queue(&parameter_status("pgnear.write_lsn", &value));
