@@ -54,14 +54,40 @@ impl ClassifyCache {
     /// it used lately in front of the shared cache. Also says whether the
     /// classification holds for the text's shape (and is in `shapes`).
     fn classify_remembering(&self, sql: &[u8], shapes: Option<&mut Recent>) -> (Arc<Classification>, bool) {
-        // `from_utf8` first: `from_utf8_lossy` validates in a slower loop.
-        match std::str::from_utf8(sql) {
-            Ok(text) => self.classify_text(text, shapes),
-            Err(_) => (self.classify_text(&String::from_utf8_lossy(sql), None).0, false),
-        }
+        SHAPE.with(|buffer| {
+            let mut shape = buffer.borrow_mut();
+            // A shape the session used lately answers before the text is
+            // checked as UTF-8, which only the shared cache's string keys
+            // need: the simple protocol's statements, which differ in
+            // their literals, mostly end here. The scan is not repeated.
+            let mut scanned = None;
+            if let Some(recent) = shapes.as_deref().filter(|recent| !recent.entries.is_empty()) {
+                let shaped = shape_into(sql, &mut shape);
+                if let Some(found) = self.hit((shaped == Some(true)).then(|| recent.get(&shape)).flatten()) {
+                    return (found, true);
+                }
+                scanned = Some(shaped);
+            }
+            // `from_utf8` first: `from_utf8_lossy` validates in a slower loop.
+            match std::str::from_utf8(sql) {
+                Ok(text) => self.classify_text(text, scanned, &mut shape, shapes),
+                // The lossy copy has a shape of its own.
+                Err(_) => {
+                    (self.classify_text(&String::from_utf8_lossy(sql), None, &mut shape, None).0, false)
+                }
+            }
+        })
     }
 
-    fn classify_text(&self, sql: &str, shapes: Option<&mut Recent>) -> (Arc<Classification>, bool) {
+    /// `scanned`: `shape_into`'s answer for `sql`, already in `buffer`,
+    /// when the caller scanned it (and found it not in `shapes`).
+    fn classify_text(
+        &self,
+        sql: &str,
+        scanned: Option<Option<bool>>,
+        buffer: &mut Vec<u8>,
+        shapes: Option<&mut Recent>,
+    ) -> (Arc<Classification>, bool) {
         let cacheable = sql.len() <= MAX_CACHED_SQL_LEN;
         // Texts with $n parameters (the extended protocol's, which repeat
         // exactly) or dollar quotes: the exact text first, a hash being
@@ -78,37 +104,36 @@ impl ClassifyCache {
         // Statements that differ only in literals (the simple protocol's
         // interpolated parameters) share the entry of their shape, when
         // the classification does not depend on the literals.
-        SHAPE.with(|buffer| {
-            let mut shape = buffer.borrow_mut();
-            let replaced = shape_into(sql.as_bytes(), &mut shape) == Some(true);
-            // A shape of UTF-8 is UTF-8: only ASCII was cut out or put in.
-            let shape = std::str::from_utf8(&shape).unwrap_or_default();
-            if replaced {
-                if let Some(found) = self.hit(shapes.as_ref().and_then(|recent| recent.get(shape.as_bytes())))
-                {
-                    return (found, true);
-                }
-                if let Some(found) = self.hit(self.shapes.get(shape)) {
-                    if let Some(recent) = shapes {
-                        recent.keep(shape.as_bytes(), &found);
-                    }
-                    return (found, true);
-                }
+        let replaced = scanned.unwrap_or_else(|| shape_into(sql.as_bytes(), buffer)) == Some(true);
+        // A shape of UTF-8 is UTF-8 (only ASCII was cut out or put in);
+        // were it not, the text would have no shape rather than a wrong one.
+        let shape = if replaced { std::str::from_utf8(buffer).ok() } else { None };
+        if let Some(shape) = shape {
+            let remembered =
+                scanned.is_none().then(|| shapes.as_ref().and_then(|recent| recent.get(shape.as_bytes())));
+            if let Some(found) = self.hit(remembered.flatten()) {
+                return (found, true);
             }
-            // Statements whose class holds for their text only (SET ...)
-            // and texts without literals are kept by their exact text.
-            if !exact_first {
-                if let Some(found) = self.hit(self.entries.get(sql)) {
-                    return (found, false);
+            if let Some(found) = self.hit(self.shapes.get(shape)) {
+                if let Some(recent) = shapes {
+                    recent.keep(shape.as_bytes(), &found);
                 }
+                return (found, true);
             }
-            let classification = self.miss(sql, replaced.then_some(shape));
-            let by_shape = replaced && shareable(&classification);
-            if let Some(recent) = shapes.filter(|_| by_shape) {
-                recent.keep(shape.as_bytes(), &classification);
+        }
+        // Statements whose class holds for their text only (SET ...)
+        // and texts without literals are kept by their exact text.
+        if !exact_first {
+            if let Some(found) = self.hit(self.entries.get(sql)) {
+                return (found, false);
             }
-            (classification, by_shape)
-        })
+        }
+        let classification = self.miss(sql, shape);
+        let by_shape = shape.is_some() && shareable(&classification);
+        if let (Some(recent), Some(shape)) = (shapes.filter(|_| by_shape), shape) {
+            recent.keep(shape.as_bytes(), &classification);
+        }
+        (classification, by_shape)
     }
 
     fn hit(&self, found: Option<Arc<Classification>>) -> Option<Arc<Classification>> {
@@ -188,20 +213,6 @@ impl RecentlyClassified {
     pub fn classify(&mut self, cache: &ClassifyCache, sql: &[u8]) -> Arc<Classification> {
         if let Some(classification) = cache.hit(self.texts.get(sql)) {
             return classification;
-        }
-        // A shape used lately answers before the text is validated as
-        // UTF-8 (the shared cache's keys are strings): the simple
-        // protocol's statements, which differ in their literals, mostly
-        // end here. Any other text is scanned again below, which only
-        // the session's first runs of its statements pay.
-        if !self.shapes.entries.is_empty() {
-            let known = SHAPE.with(|buffer| {
-                let mut shape = buffer.borrow_mut();
-                (shape_into(sql, &mut shape) == Some(true)).then(|| self.shapes.get(&shape)).flatten()
-            });
-            if let Some(classification) = cache.hit(known) {
-                return classification;
-            }
         }
         let (classification, by_shape) = cache.classify_remembering(sql, Some(&mut self.shapes));
         if !by_shape {
@@ -384,6 +395,20 @@ mod tests {
             cache.shapes.clear();
         }
         assert_eq!(cache.misses(), script.len() as u64, "each statement was parsed once, in the first run");
+    }
+
+    #[test]
+    fn a_text_that_is_not_utf8_is_classified_as_its_lossy_copy() {
+        let (cache, mut last, first) = first_run(b"SELECT v FROM t WHERE id = 1");
+        // LATIN1 inside a literal: the shape the session remembers answers.
+        let latin1 = last.classify(&cache, b"SELECT v FROM t WHERE id = 'caf\xe9'");
+        assert!(Arc::ptr_eq(&first, &latin1));
+        // Outside one: the lossy copy is parsed, and its shape is not kept.
+        let shapes = last.shapes.entries.len();
+        assert_eq!(last.classify(&cache, b"SELECT caf\xe9 FROM t WHERE id = 3").class, Class::Read);
+        assert_eq!(last.classify(&cache, b"DELETE FROM caf\xe9 WHERE id = 3").class, Class::Write);
+        assert_eq!(last.shapes.entries.len(), shapes);
+        assert_eq!(cache.misses(), 3);
     }
 
     #[test]
