@@ -108,12 +108,8 @@ impl ClassifyCache {
         // A shape of UTF-8 is UTF-8 (only ASCII was cut out or put in);
         // were it not, the text would have no shape rather than a wrong one.
         let shape = if replaced { std::str::from_utf8(buffer).ok() } else { None };
+        // The session's memo was looked up by the caller, if it had any.
         if let Some(shape) = shape {
-            let remembered =
-                scanned.is_none().then(|| shapes.as_ref().and_then(|recent| recent.get(shape.as_bytes())));
-            if let Some(found) = self.hit(remembered.flatten()) {
-                return (found, true);
-            }
             if let Some(found) = self.hit(self.shapes.get(shape)) {
                 if let Some(recent) = shapes {
                     recent.keep(shape.as_bytes(), &found);
