@@ -21,6 +21,17 @@
 #   wan      the primary behind a 40 ms (each way) delay relay, the replica
 #            local: a 90/10 read/write mix (read and write p50/p99) and
 #            read-after-write p50, pgnear against direct-to-primary
+#   raw-wan  (not in the default) a read right after a write over the WAN:
+#            the primary behind the delay relay as in wan, and the local
+#            replica's WAL over a second relay of the same delay (its
+#            primary_conninfo pointed there), synchronous_commit = on on the
+#            primary; ROUNDS interleaved rounds of tools.py raw
+#            (RAW_ITERATIONS times UPDATE a row, SELECT it at once and again
+#            RAW_LATER_MS later; stale reads, reads served locally) against
+#            direct-wan (the relay), pgnear-wan (next to the replica, default
+#            settings) and, with BASELINE_BIN, pgnear-wan-base; and tools.py
+#            visible once a round: how long after the client's COMMIT
+#            returns the replica shows it. Settings are restored after.
 #   memory   pgnear RSS streaming a 1 GB result to a slow reader; with idle
 #            authenticated clients; with 10,000 idle TCP-only clients; and
 #            what 10,000 authenticated clients do
@@ -41,6 +52,7 @@
 #   DURATION=10  ROUNDS=3  SCALE=10  CLIENTS="1 16 64"  MODES="simple extended prepared"
 #   OUT=target/pgbench-results/<timestamp>   KEEP=1 keeps the cluster directory
 #   WAN_DELAY_MS=40 WAN_CLIENTS=4 WAN_DURATION=20 RAW_ITERATIONS=100
+#   RAW_LATER_MS=50 (raw-wan's second read) BASELINE_BIN (raw-wan's A/B)
 #   IDLE_AUTH=1000 IDLE_TCP=10000 STREAM_RATE_MB=16
 #   CASES="S-simple-c16 tpcb-simple-c16" (instead of the MODES x CLIENTS matrix)
 #   SETSID=1 (proxies and pgbench each in a session of their own; see below)
@@ -80,6 +92,7 @@ WAN_DELAY_MS=${WAN_DELAY_MS:-40}
 WAN_CLIENTS=${WAN_CLIENTS:-4}
 WAN_DURATION=${WAN_DURATION:-20}
 RAW_ITERATIONS=${RAW_ITERATIONS:-100}
+RAW_LATER_MS=${RAW_LATER_MS:-50}
 IDLE_AUTH=${IDLE_AUTH:-1000}
 IDLE_TCP=${IDLE_TCP:-10000}
 STREAM_RATE_MB=${STREAM_RATE_MB:-16}
@@ -590,7 +603,8 @@ EOF
             local tps mix raw
             tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$prefix.out")
             mix=$($TOOLS pct --prefix "$prefix.log" --names read,write)
-            raw=$($TOOLS raw --port "${port[$t]}" --iterations "$RAW_ITERATIONS" --rows $((100000 * SCALE)))
+            raw=$($TOOLS raw --port "${port[$t]}" --iterations "$RAW_ITERATIONS" --rows $((100000 * SCALE)) \
+                --primary-port "$P_PRIMARY")
             log "WAN round $ROUND $t: $mix $raw tps=$tps (load $load)"
             # key=value pairs into the TSV columns
             local -A v=()
@@ -602,6 +616,123 @@ EOF
     done
     $TOOLS summarize-wan --wan "$OUT/wan.tsv" | tee -a "$OUT/summary.txt"
     stop_pid "$near_wan"
+    stop_pid "$relay_pid"
+}
+
+# --- phase: raw-wan ----------------------------------------------------------------
+
+# replica_wal_from PORT CONNINFO: sets the replica's primary_conninfo (ALTER
+# SYSTEM, reload), waits until its WAL receiver streams from PORT and it has
+# caught up with the primary
+replica_wal_from() {
+    psql_at "$P_REPLICA" "ALTER SYSTEM SET primary_conninfo = '${2//\'/\'\'}'"
+    psql_at "$P_REPLICA" "SELECT pg_reload_conf()" >/dev/null
+    local source=""
+    # The WAL receiver restarts on the change; the startup process may take
+    # wal_retrieve_retry_interval (5 s) to start the next one.
+    for _ in $(seq 300); do
+        source=$(psql_at "$P_REPLICA" "SELECT status || ':' || sender_port FROM pg_stat_wal_receiver")
+        [[ $source == "streaming:$1" ]] && break
+        sleep 0.1
+    done
+    [[ $source == "streaming:$1" ]] || die "the replica's WAL receiver is not streaming from port $1 (${source:-no receiver})"
+    wait_replica
+}
+
+# primary_setting NAME VALUE: ALTER SYSTEM on the primary and a reload
+# (VALUE "" resets it)
+primary_setting() {
+    if [[ -z $2 ]]; then
+        psql_at "$P_PRIMARY" "ALTER SYSTEM RESET $1"
+    else
+        psql_at "$P_PRIMARY" "ALTER SYSTEM SET $1 = '$2'"
+    fi
+    psql_at "$P_PRIMARY" "SELECT pg_reload_conf()" >/dev/null
+    for _ in $(seq 50); do
+        [[ -z $2 || $(psql_at "$P_PRIMARY" "SHOW $1") == "$2" ]] && return 0
+        sleep 0.1
+    done
+    die "the primary's $1 did not become $2"
+}
+
+phase_raw_wan() {
+    start_relay raw-wan-relay -- --target "127.0.0.1:$P_PRIMARY" --delay-ms "$WAN_DELAY_MS"
+    local relay_pid=$RELAY_PID p_relay=$RELAY_PORT
+    start_relay raw-wan-wal-relay -- --target "127.0.0.1:$P_PRIMARY" --delay-ms "$WAN_DELAY_MS"
+    local wal_relay_pid=$RELAY_PID p_wal_relay=$RELAY_PORT
+    log "relays on $p_relay (clients) and $p_wal_relay (the replica's WAL): primary $WAN_DELAY_MS ms away each way"
+
+    local old_conninfo old_sync sync_changed=0
+    old_conninfo=$(psql_at "$P_REPLICA" "SHOW primary_conninfo")
+    replica_wal_from "$p_wal_relay" "host=127.0.0.1 port=$p_wal_relay user=postgres application_name=replica"
+    log "the replica streams its WAL through $p_wal_relay"
+    # The harness sets no synchronous_commit (on, PostgreSQL's default);
+    # make sure, in case postgresql.conf or an earlier run says otherwise.
+    old_sync=$(psql_at "$P_PRIMARY" "SHOW synchronous_commit")
+    if [[ $old_sync != on ]]; then
+        log "synchronous_commit is $old_sync on the primary: on for this phase"
+        primary_setting synchronous_commit on
+        sync_changed=1
+    fi
+
+    # pgnear next to the replica, the primary across the WAN, as in phase_wan;
+    # default settings. (Its log would overwrite phase_wan's.)
+    [[ -f $OUT/pgnear-wan.log ]] && mv "$OUT/pgnear-wan.log" "$OUT/pgnear-wan.phase-wan.log"
+    declare -A port=([direct-wan]=$p_relay [pgnear-wan]=$P_NEAR_WAN) pid=()
+    local targets=(direct-wan pgnear-wan) t p
+    write_pgnear_config "$WORK/pgnear-raw-wan.toml" "$P_NEAR_WAN" "$p_relay" auto "" remote
+    start_pgnear pgnear-wan "$WORK/pgnear-raw-wan.toml" "$P_NEAR_WAN"
+    pid[pgnear-wan]=$NEAR_PID
+    if [[ -n ${BASELINE_BIN:-} ]]; then
+        cmp -s "$PGNEAR" "$BASELINE_BIN" && log "warning: BASELINE_BIN is identical to $PGNEAR: this is an A/A run"
+        read -r p _ <<<"$($TOOLS freeport)"
+        write_pgnear_config "$WORK/pgnear-raw-wan-base.toml" "$p" "$p_relay" auto "" remote
+        start_pgnear pgnear-wan-base "$WORK/pgnear-raw-wan-base.toml" "$p"
+        pid[pgnear-wan-base]=$NEAR_PID
+        port[pgnear-wan-base]=$p
+        targets+=(pgnear-wan-base)
+    fi
+    sleep 3 # a few monitor rounds: RTT and lag known
+
+    local cols=(raw_n raw_write_p50_ms raw_write_p90_ms raw_write_p99_ms raw_read_p50_ms raw_read_p90_ms
+        raw_read_p99_ms stale_reads raw_read_local raw_later_n raw_later_p50_ms raw_later_p90_ms raw_later_p99_ms
+        stale_later raw_later_local)
+    local vcols=(visible_n visible_p50_ms visible_p90_ms visible_p99_ms visible_first_poll visible_polls_p50 visible_timeouts)
+    (IFS=$'\t'; echo "round"$'\t'"target"$'\t'"${cols[*]}"$'\t'"load1") >"$OUT/raw-wan.tsv"
+    (IFS=$'\t'; echo "round"$'\t'"${vcols[*]}"$'\t'"load1") >"$OUT/raw-wan-visible.tsv"
+    local rows=$((100000 * SCALE)) n=${#targets[@]}
+    for ROUND in $(seq "$ROUNDS"); do
+        local i
+        for ((i = 0; i < n; i++)); do
+            t=${targets[$(((i + ROUND - 1) % n))]}
+            local load raw c line
+            load=$(load1)
+            raw=$($TOOLS raw --port "${port[$t]}" --iterations "$RAW_ITERATIONS" --rows "$rows" \
+                --later-ms "$RAW_LATER_MS" --primary-port "$P_PRIMARY")
+            log "raw-wan round $ROUND $t: $raw (load $load)"
+            local -A v=()
+            for kv in $raw; do v[${kv%%=*}]=${kv#*=}; done
+            line="$ROUND"$'\t'"$t"
+            for c in "${cols[@]}"; do line+=$'\t'"${v[$c]:-nan}"; done
+            printf '%s\t%s\n' "$line" "$load" >>"$OUT/raw-wan.tsv"
+        done
+        load=$(load1)
+        raw=$($TOOLS visible --port "$p_relay" --replica-port "$P_REPLICA" --iterations "$RAW_ITERATIONS" --rows "$rows")
+        log "raw-wan round $ROUND visible: $raw (load $load)"
+        local -A v=()
+        for kv in $raw; do v[${kv%%=*}]=${kv#*=}; done
+        line="$ROUND"
+        for c in "${vcols[@]}"; do line+=$'\t'"${v[$c]:-nan}"; done
+        printf '%s\t%s\n' "$line" "$load" >>"$OUT/raw-wan-visible.tsv"
+    done
+    $TOOLS summarize-raw-wan --raw "$OUT/raw-wan.tsv" --visible "$OUT/raw-wan-visible.tsv" --later-ms "$RAW_LATER_MS" |
+        tee -a "$OUT/summary.txt"
+
+    for t in "${targets[@]}"; do [[ -n ${pid[$t]:-} ]] && stop_pid "${pid[$t]}"; done
+    ((sync_changed)) && primary_setting synchronous_commit ""
+    replica_wal_from "$P_PRIMARY" "$old_conninfo"
+    log "the replica streams from the primary again"
+    stop_pid "$wal_relay_pid"
     stop_pid "$relay_pid"
 }
 
@@ -836,6 +967,7 @@ phase_instructions() {
 
 has_phase pgbench && phase_pgbench
 has_phase wan && phase_wan
+has_phase raw-wan && phase_raw_wan
 has_phase memory && phase_memory
 has_phase profile && phase_profile
 has_phase instructions && phase_instructions

@@ -5,7 +5,10 @@ Subcommands:
   idle        open N client connections (authenticated, or TCP only) and
               hold them until killed
   stream      run one query and read its result slowly (bounded rate)
-  raw         read-after-write latency: UPDATE a row, then SELECT it
+  raw         read-after-write latency: UPDATE a row, then SELECT it at once
+              and again --later-ms later; which server answered each read
+  visible     how long after the client's COMMIT returns a replica shows it
+              (UPDATE through the primary, then poll the replica directly)
   pct         percentiles per script from pgbench --log files
   p50         the median transaction latency (us) in pgbench --log files
   freeport    print N free loopback TCP ports
@@ -82,17 +85,27 @@ class Conn:
 
     def query(self, sql):
         """Runs a simple query; returns (first value of the first row, error)."""
+        row, error = self.query_row(sql)
+        return (row[0] if row else None), error
+
+    def query_row(self, sql):
+        """Runs a simple query; returns (the first row as a list of text
+        values, None for NULL; or None without rows, error)."""
         self.sock.sendall(query_message(sql))
-        value, error = None, None
+        row, error = None, None
         while True:
             tag, body = self.message()
-            if tag == b"D" and value is None:
-                n = struct.unpack("!i", body[2:6])[0]
-                value = body[6 : 6 + n].decode() if n >= 0 else None
+            if tag == b"D" and row is None:
+                row, pos = [], 2
+                for _ in range(struct.unpack("!h", body[:2])[0]):
+                    n = struct.unpack("!i", body[pos : pos + 4])[0]
+                    pos += 4
+                    row.append(body[pos : pos + n].decode() if n >= 0 else None)
+                    pos += max(n, 0)
             elif tag == b"E":
                 error = error_text(body)
             elif tag == b"Z":
-                return value, error
+                return row, error
 
 
 def percentile(values, p):
@@ -197,36 +210,119 @@ def stream_main(args):
 # --- raw: read after write --------------------------------------------------
 
 
+def pcts(name, values, ps=(50, 90, 99)):
+    """`name_pNN_ms=...` for each percentile of `values` (ms)."""
+    return " ".join(f"{name}_p{p}_ms={percentile(values, p):.2f}" for p in ps)
+
+
 def raw_main(args):
-    conn = Conn(args.host, args.port, args.user, args.database)
-    writes, reads, mismatches = [], [], 0
+    """Each round: UPDATE a row to a fresh value, SELECT it at once, then
+    (unless --later-ms is 0) sleep --later-ms and SELECT it again. A read is
+    stale when it does not show the value just written; with --primary-port
+    (the primary's real port, whatever relay or proxy is in between) a read
+    is local when inet_server_port() names another server."""
     import random
 
+    conn = Conn(args.host, args.port, args.user, args.database)
+    writes, reads, laters = [], [], []
+    stale, stale_later, local, local_later = 0, 0, 0, 0
+    # Not a fixed sequence by default: runs that wrote the same values to the
+    # same rows as an earlier run could not tell a stale read from a fresh one.
     rng = random.Random(args.seed)
+    select = "SELECT abalance, inet_server_port() FROM pgbench_accounts WHERE aid = {}"
+
+    def read(aid):
+        row, err = conn.query_row(select.format(aid))
+        if err or not row:
+            print("error:", err or f"no row for aid {aid}", file=sys.stderr)
+            sys.exit(1)
+        return row
+
     for i in range(args.warmup + args.iterations):
         aid = rng.randint(1, args.rows)
         value = rng.randint(-1_000_000, 1_000_000)
         t0 = time.perf_counter()
         _, err = conn.query(f"UPDATE pgbench_accounts SET abalance = {value} WHERE aid = {aid}")
         t1 = time.perf_counter()
-        got, err2 = conn.query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}")
-        t2 = time.perf_counter()
-        if err or err2:
-            print("error:", err or err2, file=sys.stderr)
+        if err:
+            print("error:", err, file=sys.stderr)
             sys.exit(1)
+        got, port = read(aid)
+        t2 = time.perf_counter()
+        later = None
+        if args.later_ms > 0:
+            time.sleep(args.later_ms / 1e3)
+            t3 = time.perf_counter()
+            later = read(aid)
+            t4 = time.perf_counter()
         if i < args.warmup:
             continue
-        if got != str(value):
-            mismatches += 1
         writes.append((t1 - t0) * 1e3)
         reads.append((t2 - t1) * 1e3)
+        stale += got != str(value)
+        local += args.primary_port is not None and port != str(args.primary_port)
+        if later is not None:
+            laters.append((t4 - t3) * 1e3)
+            stale_later += later[0] != str(value)
+            local_later += args.primary_port is not None and later[1] != str(args.primary_port)
         if args.pause_ms:
             time.sleep(args.pause_ms / 1e3)
-    print(
-        f"raw_n={len(reads)} raw_write_p50_ms={percentile(writes, 50):.2f} raw_write_p99_ms={percentile(writes, 99):.2f} "
-        f"raw_read_p50_ms={percentile(reads, 50):.2f} raw_read_p99_ms={percentile(reads, 99):.2f} "
-        f"stale_reads={mismatches}"
-    )
+    out = [f"raw_n={len(reads)}", pcts("raw_write", writes), pcts("raw_read", reads), f"stale_reads={stale}"]
+    if args.primary_port is not None:
+        out.append(f"raw_read_local={local}")
+    if args.later_ms > 0:
+        out += [f"raw_later_n={len(laters)}", pcts("raw_later", laters), f"stale_later={stale_later}"]
+        if args.primary_port is not None:
+            out.append(f"raw_later_local={local_later}")
+    print(" ".join(out))
+
+
+# --- visible: replication delay as the client sees it -------------------------
+
+
+def visible_main(args):
+    """UPDATE a row through `--port` (the primary, through the WAN relay as
+    a client would reach it) and, the moment COMMIT returns, poll the replica
+    (`--replica-port`, directly) in a tight loop until it shows the new
+    value. Reports that delay (until the answer showing it arrived) and how
+    often the very first poll already showed it."""
+    import random
+
+    primary = Conn(args.host, args.port, args.user, args.database)
+    replica = Conn(args.host, args.replica_port, args.user, args.database)
+    rng = random.Random(args.seed)
+    delays, polls, first, timeouts = [], [], 0, 0
+    for i in range(args.warmup + args.iterations):
+        aid = rng.randint(1, args.rows)
+        value = rng.randint(-1_000_000, 1_000_000)
+        _, err = primary.query(f"UPDATE pgbench_accounts SET abalance = {value} WHERE aid = {aid}")
+        committed = time.perf_counter()
+        if err:
+            print("error:", err, file=sys.stderr)
+            sys.exit(1)
+        n, seen = 0, False
+        while time.perf_counter() - committed < args.timeout_s:
+            got, err = replica.query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}")
+            n += 1
+            if err:
+                print("error:", err, file=sys.stderr)
+                sys.exit(1)
+            if got == str(value):
+                seen = True
+                break
+        arrived = time.perf_counter()
+        if i < args.warmup:
+            continue
+        if not seen:
+            timeouts += 1
+            continue
+        delays.append((arrived - committed) * 1e3)
+        polls.append(n)
+        first += n == 1
+        if args.pause_ms:
+            time.sleep(args.pause_ms / 1e3)
+    print(f"visible_n={len(delays)} {pcts('visible', delays)} visible_first_poll={first} "
+          f"visible_polls_p50={percentile(polls, 50):.0f} visible_timeouts={timeouts}")
 
 
 # --- pct: pgbench logs ------------------------------------------------------
@@ -467,6 +563,77 @@ def summarize_wan_main(args):
               f"read-after-write p50: pgnear {p['raw_read_p50_ms']:.2f} vs direct {d['raw_read_p50_ms']:.2f}")
 
 
+RAW_WAN_FIGURES = [
+    ("raw_write_p50_ms", "write p50"), ("raw_write_p90_ms", "write p90"),
+    ("raw_read_p50_ms", "read p50"), ("raw_read_p90_ms", "read p90"), ("raw_read_p99_ms", "read p99"),
+    ("raw_later_p50_ms", "later p50"), ("raw_later_p90_ms", "later p90"), ("raw_later_p99_ms", "later p99"),
+]
+RAW_WAN_COUNTS = [("stale_reads", "stale"), ("stale_later", "stale later"),
+                  ("raw_read_local", "read local"), ("raw_later_local", "later local")]
+
+
+def summarize_raw_wan_main(args):
+    """The raw-wan phase: per target, medians over rounds of each round's
+    percentiles; stale and local reads summed over rounds (of `n` each)."""
+    rows = read_tsv(args.raw)
+
+    def num(r, c):
+        try:
+            return float(r.get(c) or "nan")
+        except ValueError:
+            return float("nan")
+
+    def total(rs, c):
+        return sum(int(v) for v in (num(r, c) for r in rs) if v == v)
+
+    rounds = len({r["round"] for r in rows})
+    print(f"\nraw-wan: UPDATE then SELECT of the same row at once (read) and {args.later_ms} ms later (later), "
+          "one client; the primary behind the delay relay,\nthe local replica's WAL over a relay of the same delay, "
+          f"synchronous_commit = on; medians over {rounds} interleaved round(s) of each round's percentile, ms;\n"
+          "stale: reads not showing the value just written; local: reads not answered by the primary "
+          "(inet_server_port()); both summed over rounds, of n reads")
+    print(f"{'target':<16} {'n':>5} " + " ".join(f"{h:>10}" for _, h in RAW_WAN_FIGURES) + " "
+          + " ".join(f"{h:>11}" for _, h in RAW_WAN_COUNTS) + f" {'load1':>6}")
+    med = {}
+    for t in dict.fromkeys(r["target"] for r in rows):
+        rs = [r for r in rows if r["target"] == t]
+        med[t] = {c: median([num(r, c) for r in rs]) for c, _ in RAW_WAN_FIGURES}
+        n = total(rs, "raw_n")
+        counts = []
+        for c, _ in RAW_WAN_COUNTS:
+            vals = [num(r, c) for r in rs]
+            counts.append("n/a" if any(v != v for v in vals) else str(int(sum(vals))))
+        load = median([num(r, "load1") for r in rs])
+        print(f"{t:<16} {n:>5} " + " ".join(f"{fmt(med[t][c], '.2f'):>10}" for c, _ in RAW_WAN_FIGURES) + " "
+              + " ".join(f"{x:>11}" for x in counts) + f" {fmt(load, '.2f'):>6}")
+    direct = med.get("direct-wan")
+    for t in med:
+        if not t.startswith("pgnear"):
+            continue
+        if direct:
+            print(f"  [info] {t}: immediate read p50 {med[t]['raw_read_p50_ms']:.2f} ms = "
+                  f"{med[t]['raw_read_p50_ms'] / direct['raw_read_p50_ms']:.2f}x direct's "
+                  f"{direct['raw_read_p50_ms']:.2f}; later read p50 "
+                  f"{med[t]['raw_later_p50_ms'] / direct['raw_later_p50_ms']:.2f}x direct's; write p50 "
+                  f"{med[t]['raw_write_p50_ms'] / direct['raw_write_p50_ms']:.2f}x direct's")
+        base = med.get(f"{t}-base")
+        if base:
+            print(f"  [info] {t} against {t}-base: immediate read p50 "
+                  f"{med[t]['raw_read_p50_ms'] / base['raw_read_p50_ms']:.2f}x, later read p50 "
+                  f"{med[t]['raw_later_p50_ms'] / base['raw_later_p50_ms']:.2f}x")
+    if args.visible:
+        vis = read_tsv(args.visible)
+        if vis:
+            n, first, lost = (total(vis, c) for c in ("visible_n", "visible_first_poll", "visible_timeouts"))
+            p50 = median([num(r, "visible_p50_ms") for r in vis])
+            p90 = median([num(r, "visible_p90_ms") for r in vis])
+            p99 = median([num(r, "visible_p99_ms") for r in vis])
+            print(f"visible (no proxy): the replica showed a commit {fmt(p50, '.2f')} ms (p50), {fmt(p90, '.2f')} ms "
+                  f"(p90), {fmt(p99, '.2f')} ms (p99) after the client's COMMIT returned (medians over "
+                  f"{len(vis)} round(s)); the first poll already showed it in {first} of {n}; "
+                  f"{lost} never seen in time")
+
+
 def summarize_memory_main(args):
     rows = read_tsv(args.memory)
     print("\nmemory: a fresh pgnear per test; kB")
@@ -642,7 +809,18 @@ def main():
     sp.add_argument("--warmup", type=int, default=5)
     sp.add_argument("--rows", type=int, default=1_000_000)
     sp.add_argument("--pause-ms", type=float, default=0)
-    sp.add_argument("--seed", type=int, default=7)
+    sp.add_argument("--seed", type=int, help="fixes the rows and values written (default: fresh ones each run)")
+    sp.add_argument("--later-ms", type=float, default=50, help="the second read this long after the first (0: none)")
+    sp.add_argument("--primary-port", type=int, help="the primary's real port: reads from another count as local")
+    sp = sub.add_parser("visible")
+    conn_args(sp)
+    sp.add_argument("--replica-port", type=int, required=True)
+    sp.add_argument("--iterations", type=int, default=100)
+    sp.add_argument("--warmup", type=int, default=3)
+    sp.add_argument("--rows", type=int, default=1_000_000)
+    sp.add_argument("--pause-ms", type=float, default=0)
+    sp.add_argument("--timeout-s", type=float, default=10)
+    sp.add_argument("--seed", type=int)
     sp = sub.add_parser("pct")
     sp.add_argument("--prefix", required=True)
     sp.add_argument("--names", required=True)
@@ -653,6 +831,10 @@ def main():
     sp.add_argument("--rss")
     sp = sub.add_parser("summarize-wan")
     sp.add_argument("--wan", required=True)
+    sp = sub.add_parser("summarize-raw-wan")
+    sp.add_argument("--raw", required=True)
+    sp.add_argument("--visible")
+    sp.add_argument("--later-ms", default="50")
     sp = sub.add_parser("summarize-memory")
     sp.add_argument("--memory", required=True)
     sp = sub.add_parser("freeport")
@@ -673,10 +855,12 @@ def main():
         {
             "stream": stream_main,
             "raw": raw_main,
+            "visible": visible_main,
             "pct": pct_main,
             "p50": p50_main,
             "summarize": summarize_main,
             "summarize-wan": summarize_wan_main,
+            "summarize-raw-wan": summarize_raw_wan_main,
             "summarize-memory": summarize_memory_main,
             "freeport": freeport_main,
             "rss": rss_main,

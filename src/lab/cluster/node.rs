@@ -19,6 +19,8 @@ use super::{quote_literal, ClusterBuilder, LabError, LOOPBACK, READY_TIMEOUT, SU
 const PG_CTL_WAIT_SECS: &str = "60";
 /// How often polled conditions are re-checked (Cluster.pm uses 100 ms).
 const POLL_INTERVAL: Duration = Duration::from_millis(50);
+/// How long [`PgNode::stream_from`] waits for the WAL receiver to stream from its new source.
+const STREAM_SWITCH_TIMEOUT: Duration = Duration::from_secs(30);
 /// Attempts at starting a node on a fresh port when another process took the one we picked.
 const PORT_ATTEMPTS: usize = 3;
 /// How much of a node's log a start failure carries.
@@ -161,6 +163,32 @@ impl PgNode {
             }
             sleep(POLL_INTERVAL).await;
         }
+    }
+
+    /// Points this replica's WAL receiver at `addr`, e.g. a [`Relay`](crate::lab::relay::Relay)
+    /// in front of the primary so that WAL crosses the same simulated WAN as the clients.
+    ///
+    /// Sets `primary_conninfo` (as the superuser, over the trusted replication line of
+    /// pg_hba.conf, like the conninfo pg_basebackup wrote) with `ALTER SYSTEM`, reloads, and
+    /// waits until `pg_stat_wal_receiver` shows a receiver streaming from `addr`'s port. The
+    /// receiver restarts on the change; the startup process may wait up to
+    /// `wal_retrieve_retry_interval` (5 s) before starting the next one. It does not wait for
+    /// the replica to catch up: see [`Cluster::wait_for_catchup`](super::Cluster::wait_for_catchup).
+    /// Call it again with [`Cluster::primary`](super::Cluster::primary)'s address to undo it.
+    pub async fn stream_from(&self, addr: SocketAddr) -> Result<(), LabError> {
+        let conninfo = format!(
+            "host={} port={} user={SUPERUSER} application_name={}",
+            addr.ip(),
+            addr.port(),
+            self.name
+        );
+        let client = self.connect().await?;
+        let set = format!("ALTER SYSTEM SET primary_conninfo = {}", quote_literal(&conninfo));
+        client.simple_query(&set).await.map_err(|e| self.pg_err(e))?;
+        client.simple_query("SELECT pg_reload_conf()").await.map_err(|e| self.pg_err(e))?;
+        let source = "SELECT status || ' ' || sender_host || ':' || sender_port FROM pg_stat_wal_receiver";
+        let expected = format!("streaming {}:{}", addr.ip(), addr.port());
+        self.poll_query_until(source, &expected, STREAM_SWITCH_TIMEOUT).await
     }
 
     /// Stops the node cleanly (`pg_ctl stop -m fast`), blocking until it has exited.

@@ -7,6 +7,7 @@ use tokio::time::Instant;
 use tokio_postgres::NoTls;
 
 use super::{AuthMethod, Cluster, LabError};
+use crate::lab::relay::Relay;
 
 const CATCHUP: Duration = Duration::from_secs(30);
 const DELAY: Duration = Duration::from_millis(300);
@@ -109,4 +110,29 @@ async fn a_node_that_cannot_start_reports_its_log() {
     };
     assert_eq!(node, "primary");
     assert!(log_tail.contains("shared_buffers"), "{error}");
+}
+
+#[tokio::test]
+async fn a_replica_streams_through_a_relay_and_back() {
+    let cluster = Cluster::builder().replica().start().await.expect("cluster starts");
+    let (primary, replica) = (cluster.primary(), cluster.replica(0));
+    let relay = Relay::start(primary.addr(), DELAY).await.unwrap();
+    replica.stream_from(relay.addr()).await.unwrap();
+    let port = replica.query_scalar("SELECT sender_port FROM pg_stat_wal_receiver").await.unwrap();
+    assert_eq!(port, relay.port().to_string());
+
+    // WAL now crosses the relay: a commit reaches the replica its delay late.
+    let client = primary.connect().await.unwrap();
+    let sent = Instant::now();
+    client.batch_execute("CREATE TABLE t (id int); INSERT INTO t VALUES (1)").await.unwrap();
+    cluster.wait_for_catchup(CATCHUP).await.unwrap();
+    assert!(sent.elapsed() >= DELAY, "caught up after {:?}", sent.elapsed());
+    assert_eq!(replica.query_scalar("SELECT count(*) FROM t").await.unwrap(), "1");
+
+    // And back to the primary directly, which outlives the relay.
+    replica.stream_from(primary.addr()).await.unwrap();
+    drop(relay);
+    client.batch_execute("INSERT INTO t VALUES (2)").await.unwrap();
+    cluster.wait_for_catchup(CATCHUP).await.unwrap();
+    assert_eq!(replica.query_scalar("SELECT count(*) FROM t").await.unwrap(), "2");
 }
