@@ -1,8 +1,10 @@
 //! `pgnear demo`: the first thing a newcomer runs. It starts a primary and
 //! two streaming replicas on loopback with PostgreSQL's own tools, puts
 //! the primary "in us-east" and one replica "in ap-northeast" behind the
-//! WAN relay, keeps one replica local "in eu-west", starts pgnear in
-//! front, prints a connection string and shows each node live.
+//! WAN relay, keeps one replica local "in eu-west" (which receives its WAL
+//! across the same WAN link as a real transatlantic replica does), starts
+//! pgnear in front, prints a connection string and shows each node live,
+//! and how the reads right after a write were served.
 
 use std::process::ExitCode;
 use std::time::Duration;
@@ -35,6 +37,9 @@ async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     let cluster = Cluster::builder().replica().delayed_replica(Duration::from_millis(500)).start().await?;
     let to_us = Relay::start(cluster.primary().addr(), US_EAST_DELAY).await?;
     let to_ap = Relay::start(cluster.replica(1).addr(), AP_DELAY).await?;
+    // The eu replica's WAL crosses the ocean too.
+    let eu_wal = Relay::start(cluster.primary().addr(), US_EAST_DELAY).await?;
+    cluster.replica(0).stream_from(eu_wal.addr()).await?;
     let config = Config::parse(&demo_config(port, &cluster, &to_us, &to_ap), &|_| None)
         .map_err(|e| format!("demo config: {e}"))?;
     let proxy = Proxy::start(config).await?;
@@ -49,7 +54,9 @@ async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
         US_EAST_DELAY.as_millis(),
         AP_DELAY.as_millis()
     );
-    println!("eu-replica is local. Press Ctrl-C to stop and clean up.");
+    println!(
+        "eu-replica is local and receives its WAL across the same link. Press Ctrl-C to stop and clean up."
+    );
     println!();
     let shared = proxy.shared().clone();
     #[allow(clippy::disallowed_methods)] // the demo's own loop has a time driver
@@ -65,6 +72,7 @@ async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     proxy.shutdown_now().await;
     drop(to_us);
     drop(to_ap);
+    drop(eu_wal);
     drop(cluster);
     Ok(())
 }
@@ -137,5 +145,9 @@ fn print_nodes(shared: &crate::frontend::Shared) {
             share
         );
     }
+    let (caught_up, timed_out) = shared.metrics.replica_waits();
+    println!(
+        "reads right after a write: {caught_up} served by a replica that caught up, {timed_out} sent to the primary"
+    );
     println!();
 }

@@ -34,6 +34,11 @@ const LATENCY_BUCKETS: &[f64] =
 const PIN_BUCKETS: &[f64] =
     &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0];
 
+/// Replica wait buckets: a replica a fraction of a millisecond behind to
+/// a wait as long as a far primary's round trip.
+const WAIT_BUCKETS: &[f64] =
+    &[0.0001, 0.00025, 0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0];
+
 /// The error classes of `ProxyError::class`; anything else counts as
 /// `other`, so the label set stays bounded.
 const ERROR_CLASSES: [&str; 8] = [
@@ -116,6 +121,20 @@ pub struct Metrics {
     bytes: [IntCounter; 2],
     pins: IntCounter,
     pin_seconds: Histogram,
+    /// Watermark probes answered with an LSN, then failed ones.
+    probes: [IntCounter; 2],
+    /// Reads that waited for a replica: caught up, then timed out.
+    waits: [IntCounter; 2],
+    wait_seconds: Histogram,
+}
+
+/// How a read's wait for a replica ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum WaitOutcome {
+    /// The replica replayed the watermark in time: it serves the read.
+    CaughtUp = 0,
+    /// It did not: the read goes to the primary.
+    TimedOut = 1,
 }
 
 /// One server connection's metric children: its node's latency histogram,
@@ -221,6 +240,31 @@ impl Metrics {
             )
             .buckets(PIN_BUCKETS.to_vec()),
         )?;
+        let probes = IntCounterVec::new(
+            Opts::new(
+                "pgnear_watermark_probes_total",
+                "Hidden insert-LSN probes pipelined behind commits, by result (lsn, failed).",
+            ),
+            &["result"],
+        )?;
+        let waits = IntCounterVec::new(
+            Opts::new(
+                "pgnear_replica_waits_total",
+                "Reads after a write that waited for a replica to replay it, by outcome \
+                 (caught_up: the replica served it; timed_out: the primary did).",
+            ),
+            &["outcome"],
+        )?;
+        let wait_seconds = Histogram::with_opts(
+            HistogramOpts::new(
+                "pgnear_replica_wait_seconds",
+                "How long a read after a write waited for a replica to replay it.",
+            )
+            .buckets(WAIT_BUCKETS.to_vec()),
+        )?;
+        registry.register(Box::new(probes.clone()))?;
+        registry.register(Box::new(waits.clone()))?;
+        registry.register(Box::new(wait_seconds.clone()))?;
         registry.register(Box::new(routed.clone()))?;
         registry.register(Box::new(latency.clone()))?;
         registry.register(Box::new(clients.clone()))?;
@@ -245,6 +289,9 @@ impl Metrics {
             backends,
             pins,
             pin_seconds,
+            probes: [probes.with_label_values(&["lsn"]), probes.with_label_values(&["failed"])],
+            waits: [waits.with_label_values(&["caught_up"]), waits.with_label_values(&["timed_out"])],
+            wait_seconds,
         })
     }
 
@@ -290,6 +337,22 @@ impl Metrics {
     /// A session started being held on the primary after a write.
     pub fn pin_started(&self) {
         self.pins.inc();
+    }
+
+    /// A watermark probe came back, with an LSN or not.
+    pub fn probe(&self, answered: bool) {
+        self.probes[usize::from(!answered)].inc();
+    }
+
+    /// A read waited `waited` for a replica, with `outcome`.
+    pub fn replica_wait(&self, outcome: WaitOutcome, waited: Duration) {
+        self.waits[outcome as usize].inc();
+        self.wait_seconds.observe(waited.as_secs_f64());
+    }
+
+    /// Reads that waited for a replica so far: caught up, timed out.
+    pub fn replica_waits(&self) -> (u64, u64) {
+        (self.waits[0].get(), self.waits[1].get())
     }
 
     /// A session's read-your-writes pin ended after `held`.

@@ -98,7 +98,7 @@ impl Proxy {
         let shared = Arc::new(Shared {
             classifier: ClassifyCache::new(config.proxy.classify_cache_entries),
             catalogs,
-            watermark: SharedWatermark::new(std::time::Instant::now()),
+            watermark: Arc::new(SharedWatermark::new(std::time::Instant::now())),
             metrics: Arc::new(Metrics::new()),
             config,
             topology,

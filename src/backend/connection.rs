@@ -6,6 +6,7 @@ use std::collections::VecDeque;
 use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
+use crate::cluster::Lsn;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::{Frame, FrameReader, ProtocolError};
 use crate::tls::{ReadHalf, WriteHalf};
@@ -21,6 +22,35 @@ pub enum Hidden {
     /// The next CloseComplete (a Close of a statement the client closed
     /// on another server).
     CloseComplete,
+    /// The answer to a watermark probe (`PROBE_SQL`): its row, tag, any
+    /// error, and its ReadyForQuery.
+    Probe,
+}
+
+/// The watermark probe pipelined behind a unit that commits: the primary's
+/// insert position once the unit's commit is in, schema-qualified so that
+/// no `search_path` can stand another function in for it.
+pub const PROBE_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
+
+/// A response pgnear expects for itself, and how many ReadyForQuery the
+/// connection must have received before it comes (the client's units sent
+/// ahead of it answer first).
+#[derive(Debug, Clone, Copy)]
+struct Expected {
+    hidden: Hidden,
+    after: u64,
+}
+
+/// What [`Backend::swallow`] made of a server frame.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Swallowed {
+    /// The client's: relay it.
+    No,
+    /// pgnear's own: drop it.
+    Yes,
+    /// The last message of a probe's answer: the insert LSN it read (none
+    /// if it failed) and the transaction status it ended in.
+    Probe(Option<Lsn>, u8),
 }
 
 /// Server messages the session relays without looking at them: not
@@ -68,7 +98,12 @@ pub struct Backend {
     pub copy_in: bool,
     /// The last unit sent was extended-protocol and ended with Sync.
     pub last_unit_synced: bool,
-    hidden: VecDeque<Hidden>,
+    /// ReadyForQuery received so far (and Syncs the server ignored in COPY
+    /// IN mode): where the connection is in the order of its answers.
+    readies: u64,
+    hidden: VecDeque<Expected>,
+    /// The LSN a probe's row carried, until its ReadyForQuery.
+    probe_lsn: Option<Lsn>,
 }
 
 impl Backend {
@@ -90,7 +125,9 @@ impl Backend {
             tx_status: b'I',
             copy_in: false,
             last_unit_synced: false,
+            readies: 0,
             hidden: VecDeque::new(),
+            probe_lsn: None,
         }
     }
 
@@ -99,13 +136,49 @@ impl Backend {
         self.out.extend_from_slice(frame.raw());
     }
 
-    /// Queues a frame whose responses pgnear will swallow.
+    /// Queues a frame whose responses pgnear will swallow. They come after
+    /// the answers to everything already in flight.
     pub fn queue_hidden(&mut self, frame: &Frame, hidden: Hidden) {
         self.queue(frame);
-        self.hidden.push_back(hidden);
+        self.expect(hidden);
         if hidden == Hidden::UntilReady {
             self.in_flight += 1;
         }
+    }
+
+    /// Queues a watermark probe behind what is queued. It is not counted
+    /// in flight: the connection is idle for the client as soon as the
+    /// client's own units are answered.
+    pub fn queue_probe(&mut self) {
+        let mut body = Vec::with_capacity(PROBE_SQL.len() + 1);
+        body.extend_from_slice(PROBE_SQL.as_bytes());
+        body.push(0);
+        self.queue(&Frame::new(b'Q', &body));
+        self.expect(Hidden::Probe);
+    }
+
+    fn expect(&mut self, hidden: Hidden) {
+        let after = self.readies + u64::from(self.in_flight);
+        self.hidden.push_back(Expected { hidden, after });
+    }
+
+    /// A ReadyForQuery of the client's reached pgnear, with `status`.
+    pub fn ready(&mut self, status: u8) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.readies += 1;
+        self.tx_status = status;
+    }
+
+    /// A Sync sent with a COPY's Execute reached the server in COPY IN
+    /// mode, where it is ignored: no ReadyForQuery will answer it.
+    pub fn sync_ignored(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+        self.readies += 1;
+    }
+
+    /// Whether a probe's answer is still expected.
+    pub fn is_probing(&self) -> bool {
+        self.hidden.iter().any(|e| e.hidden == Hidden::Probe)
     }
 
     pub fn has_output(&self) -> bool {
@@ -179,31 +252,53 @@ impl Backend {
     }
 
     /// Decides whether a server frame is a response to pgnear's own
-    /// replay; if so it must not reach the client.
-    pub fn swallow(&mut self, frame: &Frame) -> bool {
-        if frame.tag() == b'E' {
+    /// replay or probe; if so it must not reach the client. An expected
+    /// response counts only once the client's units sent ahead of it have
+    /// been answered.
+    pub fn swallow(&mut self, frame: &Frame) -> Swallowed {
+        let tag = frame.tag();
+        if tag == b'E' {
             // After an error the server skips to Sync: replayed Parse and
             // Close responses that were still expected will never come.
-            while matches!(self.hidden.front(), Some(Hidden::ParseComplete | Hidden::CloseComplete)) {
+            while matches!(self.current(), Some(Hidden::ParseComplete | Hidden::CloseComplete)) {
                 self.hidden.pop_front();
             }
         }
-        match (self.hidden.front(), frame.tag()) {
+        match (self.current(), tag) {
             (Some(Hidden::UntilReady), b'Z') => {
                 self.hidden.pop_front();
                 self.in_flight = self.in_flight.saturating_sub(1);
-                true
+                self.readies += 1;
+                Swallowed::Yes
             }
             // Errors of a replay are not hidden: the client must learn that
             // its session state could not be reproduced.
-            (Some(Hidden::UntilReady), b'E') => false,
-            (Some(Hidden::UntilReady), _) => true,
+            (Some(Hidden::UntilReady), b'E') => Swallowed::No,
+            (Some(Hidden::UntilReady), _) => Swallowed::Yes,
             (Some(Hidden::ParseComplete), b'1') | (Some(Hidden::CloseComplete), b'3') => {
                 self.hidden.pop_front();
-                true
+                Swallowed::Yes
             }
-            _ => false,
+            (Some(Hidden::Probe), b'D') => {
+                self.probe_lsn = probe_row(frame);
+                Swallowed::Yes
+            }
+            // A notice or a notification while the probe runs is the
+            // client's; its error (a failed transaction) is not.
+            (Some(Hidden::Probe), b'T' | b'C' | b'E' | b'I') => Swallowed::Yes,
+            (Some(Hidden::Probe), b'Z') => {
+                self.hidden.pop_front();
+                let status = frame.body().first().copied().unwrap_or(b'I');
+                Swallowed::Probe(self.probe_lsn.take(), status)
+            }
+            _ => Swallowed::No,
         }
+    }
+
+    /// The expected response now due, if the client's answers ahead of it
+    /// are all in.
+    fn current(&self) -> Option<Hidden> {
+        self.hidden.front().filter(|e| e.after <= self.readies).map(|e| e.hidden)
     }
 
     /// Sends Terminate and closes, ignoring errors: the session is over.
@@ -213,4 +308,16 @@ impl Backend {
         let _ = self.flush().await;
         let _ = self.writer.shutdown().await;
     }
+}
+
+/// The LSN in a probe's DataRow: one text column.
+fn probe_row(frame: &Frame) -> Option<Lsn> {
+    let body = frame.body();
+    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
+    if count != 1 || len < 0 {
+        return None;
+    }
+    let text = body.get(6..6 + usize::try_from(len).ok()?)?;
+    std::str::from_utf8(text).ok()?.parse().ok()
 }

@@ -4,6 +4,7 @@
 pub mod catalog;
 pub mod lsn;
 pub mod monitor;
+pub mod replay;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
@@ -129,6 +130,9 @@ pub struct Node {
     /// Units of work running on this node through pgnear, for spreading
     /// reads across replicas that are equally near.
     pub outstanding: Arc<AtomicU32>,
+    /// Reads waiting for this replica to replay a write, and the monitor's
+    /// fast polls that serve them.
+    pub replay: replay::ReplayWatch,
 }
 
 impl Node {
@@ -158,6 +162,7 @@ impl Topology {
                 status: ArcSwap::from_pointee(NodeStatus::default()),
                 primary_claim: AtomicBool::new(false),
                 outstanding: Arc::new(AtomicU32::new(0)),
+                replay: replay::ReplayWatch::default(),
             });
         }
         Ok(Arc::new(Topology { nodes }))

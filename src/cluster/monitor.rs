@@ -79,15 +79,53 @@ pub fn spawn(topology: Arc<Topology>, config: MonitorConfig, connect_timeout: Du
     Monitor { tasks }
 }
 
+/// Probes every `interval`; between probes, while reads wait on the node
+/// to replay a write, polls its replay position back to back (see
+/// [`super::replay`]).
 async fn node_loop(node: &Node, config: &MonitorConfig, connect_timeout: Duration) {
     let mut conn: Option<Client> = None;
-    #[allow(clippy::disallowed_methods)] // monitors run on the service loop
-    let mut ticker = tokio::time::interval(config.interval);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let timeout = connect_timeout.max(config.interval);
     loop {
-        ticker.tick().await;
-        let timeout = connect_timeout.max(config.interval);
+        let next = tokio::time::Instant::now() + config.interval;
         probe_and_publish(node, &mut conn, config, timeout, false).await;
+        loop {
+            if node.replay.is_wanted() && node.status.load().role == Role::Replica {
+                replay_polls(node, &mut conn, next).await;
+            }
+            #[allow(clippy::disallowed_methods)] // monitors run on the service loop
+            let tick = tokio::time::sleep_until(next);
+            tokio::select! {
+                biased;
+                () = tick => break,
+                () = node.replay.wanted() => {}
+            }
+        }
+    }
+}
+
+/// The replay position alone, for the polls between probes.
+const REPLAY_POLL: &str = "SELECT pg_last_wal_replay_lsn()::text";
+
+/// Polls the replica's replay position one round trip after the other
+/// while reads wait on it, until `until` (the next regular probe).
+async fn replay_polls(node: &Node, conn: &mut Option<Client>, until: tokio::time::Instant) {
+    while node.replay.is_wanted() && tokio::time::Instant::now() < until {
+        let Some(client) = conn.as_ref().filter(|c| !c.is_closed()) else { return };
+        let poll = client.simple_query(REPLAY_POLL);
+        #[allow(clippy::disallowed_methods)] // monitors run on the service loop
+        let answer = tokio::time::timeout_at(until, poll).await;
+        let lsn = match answer {
+            Ok(Ok(rows)) => rows.iter().find_map(|m| match m {
+                SimpleQueryMessage::Row(row) => row.get(0).and_then(|v| v.parse::<Lsn>().ok()),
+                _ => None,
+            }),
+            // The regular probe finds out what is wrong.
+            Ok(Err(_)) | Err(_) => return,
+        };
+        match lsn {
+            Some(lsn) => node.publish_replay(lsn),
+            None => return,
+        }
     }
 }
 
@@ -111,6 +149,8 @@ async fn probe_and_publish(
     let new = next_status(&old, sample.as_ref(), config, first);
     log_changes(node, &old, &new, sample.as_ref().err());
     node.publish(new);
+    // Reads waiting on the node look again (it may be down now).
+    node.replay.wake();
 }
 
 async fn probe(

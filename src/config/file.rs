@@ -68,7 +68,15 @@ pub struct RoutingFile {
 #[serde(deny_unknown_fields)]
 pub struct ConsistencyFile {
     pub read_your_writes: Option<String>,
-    pub replica_wait_ms: Option<u64>,
+    pub replica_wait_ms: Option<MillisOrWord>,
+}
+
+/// A duration in milliseconds, or a word (`"auto"`).
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum MillisOrWord {
+    Millis(u64),
+    Word(String),
 }
 
 /// The `[monitor]` table.

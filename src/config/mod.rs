@@ -236,7 +236,18 @@ pub enum ReadYourWrites {
 #[derive(Debug, Clone)]
 pub struct ConsistencyConfig {
     pub read_your_writes: ReadYourWrites,
-    pub replica_wait: Duration,
+    pub replica_wait: ReplicaWait,
+}
+
+/// `consistency.replica_wait_ms`: how long a read after a write may wait
+/// for a replica to replay it before it goes to the primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ReplicaWait {
+    /// As long as a round trip to the primary takes (its measured RTT):
+    /// waiting never costs more than going there would.
+    Auto,
+    /// This long; zero never waits.
+    Fixed(Duration),
 }
 
 /// The `[monitor]` table.

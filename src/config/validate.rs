@@ -421,7 +421,20 @@ fn consistency(c: ConsistencyFile, faults: &mut Faults) -> ConsistencyConfig {
     let path = "consistency.read_your_writes";
     ConsistencyConfig {
         read_your_writes: choice(c.read_your_writes.as_deref(), R::Session, &opts, path, faults),
-        replica_wait: ms(c.replica_wait_ms, 0),
+        replica_wait: replica_wait(c.replica_wait_ms, faults),
+    }
+}
+
+fn replica_wait(value: Option<MillisOrWord>, faults: &mut Faults) -> ReplicaWait {
+    match value {
+        None => ReplicaWait::Auto,
+        Some(MillisOrWord::Millis(ms)) => ReplicaWait::Fixed(Duration::from_millis(ms)),
+        Some(MillisOrWord::Word(word)) if word == "auto" => ReplicaWait::Auto,
+        Some(MillisOrWord::Word(word)) => {
+            let message = format!("{word:?} is neither \"auto\" nor a number of milliseconds");
+            faults.add("consistency.replica_wait_ms", message);
+            ReplicaWait::Auto
+        }
     }
 }
 

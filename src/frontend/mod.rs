@@ -37,7 +37,7 @@ pub struct Shared {
     /// User-defined volatile functions per database.
     pub catalogs: Arc<Catalogs>,
     /// The proxy-wide watermark for `read_your_writes = "proxy"`.
-    pub watermark: SharedWatermark,
+    pub watermark: Arc<SharedWatermark>,
     pub metrics: Arc<Metrics>,
     /// Transaction pooling's shared server connections.
     pub pools: session::pool::Pools,

@@ -230,6 +230,9 @@ pub struct Session<S: Split> {
     state: SessionState,
     settings: ProxySettings,
     watermark: Watermark,
+    /// The proxy-wide count of each probe on its way (`probe_behind`),
+    /// oldest first: answered in order, and dropped with the session.
+    probes: std::collections::VecDeque<crate::router::consistency::Probe>,
     /// The `pgnear.write_lsn` last reported to the client.
     reported_lsn: Option<Lsn>,
     /// The session itself wrote: only then is `pgnear.write_lsn` reported
@@ -368,7 +371,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let shared_mode = shared.config.consistency.read_your_writes;
         let shared_idle_timeout = shared.config.proxy.idle_client_timeout;
         let shared_monitor_interval = shared.config.monitor.interval;
-        let shared_watermark = shared.watermark.get();
+        let shared_watermark = shared.watermark.inherited(Instant::now());
         Ok(Session {
             shared,
             client,
@@ -387,6 +390,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 ReadYourWrites::Off => Watermark::default(),
                 ReadYourWrites::Session | ReadYourWrites::Proxy => shared_watermark,
             },
+            probes: std::collections::VecDeque::new(),
             reported_lsn: None,
             wrote: false,
             primary_dirty: false,
@@ -676,9 +680,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
     }
 
-    /// Whether any server still owes the client responses.
+    /// Whether any server still owes the client responses, or the primary
+    /// a probe's answer (which comes right behind the client's).
     fn in_flight(&self) -> bool {
         [self.primary.as_ref(), self.replica.as_ref()].into_iter().flatten().any(|s| s.backend.in_flight > 0)
+            || self.watermark.is_probing()
     }
 
     async fn flush_all(&mut self) -> Result<(), ProxyError> {

@@ -84,6 +84,51 @@ pub struct Classification {
     /// the class of each statement as it was prepared, and routes a name it
     /// does not know like a write.
     pub executes: Vec<String>,
+    /// Where the text leaves the session's transaction block.
+    pub block: Block,
+    /// A `COPY ... FROM STDIN`: the server waits for CopyData after it,
+    /// and anything else it is sent meanwhile fails the COPY.
+    pub copies_in: bool,
+}
+
+/// What a text does to the transaction block it runs in, statement by
+/// statement: the last BEGIN, COMMIT or ROLLBACK decides. The session uses
+/// it to know, before the server says so, whether a unit will leave it
+/// outside a block (where pgnear may pipeline a statement of its own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Block {
+    /// No BEGIN, COMMIT or ROLLBACK: the block is as it was.
+    #[default]
+    Same,
+    /// Ends inside a block it opened (BEGIN last).
+    Opens,
+    /// Ends outside a block (COMMIT, END or ROLLBACK last).
+    Closes,
+    /// Cannot tell: COMMIT AND CHAIN, PREPARE TRANSACTION, a statement
+    /// that did not parse.
+    Unknown,
+}
+
+impl Block {
+    /// The state after `self`, given whether a block was open before;
+    /// `None` when it cannot be told.
+    pub fn after(self, in_block: Option<bool>) -> Option<bool> {
+        match self {
+            Block::Same => in_block,
+            Block::Opens => Some(true),
+            Block::Closes => Some(false),
+            Block::Unknown => None,
+        }
+    }
+
+    /// `self` followed by `next`.
+    fn then(self, next: Block) -> Block {
+        match (self, next) {
+            (Block::Unknown, _) | (_, Block::Unknown) => Block::Unknown,
+            (earlier, Block::Same) => earlier,
+            (_, later) => later,
+        }
+    }
 }
 
 /// What kind of destination a statement needs.
@@ -303,6 +348,8 @@ struct Summary {
     unparsed: bool,
     ddl: bool,
     executes: Vec<String>,
+    block: Block,
+    copies_in: bool,
 }
 
 impl Summary {
@@ -320,10 +367,12 @@ impl Summary {
                 if let Class::Transaction(tx @ (Tx::Begin { .. } | Tx::Commit | Tx::Rollback)) = class {
                     self.effects.push(SessionEffect::Transaction(tx));
                 }
+                self.block = self.block.then(block_of(&class));
                 self.classes.push(class);
             }
             Err(tokens) => {
                 self.unparsed(&tokens, &source);
+                self.block = Block::Unknown;
                 self.classes.push(Class::Write);
             }
         }
@@ -347,6 +396,8 @@ impl Summary {
             unparsed: self.unparsed,
             ddl: self.ddl,
             executes: self.executes,
+            block: if self.unparsed { Block::Unknown } else { self.block },
+            copies_in: self.copies_in,
         }
     }
 
@@ -360,6 +411,17 @@ impl Summary {
     fn set_effect(&mut self, name: &str, source: &Source) {
         let (name, statement) = (name.to_owned(), source.text());
         self.effects.push(SessionEffect::Set { name, statement });
+    }
+}
+
+/// What one statement's class does to the transaction block.
+fn block_of(class: &Class) -> Block {
+    match class {
+        Class::Transaction(Tx::Begin { .. }) => Block::Opens,
+        Class::Transaction(Tx::Commit | Tx::Rollback) => Block::Closes,
+        // AND CHAIN restarts a block, SET TRANSACTION keeps it: not told apart.
+        Class::Transaction(Tx::Other) => Block::Unknown,
+        _ => Block::Same,
     }
 }
 

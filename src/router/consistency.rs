@@ -1,14 +1,21 @@
 //! Read-your-writes: the write watermark.
 //!
-//! After a write commits, pgnear does not ask the primary for the commit's
-//! LSN (that would cost the client a round trip). It notes the instant the
-//! commit's ReadyForQuery arrived, and waits for the monitor's next primary
-//! probe *sent after that instant*. That probe's
-//! `pg_current_wal_insert_lsn()` ran after the commit record was inserted,
-//! so it is at or past the commit: a safe watermark. Until such a sample
-//! exists, the watermark is unknown and reads stay on the primary.
+//! Behind a unit that may have written and leaves the session outside a
+//! transaction block, the session pipelines a hidden
+//! `pg_current_wal_insert_lsn()` on the same connection, in the same
+//! socket write (a *probe*). It runs after the unit's commit, so its
+//! answer is at or past the commit: an exact watermark that costs no round
+//! trip. While a probe's answer is on its way the watermark is unknown
+//! (reads wait for it: it arrives right behind the client's
+//! ReadyForQuery).
+//!
+//! A commit no probe covers (the probe failed, the unit's end could not be
+//! predicted) falls back to the monitor: pgnear notes the instant the
+//! commit's ReadyForQuery arrived and waits for the monitor's next primary
+//! probe *sent after that instant*, whose insert LSN is past the commit.
 
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Instant;
 
 use super::Freshness;
@@ -28,6 +35,9 @@ pub struct Watermark {
     floor: Option<Lsn>,
     /// A commit seen at this instant is not resolved to an LSN yet.
     pending_since: Option<Instant>,
+    /// Probes sent behind this session's commits whose answer has not
+    /// come back yet.
+    probing: u32,
 }
 
 impl Watermark {
@@ -49,7 +59,33 @@ impl Watermark {
         }
     }
 
+    /// A probe was sent behind a commit.
+    pub fn probe_sent(&mut self) {
+        self.probing += 1;
+    }
+
+    /// A probe came back at `at` with the primary's insert LSN, or without
+    /// one (it failed): then the commit it followed falls back to the
+    /// monitor.
+    pub fn probe_answered(&mut self, lsn: Option<Lsn>, at: Instant) {
+        self.probing = self.probing.saturating_sub(1);
+        match lsn {
+            Some(lsn) => self.floor = Some(self.floor.map_or(lsn, |f| f.max(lsn))),
+            None => self.wrote(at),
+        }
+    }
+
+    /// Whether a probe's answer is on its way.
+    pub fn is_probing(&self) -> bool {
+        self.probing > 0
+    }
+
     pub fn is_pending(&self) -> bool {
+        self.pending_since.is_some() || self.probing > 0
+    }
+
+    /// Whether a commit waits for the monitor (not for a probe).
+    pub fn waits_for_monitor(&self) -> bool {
         self.pending_since.is_some()
     }
 
@@ -61,7 +97,7 @@ impl Watermark {
     /// The freshness a read needs, given this watermark and any
     /// client-supplied `pgnear.min_lsn`.
     pub fn freshness(&self, min_lsn: Option<Lsn>) -> Freshness {
-        if self.pending_since.is_some() {
+        if self.is_pending() {
             return Freshness::Unknown;
         }
         match self.floor.max(min_lsn) {
@@ -78,6 +114,7 @@ impl Watermark {
                 (Some(a), Some(b)) => Some(a.max(b)),
                 (a, b) => a.or(b),
             },
+            probing: self.probing + other.probing,
         }
     }
 }
@@ -90,11 +127,18 @@ pub struct SharedWatermark {
     floor: AtomicU64,
     /// Nanoseconds after `base` of the newest unresolved commit; 0 if none.
     pending: AtomicU64,
+    /// Probes on their way back, over all sessions.
+    probing: AtomicU32,
 }
 
 impl SharedWatermark {
     pub fn new(base: Instant) -> SharedWatermark {
-        SharedWatermark { base, floor: AtomicU64::new(0), pending: AtomicU64::new(0) }
+        SharedWatermark {
+            base,
+            floor: AtomicU64::new(0),
+            pending: AtomicU64::new(0),
+            probing: AtomicU32::new(0),
+        }
     }
 
     fn nanos(&self, at: Instant) -> u64 {
@@ -122,7 +166,59 @@ impl SharedWatermark {
         Watermark {
             floor: (floor != 0).then_some(Lsn(floor)),
             pending_since: (pending != 0).then(|| self.base + std::time::Duration::from_nanos(pending)),
+            probing: self.probing.load(Ordering::Acquire),
         }
+    }
+
+    /// The watermark a new session starts from, at `now`: other sessions'
+    /// probes on their way are not its to count down, so a commit they
+    /// cover waits for the monitor instead.
+    pub fn inherited(&self, now: Instant) -> Watermark {
+        let mut watermark = self.get();
+        if std::mem::take(&mut watermark.probing) > 0 {
+            watermark.wrote(now);
+        }
+        watermark
+    }
+
+    /// Counts a probe on its way until it is answered (or dropped).
+    pub fn probe(self: &Arc<Self>) -> Probe {
+        self.probing.fetch_add(1, Ordering::AcqRel);
+        Probe { shared: self.clone(), answered: false }
+    }
+}
+
+/// A probe on its way, as the proxy-wide watermark counts it. Dropped
+/// unanswered (the session ended first), the commit it followed is handed
+/// to the monitor, so that no read of another session misses it.
+#[derive(Debug)]
+pub struct Probe {
+    shared: Arc<SharedWatermark>,
+    answered: bool,
+}
+
+impl Probe {
+    /// The probe came back at `at`, with the insert LSN or without one.
+    pub fn answered(mut self, lsn: Option<Lsn>, at: Instant) {
+        self.settle(lsn, at);
+    }
+
+    fn settle(&mut self, lsn: Option<Lsn>, at: Instant) {
+        if std::mem::replace(&mut self.answered, true) {
+            return;
+        }
+        match lsn {
+            // The floor first: a reader that sees the count fall sees it.
+            Some(lsn) => self.shared.floor.fetch_max(lsn.0, Ordering::AcqRel),
+            None => self.shared.pending.fetch_max(self.shared.nanos(at), Ordering::AcqRel),
+        };
+        self.shared.probing.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+impl Drop for Probe {
+    fn drop(&mut self) {
+        self.settle(None, Instant::now());
     }
 }
 
@@ -162,5 +258,59 @@ mod tests {
         assert_eq!(shared.get().freshness(None), Freshness::AtLeast(Lsn(60)));
         let merged = Watermark::default().merge(shared.get());
         assert_eq!(merged.lsn(), Some(Lsn(60)));
+    }
+
+    #[test]
+    fn a_probe_resolves_its_commit_at_once() {
+        let t0 = Instant::now();
+        let mut w = Watermark::default();
+        w.probe_sent();
+        assert_eq!(w.freshness(None), Freshness::Unknown);
+        assert!(w.is_probing() && !w.waits_for_monitor());
+        w.probe_answered(Some(Lsn(500)), t0);
+        assert_eq!(w.freshness(None), Freshness::AtLeast(Lsn(500)));
+        // A lower answer never lowers the floor.
+        w.probe_sent();
+        w.probe_answered(Some(Lsn(400)), t0);
+        assert_eq!(w.lsn(), Some(Lsn(500)));
+    }
+
+    #[test]
+    fn a_failed_probe_hands_its_commit_to_the_monitor() {
+        let t0 = Instant::now();
+        let mut w = Watermark::default();
+        w.probe_sent();
+        w.probe_answered(None, t0 + Duration::from_millis(3));
+        assert!(w.waits_for_monitor());
+        assert_eq!(w.freshness(None), Freshness::Unknown);
+        let before = PrimarySample { sent_at: t0 + Duration::from_millis(2), lsn: Lsn(10) };
+        assert!(!w.resolve(Some(before)));
+        let after = PrimarySample { sent_at: t0 + Duration::from_millis(4), lsn: Lsn(20) };
+        assert!(w.resolve(Some(after)));
+        assert_eq!(w.freshness(None), Freshness::AtLeast(Lsn(20)));
+    }
+
+    #[test]
+    fn shared_probes_count_until_answered_or_dropped() {
+        let base = Instant::now();
+        let shared = Arc::new(SharedWatermark::new(base));
+        let first = shared.probe();
+        let second = shared.probe();
+        assert_eq!(shared.get().freshness(None), Freshness::Unknown);
+        // A new session does not inherit the count: it waits for the monitor.
+        let start = base + Duration::from_millis(1);
+        let inherited = shared.inherited(start);
+        assert!(!inherited.is_probing() && inherited.waits_for_monitor());
+        first.answered(Some(Lsn(70)), base);
+        assert_eq!(shared.get().freshness(None), Freshness::Unknown);
+        drop(second);
+        let now = shared.get();
+        assert!(!now.is_probing() && now.waits_for_monitor());
+        assert_eq!(now.lsn(), Some(Lsn(70)));
+        shared.resolve(Some(PrimarySample {
+            sent_at: Instant::now() + Duration::from_millis(1),
+            lsn: Lsn(80),
+        }));
+        assert_eq!(shared.get().freshness(None), Freshness::AtLeast(Lsn(80)));
     }
 }

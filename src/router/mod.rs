@@ -29,6 +29,9 @@ pub enum Reason {
     PinnedAfterWrite,
     /// A read kept on the primary because every replica lags too much.
     ReplicaLagging,
+    /// A read after a write that waited for a replica to replay it, and
+    /// runs there.
+    CaughtUp,
     Rule,
     Hint,
     Transaction,
@@ -44,6 +47,7 @@ impl Reason {
             Reason::Read => "read",
             Reason::PinnedAfterWrite => "pinned_after_write",
             Reason::ReplicaLagging => "replica_lagging",
+            Reason::CaughtUp => "replica_caught_up",
             Reason::Rule => "rule",
             Reason::Hint => "hint",
             Reason::Transaction => "transaction",

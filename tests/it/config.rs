@@ -77,6 +77,25 @@ fn pool_settings_default_to_session_mode_and_are_checked() {
 }
 
 #[test]
+fn replica_wait_is_auto_by_default_a_bound_or_never() {
+    use pgnear::config::ReplicaWait;
+    let parsed = |consistency: &str| Config::parse(&format!("{NODE}\n[consistency]\n{consistency}\n"), &env);
+    assert_eq!(parsed("").unwrap().consistency.replica_wait, ReplicaWait::Auto);
+    assert_eq!(parsed("replica_wait_ms = \"auto\"").unwrap().consistency.replica_wait, ReplicaWait::Auto);
+    let fixed = parsed("replica_wait_ms = 20").unwrap().consistency.replica_wait;
+    assert_eq!(fixed, ReplicaWait::Fixed(std::time::Duration::from_millis(20)));
+    let never = parsed("replica_wait_ms = 0").unwrap().consistency.replica_wait;
+    assert_eq!(never, ReplicaWait::Fixed(std::time::Duration::ZERO));
+    let errors = errors(&format!("{NODE}\n[consistency]\nreplica_wait_ms = \"soon\"\n"));
+    assert!(
+        errors.iter().any(|e| e.starts_with("consistency.replica_wait_ms") && e.contains("auto")),
+        "{errors:#?}"
+    );
+    let negative = self::errors(&format!("{NODE}\n[consistency]\nreplica_wait_ms = -5\n"));
+    assert!(negative.iter().any(|e| e.contains("replica_wait_ms")), "{negative:#?}");
+}
+
+#[test]
 fn worker_threads_are_sized_or_checked() {
     let parsed = |proxy: &str| Config::parse(&format!("[proxy]\n{proxy}\n{NODE}"), &env);
     let auto = parsed("").unwrap().proxy;

@@ -95,7 +95,9 @@ async fn the_demo_routes_reads_to_the_local_replica_and_cleans_up_on_ctrl_c() {
     let status = tokio::time::timeout(SETTLE, demo.0.wait()).await.expect("the demo did not stop").unwrap();
     assert!(status.success(), "{status}: {}", std::fs::read_to_string(logs.path()).unwrap());
     reader.await.unwrap();
-    assert!(printed.lock().unwrap().contains("stopping pgnear and the cluster"));
+    let printed = printed.lock().unwrap().clone();
+    assert!(printed.contains("stopping pgnear and the cluster"));
+    assert!(printed.contains("reads right after a write: "), "{printed}");
     assert!(client.query_one("SELECT 1", &[]).await.is_err(), "the session outlived the demo");
     // Everything it started is gone.
     for port in [addr.port(), primary as u16, replica as u16] {

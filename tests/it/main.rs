@@ -12,6 +12,7 @@ mod demo;
 mod fuzz_corpus;
 mod hostile;
 mod limits;
+mod near;
 mod observability;
 mod pooling;
 mod relay;

@@ -9,6 +9,8 @@ use crate::tls::Split;
 
 use super::state::ServerState;
 use super::{unit, Flow, Session, Target};
+use crate::backend::connection::Swallowed;
+use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
 use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, ErrorFields};
@@ -59,8 +61,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let mut read_only = None;
         let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
         let mut finished = None;
-        if server.backend.swallow(&frame) {
-            return Ok(Flow::Continue);
+        match server.backend.swallow(&frame) {
+            Swallowed::No => {}
+            Swallowed::Yes => return Ok(Flow::Continue),
+            Swallowed::Probe(lsn, status) => {
+                self.probe_answered(lsn, status);
+                return Ok(Flow::Continue);
+            }
         }
         // Notices (PostgreSQL warns before an immediate shutdown) and
         // ParameterStatus are not results: the read may still be retried.
@@ -80,8 +87,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let failed = std::mem::take(&mut server.unit_failed);
                 let before = server.backend.tx_status;
                 finished = server.effects.pop_front().map(|e| (e, failed, before, status));
-                server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
-                server.backend.tx_status = status;
+                server.backend.ready(status);
                 let idle = server.backend.is_idle();
                 if idle && !open_batch && self.bound == Some(target) {
                     self.bound = None;
@@ -108,7 +114,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     server.effects.pop_back();
                     // The Sync sent with this COPY's Execute reached the
                     // server in COPY IN mode, where it is ignored.
-                    server.backend.in_flight = server.backend.in_flight.saturating_sub(1);
+                    server.backend.sync_ignored();
                 }
             }
             b'E' if !ErrorFields::parse(&frame)?.is_fatal() => {
@@ -268,6 +274,40 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
     }
 
+    /// A unit that may have written and leaves the primary outside a
+    /// transaction block was just queued there: pipeline a probe behind
+    /// it, so that its commit's LSN comes back in the same flight.
+    pub(super) fn probe_behind(&mut self) {
+        let Some(primary) = self.primary.as_mut() else { return };
+        primary.backend.queue_probe();
+        self.primary_dirty = false;
+        self.watermark.probe_sent();
+        self.probes.push_back(self.shared.watermark.probe());
+        self.wrote = true;
+        if self.pinned_since.is_none() {
+            self.pinned_since = Some(Instant::now());
+            self.shared.metrics.pin_started();
+        }
+    }
+
+    /// A probe came back. With an LSN, and outside a block as predicted,
+    /// it is the watermark, reported to the client at once. Otherwise the
+    /// commit falls back to the monitor, and a block still open (the
+    /// prediction failed: an error skipped the COMMIT) is still dirty.
+    fn probe_answered(&mut self, lsn: Option<Lsn>, status: u8) {
+        let now = Instant::now();
+        let lsn = lsn.filter(|_| status == b'I');
+        if status != b'I' {
+            self.primary_dirty = true;
+        }
+        self.watermark.probe_answered(lsn, now);
+        if let Some(probe) = self.probes.pop_front() {
+            probe.answered(lsn, now);
+        }
+        self.shared.metrics.probe(lsn.is_some());
+        self.report_watermark();
+    }
+
     /// The monitor's latest primary sample, for resolving watermarks.
     fn primary_sample(&self) -> Option<PrimarySample> {
         let node = self.shared.topology.primary(&self.cluster).ok()?;
@@ -285,6 +325,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let sample = self.primary_sample();
         self.watermark.resolve(sample);
         self.shared.watermark.resolve(sample);
+        self.report_watermark();
+    }
+
+    /// Reports a new resolved watermark to a client that wrote.
+    fn report_watermark(&mut self) {
+        if self.watermark.is_pending() {
+            return;
+        }
         let lsn = self.watermark.lsn();
         if self.wrote && lsn.is_some() && lsn != self.reported_lsn {
             self.reported_lsn = lsn;

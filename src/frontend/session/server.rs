@@ -35,6 +35,17 @@ pub(super) struct Server {
     pub(super) carry: Vec<Arc<Classification>>,
     /// The unit now answering has reported an error.
     pub(super) unit_failed: bool,
+    /// Whether a transaction block is expected to be open once everything
+    /// sent so far has run (`None`: cannot tell), from the transaction
+    /// control of each unit sent since the last ReadyForQuery.
+    pub(super) expect_block: Option<bool>,
+    /// Messages were sent ahead of their Sync (after a Flush) since the
+    /// last complete unit: the transaction status no longer says where the
+    /// server is.
+    pub(super) sent_partial: bool,
+    /// A simple-protocol COPY FROM STDIN that leaves no block open is
+    /// running: a probe may follow its CopyDone or CopyFail.
+    pub(super) probe_after_copy: bool,
     /// This connection's metric children (and its place in the gauge of
     /// open server connections).
     pub(super) metrics: NodeMetrics,
@@ -54,6 +65,33 @@ pub(super) struct Server {
 }
 
 impl Server {
+    /// Notes a unit sent (`complete`: up to its Sync or Query) with these
+    /// classifications. Returns whether it leaves the server outside a
+    /// transaction block for sure, with nothing of the client's left
+    /// half-sent: only then may a probe follow it.
+    /// A simple-protocol `COPY ... FROM STDIN` commits with the CopyDone
+    /// that ends it: `probe_after_copy` says whether a probe may follow
+    /// that.
+    pub(super) fn expect_after(
+        &mut self,
+        classes: &[Arc<Classification>],
+        complete: bool,
+        simple: bool,
+    ) -> bool {
+        let start = match self.backend.in_flight == 0 && !self.sent_partial {
+            true => Some(self.backend.tx_status != b'I'),
+            false => self.expect_block,
+        };
+        let after = classes.iter().fold(start, |in_block, c| c.block.after(in_block));
+        self.expect_block = after;
+        self.sent_partial = !complete;
+        let outside = complete && after == Some(false) && !self.backend.copy_in;
+        // Anything sent before the CopyDone would fail the COPY.
+        let copies_in = classes.iter().any(|c| c.copies_in);
+        self.probe_after_copy = copies_in && outside && simple;
+        outside && !copies_in
+    }
+
     /// Transaction pooling: session `holder` takes the connection.
     pub(super) fn hand_to(&mut self, holder: u64) {
         self.turns += 1;
@@ -159,6 +197,9 @@ pub(super) async fn open(
         effects: std::collections::VecDeque::new(),
         carry: Vec::new(),
         unit_failed: false,
+        expect_block: None,
+        sent_partial: false,
+        probe_after_copy: false,
         metrics,
         pool: None,
         permit: None,

@@ -11,16 +11,19 @@ use super::local::Report;
 use super::state::{HashMap, Prepared, ServerState, SessionState, SqlPrepared};
 use super::{Batch, Flow, Server, Session, Target};
 use crate::backend::connection::Hidden;
+use crate::cluster::Lsn;
+use crate::config::ReplicaWait;
 use crate::error::ProxyError;
+use crate::metrics::WaitOutcome;
 use crate::metrics::{Direction, RoleLabel};
 use crate::protocol::backend::{
     error_response, no_data, parse_complete, ready_for_query, ready_status, Severity,
 };
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
-use crate::router::classify::{Class, Classification, ProxyCommand, Tx};
+use crate::router::classify::{Block, Class, Classification, ProxyCommand, Tx};
 use crate::router::functions::VolatileFunctions;
-use crate::router::{self, ClusterView, Destination, Need, Policy, Reason, Route, SessionView};
+use crate::router::{self, ClusterView, Destination, Freshness, Need, Policy, Reason, Route, SessionView};
 use smallvec::SmallVec;
 
 /// A statement that may do anything: a fast-path function call, or the
@@ -36,12 +39,37 @@ static WRITE: std::sync::LazyLock<Arc<Classification>> = std::sync::LazyLock::ne
         ddl: false,
         node_state: false,
         executes: Vec::new(),
+        block: Block::Same,
+        copies_in: false,
     })
 });
 
 /// What a unit that calls no function is checked against.
 static NO_FUNCTIONS: std::sync::LazyLock<VolatileFunctions> =
     std::sync::LazyLock::new(VolatileFunctions::default);
+
+/// Where `choose` sends a unit.
+pub(super) enum Choice {
+    /// To this server, for this reason.
+    Go(Target, Reason),
+    /// Nowhere: the unit fails with this error and the session stays.
+    Fail(Frame),
+    /// Not yet: it is held until the session's probe has been answered.
+    Hold,
+}
+
+/// What a read kept on the primary by a write waits for first.
+enum Wait {
+    /// Nothing: it goes where it was routed.
+    No,
+    /// The session's probe's answer.
+    Probe,
+    /// Replica `node` replaying `lsn`, until then.
+    Replica { node: usize, lsn: Lsn, until: Instant },
+    /// The monitor resolving the watermark or a replica catching up,
+    /// looking again every `REPLICA_WAIT_STEP` until then.
+    Monitor { until: Instant },
+}
 
 /// A client message the relay could not take without waiting.
 pub(super) enum Deferred {
@@ -76,7 +104,8 @@ pub(super) type PermitRequest = std::pin::Pin<
     >,
 >;
 
-/// How often a read waiting under `replica_wait_ms` looks again.
+/// How often a read waiting for the monitor (an explicit
+/// `replica_wait_ms`) looks again.
 const REPLICA_WAIT_STEP: Duration = Duration::from_millis(2);
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -213,10 +242,20 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn on_copy(&mut self, frame: Frame) {
         let Some(target) = self.bound else { return };
         let Some(server) = self.server_mut(target) else { return };
+        let mut probe = false;
         if frame.tag() != b'd' {
             server.backend.copy_in = false;
+            probe = std::mem::take(&mut server.probe_after_copy);
         }
         server.backend.queue(&frame);
+        if probe && target == Target::Primary && self.primary_dirty && self.tracks_writes() {
+            self.probe_behind();
+        }
+    }
+
+    /// Whether read-your-writes is on, in either scope.
+    fn tracks_writes(&self) -> bool {
+        self.shared.config.consistency.read_your_writes != crate::config::ReadYourWrites::Off
     }
 
     /// Routes a unit (unless a transaction or earlier unit holds the
@@ -241,16 +280,26 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let (target, reason) = match self.held_target(&unit) {
             Some(held) => held,
             None => match self.choose(classes).await? {
-                Ok(chosen) => chosen,
-                Err(error) => {
+                Choice::Go(target, reason) => (target, reason),
+                Choice::Fail(error) => {
                     self.fail_unit(&error);
+                    return Ok(());
+                }
+                Choice::Hold => {
+                    self.hold(&unit);
                     return Ok(());
                 }
             },
         };
+        let probing = self.server(target).is_some_and(|s| s.backend.is_probing());
         let (target, reason) = match self.bound {
             Some(_) => (target, reason),
             None if self.settings_current(target) => (target, reason),
+            // The settings' replay would read the probe's answer as its own.
+            None if probing => {
+                self.hold(&unit);
+                return Ok(());
+            }
             None => match Box::pin(self.sync_settings(target)).await? {
                 None => (target, reason),
                 Some(message) if target == Target::Replica => {
@@ -262,7 +311,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                         replica.backend.terminate().await;
                     }
                     match self.choose(classes).await? {
-                        Ok((Target::Primary, reason)) => {
+                        Choice::Go(Target::Primary, reason) => {
                             match Box::pin(self.sync_settings(Target::Primary)).await? {
                                 None => (Target::Primary, reason),
                                 Some(message) => return Err(ProxyError::SettingsLost(message)),
@@ -309,12 +358,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             server.started.push_back(Instant::now());
             server.load.add();
         }
+        // Before this unit counts in flight: where the server was before it.
+        let leaves_no_block = server.expect_after(&unit.classes, complete, !kinds.extended);
         // Syncs sent while the server is in COPY IN are ignored by it.
         if complete && !server.backend.copy_in {
             server.backend.in_flight += 1;
         }
         server.backend.last_unit_synced = complete && kinds.extended;
-        self.track(target, unit, complete, kinds.runs);
+        self.track(target, unit, complete, kinds);
+        if leaves_no_block && target == Target::Primary && self.primary_dirty && self.tracks_writes() {
+            self.probe_behind();
+        }
         if let Some(library) = loaded_library(frames) {
             self.state.settings.forget_prefix(&library);
             let key = self.state.settings_key();
@@ -451,9 +505,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 return Some(Err(no_route(&no_primary)));
             }
         };
-        let waits = !self.shared.config.consistency.replica_wait.is_zero()
-            && matches!(route.reason, Reason::PinnedAfterWrite | Reason::ReplicaLagging);
-        if waits {
+        if !matches!(self.wait_plan(classes, &route, None), Wait::No) {
             return None;
         }
         let chosen = match route.destination {
@@ -558,7 +610,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if !quiet || uses_unnamed(frames) {
             return Ok(());
         }
-        let Ok((target, _)) = self.choose(classes).await? else { return Ok(()) };
+        let Choice::Go(target, _) = self.choose(classes).await? else { return Ok(()) };
         if target == held {
             return Ok(());
         }
@@ -572,13 +624,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// Records what the unit changes: session state, prepared statements,
     /// whether the primary may have written, whether DDL ran.
-    fn track(&mut self, target: Target, unit: &Batch, complete: bool, executes: bool) {
+    fn track(&mut self, target: Target, unit: &Batch, complete: bool, kinds: Kinds) {
         let (frames, classes) = (&unit.frames[..], &unit.classes[..]);
+        let executes = kinds.runs;
         let volatile = self.volatile_for(classes);
         let volatile = volatile.as_ref().map_or(&*NO_FUNCTIONS, |v| &***v);
-        let writes = classes
-            .iter()
-            .any(|c| matches!(c.class, Class::Write) || c.unparsed || c.calls_volatile(volatile));
+        // A unit that only parses or describes a write runs nothing.
+        let writes = kinds.executes
+            && classes
+                .iter()
+                .any(|c| matches!(c.class, Class::Write) || c.unparsed || c.calls_volatile(volatile));
         if target == Target::Primary && writes {
             self.primary_dirty = true;
             if self.pooling {
@@ -873,57 +928,132 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     /// Picks the server for a new unit, opening a replica connection if
-    /// needed. `Ok(Err(frame))` fails just this unit with `frame`.
-    async fn choose(
-        &mut self,
-        classes: &[Arc<Classification>],
-    ) -> Result<Result<(Target, Reason), Frame>, ProxyError> {
+    /// needed. A read after a write may first wait: for its probe's answer
+    /// (`Choice::Hold`), or for a replica to replay the write.
+    async fn choose(&mut self, classes: &[Arc<Classification>]) -> Result<Choice, ProxyError> {
         if self.catalog.is_stale() {
             Box::pin(self.catalog.refresh_now(self.shared.config.proxy.connect_timeout)).await;
         }
-        let wait = self.shared.config.consistency.replica_wait;
         let mut deadline = None;
         let route = loop {
             self.refresh_watermark();
-            match self.decide(classes) {
-                Err(no_primary) => {
-                    return Ok(Err(no_route(&no_primary)));
-                }
-                Ok(route)
-                    if !wait.is_zero()
-                        && matches!(route.reason, Reason::PinnedAfterWrite | Reason::ReplicaLagging) =>
-                {
-                    let now = Instant::now();
-                    let until = *deadline.get_or_insert(now + wait);
-                    if now >= until {
-                        break route;
+            let route = match self.decide(classes) {
+                Ok(route) => route,
+                Err(no_primary) => return Ok(Choice::Fail(no_route(&no_primary))),
+            };
+            match self.wait_plan(classes, &route, deadline) {
+                Wait::No => break route,
+                Wait::Probe => return Ok(Choice::Hold),
+                Wait::Replica { node, lsn, until } => {
+                    let started = Instant::now();
+                    let caught_up = self.shared.topology.nodes[node].replayed(lsn, until).await;
+                    let outcome = if caught_up { WaitOutcome::CaughtUp } else { WaitOutcome::TimedOut };
+                    self.shared.metrics.replica_wait(outcome, started.elapsed());
+                    match self.decide(classes) {
+                        Ok(route) if caught_up && matches!(route.destination, Destination::Replica(_)) => {
+                            break Route { reason: Reason::CaughtUp, ..route };
+                        }
+                        Ok(route) => break route,
+                        Err(no_primary) => return Ok(Choice::Fail(no_route(&no_primary))),
                     }
+                }
+                Wait::Monitor { until } => {
+                    let now = Instant::now();
+                    deadline = Some(until);
                     crate::clock::sleep(REPLICA_WAIT_STEP.min(until - now)).await;
                 }
-                Ok(route) => break route,
             }
         };
         self.routed(route);
         match route.destination {
             Destination::Primary(node) if self.primary.as_ref().is_some_and(|p| p.node == node) => {
-                Ok(Ok((Target::Primary, route.reason)))
+                Ok(Choice::Go(Target::Primary, route.reason))
             }
-            Destination::Primary(node) => {
-                Ok(Box::pin(self.use_primary(node)).await?.map(|t| (t, route.reason)))
-            }
+            Destination::Primary(node) => Ok(match Box::pin(self.use_primary(node)).await? {
+                Ok(target) => Choice::Go(target, route.reason),
+                Err(error) => Choice::Fail(error),
+            }),
             Destination::Replica(node) if self.replica.as_ref().is_some_and(|r| r.node == node) => {
                 self.replica_chosen();
-                Ok(Ok((Target::Replica, route.reason)))
+                Ok(Choice::Go(Target::Replica, route.reason))
             }
             Destination::Replica(node) => match Box::pin(self.use_replica(node)).await {
                 Target::Replica => {
                     self.replica_chosen();
-                    Ok(Ok((Target::Replica, route.reason)))
+                    Ok(Choice::Go(Target::Replica, route.reason))
                 }
                 // The replica is now suspect: route again without it.
                 Target::Primary => Box::pin(self.choose(classes)).await,
             },
         }
+    }
+
+    /// Whether a read that `route` keeps on the primary should wait
+    /// instead, and for what. `deadline` is that of a wait for the monitor
+    /// already begun.
+    /// - Its session's own probe is on its way: wait for it (it comes right
+    ///   behind the client's ReadyForQuery), then route again.
+    /// - Its watermark is known and the replica it would use otherwise
+    ///   could replay it within the bound (`consistency.replica_wait_ms`;
+    ///   by default the primary's measured round trip, so waiting never
+    ///   costs more than going there): wait on that replica.
+    /// - An explicit bound and a watermark that waits for the monitor (or
+    ///   a lagging replica): look again every few milliseconds until then.
+    fn wait_plan(&self, classes: &[Arc<Classification>], route: &Route, deadline: Option<Instant>) -> Wait {
+        if !matches!(route.reason, Reason::PinnedAfterWrite | Reason::ReplicaLagging) {
+            return Wait::No;
+        }
+        if route.reason == Reason::PinnedAfterWrite && self.watermark.is_probing() {
+            return Wait::Probe;
+        }
+        let bound = match self.shared.config.consistency.replica_wait {
+            ReplicaWait::Fixed(bound) => bound,
+            ReplicaWait::Auto => self.primary_rtt().unwrap_or_default(),
+        };
+        let now = Instant::now();
+        if let Some(until) = deadline {
+            return if now < until { Wait::Monitor { until } } else { Wait::No };
+        }
+        if bound.is_zero() {
+            return Wait::No;
+        }
+        let freshness = self.effective_watermark().freshness(self.settings.min_lsn);
+        match (route.reason, freshness) {
+            (Reason::PinnedAfterWrite, Freshness::AtLeast(lsn)) => {
+                match self.replica_to_wait_on(classes, bound) {
+                    Some(node) => Wait::Replica { node, lsn, until: now + bound },
+                    None => Wait::No,
+                }
+            }
+            _ if matches!(self.shared.config.consistency.replica_wait, ReplicaWait::Fixed(_)) => {
+                Wait::Monitor { until: now + bound }
+            }
+            _ => Wait::No,
+        }
+    }
+
+    /// The replica a read would use but for its watermark, if it is likely
+    /// to replay the write within `bound`: one replaying all it receives
+    /// waits only for the WAL to arrive, while one with a backlog of WAL
+    /// received but not replayed for longer than `bound` (a delayed
+    /// standby, a long replay conflict) is not waited on.
+    fn replica_to_wait_on(&self, classes: &[Arc<Classification>], bound: Duration) -> Option<usize> {
+        let route = self.decide_with(classes, Freshness::Any).ok()?;
+        let Destination::Replica(node) = route.destination else { return None };
+        let view = ClusterView::capture(&self.shared.topology);
+        let replica = view.nodes.get(node)?;
+        let backlog = match (replica.status.receive_lsn, replica.status.lsn) {
+            (Some(received), Some(replayed)) => received > replayed,
+            _ => true,
+        };
+        let lag = replica.lag?;
+        (!backlog || lag <= bound).then_some(node)
+    }
+
+    /// The primary's measured round trip (the monitor's EWMA).
+    fn primary_rtt(&self) -> Option<Duration> {
+        let node = self.shared.topology.primary(&self.cluster).ok()?;
+        self.shared.topology.nodes[node].status.load().rtt
     }
 
     /// The database's user-defined volatile functions, loaded only when a
@@ -943,12 +1073,21 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     fn decide(&self, classes: &[Arc<Classification>]) -> Result<Route, crate::cluster::NoPrimary> {
+        self.decide_with(classes, self.effective_watermark().freshness(self.settings.min_lsn))
+    }
+
+    /// `decide`, as if the session's reads needed `freshness`.
+    fn decide_with(
+        &self,
+        classes: &[Arc<Classification>],
+        freshness: Freshness,
+    ) -> Result<Route, crate::cluster::NoPrimary> {
         let config = &self.shared.config;
         let session = SessionView {
             cluster: &self.cluster,
             setting: self.settings.route,
             pinned: self.state.pinned || self.settings_refused,
-            freshness: self.effective_watermark().freshness(self.settings.min_lsn),
+            freshness,
         };
         let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
         let volatile = self.volatile_for(classes);

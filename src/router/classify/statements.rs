@@ -105,6 +105,7 @@ impl Summary {
                 push_unique(&mut self.tables, name);
             }
         }
+        self.copies_in |= !to && matches!(target, CopyTarget::Stdin);
         match (to, target) {
             (true, CopyTarget::Stdout) => Class::Read,
             _ => Class::Write,

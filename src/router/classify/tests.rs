@@ -1017,3 +1017,46 @@ fn texts_that_are_not_utf8_are_classified_from_a_lossy_copy() {
     assert!(matches!(utf8.effects[..], [SessionEffect::Set { .. }]));
     assert_eq!(pins("SET myapp.label = '\u{FFFD}'"), [PinReason::NotUtf8]);
 }
+
+#[test]
+fn where_a_text_leaves_the_transaction_block() {
+    let cases: &[(&str, Block)] = &[
+        ("SELECT 1", Block::Same),
+        ("UPDATE t SET v = 1", Block::Same),
+        ("UPDATE t SET v = 1; UPDATE t SET v = 2", Block::Same),
+        ("BEGIN", Block::Opens),
+        ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ", Block::Opens),
+        ("BEGIN; UPDATE t SET v = 1", Block::Opens),
+        ("COMMIT; BEGIN", Block::Opens),
+        ("COMMIT", Block::Closes),
+        ("END", Block::Closes),
+        ("ROLLBACK", Block::Closes),
+        ("UPDATE t SET v = 1; COMMIT", Block::Closes),
+        ("BEGIN; UPDATE t SET v = 1; COMMIT", Block::Closes),
+        ("BEGIN; SET search_path = a; ROLLBACK", Block::Closes),
+        ("SAVEPOINT a", Block::Same),
+        ("ROLLBACK TO SAVEPOINT a", Block::Same),
+        ("COMMIT AND CHAIN", Block::Unknown),
+        ("ROLLBACK AND CHAIN", Block::Unknown),
+        ("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE", Block::Unknown),
+        ("COMMIT; UPDATE t SET v = 1 +", Block::Unknown),
+        ("PREPARE TRANSACTION 'x'", Block::Unknown),
+    ];
+    for (sql, block) in cases {
+        assert_eq!(classify(sql).block, *block, "{sql}");
+    }
+    assert_eq!(Block::Closes.after(Some(true)), Some(false));
+    assert_eq!(Block::Same.after(Some(true)), Some(true));
+    assert_eq!(Block::Same.after(None), None);
+    assert_eq!(Block::Unknown.after(Some(false)), None);
+}
+
+#[test]
+fn copy_from_stdin_is_told_apart() {
+    assert!(classify("COPY t FROM STDIN").copies_in);
+    assert!(classify("COPY t (a, b) FROM STDIN WITH (FORMAT csv)").copies_in);
+    assert!(!classify("COPY t TO STDOUT").copies_in);
+    assert!(!classify("COPY (SELECT 1) TO STDOUT").copies_in);
+    assert!(!classify("COPY t FROM '/tmp/x'").copies_in);
+    assert!(!classify("INSERT INTO t VALUES (1)").copies_in);
+}
