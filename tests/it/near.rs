@@ -234,3 +234,21 @@ async fn show(client: &Client, name: &str) -> String {
         })
         .unwrap()
 }
+
+#[tokio::test]
+async fn no_probe_runs_inside_a_block_the_client_left_open() {
+    let near = near(ProxyConfig::default()).await;
+    let a = near.client("").await;
+    let b = near.client("").await;
+    // A write that commits, then a REPEATABLE READ block left open, in one
+    // Query: a probe behind it would be the block's first statement and
+    // take its snapshot now.
+    let sql = "UPDATE kv SET v = 1 WHERE k = 10; COMMIT; BEGIN ISOLATION LEVEL REPEATABLE READ";
+    a.batch_execute(sql).await.unwrap();
+    b.execute("UPDATE kv SET v = 2 WHERE k = 10", &[]).await.unwrap();
+    // The snapshot is taken by a's first statement in the block: after
+    // b's commit.
+    assert_eq!(read(&a, 10).await.0, 2, "the block's snapshot was taken before its first statement");
+    a.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(read(&a, 10).await.0, 2);
+}
