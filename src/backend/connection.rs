@@ -32,6 +32,14 @@ pub enum Hidden {
 /// no `search_path` can stand another function in for it.
 pub const PROBE_SQL: &str = "SELECT pg_catalog.pg_current_wal_insert_lsn()";
 
+/// The probe as a simple Query message, built once.
+static PROBE_QUERY: std::sync::LazyLock<Frame> = std::sync::LazyLock::new(|| {
+    let mut body = Vec::with_capacity(PROBE_SQL.len() + 1);
+    body.extend_from_slice(PROBE_SQL.as_bytes());
+    body.push(0);
+    Frame::new(b'Q', &body)
+});
+
 /// A response pgnear expects for itself, and how many ReadyForQuery the
 /// connection must have received before it comes (the client's units sent
 /// ahead of it answer first).
@@ -150,10 +158,7 @@ impl Backend {
     /// in flight: the connection is idle for the client as soon as the
     /// client's own units are answered.
     pub fn queue_probe(&mut self) {
-        let mut body = Vec::with_capacity(PROBE_SQL.len() + 1);
-        body.extend_from_slice(PROBE_SQL.as_bytes());
-        body.push(0);
-        self.queue(&Frame::new(b'Q', &body));
+        self.out.extend_from_slice(PROBE_QUERY.raw());
         self.expect(Hidden::Probe);
     }
 

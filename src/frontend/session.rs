@@ -701,8 +701,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// safe: frame readers only move bytes into their own buffers.
     async fn wait_event(&mut self) -> Event {
         let idle_on = self.shared.config.proxy.idle_client_timeout.is_some() && self.bound.is_none();
-        // While a unit runs, its own responses wake the loop often enough.
-        let tick_on = self.bound.is_none() && self.wrote && self.watermark.is_pending();
+        // While a unit runs, its own responses wake the loop often enough,
+        // and a probe's answer comes right behind them: only a commit left
+        // to the monitor needs the re-check.
+        let tick_on = self.bound.is_none() && self.wrote && self.watermark.waits_for_monitor();
         if tick_on && !self.timers.tick_armed {
             self.timers.arm_tick();
         }

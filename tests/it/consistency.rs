@@ -5,9 +5,8 @@ use std::time::Duration;
 use pgnear::cluster::Lsn;
 use pgnear::lab::cluster::Cluster;
 use pgnear::router::ClusterView;
-use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::support::{connect, start, Env, ProxyConfig, PATIENCE};
+use crate::support::{connect, show, start, Env, ProxyConfig, PATIENCE};
 
 const DELAY: Duration = Duration::from_millis(300);
 
@@ -83,17 +82,6 @@ async fn proxy_scope_covers_other_connections() {
         let v: i32 = reader.query_one("SELECT v FROM kv WHERE k = 0", &[]).await.unwrap().get(0);
         assert_eq!(v, i, "connection B read a stale value");
     }
-}
-
-async fn show(client: &Client, name: &str) -> String {
-    let messages = client.simple_query(&format!("SHOW {name}")).await.unwrap();
-    messages
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap()
 }
 
 #[tokio::test]

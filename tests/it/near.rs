@@ -11,9 +11,9 @@ use std::time::Duration;
 use pgnear::lab::cluster::Cluster;
 use pgnear::lab::relay::Relay;
 use pgnear::Proxy;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
-use crate::support::{connect, run_tool, ProxyConfig, PATIENCE};
+use crate::support::{connect, run_tool, show, ProxyConfig, PATIENCE};
 
 /// One-way delay of both WAN links: enough to tell a local read from one
 /// that crossed, short enough for CI.
@@ -222,17 +222,6 @@ async fn a_commit_that_never_comes_leaves_nothing_behind() {
     assert!(out.contains("COPY 2") && out.contains(" 4\n"), "{out}");
     assert_eq!(near.metric("pgnear_watermark_probes_total{result=\"failed\"}").await, 1.0);
     assert!(near.metric("pgnear_watermark_probes_total{result=\"lsn\"}").await >= 3.0);
-}
-
-async fn show(client: &Client, name: &str) -> String {
-    let messages = client.simple_query(&format!("SHOW {name}")).await.unwrap();
-    messages
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap()
 }
 
 #[tokio::test]

@@ -147,6 +147,18 @@ pub async fn connect(conn_string: &str) -> Result<Client, tokio_postgres::Error>
     Ok(client)
 }
 
+/// The value `SHOW name` answers.
+pub async fn show(client: &Client, name: &str) -> String {
+    let messages = client.simple_query(&format!("SHOW {name}")).await.unwrap();
+    messages
+        .iter()
+        .find_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+            _ => None,
+        })
+        .unwrap()
+}
+
 /// The SQLSTATE of a failed call.
 pub fn sqlstate<T: std::fmt::Debug>(result: Result<T, tokio_postgres::Error>) -> String {
     let error = result.expect_err("expected an error");
