@@ -164,7 +164,14 @@ async fn currval_reads_the_sessions_own_nextval_or_fails() {
     // Kept across the session's own later transactions.
     a.batch_execute("BEGIN").await.unwrap();
     assert_eq!(value(&a, currval).await, "1");
+    let written_on = pid(&a).await;
     a.batch_execute("COMMIT").await.unwrap();
+    // The connection goes back to the pool once the watermark probe behind
+    // a commit is answered: then it is the most recently used.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while pid(&b).await != written_on {
+        assert!(tokio::time::Instant::now() < deadline, "a's connection never went back to the pool");
+    }
     // Another client writes on that connection: a's value is gone from
     // it, and pgnear says so instead of answering with b's.
     b.batch_execute("INSERT INTO seq_items (v) VALUES ('b1')").await.unwrap();
