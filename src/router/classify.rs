@@ -86,9 +86,10 @@ pub struct Classification {
     pub executes: Vec<String>,
     /// Where the text leaves the session's transaction block.
     pub block: Block,
-    /// A `COPY ... FROM STDIN`: the server waits for CopyData after it,
-    /// and anything else it is sent meanwhile fails the COPY.
-    pub copies_in: bool,
+    /// How many `COPY ... FROM STDIN` (or its synonym `FROM STDOUT`) the
+    /// text runs: the server waits for CopyData at each, and anything else
+    /// it is sent meanwhile fails the COPY.
+    pub copies_in: u8,
 }
 
 /// What a text does to the transaction block it runs in, statement by
@@ -349,7 +350,7 @@ struct Summary {
     ddl: bool,
     executes: Vec<String>,
     block: Block,
-    copies_in: bool,
+    copies_in: u8,
 }
 
 impl Summary {

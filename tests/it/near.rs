@@ -220,6 +220,11 @@ async fn a_commit_that_never_comes_leaves_nothing_behind() {
         run_tool("psql", &["-X", "-d", &conn, "-c", &copy, "-c", "SELECT v FROM kv WHERE k = 103"]).await;
     std::fs::remove_file(&file).unwrap();
     assert!(out.contains("COPY 2") && out.contains(" 4\n"), "{out}");
+    // Two COPYs in one Query (its probe follows the second's CopyDone, not
+    // the first's), and COPY FROM STDOUT, PostgreSQL's synonym for STDIN.
+    let two = "COPY kv FROM STDIN; COPY kv FROM STDOUT";
+    let out = run_tool("psql", &["-X", "-d", &conn, "-c", two, "-c", "SELECT 40 + 2"]).await;
+    assert!(out.matches("COPY 0").count() == 2 && out.contains("42"), "{out}");
     assert_eq!(near.metric("pgnear_watermark_probes_total{result=\"failed\"}").await, 1.0);
     assert!(near.metric("pgnear_watermark_probes_total{result=\"lsn\"}").await >= 3.0);
 }

@@ -43,9 +43,10 @@ pub(super) struct Server {
     /// last complete unit: the transaction status no longer says where the
     /// server is.
     pub(super) sent_partial: bool,
-    /// A simple-protocol COPY FROM STDIN that leaves no block open is
-    /// running: a probe may follow its CopyDone or CopyFail.
-    pub(super) probe_after_copy: bool,
+    /// The COPY FROM STDIN of a simple Query that leaves no block open
+    /// still to end: a probe may follow the last one's CopyDone (or a
+    /// CopyFail, which skips the rest of the Query).
+    pub(super) copies_left: u8,
     /// This connection's metric children (and its place in the gauge of
     /// open server connections).
     pub(super) metrics: NodeMetrics,
@@ -69,9 +70,8 @@ impl Server {
     /// classifications. Returns whether it leaves the server outside a
     /// transaction block for sure, with nothing of the client's left
     /// half-sent: only then may a probe follow it.
-    /// A simple-protocol `COPY ... FROM STDIN` commits with the CopyDone
-    /// that ends it: `probe_after_copy` says whether a probe may follow
-    /// that.
+    /// A simple Query's `COPY ... FROM STDIN` commits with the CopyDone
+    /// that ends the last of them: `copies_left` counts them down.
     pub(super) fn expect_after(
         &mut self,
         classes: &[Arc<Classification>],
@@ -86,10 +86,27 @@ impl Server {
         self.expect_block = after;
         self.sent_partial = !complete;
         let outside = complete && after == Some(false) && !self.backend.copy_in;
-        // Anything sent before the CopyDone would fail the COPY.
-        let copies_in = classes.iter().any(|c| c.copies_in);
-        self.probe_after_copy = copies_in && outside && simple;
-        outside && !copies_in
+        // Anything sent before the last CopyDone would fail a COPY.
+        let copies = classes.iter().fold(0u8, |n, c| n.saturating_add(c.copies_in));
+        self.copies_left = if outside && simple { copies } else { 0 };
+        outside && copies == 0
+    }
+
+    /// The client ended a COPY with CopyDone, or CopyFail (`failed`).
+    /// Returns whether the Query's last COPY is over, so that a probe may
+    /// follow.
+    pub(super) fn copy_ended(&mut self, failed: bool) -> bool {
+        match (self.copies_left, failed) {
+            (0, _) => false,
+            (_, true) | (1, false) => {
+                self.copies_left = 0;
+                true
+            }
+            (left, false) => {
+                self.copies_left = left - 1;
+                false
+            }
+        }
     }
 
     /// Transaction pooling: session `holder` takes the connection.
@@ -199,7 +216,7 @@ pub(super) async fn open(
         unit_failed: false,
         expect_block: None,
         sent_partial: false,
-        probe_after_copy: false,
+        copies_left: 0,
         metrics,
         pool: None,
         permit: None,

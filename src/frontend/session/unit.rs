@@ -40,7 +40,7 @@ static WRITE: std::sync::LazyLock<Arc<Classification>> = std::sync::LazyLock::ne
         node_state: false,
         executes: Vec::new(),
         block: Block::Same,
-        copies_in: false,
+        copies_in: 0,
     })
 });
 
@@ -242,11 +242,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn on_copy(&mut self, frame: Frame) {
         let Some(target) = self.bound else { return };
         let Some(server) = self.server_mut(target) else { return };
-        let mut probe = false;
-        if frame.tag() != b'd' {
-            server.backend.copy_in = false;
-            probe = std::mem::take(&mut server.probe_after_copy);
-        }
+        let probe = match frame.tag() {
+            b'd' => false,
+            tag => {
+                server.backend.copy_in = false;
+                server.copy_ended(tag == b'f')
+            }
+        };
         server.backend.queue(&frame);
         if probe && target == Target::Primary && self.primary_dirty && self.tracks_writes() {
             self.probe_behind();

@@ -105,7 +105,9 @@ impl Summary {
                 push_unique(&mut self.tables, name);
             }
         }
-        self.copies_in |= !to && matches!(target, CopyTarget::Stdin);
+        if !to && matches!(target, CopyTarget::Stdin | CopyTarget::Stdout) {
+            self.copies_in = self.copies_in.saturating_add(1);
+        }
         match (to, target) {
             (true, CopyTarget::Stdout) => Class::Read,
             _ => Class::Write,

@@ -1052,11 +1052,19 @@ fn where_a_text_leaves_the_transaction_block() {
 }
 
 #[test]
-fn copy_from_stdin_is_told_apart() {
-    assert!(classify("COPY t FROM STDIN").copies_in);
-    assert!(classify("COPY t (a, b) FROM STDIN WITH (FORMAT csv)").copies_in);
-    assert!(!classify("COPY t TO STDOUT").copies_in);
-    assert!(!classify("COPY (SELECT 1) TO STDOUT").copies_in);
-    assert!(!classify("COPY t FROM '/tmp/x'").copies_in);
-    assert!(!classify("INSERT INTO t VALUES (1)").copies_in);
+fn copies_from_stdin_are_counted() {
+    let cases: &[(&str, u8)] = &[
+        ("COPY t FROM STDIN", 1),
+        ("COPY t (a, b) FROM STDIN WITH (FORMAT csv)", 1),
+        // PostgreSQL's synonym, which its own regression suite uses.
+        ("copy t from stdout", 1),
+        ("select 0; copy t from stdin; copy t from stdin; select 1", 2),
+        ("COPY t TO STDOUT", 0),
+        ("COPY (SELECT 1) TO STDOUT", 0),
+        ("COPY t FROM '/tmp/x'", 0),
+        ("INSERT INTO t VALUES (1)", 0),
+    ];
+    for (sql, copies) in cases {
+        assert_eq!(classify(sql).copies_in, *copies, "{sql}");
+    }
 }
