@@ -285,7 +285,8 @@ impl Backend {
                 Swallowed::Yes
             }
             (Some(Hidden::Probe), b'D') => {
-                self.probe_lsn = probe_row(frame);
+                let text = crate::protocol::backend::single_value(frame);
+                self.probe_lsn = text.and_then(|t| std::str::from_utf8(t).ok()?.parse().ok());
                 Swallowed::Yes
             }
             // A notice or a notification while the probe runs is the
@@ -293,7 +294,8 @@ impl Backend {
             (Some(Hidden::Probe), b'T' | b'C' | b'E' | b'I') => Swallowed::Yes,
             (Some(Hidden::Probe), b'Z') => {
                 self.hidden.pop_front();
-                let status = frame.body().first().copied().unwrap_or(b'I');
+                // A malformed status counts as a failed probe.
+                let status = crate::protocol::backend::ready_status(frame).unwrap_or(b'E');
                 Swallowed::Probe(self.probe_lsn.take(), status)
             }
             _ => Swallowed::No,
@@ -313,16 +315,4 @@ impl Backend {
         let _ = self.flush().await;
         let _ = self.writer.shutdown().await;
     }
-}
-
-/// The LSN in a probe's DataRow: one text column.
-fn probe_row(frame: &Frame) -> Option<Lsn> {
-    let body = frame.body();
-    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
-    let len = i32::from_be_bytes(body.get(2..6)?.try_into().ok()?);
-    if count != 1 || len < 0 {
-        return None;
-    }
-    let text = body.get(6..6 + usize::try_from(len).ok()?)?;
-    std::str::from_utf8(text).ok()?.parse().ok()
 }

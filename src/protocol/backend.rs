@@ -157,6 +157,15 @@ pub fn no_data() -> Frame {
     Frame::new(b'n', &[])
 }
 
+/// The only column of a one-column DataRow, as its bytes (`None` for
+/// NULL or any other shape).
+pub fn single_value(frame: &Frame) -> Option<&[u8]> {
+    let body = frame.body();
+    let count = i16::from_be_bytes(body.get(..2)?.try_into().ok()?);
+    let len = usize::try_from(i32::from_be_bytes(body.get(2..6)?.try_into().ok()?)).ok()?;
+    (count == 1 && body.len() == 6 + len).then(|| &body[6..])
+}
+
 /// The transaction status byte of a ReadyForQuery: `I`, `T` or `E`.
 pub fn ready_status(frame: &Frame) -> Result<u8, ProtocolError> {
     match frame.body() {
@@ -224,6 +233,16 @@ mod tests {
     #![allow(clippy::unwrap_used)] // tests fail loudly
 
     use super::*;
+
+    #[test]
+    fn a_single_value_is_read_back_and_other_shapes_are_not() {
+        assert_eq!(single_value(&data_row(&["0/16B3748"])), Some(&b"0/16B3748"[..]));
+        assert_eq!(single_value(&data_row(&["a", "b"])), None);
+        let null = Frame::new(b'D', &[0, 1, 0xff, 0xff, 0xff, 0xff]);
+        assert_eq!(single_value(&null), None);
+        let short = Frame::new(b'D', &[0, 1, 0, 0, 0, 9, b'x']);
+        assert_eq!(single_value(&short), None);
+    }
 
     #[test]
     fn error_response_round_trips() {

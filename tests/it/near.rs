@@ -24,7 +24,7 @@ struct Near {
     // Field order is drop order: the proxy goes before what it uses.
     proxy: Proxy,
     _to_primary: Relay,
-    _wal: Relay,
+    wal: Relay,
     cluster: Cluster,
 }
 
@@ -48,7 +48,7 @@ async fn near(extra: ProxyConfig) -> Near {
     // The default monitor interval (50 ms), as a user runs it.
     let config = extra.nodes(&nodes).monitor("interval_ms = 50");
     let proxy = Proxy::start(config.build(&cluster)).await.unwrap();
-    let near = Near { proxy, _to_primary: to_primary, _wal: wal, cluster };
+    let near = Near { proxy, _to_primary: to_primary, wal, cluster };
     near.wait_until_known().await;
     near
 }
@@ -245,4 +245,21 @@ async fn no_probe_runs_inside_a_block_the_client_left_open() {
     assert_eq!(read(&a, 10).await.0, 2, "the block's snapshot was taken before its first statement");
     a.batch_execute("COMMIT").await.unwrap();
     assert_eq!(read(&a, 10).await.0, 2);
+}
+
+#[tokio::test]
+async fn a_replica_that_does_not_catch_up_in_time_leaves_the_read_to_the_primary() {
+    let near = near(ProxyConfig::default()).await;
+    let client = near.client("").await;
+    // The replica stops receiving WAL: it has replayed all it has, so a read
+    // waits on it, for at most the primary's round trip, and then goes to
+    // the primary with no error.
+    near.wal.partition();
+    let primary = i32::from(near.cluster.primary().port());
+    for i in 1..=3 {
+        client.execute("UPDATE kv SET v = $1 WHERE k = 12", &[&i]).await.unwrap();
+        assert_eq!(read(&client, 12).await, (i, primary), "the read must see the write, on the primary");
+    }
+    assert!(near.metric("pgnear_replica_waits_total{outcome=\"timed_out\"}").await >= 1.0);
+    near.wal.heal();
 }

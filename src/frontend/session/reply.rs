@@ -255,11 +255,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if !std::mem::take(&mut self.primary_dirty) {
             return;
         }
-        if self.pinned_since.is_none()
-            && self.shared.config.consistency.read_your_writes != ReadYourWrites::Off
-        {
-            self.pinned_since = Some(at);
-            self.shared.metrics.pin_started();
+        if self.shared.config.consistency.read_your_writes != ReadYourWrites::Off {
+            self.pin_started(at);
         }
         match self.shared.config.consistency.read_your_writes {
             ReadYourWrites::Off => {}
@@ -284,8 +281,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         self.watermark.probe_sent();
         self.probes.push_back(self.shared.watermark.probe());
         self.wrote = true;
+        self.pin_started(Instant::now());
+    }
+
+    /// Reads are held after a write from `at`, unless they already were.
+    fn pin_started(&mut self, at: Instant) {
         if self.pinned_since.is_none() {
-            self.pinned_since = Some(Instant::now());
+            self.pinned_since = Some(at);
             self.shared.metrics.pin_started();
         }
     }
