@@ -266,6 +266,43 @@ def pipeline_mode():
             check(cur.fetchone() == (9,), "autocommit pipeline count")
 
 
+def libpq_pipeline_reads_as_it_writes():
+    """libpq's pipeline mode, with no Sync and no Flush: PostgreSQL sends an
+    error at once, and everything queued before it, so a client reading
+    while it writes sees them before it ends the pipeline."""
+    import select
+    from psycopg import pq
+    c = pq.PGconn.connect(CONNINFO.encode())
+    check(c.status == pq.ConnStatus.OK, f"low-level connect: {c.error_message!r}")
+    try:
+        c.exec_(f"CREATE TABLE IF NOT EXISTS {TABLE}_keyed (id int PRIMARY KEY)".encode())
+        c.exec_(f"TRUNCATE {TABLE}_keyed".encode())
+        c.enter_pipeline_mode()
+        c.send_query_params(b"BEGIN", None)
+        c.send_prepare(b"ins", f"INSERT INTO {TABLE}_keyed VALUES ($1)".encode())
+        for _ in range(3):
+            c.send_query_prepared(b"ins", [b"1"])  # the second one fails
+        c.send_query_params(b"COMMIT", None)
+        c.flush()
+        c.nonblocking = 1
+        statuses = []
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and pq.ExecStatus.FATAL_ERROR not in statuses:
+            c.consume_input()
+            while not c.is_busy():
+                r = c.get_result()
+                if r is None:
+                    break
+                statuses.append(r.status)
+            select.select([c.socket], [], [], 0.2)
+        check(pq.ExecStatus.FATAL_ERROR in statuses, f"no error before the pipeline ended: {statuses}")
+        check(statuses.count(pq.ExecStatus.COMMAND_OK) == 3, f"results before the error: {statuses}")
+        c.pipeline_sync()
+        c.flush()
+    finally:
+        c.finish()
+
+
 def transaction_rollback():
     with connect() as conn:
         before = conn.execute(f"SELECT count(*) FROM {TABLE}").fetchone()[0]
@@ -477,12 +514,13 @@ def async_connection():
 def cleanup():
     with connect(autocommit=True) as conn:
         conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(TABLE)))
+        conn.execute(sql.SQL("DROP TABLE IF EXISTS {}").format(sql.Identifier(TABLE + "_keyed")))
 
 
 def main():
     print(f"  psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}, impl {psycopg.pq.__impl__})")
     for fn in (scram_login, wrong_password_refused, create_table, insert_and_select_params, replica_read_then_write,
-               prepared_statements, pipeline_mode, transaction_rollback, error_then_continue,
+               prepared_statements, pipeline_mode, libpq_pipeline_reads_as_it_writes, transaction_rollback, error_then_continue,
                copy_in_out, server_side_cursor, listen_notify, cancel_query, async_connection, cleanup):
         step(fn)
         if fn is create_table and failures:

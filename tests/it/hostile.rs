@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use tokio::io::AsyncWriteExt;
 
-use crate::support::wire::{message, query, startup_packet, Msg, Wire};
+use crate::support::wire::{bind, execute, message, query, startup_packet, sync, Msg, Wire};
 use crate::support::{primary_only, start, Env, ProxyConfig, PATIENCE};
 use pgnear::lab::cluster::Cluster;
 use pgnear::protocol::startup::{cancel_request, CancelKey};
@@ -95,27 +95,6 @@ async fn unknown_message_type_and_oversized_message() {
     after_login(&env, &query(&"x".repeat(10_000)), "08P01", "over max_message_bytes").await;
     after_login(&env, &message(b'Q', b"SELECT 1"), "08P01", "unterminated query string").await;
     still_serving(&env, &bystander).await;
-}
-
-/// Bind of statement `statement` to portal `portal`, no parameters.
-fn bind(portal: &str, statement: &str) -> Vec<u8> {
-    let mut body = Vec::new();
-    for name in [portal, statement] {
-        body.extend_from_slice(name.as_bytes());
-        body.push(0);
-    }
-    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // no formats, parameters or result formats
-    message(b'B', &body)
-}
-
-fn execute(portal: &str) -> Vec<u8> {
-    let mut body = portal.as_bytes().to_vec();
-    body.extend_from_slice(&[0, 0, 0, 0, 0]);
-    message(b'E', &body)
-}
-
-fn sync() -> Vec<u8> {
-    message(b'S', b"")
 }
 
 /// Sends `bytes` and expects the server's ERROR `code`, then

@@ -5,7 +5,7 @@
 use futures_util::{SinkExt, StreamExt};
 use tokio_postgres::AsyncMessage;
 
-use crate::support::wire::{query, Wire};
+use crate::support::wire::{bind, execute, parse, query, sync, Wire};
 use crate::support::{primary_only, run_tool, sqlstate, PATIENCE};
 
 #[tokio::test]
@@ -278,4 +278,50 @@ async fn replication_connections_are_refused_clearly() {
     assert!(!output.status.success());
     let stderr = String::from_utf8_lossy(&output.stderr);
     assert!(stderr.contains("pgnear does not proxy replication connections"), "{stderr}");
+}
+
+/// PostgreSQL sends an error as soon as it happens, whether or not a Sync
+/// or Flush came: a client that reads while it writes (libpq's pipeline
+/// mode, asyncpg's `executemany`) stops there. Messages whose server is
+/// settled (inside a transaction, or a write) go ahead without waiting for
+/// their Sync, so the error reaches the client before it is sent.
+#[tokio::test]
+async fn an_error_mid_batch_arrives_before_the_batch_is_synced() {
+    let env = primary_only().await;
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    wire.send(&query("CREATE TABLE keyed (id int PRIMARY KEY); INSERT INTO keyed VALUES (1)")).await;
+    wire.until_ready().await;
+
+    // Outside a transaction: a duplicate key, no Sync yet.
+    wire.send(&[parse("ins", "INSERT INTO keyed VALUES (1)"), bind("", "ins"), execute("")].concat()).await;
+    let error = until_error(&mut wire).await;
+    assert_eq!(error.as_deref(), Some("23505"));
+    wire.send(&sync()).await;
+    let after = wire.until_ready().await;
+    assert_eq!(after.last().map(|m| m.body.clone()), Some(b"I".to_vec()), "{after:?}");
+
+    // Inside a block: a read, then the duplicate, answered up to the error.
+    wire.send(&query("BEGIN")).await;
+    wire.until_ready().await;
+    let select = [parse("", "SELECT 1"), bind("", ""), execute("")].concat();
+    wire.send(&[select, bind("", "ins"), execute("")].concat()).await;
+    assert_eq!(until_error(&mut wire).await.as_deref(), Some("23505"));
+    wire.send(&sync()).await;
+    let after = wire.until_ready().await;
+    assert_eq!(after.last().map(|m| m.body.clone()), Some(b"E".to_vec()), "{after:?}");
+    wire.send(&query("ROLLBACK; SELECT count(*) FROM keyed")).await;
+    let rows: Vec<_> = wire.until_ready().await.into_iter().filter(|m| m.tag == b'D').collect();
+    assert_eq!(rows[0].columns(), [Some(b"1".to_vec())]);
+}
+
+/// Reads up to an ErrorResponse (which must come before any
+/// ReadyForQuery) and gives its SQLSTATE.
+async fn until_error(wire: &mut Wire) -> Option<String> {
+    loop {
+        let msg = wire.recv().await?;
+        assert_ne!(msg.tag, b'Z', "ReadyForQuery before the error");
+        if msg.tag == b'E' {
+            return msg.sqlstate();
+        }
+    }
 }

@@ -43,6 +43,9 @@ pub(super) struct Server {
     /// last complete unit: the transaction status no longer says where the
     /// server is.
     pub(super) sent_partial: bool,
+    /// Of those messages, some executed a statement: the client's implicit
+    /// transaction is open until its Sync.
+    pub(super) ran_partial: bool,
     /// The COPY FROM STDIN of a simple Query that leaves no block open
     /// still to end: a probe may follow the last one's CopyDone (or a
     /// CopyFail, which skips the rest of the Query).
@@ -216,6 +219,7 @@ pub(super) async fn open(
         unit_failed: false,
         expect_block: None,
         sent_partial: false,
+        ran_partial: false,
         copies_left: 0,
         metrics,
         pool: None,

@@ -237,6 +237,45 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         Ok(())
     }
 
+    /// Extended-protocol messages still waiting for their Sync go ahead
+    /// once the client has sent nothing more for now, if they execute
+    /// something and their server is already settled: the session is held
+    /// on one, or they need the primary whatever follows (a write, a
+    /// transaction). PostgreSQL sends an error at once, mid-batch, and a
+    /// client reading while it writes (libpq's pipeline mode, asyncpg's
+    /// `executemany`) sees it before it sends the rest; held here until
+    /// the Sync, it would wait for an answer that never comes.
+    pub(super) async fn forward_partial(&mut self) -> Result<(), ProxyError> {
+        let batch = &self.batch;
+        if batch.frames.is_empty() || self.held.is_some() || self.waiting.is_some() {
+            return Ok(());
+        }
+        let executes = batch.frames.iter().any(|f| f.tag() == b'E');
+        let local = batch.classes.iter().any(|c| matches!(c.class, Class::ProxyLocal(_)));
+        if !executes || local || !self.settled(batch) {
+            return Ok(());
+        }
+        let batch = std::mem::take(&mut self.batch);
+        self.dispatch(batch, false).await?;
+        self.open_batch |= self.held.is_none();
+        Ok(())
+    }
+
+    /// Whether a unit's server is known before the unit is complete: no
+    /// later message can change it.
+    fn settled(&self, unit: &Batch) -> bool {
+        if self.held_target(unit).is_some() {
+            return true;
+        }
+        let route = match self.catalog.is_stale() {
+            true => return false,
+            false => self.decide(&unit.classes),
+        };
+        // Reasons that a later statement cannot take back.
+        let lasting = [Reason::Write, Reason::Unparsed, Reason::Transaction, Reason::SessionState];
+        matches!(route, Ok(Route { destination: Destination::Primary(_), reason }) if lasting.contains(&reason))
+    }
+
     /// CopyData, CopyDone and CopyFail go to the server running the COPY;
     /// outside COPY the server would ignore them, and so does pgnear.
     fn on_copy(&mut self, frame: Frame) {
@@ -360,6 +399,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             server.started.push_back(Instant::now());
             server.load.add();
         }
+        server.ran_partial = !complete && (server.ran_partial || kinds.executes);
         // Before this unit counts in flight: where the server was before it.
         let leaves_no_block = server.expect_after(&unit.classes, complete, !kinds.extended);
         // Syncs sent while the server is in COPY IN are ignored by it.
@@ -608,7 +648,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// elsewhere, end the open batch with a Sync of pgnear's own.
     async fn reopen(&mut self, frames: &[Frame], classes: &[Arc<Classification>]) -> Result<(), ProxyError> {
         let Some(held) = self.bound else { return Ok(()) };
-        let quiet = self.server(held).is_some_and(|s| s.backend.is_idle());
+        // Statements executed ahead of the Sync run in the client's implicit
+        // transaction: a Sync of pgnear's own would commit it early.
+        let quiet = self.server(held).is_some_and(|s| s.backend.is_idle() && !s.ran_partial);
         if !quiet || uses_unnamed(frames) {
             return Ok(());
         }

@@ -92,6 +92,32 @@ pub fn query_bytes(sql: &[u8]) -> Vec<u8> {
     message(b'Q', &body)
 }
 
+/// Parse of `sql` as statement `name`, no parameter types.
+pub fn parse(name: &str, sql: &str) -> Vec<u8> {
+    message(b'P', format!("{name}\0{sql}\0\0\0").as_bytes())
+}
+
+/// Bind of statement `statement` to portal `portal`, no parameters.
+pub fn bind(portal: &str, statement: &str) -> Vec<u8> {
+    let mut body = Vec::new();
+    for name in [portal, statement] {
+        body.extend_from_slice(name.as_bytes());
+        body.push(0);
+    }
+    body.extend_from_slice(&[0, 0, 0, 0, 0, 0]); // no formats, parameters or result formats
+    message(b'B', &body)
+}
+
+pub fn execute(portal: &str) -> Vec<u8> {
+    let mut body = portal.as_bytes().to_vec();
+    body.extend_from_slice(&[0, 0, 0, 0, 0]);
+    message(b'E', &body)
+}
+
+pub fn sync() -> Vec<u8> {
+    message(b'S', b"")
+}
+
 impl Wire {
     pub async fn connect(addr: SocketAddr) -> Wire {
         Wire { stream: TcpStream::connect(addr).await.unwrap(), buf: BytesMut::new() }
