@@ -7,6 +7,7 @@ use bytes::BytesMut;
 use tokio::io::AsyncWriteExt;
 
 use crate::cluster::Lsn;
+use crate::protocol::backend::TxStatus;
 use crate::protocol::startup::CancelKey;
 use crate::protocol::{Frame, FrameReader, ProtocolError};
 use crate::tls::{ReadHalf, WriteHalf};
@@ -58,7 +59,7 @@ pub enum Swallowed {
     Yes,
     /// The last message of a probe's answer: the insert LSN it read (none
     /// if it failed) and the transaction status it ended in.
-    Probe(Option<Lsn>, u8),
+    Probe(Option<Lsn>, TxStatus),
 }
 
 /// Server messages the session relays without looking at them: not
@@ -100,7 +101,7 @@ pub struct Backend {
     /// Queries and Syncs sent whose ReadyForQuery has not come back.
     pub in_flight: u32,
     /// The last ReadyForQuery status: `I`, `T` or `E`.
-    pub tx_status: u8,
+    pub tx_status: TxStatus,
     /// Between the server's CopyInResponse and the client's CopyDone or
     /// CopyFail: the server ignores any Sync it gets meanwhile.
     pub copy_in: bool,
@@ -130,7 +131,7 @@ impl Backend {
             out: BytesMut::new(),
             startup_params: startup_params.iter().map(Frame::detached).collect(),
             in_flight: 0,
-            tx_status: b'I',
+            tx_status: TxStatus::Idle,
             copy_in: false,
             last_unit_synced: false,
             readies: 0,
@@ -168,7 +169,7 @@ impl Backend {
     }
 
     /// A ReadyForQuery of the client's reached pgnear, with `status`.
-    pub fn ready(&mut self, status: u8) {
+    pub fn ready(&mut self, status: TxStatus) {
         self.in_flight = self.in_flight.saturating_sub(1);
         self.readies += 1;
         self.tx_status = status;
@@ -201,7 +202,7 @@ impl Backend {
 
     /// Idle: nothing in flight and not inside a transaction.
     pub fn is_idle(&self) -> bool {
-        self.in_flight == 0 && self.tx_status == b'I'
+        self.in_flight == 0 && self.tx_status == TxStatus::Idle
     }
 
     /// Whether responses to pgnear's own replay are still expected.
@@ -295,7 +296,7 @@ impl Backend {
             (Some(Hidden::Probe), b'Z') => {
                 self.hidden.pop_front();
                 // A malformed status counts as a failed probe.
-                let status = crate::protocol::backend::ready_status(frame).unwrap_or(b'E');
+                let status = crate::protocol::backend::ready_status(frame).unwrap_or(TxStatus::Failed);
                 Swallowed::Probe(self.probe_lsn.take(), status)
             }
             _ => Swallowed::No,

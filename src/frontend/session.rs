@@ -13,6 +13,7 @@ pub mod pool;
 mod reply;
 mod server;
 mod state;
+mod tx;
 mod unit;
 mod wake;
 
@@ -34,7 +35,7 @@ use crate::cluster::catalog::Catalog;
 use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
-use crate::protocol::backend::{backend_key_data, parameter_status, ready_for_query};
+use crate::protocol::backend::{backend_key_data, parameter_status, ready_for_query, TxStatus};
 use crate::protocol::{Frame, FrameReader, ProtocolError};
 use crate::router::classify::Classification;
 use crate::router::consistency::Watermark;
@@ -282,11 +283,8 @@ pub struct Session<S: Split> {
     sources: wake::Sources,
     /// A replica refused the session's settings: reads stay on the primary.
     settings_refused: bool,
-    /// Session effects of the open transaction, applied if it commits.
-    tx_effects: Vec<Arc<Classification>>,
-    /// The open transaction's savepoints: each name with how many of
-    /// `tx_effects` came before it.
-    tx_savepoints: Vec<(String, usize)>,
+    /// Session effects waiting for the open transaction to commit.
+    tx: tx::TxEffects,
     /// The server reports `default_transaction_read_only = on`.
     default_read_only: bool,
     /// Since when reads have been held on the primary after a write.
@@ -366,7 +364,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             client.queue(frame);
         }
         client.queue(&backend_key_data(registration.key));
-        client.queue(&ready_for_query(b'I'));
+        client.queue(&ready_for_query(TxStatus::Idle));
         client.flush().await?;
         let shared_mode = shared.config.consistency.read_your_writes;
         let shared_idle_timeout = shared.config.proxy.idle_client_timeout;
@@ -408,8 +406,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             waiting: None,
             sources: wake::Sources::new(),
             settings_refused: false,
-            tx_effects: Vec::new(),
-            tx_savepoints: Vec::new(),
+            tx: tx::TxEffects::default(),
             default_read_only: startup_params.iter().any(is_read_only_default),
             retry: None,
             timers: Timers::new(shared_idle_timeout, shared_monitor_interval),
@@ -482,7 +479,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                         waiting.count.timed_out();
                         drop(waiting);
                         self.client.queue(&frame);
-                        self.client.queue(&ready_for_query(b'I'));
+                        self.client.queue(&ready_for_query(TxStatus::Idle));
                     }
                     Flow::Continue
                 }

@@ -111,8 +111,35 @@ pub fn backend_key_data(key: CancelKey) -> Frame {
     })
 }
 
-pub fn ready_for_query(status: u8) -> Frame {
-    Frame::new(b'Z', &[status])
+/// Where a server is after a ReadyForQuery: its transaction status.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum TxStatus {
+    /// Outside a transaction block (`I`).
+    #[default]
+    Idle,
+    /// Inside one (`T`).
+    InBlock,
+    /// Inside a failed one, which only a ROLLBACK ends (`E`).
+    Failed,
+}
+
+impl TxStatus {
+    pub fn byte(self) -> u8 {
+        match self {
+            TxStatus::Idle => b'I',
+            TxStatus::InBlock => b'T',
+            TxStatus::Failed => b'E',
+        }
+    }
+
+    /// Inside a block, failed or not.
+    pub fn in_block(self) -> bool {
+        self != TxStatus::Idle
+    }
+}
+
+pub fn ready_for_query(status: TxStatus) -> Frame {
+    Frame::new(b'Z', &[status.byte()])
 }
 
 /// RowDescription for text columns of type `text`.
@@ -167,9 +194,11 @@ pub fn single_value(frame: &Frame) -> Option<&[u8]> {
 }
 
 /// The transaction status byte of a ReadyForQuery: `I`, `T` or `E`.
-pub fn ready_status(frame: &Frame) -> Result<u8, ProtocolError> {
+pub fn ready_status(frame: &Frame) -> Result<TxStatus, ProtocolError> {
     match frame.body() {
-        [status @ (b'I' | b'T' | b'E')] => Ok(*status),
+        [b'I'] => Ok(TxStatus::Idle),
+        [b'T'] => Ok(TxStatus::InBlock),
+        [b'E'] => Ok(TxStatus::Failed),
         _ => Err(ProtocolError::Malformed { what: "ReadyForQuery" }),
     }
 }
@@ -276,7 +305,9 @@ mod tests {
 
     #[test]
     fn ready_status_is_checked() {
-        assert_eq!(ready_status(&ready_for_query(b'T')).unwrap(), b'T');
+        for status in [TxStatus::Idle, TxStatus::InBlock, TxStatus::Failed] {
+            assert_eq!(ready_status(&ready_for_query(status)).unwrap(), status);
+        }
         assert!(ready_status(&Frame::new(b'Z', b"X")).is_err());
         assert!(ready_status(&Frame::new(b'Z', b"")).is_err());
     }

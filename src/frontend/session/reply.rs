@@ -13,9 +13,9 @@ use crate::backend::connection::Swallowed;
 use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
-use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, ErrorFields};
+use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, ErrorFields, TxStatus};
 use crate::protocol::Frame;
-use crate::router::classify::{Class, Classification, SavepointOp, Tx};
+use crate::router::classify::Classification;
 use crate::router::consistency::{PrimarySample, Watermark};
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -49,7 +49,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 &message,
             );
             self.client.queue(&error);
-            let status = self.primary.as_ref().map_or(b'I', |p| p.backend.tx_status);
+            let status = self.primary.as_ref().map_or(TxStatus::Idle, |p| p.backend.tx_status);
             self.client.queue(&ready_for_query(status));
         }
         Ok(())
@@ -148,84 +148,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         Ok(flow)
     }
 
-    /// A unit ended with ReadyForQuery status `after`. Its session effects
-    /// count if it succeeded and, inside a transaction block, only once
-    /// the block commits: a rolled-back SET is gone on the server too.
-    /// `effects` are the unit's statements with effects and its
-    /// transaction control, in order, so that `BEGIN; SET ...; ROLLBACK`
-    /// in one Query leaves nothing behind.
+    /// A unit ended: the session effects that now last are recorded
+    /// (`TxEffects::finish` says which).
     fn unit_finished(
         &mut self,
         target: Target,
         effects: Vec<Arc<Classification>>,
         failed: bool,
-        before: u8,
-        after: u8,
+        before: TxStatus,
+        after: TxStatus,
     ) {
-        if effects.is_empty() && self.tx_effects.is_empty() && self.tx_savepoints.is_empty() {
-            // Nothing to keep, undo or carry: most units.
-            return;
-        }
-        let mut pending = std::mem::take(&mut self.tx_effects);
-        let mut savepoints = std::mem::take(&mut self.tx_savepoints);
-        let mut kept = Vec::new();
-        let mut aborted = before == b'E';
-        if !failed {
-            let mut in_block = before != b'I';
-            for step in effects.iter().flat_map(steps) {
-                match step {
-                    Step::Tx(Tx::Begin { .. }) => in_block = true,
-                    Step::Tx(Tx::Commit) => {
-                        if !aborted {
-                            kept.append(&mut pending);
-                        }
-                        pending.clear();
-                        savepoints.clear();
-                        (in_block, aborted) = (false, false);
-                    }
-                    Step::Tx(_) => {
-                        pending.clear();
-                        savepoints.clear();
-                        (in_block, aborted) = (false, false);
-                    }
-                    Step::Savepoint(op, name) if in_block => {
-                        let at = savepoints.iter().rposition(|(n, _)| *n == name);
-                        match (op, at) {
-                            (SavepointOp::Define, _) => savepoints.push((name, pending.len())),
-                            (SavepointOp::Release, Some(at)) => savepoints.truncate(at),
-                            (SavepointOp::RollbackTo, Some(at)) => {
-                                // The savepoint stays; what followed it is undone.
-                                pending.truncate(savepoints[at].1);
-                                savepoints.truncate(at + 1);
-                                aborted = false;
-                            }
-                            // Defined in a unit that failed: nothing
-                            // recorded since then to undo.
-                            (_, None) => {}
-                        }
-                    }
-                    Step::Savepoint(..) => {}
-                    Step::Effects(class) if in_block => {
-                        // Prepared statements are not transactional: a
-                        // PREPARE or DEALLOCATE lasts whatever the block does.
-                        let (lasting, transactional) = split_lasting(&class);
-                        kept.extend(lasting);
-                        pending.extend(transactional);
-                    }
-                    Step::Effects(class) => kept.push(class),
-                }
-            }
-        }
-        if after == b'I' {
-            // Ended some other way (an error outside a block ends it too):
-            // what ran in it lasts unless it failed.
-            if !aborted && !failed {
-                kept.append(&mut pending);
-            }
-        } else {
-            self.tx_effects = pending;
-            self.tx_savepoints = savepoints;
-        }
+        let kept = self.tx.finish(effects, failed, before, after);
         if !kept.is_empty() {
             self.unit_done(target, &kept);
         }
@@ -296,10 +229,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// it is the watermark, reported to the client at once. Otherwise the
     /// commit falls back to the monitor, and a block still open (the
     /// prediction failed: an error skipped the COMMIT) is still dirty.
-    fn probe_answered(&mut self, lsn: Option<Lsn>, status: u8) {
+    fn probe_answered(&mut self, lsn: Option<Lsn>, status: TxStatus) {
         let now = Instant::now();
-        let lsn = lsn.filter(|_| status == b'I');
-        if status != b'I' {
+        let lsn = lsn.filter(|_| status == TxStatus::Idle);
+        if status != TxStatus::Idle {
             self.primary_dirty = true;
         }
         self.watermark.probe_answered(lsn, now);
@@ -351,75 +284,4 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             ReadYourWrites::Proxy => self.watermark.merge(self.shared.watermark.get()),
         }
     }
-}
-
-/// One step of a unit's statements, for `unit_finished`.
-enum Step {
-    /// BEGIN, COMMIT or ROLLBACK.
-    Tx(Tx),
-    /// SAVEPOINT, RELEASE or ROLLBACK TO a name.
-    Savepoint(SavepointOp, String),
-    /// Statements with effects.
-    Effects(Arc<Classification>),
-}
-
-/// A classification's effects split into those that outlast a rolled-back
-/// transaction (PREPARE, DEALLOCATE) and the others, each as a
-/// classification of its own where there are any.
-fn split_lasting(class: &Arc<Classification>) -> (Option<Arc<Classification>>, Option<Arc<Classification>>) {
-    use crate::router::classify::SessionEffect;
-    let lasting =
-        |e: &SessionEffect| matches!(e, SessionEffect::Prepare { .. } | SessionEffect::Deallocate { .. });
-    if !class.effects.iter().any(lasting) {
-        return (None, Some(class.clone()));
-    }
-    let (kept, rest): (Vec<SessionEffect>, Vec<SessionEffect>) =
-        class.effects.iter().cloned().partition(lasting);
-    let with = |effects: Vec<SessionEffect>| {
-        (!effects.is_empty()).then(|| Arc::new(Classification { effects, ..(**class).clone() }))
-    };
-    (with(kept), with(rest))
-}
-
-/// A classification as steps: transaction control, or its effects, split
-/// where a text puts transaction control between them.
-fn steps(class: &Arc<Classification>) -> smallvec::SmallVec<[Step; 2]> {
-    use crate::router::classify::SessionEffect;
-    if let Class::Transaction(tx @ (Tx::Begin { .. } | Tx::Commit | Tx::Rollback)) = class.class {
-        if class.effects.is_empty() {
-            return smallvec::smallvec![Step::Tx(tx)];
-        }
-    }
-    let marker =
-        |e: &SessionEffect| matches!(e, SessionEffect::Transaction(_) | SessionEffect::Savepoint { .. });
-    if !class.effects.iter().any(marker) {
-        return if class.effects.is_empty() {
-            smallvec::SmallVec::new()
-        } else {
-            smallvec::smallvec![Step::Effects(class.clone())]
-        };
-    }
-    let mut steps = smallvec::SmallVec::new();
-    let mut run = Vec::new();
-    let flush = |run: &mut Vec<SessionEffect>, steps: &mut smallvec::SmallVec<[Step; 2]>| {
-        if !run.is_empty() {
-            let effects = std::mem::take(run);
-            steps.push(Step::Effects(Arc::new(Classification { effects, ..(**class).clone() })));
-        }
-    };
-    for effect in &class.effects {
-        match effect {
-            SessionEffect::Transaction(tx) => {
-                flush(&mut run, &mut steps);
-                steps.push(Step::Tx(*tx));
-            }
-            SessionEffect::Savepoint { op, name } => {
-                flush(&mut run, &mut steps);
-                steps.push(Step::Savepoint(*op, name.clone()));
-            }
-            other => run.push(other.clone()),
-        }
-    }
-    flush(&mut run, &mut steps);
-    steps
 }

@@ -82,7 +82,7 @@ impl Server {
         simple: bool,
     ) -> bool {
         let start = match self.backend.in_flight == 0 && !self.sent_partial {
-            true => Some(self.backend.tx_status != b'I'),
+            true => Some(self.backend.tx_status.in_block()),
             false => self.expect_block,
         };
         let after = classes.iter().fold(start, |in_block, c| c.block.after(in_block));

@@ -17,7 +17,7 @@ use crate::error::ProxyError;
 use crate::metrics::WaitOutcome;
 use crate::metrics::{Direction, RoleLabel};
 use crate::protocol::backend::{
-    error_response, no_data, parse_complete, ready_for_query, ready_status, Severity,
+    error_response, no_data, parse_complete, ready_for_query, ready_status, Severity, TxStatus,
 };
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, ProtocolError, SqlState};
@@ -481,7 +481,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn held_target(&self, unit: &Batch) -> Option<(Target, Reason)> {
         match self.bound {
             Some(target) => match self.server(target).map(|s| s.backend.tx_status) {
-                Some(b'T' | b'E') => Some((target, Reason::Transaction)),
+                Some(status) if status.in_block() => Some((target, Reason::Transaction)),
                 _ => Some((target, self.bound_reason)),
             },
             None => self
@@ -494,7 +494,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// No server can take this unit: fail it, keep the session.
     fn fail_unit(&mut self, error: &Frame) {
         self.client.queue(error);
-        self.client.queue(&ready_for_query(b'I'));
+        self.client.queue(&ready_for_query(TxStatus::Idle));
     }
 
     /// `dispatch` for a unit that needs no I/O before it is sent; the
@@ -1303,8 +1303,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     /// The transaction status to report for a locally answered query.
-    fn bound_status(&self) -> u8 {
-        self.bound.and_then(|t| self.server(t)).map_or(b'I', |s| s.backend.tx_status)
+    fn bound_status(&self) -> TxStatus {
+        self.bound.and_then(|t| self.server(t)).map_or(TxStatus::Idle, |s| s.backend.tx_status)
     }
 }
 
