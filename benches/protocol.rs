@@ -237,7 +237,9 @@ fn encoding(c: &mut Criterion) {
     group.throughput(Throughput::Elements(1));
     let row = accounts_data_row(42);
     group.bench_function("frame_new_data_row", |b| b.iter(|| Frame::new(b'D', black_box(&row))));
-    group.bench_function("ready_for_query", |b| b.iter(|| backend::ready_for_query(black_box(backend::TxStatus::Idle))));
+    group.bench_function("ready_for_query", |b| {
+        b.iter(|| backend::ready_for_query(black_box(backend::TxStatus::Idle)))
+    });
     group.bench_function("command_complete", |b| b.iter(|| backend::command_complete(black_box("SELECT 1"))));
     group.bench_function("parameter_status", |b| {
         b.iter(|| backend::parameter_status(black_box("pgnear.write_lsn"), black_box("0/3000148")))

@@ -8,9 +8,12 @@
 //! relayed as they arrive and flushed to the client once per read batch;
 //! responses to pgnear's own replays are swallowed.
 
+mod drive;
 mod local;
+mod plan;
 pub mod pool;
 mod reply;
+mod send;
 mod server;
 mod state;
 mod tx;
@@ -43,7 +46,7 @@ use crate::tls::Split;
 use local::ProxySettings;
 use server::{first_server, Server};
 use state::SessionState;
-use unit::Deferred;
+use unit::Taken;
 
 /// Client output is flushed once it grows past this, even mid-batch.
 const FLUSH_AT: usize = 64 * 1024;
@@ -273,12 +276,9 @@ pub struct Session<S: Split> {
     recently_classified: crate::router::cache::RecentlyClassified,
     /// Transaction pooling: the session's pool for each node it used.
     pools: Vec<(usize, Arc<pool::Pool>)>,
-    /// Transaction pooling: the pool whose connections were all in use
-    /// when the last unit was routed (`dispatch_now` turns it into a wait).
-    exhausted: Option<(Arc<pool::Pool>, Target)>,
     /// Transaction pooling: the unit waiting for a connection. Client
     /// messages wait behind it.
-    waiting: Option<Box<unit::Waiting>>,
+    waiting: Option<Box<drive::Waiting>>,
     /// Which sockets may have something to read (`wait_event`).
     sources: wake::Sources,
     /// A replica refused the session's settings: reads stay on the primary.
@@ -402,7 +402,6 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             unnamed_parse: Vec::new(),
             recently_classified: Default::default(),
             pools: Vec::new(),
-            exhausted: None,
             waiting: None,
             sources: wake::Sources::new(),
             settings_refused: false,
@@ -454,20 +453,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             let flow = match event {
                 Event::Ready => Flow::Continue,
                 Event::Client(Ok(Some(frame))) => match self.on_client_run(frame)? {
-                    None => Flow::Continue,
-                    Some(Deferred::Message(frame)) => {
-                        let flow = self.on_client(frame).await?;
-                        self.sources.mark_all();
-                        flow
-                    }
-                    Some(Deferred::Unit(unit, complete)) => {
-                        self.dispatch(*unit, complete).await?;
-                        Flow::Continue
-                    }
-                    Some(Deferred::Wait(waiting)) => {
-                        self.start_wait(waiting);
-                        Flow::Continue
-                    }
+                    Taken::Done => Flow::Continue,
+                    taken => self.finish(taken).await?,
                 },
                 Event::Permit(permit) => {
                     self.permit_granted(permit).await?;
@@ -475,7 +462,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
                 Event::PoolTimeout => {
                     if let Some(waiting) = self.waiting.take() {
-                        let frame = unit::pool_exhausted(self.shared.config.proxy.pool_timeout);
+                        let frame = drive::pool_exhausted(self.shared.config.proxy.pool_timeout);
                         waiting.count.timed_out();
                         drop(waiting);
                         self.client.queue(&frame);
@@ -532,34 +519,25 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// through in one pass instead of a turn of the loop (and a look at
     /// every server) each. Server frames that arrived meanwhile wait, as
     /// they would have had they arrived a moment later.
-    fn on_client_run(&mut self, mut frame: Frame) -> Result<Option<Deferred>, ProxyError> {
+    fn on_client_run(&mut self, mut frame: Frame) -> Result<Taken, ProxyError> {
         loop {
-            if let Some(deferred) = self.on_client_now(frame)? {
-                return Ok(Some(deferred));
-            }
-            if self.held.is_some() || self.waiting.is_some() || self.client.out.len() >= FLUSH_AT {
-                return Ok(None);
+            let taken = self.take(frame)?;
+            let paused = self.held.is_some() || self.waiting.is_some();
+            if !matches!(taken, Taken::Done) || paused || self.client.out.len() >= FLUSH_AT {
+                return Ok(taken);
             }
             match self.client.reader.buffered()? {
                 Some(next) => frame = next,
-                None => return Ok(None),
+                None => return Ok(Taken::Done),
             }
         }
-    }
-
-    /// Transaction pooling: a unit waits in the loop for its pool; the
-    /// client's next messages wait behind it.
-    fn start_wait(&mut self, waiting: Box<unit::Waiting>) {
-        let until = tokio::time::Instant::now() + self.shared.config.proxy.pool_timeout;
-        self.timers.pool_wait.as_mut().reset(until);
-        self.waiting = Some(waiting);
     }
 
     /// The waiting unit's pool gave it a permit: take an idle connection
     /// (or, if none is left idle, let `dispatch` open one) and run it.
     async fn permit_granted(&mut self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<(), ProxyError> {
         let Some(waiting) = self.waiting.take() else { return Ok(()) };
-        let unit::Waiting { unit, complete, target, pool, .. } = *waiting;
+        let drive::Waiting { unit, complete, target, pool, .. } = *waiting;
         let slot = match target {
             Target::Primary => &mut self.primary,
             Target::Replica => &mut self.replica,
@@ -573,14 +551,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Err(permit) => drop(permit),
         }
         // Routed afresh: the cluster may have changed while it waited.
-        match self.dispatch_now(unit, complete) {
-            None => {}
-            Some(Deferred::Wait(waiting)) => self.start_wait(waiting),
-            Some(Deferred::Unit(unit, complete)) => self.dispatch(*unit, complete).await?,
-            Some(Deferred::Message(frame)) => {
-                self.on_client(frame).await?;
-            }
-        }
+        let taken = self.dispatch_now(unit, complete);
+        self.finish(taken).await?;
         Ok(())
     }
 

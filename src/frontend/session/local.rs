@@ -1,11 +1,20 @@
 //! `SET`, `RESET` and `SHOW` of `pgnear.*` settings: answered by pgnear,
 //! never forwarded.
 
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::state::Prepared;
+use super::Session;
 use crate::cluster::Lsn;
 use crate::protocol::backend::{command_complete, data_row, error_response, row_description, Severity};
+use crate::protocol::backend::{no_data, parse_complete, ready_for_query};
+use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, SqlState};
 use crate::router::classify::ProxyCommand;
+use crate::router::classify::{Class, Classification};
 use crate::router::RouteSetting;
+use crate::tls::Split;
 
 /// The session's `pgnear.*` settings.
 #[derive(Debug, Clone, Default)]
@@ -135,6 +144,93 @@ pub fn split_options(options: &str) -> (String, Vec<(String, String)>) {
         }
     }
     (kept.join(" "), found)
+}
+
+impl<S: Split + Unpin + Send + 'static> Session<S> {
+    /// Waits (a few monitor intervals at most) for a pending watermark to
+    /// resolve, so that `SHOW pgnear.write_lsn` reports the last write.
+    pub(super) async fn await_watermark(&mut self) {
+        if !self.watermark.is_pending() {
+            return;
+        }
+        let deadline = Instant::now() + self.shared.config.monitor.interval * 4 + Duration::from_millis(100);
+        while self.watermark.is_pending() && Instant::now() < deadline {
+            self.refresh_watermark();
+            crate::clock::sleep(super::drive::REPLICA_WAIT_STEP).await;
+        }
+    }
+
+    /// Answers a simple Query of a `pgnear.*` command.
+    pub(super) fn answer_local_query(&mut self, command: &ProxyCommand) {
+        self.refresh_watermark();
+        let report = Report { write_lsn: self.watermark.lsn() };
+        for response in self.settings.execute(command, &report) {
+            self.client.queue(&response);
+        }
+        let status = self.bound_status();
+        self.client.queue(&ready_for_query(status));
+    }
+
+    /// Answers an extended-protocol batch that runs a `pgnear.*` command
+    /// (JDBC and others send even SET this way) as a server would.
+    pub(super) fn answer_local_batch(&mut self, frames: &[Frame], classes: &[Arc<Classification>]) {
+        let command = classes.iter().find_map(|c| match &c.class {
+            Class::ProxyLocal(command) => Some(command.clone()),
+            _ => None,
+        });
+        let mixed = classes.iter().any(|c| !matches!(c.class, Class::ProxyLocal(_)));
+        let report = Report { write_lsn: self.watermark.lsn() };
+        let mut failed = false;
+        for frame in frames {
+            if failed {
+                break;
+            }
+            let (Some(command), false) = (&command, mixed) else {
+                let message = "pgnear.* commands must be sent on their own, not with other statements";
+                self.client.queue(&error_response(Severity::Error, SqlState::FeatureNotSupported, message));
+                break;
+            };
+            let show = matches!(command, ProxyCommand::Show { .. });
+            match frame.tag() {
+                b'P' => {
+                    if let Some(parse) = frontend::parse(frame).ok().filter(|p| !p.name.is_empty()) {
+                        // Later Binds of this name are answered here too.
+                        let class = self.shared.classifier.classify(parse.query);
+                        let prepared = Prepared { parse: frame.detached(), class };
+                        self.state.prepared.insert(parse.name.to_string(), prepared);
+                    }
+                    self.client.queue(&parse_complete());
+                }
+                b'B' => self.client.queue(&Frame::new(b'2', &[])),
+                b'C' => self.client.queue(&Frame::new(b'3', &[])),
+                b'D' if matches!(frontend::target(frame), Ok(Named::Statement(_))) && !show => {
+                    self.client.queue(&Frame::new(b't', &0i16.to_be_bytes()));
+                    self.client.queue(&no_data());
+                }
+                b'D' if show => {
+                    if matches!(frontend::target(frame), Ok(Named::Statement(_))) {
+                        self.client.queue(&Frame::new(b't', &0i16.to_be_bytes()));
+                    }
+                    let responses = self.settings.execute(command, &report);
+                    if let Some(description) = responses.iter().find(|f| f.tag() == b'T') {
+                        self.client.queue(description);
+                    }
+                }
+                b'D' => self.client.queue(&no_data()),
+                b'E' => {
+                    for response in self.settings.execute(command, &report) {
+                        failed |= response.tag() == b'E';
+                        if response.tag() != b'T' {
+                            self.client.queue(&response);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let status = self.bound_status();
+        self.client.queue(&ready_for_query(status));
+    }
 }
 
 #[cfg(test)]

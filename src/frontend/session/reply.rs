@@ -8,7 +8,7 @@ use std::time::Instant;
 use crate::tls::Split;
 
 use super::state::ServerState;
-use super::{unit, Flow, Session, Target};
+use super::{Flow, Session, Target};
 use crate::backend::connection::Swallowed;
 use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
@@ -166,7 +166,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// A unit with session effects succeeded on `target`: record them.
     fn unit_done(&mut self, target: Target, effects: &[Arc<Classification>]) {
-        let (state, ran_on, mut others) = unit::split_state(
+        let (state, ran_on, mut others) = super::send::split_state(
             &mut self.state,
             self.primary.as_deref_mut(),
             self.replica.as_deref_mut(),

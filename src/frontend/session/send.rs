@@ -1,0 +1,391 @@
+//! Sending a planned unit: the replays its server needs first (prepared
+//! statements), and what the unit changes in the session.
+use std::sync::Arc;
+use std::time::Instant;
+
+use crate::tls::Split;
+
+use super::plan::NO_FUNCTIONS;
+use super::state::{HashMap, Prepared, ServerState};
+use super::{Batch, Server, Session, Target};
+use crate::backend::connection::Hidden;
+use crate::metrics::{Direction, RoleLabel};
+use crate::protocol::frontend::{self, Target as Named};
+use crate::protocol::Frame;
+use crate::router::classify::{Class, Classification, Tx};
+use crate::router::Reason;
+
+impl<S: Split + Unpin + Send + 'static> Session<S> {
+    /// Sends a routed unit to `target`, with whatever the server is
+    /// missing of the session's prepared statements queued ahead of it,
+    /// and records what the unit changes.
+    pub(super) fn send(&mut self, target: Target, reason: Reason, unit: &Batch, complete: bool) {
+        let frames = &unit.frames[..];
+        let kinds = Kinds::of(frames);
+        if kinds.names_statements {
+            self.replay(target, unit);
+        }
+        if kinds.executes {
+            self.count_route(target, reason);
+        }
+        if target == Target::Replica && complete && self.bound.is_none() {
+            self.retry = Some(unit.clone());
+        }
+        self.shared.metrics.bytes(Direction::ClientToServer, kinds.bytes);
+        if complete {
+            self.timers.units += 1;
+        }
+        let Some(server) = self.server_mut(target) else { return };
+        for frame in frames {
+            server.backend.queue(frame);
+        }
+        if complete {
+            server.started.push_back(Instant::now());
+            server.load.add();
+        }
+        server.ran_partial = !complete && (server.ran_partial || kinds.executes);
+        // Before this unit counts in flight: where the server was before it.
+        let leaves_no_block = server.expect_after(&unit.classes, complete, !kinds.extended);
+        // Syncs sent while the server is in COPY IN are ignored by it.
+        if complete && !server.backend.copy_in {
+            server.backend.in_flight += 1;
+        }
+        server.backend.last_unit_synced = complete && kinds.extended;
+        self.track(target, unit, complete, kinds);
+        if leaves_no_block && target == Target::Primary && self.primary_dirty && self.tracks_writes() {
+            self.probe_behind();
+        }
+        if let Some(library) = loaded_library(frames) {
+            self.state.settings.forget_prefix(&library);
+            let key = self.state.settings_key();
+            if let Some(server) = self.server_mut(target) {
+                server.state.settings = key;
+            }
+        }
+        if unit.parses_unnamed {
+            self.unnamed_on = Some(target);
+            if self.pooling {
+                // A copy, into a reused buffer: the frame shares the
+                // client's read buffer, and most units parse the unnamed
+                // statement.
+                self.unnamed_parse.clear();
+                let last = frames.iter().rev().find(|f| f.tag() == b'P' && f.body().first() == Some(&0));
+                if let Some(parse) = last {
+                    self.unnamed_parse.extend_from_slice(parse.body());
+                }
+            }
+        }
+        if self.bound.is_none() {
+            self.bound_reason = reason;
+        }
+        self.bound = Some(target);
+        // Messages sent ahead of their Sync keep the session on that server
+        // until the Sync, unless the next unit can go elsewhere (`plan`).
+        self.open_batch = !complete && (self.open_batch || unit.frames.iter().any(|f| f.tag() != b'H'));
+        let cancel_key = self.server(target).map(|s| s.cancel_key);
+        if cancel_key.is_some() && cancel_key != self.cancels_to {
+            self.registration.target.set(cancel_key);
+            self.cancels_to = cancel_key;
+        }
+    }
+
+    /// Records what the unit changes: session state, prepared statements,
+    /// whether the primary may have written, whether DDL ran.
+    fn track(&mut self, target: Target, unit: &Batch, complete: bool, kinds: Kinds) {
+        let (frames, classes) = (&unit.frames[..], &unit.classes[..]);
+        let executes = kinds.runs;
+        let volatile = self.volatile_for(classes);
+        let volatile = volatile.as_ref().map_or(&*NO_FUNCTIONS, |v| &***v);
+        // A unit that only parses or describes a write runs nothing.
+        let writes = kinds.executes
+            && classes
+                .iter()
+                .any(|c| matches!(c.class, Class::Write) || c.unparsed || c.calls_volatile(volatile));
+        if target == Target::Primary && writes {
+            self.primary_dirty = true;
+            if self.pooling {
+                self.write_at = self.primary.as_ref().map(|p| (p.cancel_key, p.turns));
+            }
+        }
+        // Only DDL that may create a volatile function needs the catalog
+        // reloaded, and only where a replica could otherwise be chosen.
+        let ddl = classes.iter().any(|c| c.ddl);
+        if ddl && may_define_functions(frames) && self.cluster_has_replicas() {
+            self.defines_functions = true;
+        }
+        if ddl && self.pooling && mentions_databases(frames) {
+            // CREATE DATABASE (from a template) and DROP DATABASE fail
+            // while other sessions are connected to that database.
+            if let Some(server) = self.server(target) {
+                self.shared.pools.close_idle(server.node);
+            }
+        }
+        let classifier = &self.shared.classifier;
+        let (state, ran_on, mut others) =
+            split_state(&mut self.state, self.primary.as_deref_mut(), self.replica.as_deref_mut(), target);
+        let Some(ran_on) = ran_on else { return };
+        if executes {
+            // Pins hold at once; other effects wait for the unit to succeed
+            // (see `Session::unit_done`), so a failed SET is never replayed.
+            // In transaction pooling a SQL-level PREPARE pins too: its
+            // statement exists only on this connection.
+            let pooling = self.pooling;
+            state.pinned |= classes.iter().any(|c| c.pins().next().is_some() || (pooling && prepares(c)));
+            // Transaction control too: it decides which effects last.
+            let bounds = |c: &&Arc<Classification>| {
+                matches!(c.class, Class::Transaction(Tx::Begin { .. } | Tx::Commit | Tx::Rollback))
+            };
+            ran_on.carry.extend(classes.iter().filter(|c| !c.effects.is_empty() || bounds(c)).cloned());
+        }
+        if complete {
+            let effects = std::mem::take(&mut ran_on.carry);
+            ran_on.effects.push_back(effects);
+        }
+        if !unit.named {
+            return;
+        }
+        for frame in frames {
+            match frame.tag() {
+                b'P' => match frontend::parse(frame) {
+                    Ok(parse) if !parse.name.is_empty() => {
+                        let class = classifier.classify(parse.query);
+                        // A copy: the statement outlives the read buffer
+                        // this frame shares.
+                        let prepared = Prepared { parse: frame.detached(), class };
+                        state.parsed(parse.name, prepared, &mut ran_on.state);
+                    }
+                    _ => {}
+                },
+                b'C' => match frontend::target(frame) {
+                    Ok(Named::Statement(name)) if !name.is_empty() => {
+                        let mut others: Vec<_> = others.iter_mut().map(|s| &mut s.state).collect();
+                        state.closed(name, &mut ran_on.state, &mut others);
+                    }
+                    _ => {}
+                },
+                _ => {}
+            }
+        }
+    }
+
+    /// Queues, ahead of a unit, what `target` is missing of the session:
+    /// Closes of statements closed elsewhere, and the named statements the
+    /// unit uses as the session prepared them (closing first a different
+    /// statement of the same name that another session left on a pooled
+    /// connection). Their responses are swallowed. In transaction pooling
+    /// the unnamed statement an earlier unit parsed is replayed too.
+    /// Only for units with Parse, Bind, Describe, Close or Execute.
+    pub(super) fn replay(&mut self, target: Target, unit: &Batch) {
+        let needed = match unit.named {
+            true => {
+                let (state, server, _) = split_state(
+                    &mut self.state,
+                    self.primary.as_deref_mut(),
+                    self.replica.as_deref_mut(),
+                    target,
+                );
+                server
+                    .map(|s| missing_statements(&state.prepared, &mut s.state, &unit.frames))
+                    .unwrap_or_default()
+            }
+            false => Vec::new(),
+        };
+        let unnamed = match unit.uses_earlier_unnamed && self.unnamed_on != Some(target) {
+            true if !self.unnamed_parse.is_empty() => Some(Frame::new(b'P', &self.unnamed_parse)),
+            _ => None,
+        };
+        let Some(server) = self.server_mut(target) else { return };
+        for name in std::mem::take(&mut server.state.stale) {
+            server.backend.queue_hidden(&close_statement(&name), Hidden::CloseComplete);
+            server.state.statements.remove(&name);
+        }
+        for fix in needed {
+            if fix.close {
+                server.backend.queue_hidden(&close_statement(&fix.name), Hidden::CloseComplete);
+                server.state.statements.remove(&fix.name);
+            }
+            if let Some(parse) = fix.parse {
+                server.backend.queue_hidden(&parse, Hidden::ParseComplete);
+                server.state.add_statement(fix.name, parse);
+            }
+        }
+        if let Some(parse) = unnamed {
+            server.backend.queue_hidden(&parse, Hidden::ParseComplete);
+            self.unnamed_on = Some(target);
+        }
+    }
+
+    pub(super) fn cluster_has_replicas(&self) -> bool {
+        let nodes = &self.shared.topology.nodes;
+        nodes.iter().filter(|n| n.config.cluster == self.cluster).count() > 1
+    }
+
+    /// Counts a unit that executes statements, by node, role and reason.
+    pub(super) fn count_route(&mut self, target: Target, reason: Reason) {
+        let role = match target {
+            Target::Primary => RoleLabel::Primary,
+            Target::Replica => RoleLabel::Replica,
+        };
+        if let Some(server) = self.server_mut(target) {
+            server.metrics.routed(role, reason);
+        }
+    }
+}
+
+/// A named statement to put right on a server before a unit runs.
+pub(super) struct StatementFix {
+    name: String,
+    /// Close the server's statement of that name first.
+    close: bool,
+    /// Then parse the session's.
+    parse: Option<Frame>,
+}
+
+impl StatementFix {
+    pub(super) fn parse(name: &str, parse: &Frame, close: bool) -> StatementFix {
+        StatementFix { name: name.to_string(), close, parse: Some(parse.clone()) }
+    }
+}
+/// What `target` needs so that the unit's named statements mean there
+/// what they mean in the session: a Bind or Describe of a statement
+/// the session prepared needs that very statement (replayed if the
+/// server lacks it or has another of the name); one of a statement the
+/// session does not have, or a Parse of a new name, needs the name
+/// free, as PostgreSQL would have it; a Parse of a name the session
+/// already has must fail on the server as a duplicate, so the
+/// session's statement is replayed first. Marks the statements used.
+pub(super) fn missing_statements(
+    prepared: &HashMap<String, Prepared>,
+    server: &mut ServerState,
+    frames: &[Frame],
+) -> Vec<StatementFix> {
+    let mut seen: smallvec::SmallVec<[&str; 4]> = smallvec::SmallVec::new();
+    let mut needed: Vec<StatementFix> = Vec::new();
+    for frame in frames {
+        let (name, parses) = match frame.tag() {
+            b'P' => (frontend::parse_name(frame).ok(), true),
+            b'B' => (frontend::bind(frame).map(|b| b.statement).ok(), false),
+            // A Describe of a portal (pgbench's, libpq's) names none.
+            b'D' if frame.body().first() == Some(&b'S') => match frontend::target(frame) {
+                Ok(Named::Statement(name)) => (Some(name), false),
+                _ => (None, false),
+            },
+            _ => (None, false),
+        };
+        let Some(name) = name.filter(|n| !n.is_empty() && !seen.contains(n)) else { continue };
+        seen.push(name);
+        let there = server.use_statement(name);
+        let fix = match prepared.get(name) {
+            // A Parse of a name the session has: let the server refuse it.
+            Some(ours) if parses => there.is_none().then(|| StatementFix::parse(name, &ours.parse, false)),
+            Some(ours) => match there {
+                Some(theirs) if theirs.is(&ours.parse) || theirs.raw() == ours.parse.raw() => None,
+                Some(_) => Some(StatementFix::parse(name, &ours.parse, true)),
+                None => Some(StatementFix::parse(name, &ours.parse, false)),
+            },
+            None => {
+                there.is_some().then(|| StatementFix { name: name.to_string(), close: true, parse: None })
+            }
+        };
+        needed.extend(fix);
+    }
+    needed
+}
+
+/// What a unit's messages are, found in one pass over them.
+#[derive(Debug, Clone, Copy, Default)]
+struct Kinds {
+    bytes: usize,
+    /// Query, Execute or FunctionCall: the unit runs something.
+    executes: bool,
+    /// Query or Execute: statements whose effects the session tracks.
+    runs: bool,
+    /// Anything but Query and FunctionCall: extended-protocol messages.
+    extended: bool,
+    /// Parse, Bind, Describe, Close or Execute: the unit may name
+    /// statements (or the unnamed one) that the server must have.
+    names_statements: bool,
+}
+
+impl Kinds {
+    pub(super) fn of(frames: &[Frame]) -> Kinds {
+        let mut kinds = Kinds::default();
+        for frame in frames {
+            let tag = frame.tag();
+            kinds.bytes += frame.len();
+            kinds.executes |= matches!(tag, b'Q' | b'E' | b'F');
+            kinds.runs |= matches!(tag, b'Q' | b'E');
+            kinds.extended |= !matches!(tag, b'Q' | b'F');
+            kinds.names_statements |= matches!(tag, b'P' | b'B' | b'D' | b'C' | b'E');
+        }
+        kinds
+    }
+}
+/// A Close of the named statement `name`.
+pub(super) fn close_statement(name: &str) -> Frame {
+    let mut body = Vec::with_capacity(name.len() + 2);
+    body.push(b'S');
+    body.extend_from_slice(name.as_bytes());
+    body.push(0);
+    Frame::new(b'C', &body)
+}
+
+/// Whether a statement is a SQL-level PREPARE.
+pub(super) fn prepares(class: &Classification) -> bool {
+    class.effects.iter().any(|e| matches!(e, crate::router::classify::SessionEffect::Prepare { .. }))
+}
+
+/// Whether the unit's SQL names databases (CREATE, DROP, ALTER DATABASE).
+pub(super) fn mentions_databases(frames: &[Frame]) -> bool {
+    unit_sql(frames).any(|t| memchr::memmem::find(&t.to_ascii_lowercase(), b"database").is_some())
+}
+
+/// Borrows the session state, the server `target` and the other server.
+pub(super) fn split_state<'a>(
+    state: &'a mut super::state::SessionState,
+    primary: Option<&'a mut Server>,
+    replica: Option<&'a mut Server>,
+    target: Target,
+) -> (&'a mut super::state::SessionState, Option<&'a mut Server>, Vec<&'a mut Server>) {
+    match target {
+        Target::Primary => (state, primary, replica.into_iter().collect()),
+        Target::Replica => (state, replica, primary.into_iter().collect()),
+    }
+}
+
+/// Whether the unit's SQL could define or replace a function: then the
+/// volatile-function catalog is reloaded before the next routing decision.
+pub(super) fn may_define_functions(frames: &[Frame]) -> bool {
+    unit_sql(frames).any(|t| {
+        let t = t.to_ascii_lowercase();
+        ["function", "procedure", "extension", "aggregate", "language"]
+            .iter()
+            .any(|w| memchr::memmem::find(&t, w.as_bytes()).is_some())
+            || t.trim_ascii_start().starts_with(b"do")
+    })
+}
+
+/// The SQL texts of a unit's Query and Parse messages.
+pub(super) fn unit_sql(frames: &[Frame]) -> impl Iterator<Item = &[u8]> {
+    frames.iter().filter_map(|frame| match frame.tag() {
+        b'Q' => frontend::query_text(frame).ok(),
+        b'P' => frontend::parse(frame).ok().map(|p| p.query),
+        _ => None,
+    })
+}
+
+/// The library a simple `LOAD 'name'` loads (its base name), if that is
+/// what the unit is.
+pub(super) fn loaded_library(frames: &[Frame]) -> Option<String> {
+    let [frame] = frames else { return None };
+    let start = frame.body().iter().position(|b| !b.is_ascii_whitespace())?;
+    if !frame.body()[start..].get(..4)?.eq_ignore_ascii_case(b"load") {
+        return None;
+    }
+    let text = std::str::from_utf8(frontend::query_text(frame).ok()?).ok()?;
+    let text = text.trim().trim_end_matches(';').trim();
+    text.get(..4).filter(|w| w.eq_ignore_ascii_case("load"))?;
+    let path = text[4..].trim().trim_matches('\'');
+    let base = path.rsplit('/').next()?.split('.').next()?;
+    (!base.is_empty()).then(|| base.to_ascii_lowercase())
+}
