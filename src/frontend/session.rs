@@ -10,6 +10,7 @@
 
 mod drive;
 mod local;
+mod parts;
 mod plan;
 pub mod pool;
 mod reply;
@@ -21,39 +22,31 @@ mod unit;
 mod wake;
 
 use std::future::Future;
-use std::pin::{pin, Pin};
+use std::pin::pin;
 use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
 use bytes::BytesMut;
-use smallvec::{smallvec, SmallVec};
 use tokio::io::AsyncWriteExt;
 
-use super::cancel::{Registration, ServerKey};
+use super::cancel::ServerKey;
 use super::handshake::Login;
 use super::Shared;
 use crate::backend::ServerLogin;
-use crate::cluster::catalog::Catalog;
-use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
 use crate::protocol::backend::{backend_key_data, parameter_status, ready_for_query, TxStatus};
 use crate::protocol::{Frame, FrameReader, ProtocolError};
-use crate::router::classify::Classification;
 use crate::router::consistency::Watermark;
 use crate::tls::Split;
-use local::ProxySettings;
+use parts::{Batch, Bound, Cancels, Client, Known, Pause, Pooling, Scope, Timers, Writes};
 use server::{first_server, Server};
 use state::SessionState;
 use unit::Taken;
 
 /// Client output is flushed once it grows past this, even mid-batch.
 const FLUSH_AT: usize = 64 * 1024;
-
-/// How far the watermark re-check backs off while the session stays busy:
-/// up to this many times its first wait (half the monitor's interval).
-const TICK_BACKOFF: u32 = 16;
 
 /// Which of the session's server connections.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -89,216 +82,34 @@ enum Event {
     Close,
 }
 
-/// The client side of a session.
-struct Client<S: Split> {
-    reader: FrameReader<S::Read>,
-    writer: S::Write,
-    out: BytesMut,
-    /// Server bytes in `out`, counted in the metrics when flushed.
-    relayed: u64,
-    relayed_counter: prometheus::IntCounter,
-}
-
-impl<S: Split> Client<S> {
-    fn queue(&mut self, frame: &Frame) {
-        self.out.extend_from_slice(frame.raw());
-    }
-
-    /// Queues a server message for the client.
-    fn relay(&mut self, frame: &Frame) {
-        self.queue(frame);
-        self.relayed += frame.len() as u64;
-    }
-
-    async fn flush(&mut self) -> Result<(), ProxyError> {
-        if !self.out.is_empty() {
-            crate::tls::send_all(&mut self.writer, &self.out).await.map_err(ProxyError::ClientGone)?;
-            self.out.clear();
-            self.relayed_counter.inc_by(std::mem::take(&mut self.relayed));
-        }
-        Ok(())
-    }
-}
-
-/// The session's timers, created once and re-armed only when they
-/// fire: a timer made afresh on every wait would register and cancel an
-/// entry in the runtime's timer wheel for every message relayed.
-struct Timers {
-    /// Re-checks a pending write watermark while the session is quiet, so
-    /// that a client that wrote and went quiet still gets its
-    /// `pgnear.write_lsn`.
-    tick: Pin<Box<tokio::time::Sleep>>,
-    tick_armed: bool,
-    /// The re-check's next wait: half the monitor's interval, doubled (up
-    /// to `TICK_BACKOFF` times) each time it finds that the session sent
-    /// work since it was armed, back to the start when it finds it quiet.
-    /// A busy session's own units resolve and report the watermark, and
-    /// every expiry costs the service loop (which serves these timers) a
-    /// wake-up and the session a cross-thread one: a client writing
-    /// nonstop (pgbench's TPC-B) would otherwise cause 40 a second each.
-    tick_every: std::time::Duration,
-    /// The re-check's first wait: half the monitor's interval.
-    tick_first: std::time::Duration,
-    /// Complete units sent so far, and when the re-check was armed.
-    units: u64,
-    units_at_arm: u64,
-    /// `proxy.idle_client_timeout`, counted from `last_activity`.
-    idle: Pin<Box<tokio::time::Sleep>>,
-    last_activity: Instant,
-    /// `proxy.pool_timeout` for a unit waiting for a pooled connection.
-    pool_wait: Pin<Box<tokio::time::Sleep>>,
-}
-
-impl Timers {
-    fn new(idle_timeout: Option<std::time::Duration>, monitor_interval: std::time::Duration) -> Timers {
-        let now = tokio::time::Instant::now();
-        let far = now + std::time::Duration::from_secs(86_400 * 365);
-        Timers {
-            tick: Box::pin(crate::clock::sleep_until(far)),
-            tick_armed: false,
-            tick_every: monitor_interval / 2,
-            tick_first: monitor_interval / 2,
-            units: 0,
-            units_at_arm: 0,
-            idle: Box::pin(crate::clock::sleep_until(idle_timeout.map_or(far, |after| now + after))),
-            last_activity: Instant::now(),
-            pool_wait: Box::pin(crate::clock::sleep_until(far)),
-        }
-    }
-
-    /// Arms the watermark re-check, `tick_every` from now.
-    fn arm_tick(&mut self) {
-        self.tick.as_mut().reset(tokio::time::Instant::now() + self.tick_every);
-        self.tick_armed = true;
-        self.units_at_arm = self.units;
-    }
-
-    /// The re-check fired: the next one waits longer if the session sent
-    /// work meanwhile, and half the monitor's interval again if not.
-    fn tick_fired(&mut self) {
-        self.tick_armed = false;
-        self.tick_every = if self.units == self.units_at_arm {
-            self.tick_first
-        } else {
-            (self.tick_every * 2).min(self.tick_first * TICK_BACKOFF)
-        };
-    }
-}
-
-/// A unit of work: client messages (extended-protocol ones wait here for
-/// their Sync), the classifications of the statements they parse or
-/// execute, and what the relay needs to know of the messages, noted once
-/// as they arrive. Inline up to pgbench's Parse, Bind, Describe, Execute
-/// and Sync, so that a unit costs no allocation.
-#[derive(Default, Clone)]
-struct Batch {
-    frames: SmallVec<[Frame; 5]>,
-    classes: SmallVec<[Arc<Classification>; 1]>,
-    /// A message names a prepared statement, which the server may lack
-    /// or which the session must track.
-    named: bool,
-    /// A Parse of the unnamed statement.
-    parses_unnamed: bool,
-    /// A Bind or Describe of the unnamed statement ahead of any Parse of
-    /// it: it uses the unnamed statement an earlier unit parsed.
-    uses_earlier_unnamed: bool,
-}
-
-impl Batch {
-    /// A unit of one message: a FunctionCall (a simple Query is built by
-    /// `query_unit`, which adds what an EXECUTE runs).
-    fn one(frame: Frame, class: Arc<Classification>) -> Batch {
-        Batch { frames: smallvec![frame], classes: smallvec![class], ..Batch::default() }
-    }
-}
-
 /// An authenticated client and its server connections.
 pub struct Session<S: Split> {
     shared: Arc<Shared>,
     client: Client<S>,
-    login: ServerLogin,
-    cluster: String,
-    catalog: Arc<Catalog>,
+    scope: Scope,
     /// The connection to the cluster's primary, opened at startup (or on
     /// the first write, if the primary was unreachable then).
     primary: Option<Box<Server>>,
     replica: Option<Box<Server>>,
-    /// Where the current unit of work runs. Set when a unit starts and
+    /// Where the current unit of work runs: set when a unit starts,
     /// cleared when that server reports idle.
-    bound: Option<Target>,
-    /// Why the bound server was chosen, for units pipelined behind.
-    bound_reason: crate::router::Reason,
-    /// A Flush sent part of a batch ahead of its Sync: stay bound.
-    open_batch: bool,
+    bound: Option<Bound>,
+    /// Client input waits: for the responses in flight, or for a pool.
+    pause: Option<Pause>,
+    /// Extended-protocol messages waiting for their Sync.
     batch: Batch,
     state: SessionState,
-    settings: ProxySettings,
-    watermark: Watermark,
-    /// The proxy-wide count of each probe on its way (`probe_behind`),
-    /// oldest first: answered in order, and dropped with the session.
-    probes: std::collections::VecDeque<crate::router::consistency::Probe>,
-    /// The `pgnear.write_lsn` last reported to the client.
-    reported_lsn: Option<Lsn>,
-    /// The session itself wrote: only then is `pgnear.write_lsn` reported
-    /// to it. A session starts from the proxy-wide watermark, and one that
-    /// never wrote must not be sent a ParameterStatus out of the blue
-    /// (PgJDBC, waiting for notifications, fails on one).
-    wrote: bool,
-    /// Work that may write was sent to the primary since it was last idle.
-    primary_dirty: bool,
-    /// DDL that may define a function was sent to the primary: mark the
-    /// volatile-function catalog stale once the primary is idle (committed).
-    defines_functions: bool,
-    /// A client message pgnear answers itself, held back until the
-    /// responses still in flight have reached the client, so that the
-    /// client sees answers in the order it asked.
-    held: Option<Frame>,
-    /// The read running on the replica, kept until its first response
-    /// reaches the client so that it can be retried elsewhere if the
-    /// replica fails first.
-    retry: Option<Batch>,
-    /// Where the unnamed statement was last parsed.
-    unnamed_on: Option<Target>,
+    /// Where the unnamed statement was last parsed, and why it went there.
+    unnamed_on: Option<(Target, crate::router::Reason)>,
+    known: Known,
+    writes: Writes,
     /// Transaction pooling (`proxy.pool_mode = "transaction"`): server
     /// connections go back to their pool whenever they are idle.
-    pooling: bool,
-    /// Transaction pooling: the connection the session last wrote on and
-    /// its turn then, where `currval()`/`lastval()` can be read.
-    write_at: Option<(ServerKey, u64)>,
-    /// The client's startup `application_name` ("" without one): in
-    /// transaction pooling it is set on each connection the session takes.
-    app_name: String,
-    /// Transaction pooling: the body of the last Parse of the unnamed
-    /// statement (empty: none), for a later unit that binds it on another
-    /// connection.
-    unnamed_parse: Vec<u8>,
-    /// The texts and shapes the session classified lately, for repeats.
-    recently_classified: crate::router::cache::RecentlyClassified,
-    /// Transaction pooling: the session's pool for each node it used.
-    pools: Vec<(usize, Arc<pool::Pool>)>,
-    /// Transaction pooling: the unit waiting for a connection. Client
-    /// messages wait behind it.
-    waiting: Option<Box<drive::Waiting>>,
+    pooling: Option<Box<Pooling>>,
+    timers: Timers,
     /// Which sockets may have something to read (`wait_event`).
     sources: wake::Sources,
-    /// A replica refused the session's settings: reads stay on the primary.
-    settings_refused: bool,
-    /// Session effects waiting for the open transaction to commit.
-    tx: tx::TxEffects,
-    /// The server reports `default_transaction_read_only = on`.
-    default_read_only: bool,
-    /// Since when reads have been held on the primary after a write.
-    pinned_since: Option<Instant>,
-    timers: Timers,
-    /// The session's span (id, peer, user, database): the parent of the
-    /// relay's log events.
-    span: tracing::Span,
-    registration: Registration,
-    /// Where the registration points cancels now (changed only when this
-    /// does).
-    cancels_to: Option<ServerKey>,
-    /// The registration has the task's waker, to wake it for a close.
-    close_watch: bool,
+    cancels: Cancels,
 }
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -311,7 +122,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         cluster: String,
         span: tracing::Span,
     ) -> Result<Self, ProxyError> {
-        let (settings, params) = match startup_settings(&login) {
+        let (settings, params) = match local::startup_settings(&login) {
             Ok(split) => split,
             Err(frame) => {
                 let _ = stream.write_all(frame.raw()).await;
@@ -366,53 +177,37 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         client.queue(&backend_key_data(registration.key));
         client.queue(&ready_for_query(TxStatus::Idle));
         client.flush().await?;
-        let shared_mode = shared.config.consistency.read_your_writes;
-        let shared_idle_timeout = shared.config.proxy.idle_client_timeout;
-        let shared_monitor_interval = shared.config.monitor.interval;
-        let shared_watermark = shared.watermark.inherited(Instant::now());
+        let watermark = match shared.config.consistency.read_your_writes {
+            ReadYourWrites::Off => Watermark::default(),
+            ReadYourWrites::Session | ReadYourWrites::Proxy => shared.watermark.inherited(Instant::now()),
+        };
+        let timers = Timers::new(shared.config.proxy.idle_client_timeout, shared.config.monitor.interval);
+        let pooling = pooling.then(|| {
+            let fresh = Pooling { pools: Vec::new(), write_at: None, unnamed_parse: Vec::new(), app_name };
+            Box::new(fresh)
+        });
+        let known = Known {
+            settings,
+            default_read_only: startup_params.iter().any(is_read_only_default),
+            ..Known::default()
+        };
         Ok(Session {
             shared,
             client,
-            login: server_login,
-            cluster,
-            catalog,
+            scope: Scope { login: server_login, cluster, catalog, span },
             primary,
             replica,
             bound: None,
-            bound_reason: crate::router::Reason::Transaction,
-            open_batch: false,
+            pause: None,
             batch: Batch::default(),
             state,
-            settings,
-            watermark: match shared_mode {
-                ReadYourWrites::Off => Watermark::default(),
-                ReadYourWrites::Session | ReadYourWrites::Proxy => shared_watermark,
-            },
-            probes: std::collections::VecDeque::new(),
-            reported_lsn: None,
-            wrote: false,
-            primary_dirty: false,
-            defines_functions: false,
-            held: None,
-            pinned_since: None,
             unnamed_on: None,
+            known,
+            writes: Writes { watermark, ..Writes::default() },
             pooling,
-            app_name,
-            write_at: None,
-            unnamed_parse: Vec::new(),
-            recently_classified: Default::default(),
-            pools: Vec::new(),
-            waiting: None,
+            timers,
             sources: wake::Sources::new(),
-            settings_refused: false,
-            tx: tx::TxEffects::default(),
-            default_read_only: startup_params.iter().any(is_read_only_default),
-            retry: None,
-            timers: Timers::new(shared_idle_timeout, shared_monitor_interval),
-            span,
-            registration,
-            close_watch: false,
-            cancels_to: None,
+            cancels: Cancels { registration, to: None, close_watch: false },
         })
     }
 
@@ -436,7 +231,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     async fn relay(&mut self) -> Result<(), ProxyError> {
         loop {
-            if self.pooling && self.bound.is_none() {
+            if self.pooling.is_some() && self.bound.is_none() {
                 self.release_idle();
             }
             let event = match self.buffered_event() {
@@ -461,7 +256,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     Flow::Continue
                 }
                 Event::PoolTimeout => {
-                    if let Some(waiting) = self.waiting.take() {
+                    if let Some(Pause::Pool(waiting)) = self.pause.take_if(|p| matches!(p, Pause::Pool(_))) {
                         let frame = drive::pool_exhausted(self.shared.config.proxy.pool_timeout);
                         waiting.count.timed_out();
                         drop(waiting);
@@ -482,7 +277,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Event::Server(target, end) => {
                     if let Err(error) = end {
                         let node = self.node_name(target);
-                        tracing::warn!(parent: &self.span, node, %error, "server broke the protocol");
+                        tracing::warn!(parent: &self.scope.span, node, %error, "server broke the protocol");
                     }
                     Box::pin(self.server_lost(target)).await?;
                     Flow::Continue
@@ -502,8 +297,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             if self.shared.config.proxy.idle_client_timeout.is_some() {
                 self.timers.last_activity = Instant::now();
             }
-            if self.held.is_some() && !self.in_flight() {
-                if let Some(frame) = self.held.take() {
+            if matches!(self.pause, Some(Pause::Held(_))) && !self.in_flight() {
+                if let Some(Pause::Held(frame)) = self.pause.take() {
                     self.on_client(frame).await?;
                     self.sources.mark_all();
                 }
@@ -522,7 +317,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn on_client_run(&mut self, mut frame: Frame) -> Result<Taken, ProxyError> {
         loop {
             let taken = self.take(frame)?;
-            let paused = self.held.is_some() || self.waiting.is_some();
+            let paused = self.pause.is_some();
             if !matches!(taken, Taken::Done) || paused || self.client.out.len() >= FLUSH_AT {
                 return Ok(taken);
             }
@@ -536,7 +331,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// The waiting unit's pool gave it a permit: take an idle connection
     /// (or, if none is left idle, let `dispatch` open one) and run it.
     async fn permit_granted(&mut self, permit: tokio::sync::OwnedSemaphorePermit) -> Result<(), ProxyError> {
-        let Some(waiting) = self.waiting.take() else { return Ok(()) };
+        let Some(Pause::Pool(waiting)) = self.pause.take_if(|p| matches!(p, Pause::Pool(_))) else {
+            return Ok(());
+        };
         let drive::Waiting { unit, complete, target, pool, .. } = *waiting;
         let slot = match target {
             Target::Primary => &mut self.primary,
@@ -560,7 +357,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// to their pools. A pinned session (LISTEN, a temp table ...) keeps
     /// its primary connection, where that state lives.
     fn release_idle(&mut self) {
-        if self.open_batch {
+        if self.bound.as_ref().is_some_and(|b| b.open_batch) {
             return;
         }
         for target in [Target::Primary, Target::Replica] {
@@ -574,11 +371,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Target::Replica => self.replica.take(),
             };
             let Some(server) = server else { continue };
-            if self.unnamed_on == Some(target) {
+            if self.unnamed_on.is_some_and(|(t, _)| t == target) {
                 self.unnamed_on = None;
             }
-            if self.cancels_to.take().is_some() {
-                self.registration.target.set(None);
+            if self.cancels.to.take().is_some() {
+                self.cancels.registration.target.set(None);
             }
             if let Some(pool) = server.pool.clone() {
                 pool.put(server);
@@ -587,11 +384,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     async fn close(&mut self) {
-        if self.defines_functions {
+        if self.writes.defines_functions {
             // The client left before its DDL was seen to finish.
-            self.catalog.mark_stale();
+            self.scope.catalog.mark_stale();
         }
-        if self.pooling && self.bound.is_none() {
+        if self.pooling.is_some() && self.bound.is_none() {
             self.release_idle();
         }
         let busy: Vec<ServerKey> = [self.primary.as_ref(), self.replica.as_ref()]
@@ -632,7 +429,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     self.client.relayed += moved as u64;
                     if target == Target::Replica {
                         // The read has answered: too late to retry it.
-                        self.retry = None;
+                        if let Some(bound) = self.bound.as_mut() {
+                            bound.retry = None;
+                        }
                     }
                 }
                 match server.backend.buffered() {
@@ -641,7 +440,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
             }
         }
-        if self.held.is_some() || self.waiting.is_some() {
+        if self.pause.is_some() {
             return None;
         }
         match self.client.reader.buffered() {
@@ -654,7 +453,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// a probe's answer (which comes right behind the client's).
     fn in_flight(&self) -> bool {
         [self.primary.as_ref(), self.replica.as_ref()].into_iter().flatten().any(|s| s.backend.in_flight > 0)
-            || self.watermark.is_probing()
+            || self.writes.watermark.is_probing()
     }
 
     async fn flush_all(&mut self) -> Result<(), ProxyError> {
@@ -674,15 +473,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         // While a unit runs, its own responses wake the loop often enough,
         // and a probe's answer comes right behind them: only a commit left
         // to the monitor needs the re-check.
-        let tick_on = self.bound.is_none() && self.wrote && self.watermark.waits_for_monitor();
+        let tick_on = self.bound.is_none() && self.writes.wrote && self.writes.watermark.waits_for_monitor();
         if tick_on && !self.timers.tick_armed {
             self.timers.arm_tick();
         }
-        let held = self.held.is_some() || self.waiting.is_some();
+        let held = self.pause.is_some();
         let sources = &self.sources;
         let timers = &mut self.timers;
-        let closing = &self.registration.target;
-        let close_watch = &mut self.close_watch;
+        let closing = &self.cancels.registration.target;
+        let close_watch = &mut self.cancels.close_watch;
         std::future::poll_fn(|cx| {
             sources.register(cx);
             // The task's waker is registered once: it does not change.
@@ -712,7 +511,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             if idle_on && timers.idle.as_mut().poll(cx).is_ready() {
                 return Poll::Ready(Event::IdleTimeout);
             }
-            if let Some(waiting) = self.waiting.as_mut() {
+            if let Some(Pause::Pool(waiting)) = self.pause.as_mut() {
                 // The semaphore is never closed.
                 if let Poll::Ready(Ok(permit)) = waiting.permit.as_mut().poll(cx) {
                     return Poll::Ready(Event::Permit(permit));
@@ -742,6 +541,18 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         match self.server(target) {
             Some(server) => self.shared.topology.nodes[server.node].config.name.clone(),
             None => String::from("replica"),
+        }
+    }
+
+    /// The server the current unit runs on, if any.
+    fn bound_to(&self) -> Option<Target> {
+        self.bound.as_ref().map(|b| b.target)
+    }
+
+    /// The replica's read has answered: too late to retry it elsewhere.
+    fn no_retry(&mut self) {
+        if let Some(bound) = self.bound.as_mut() {
+            bound.retry = None;
         }
     }
 
@@ -782,58 +593,4 @@ fn filled_event(
 fn is_read_only_default(frame: &Frame) -> bool {
     crate::protocol::backend::parse_parameter_status(frame)
         .is_ok_and(|(name, value)| name == "default_transaction_read_only" && value == b"on")
-}
-
-/// Splits `pgnear.*` settings out of the startup `options`; the rest of
-/// the startup parameters go to every server the session uses.
-fn startup_settings(login: &Login) -> Result<(ProxySettings, Vec<(String, String)>), Frame> {
-    let mut settings = ProxySettings::default();
-    let mut params = Vec::with_capacity(login.params.len() + 1);
-    for (name, value) in &login.params {
-        if name == "options" {
-            let (rest, found) = local::split_options(value);
-            for (name, value) in found {
-                settings.set(&name, &value)?;
-            }
-            if !rest.is_empty() {
-                params.push((name.clone(), rest));
-            }
-        } else if let Some(setting) = name.strip_prefix("pgnear.") {
-            settings.set(setting, value)?;
-        } else {
-            params.push((name.clone(), value.clone()));
-        }
-    }
-    if login.param("database").is_none() {
-        params.push(("database".into(), login.user.name.clone()));
-    }
-    Ok((settings, params))
-}
-
-#[cfg(test)]
-mod tests {
-    use std::time::Duration;
-
-    use super::{Timers, TICK_BACKOFF};
-
-    #[tokio::test]
-    async fn the_watermark_recheck_backs_off_while_busy_and_resets_when_quiet() {
-        let first = Duration::from_millis(25);
-        let mut timers = Timers::new(None, first * 2);
-        let mut waits = Vec::new();
-        for _ in 0..6 {
-            timers.arm_tick();
-            waits.push(timers.tick_every);
-            timers.units += 3; // the session sent work before it fired
-            timers.tick_fired();
-        }
-        let doubling: Vec<Duration> = [1, 2, 4, 8, 16, 16].iter().map(|k| first * *k).collect();
-        assert_eq!(waits, doubling);
-        assert_eq!(timers.tick_every, first * TICK_BACKOFF);
-        // Quiet since it was armed: back to the first wait.
-        timers.arm_tick();
-        timers.tick_fired();
-        assert_eq!(timers.tick_every, first);
-        assert!(!timers.tick_armed);
-    }
 }

@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use super::plan::{Plan, Progress, Step};
 use super::pool::Pool;
 use super::unit::Taken;
-use super::{wake, Batch, Session, Target};
+use super::{wake, Batch, Pause, Session, Target};
 use crate::error::ProxyError;
 use crate::metrics::WaitOutcome;
 use crate::protocol::backend::{error_response, ready_for_query, ready_status, Severity, TxStatus};
@@ -103,12 +103,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn perform_now(&mut self, step: Step) -> Option<Outcome> {
         match step {
             Step::EndOpenBatch => {
-                let held = self.bound.take()?;
+                let held = self.bound.take()?.target;
                 if let Some(server) = self.server_mut(held) {
                     let sync = Frame::new(b'S', &[]);
                     server.backend.queue_hidden(&sync, crate::backend::connection::Hidden::UntilReady);
                 }
-                self.open_batch = false;
                 Some(Outcome::Again)
             }
             Step::TakeBackWriteConnection => Some(self.take_back_write_connection()),
@@ -131,7 +130,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         match step {
             Step::RefreshCatalog => {
-                self.catalog.refresh_now(self.shared.config.proxy.connect_timeout).await;
+                self.scope.catalog.refresh_now(self.shared.config.proxy.connect_timeout).await;
                 progress.catalog_refreshed = true;
             }
             Step::WaitReplica { node, lsn, until } => {
@@ -166,7 +165,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         if tracing::enabled!(tracing::Level::DEBUG) {
             let node = self.node_name(target);
-            tracing::debug!(parent: &self.span, node, reason = reason.as_str(), "routed");
+            tracing::debug!(parent: &self.scope.span, node, reason = reason.as_str(), "routed");
         }
     }
 
@@ -177,16 +176,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let count = super::pool::WaitCount::new(pool.clone());
         let until = tokio::time::Instant::now() + self.shared.config.proxy.pool_timeout;
         self.timers.pool_wait.as_mut().reset(until);
-        self.waiting = Some(Box::new(Waiting { unit, complete, target, permit, pool, count }));
+        self.pause = Some(Pause::Pool(Box::new(Waiting { unit, complete, target, permit, pool, count })));
     }
 
     /// Transaction pooling: takes back the connection the session last
     /// wrote on, if no other session has used it since.
     fn take_back_write_connection(&mut self) -> Outcome {
         let owner = self.state.owner();
-        let taken = self
-            .write_at
-            .and_then(|(key, turn)| self.pools.iter().find_map(|(_, pool)| pool.take_back(key, owner, turn)));
+        let taken = self.pooling.as_ref().and_then(|pooling| {
+            let (key, turn) = pooling.write_at?;
+            pooling.pools.iter().find_map(|(_, pool)| pool.take_back(key, owner, turn))
+        });
         let Some(server) = taken else {
             return Outcome::Final(Plan::Fail(super::plan::sequence_state_elsewhere()));
         };
@@ -226,8 +226,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             return Err(ProxyError::SettingsLost(message));
         }
         let node = self.node_name(target);
-        tracing::warn!(parent: &self.span, node, message, "cannot restore session settings on the replica");
-        self.settings_refused = true;
+        tracing::warn!(parent: &self.scope.span, node, message, "cannot restore session settings on the replica");
+        self.known.settings_refused = true;
         if let Some(replica) = self.replica.take() {
             replica.backend.terminate().await;
         }
@@ -277,7 +277,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             let status = server.backend.tx_status;
             if target == Target::Replica && self.bound.is_none() {
                 let node = self.node_name(target);
-                tracing::debug!(parent: &self.span, node, statement = name, "replica refused a PREPARE: the primary runs it");
+                tracing::debug!(parent: &self.scope.span, node, statement = name, "replica refused a PREPARE: the primary runs it");
                 progress.primary_only = true;
                 return Ok(Outcome::Again);
             }
@@ -292,17 +292,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// Transaction pooling: the session's pool for `node`, looked up once.
     pub(super) fn pool(&mut self, node: usize) -> Option<&std::sync::Arc<super::pool::Pool>> {
-        if !self.pooling {
-            return None;
-        }
-        let at = match self.pools.iter().position(|(n, _)| *n == node) {
+        let pooling = self.pooling.as_mut()?;
+        let at = match pooling.pools.iter().position(|(n, _)| *n == node) {
             Some(at) => at,
             None => {
-                self.pools.push((node, self.shared.pools.pool(node, &self.login)));
-                self.pools.len() - 1
+                pooling.pools.push((node, self.shared.pools.pool(node, &self.scope.login)));
+                pooling.pools.len() - 1
             }
         };
-        Some(&self.pools[at].1)
+        Some(&pooling.pools[at].1)
     }
 
     /// Brings `target`'s settings up to date before a new unit, waiting
@@ -314,7 +312,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             return Ok(None);
         }
         let key = self.state.settings_key();
-        let app_name = self.pooling.then(|| self.app_name.clone());
+        let app_name = self.pooling.as_ref().map(|p| p.app_name.clone());
         let sql = self.state.settings.replay_sql(app_name.as_deref());
         let failure = match self.query_hidden(target, &sql).await? {
             Some(error) => Some(crate::protocol::backend::ErrorFields::parse(&error)?.message),
@@ -379,7 +377,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             None => match Box::pin(super::server::acquire(
                 &self.shared,
                 node,
-                &self.login,
+                &self.scope.login,
                 pool,
                 self.state.owner(),
             ))
@@ -412,8 +410,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         }
         let pool = self.pool(node).cloned();
-        match Box::pin(super::server::acquire(&self.shared, node, &self.login, pool, self.state.owner()))
-            .await
+        match Box::pin(super::server::acquire(
+            &self.shared,
+            node,
+            &self.scope.login,
+            pool,
+            self.state.owner(),
+        ))
+        .await
         {
             Ok(server) => {
                 self.replica = Some(server);
@@ -421,12 +425,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
             Err(error @ ProxyError::PoolExhausted(_)) => {
                 let name = &self.shared.topology.nodes[node].config.name;
-                tracing::info!(parent: &self.span, node = name.as_str(), %error, "replica pool exhausted: using the primary");
+                tracing::info!(parent: &self.scope.span, node = name.as_str(), %error, "replica pool exhausted: using the primary");
                 false
             }
             Err(error) => {
                 let name = &self.shared.topology.nodes[node].config.name;
-                tracing::warn!(parent: &self.span, node = name.as_str(), %error, "cannot open a replica connection");
+                tracing::warn!(parent: &self.scope.span, node = name.as_str(), %error, "cannot open a replica connection");
                 self.shared.topology.suspect(node);
                 false
             }
@@ -435,7 +439,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// A read goes to the replica: a read-your-writes pin, if any, ends.
     pub(super) fn replica_chosen(&mut self) {
-        if let Some(since) = self.pinned_since.take() {
+        if let Some(since) = self.writes.pinned_since.take() {
             self.shared.metrics.pin_ended(since.elapsed());
         }
     }

@@ -150,11 +150,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Waits (a few monitor intervals at most) for a pending watermark to
     /// resolve, so that `SHOW pgnear.write_lsn` reports the last write.
     pub(super) async fn await_watermark(&mut self) {
-        if !self.watermark.is_pending() {
+        if !self.writes.watermark.is_pending() {
             return;
         }
         let deadline = Instant::now() + self.shared.config.monitor.interval * 4 + Duration::from_millis(100);
-        while self.watermark.is_pending() && Instant::now() < deadline {
+        while self.writes.watermark.is_pending() && Instant::now() < deadline {
             self.refresh_watermark();
             crate::clock::sleep(super::drive::REPLICA_WAIT_STEP).await;
         }
@@ -163,8 +163,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Answers a simple Query of a `pgnear.*` command.
     pub(super) fn answer_local_query(&mut self, command: &ProxyCommand) {
         self.refresh_watermark();
-        let report = Report { write_lsn: self.watermark.lsn() };
-        for response in self.settings.execute(command, &report) {
+        let report = Report { write_lsn: self.writes.watermark.lsn() };
+        for response in self.known.settings.execute(command, &report) {
             self.client.queue(&response);
         }
         let status = self.bound_status();
@@ -179,7 +179,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             _ => None,
         });
         let mixed = classes.iter().any(|c| !matches!(c.class, Class::ProxyLocal(_)));
-        let report = Report { write_lsn: self.watermark.lsn() };
+        let report = Report { write_lsn: self.writes.watermark.lsn() };
         let mut failed = false;
         for frame in frames {
             if failed {
@@ -211,14 +211,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     if matches!(frontend::target(frame), Ok(Named::Statement(_))) {
                         self.client.queue(&Frame::new(b't', &0i16.to_be_bytes()));
                     }
-                    let responses = self.settings.execute(command, &report);
+                    let responses = self.known.settings.execute(command, &report);
                     if let Some(description) = responses.iter().find(|f| f.tag() == b'T') {
                         self.client.queue(description);
                     }
                 }
                 b'D' => self.client.queue(&no_data()),
                 b'E' => {
-                    for response in self.settings.execute(command, &report) {
+                    for response in self.known.settings.execute(command, &report) {
                         failed |= response.tag() == b'E';
                         if response.tag() != b'T' {
                             self.client.queue(&response);
@@ -231,6 +231,34 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let status = self.bound_status();
         self.client.queue(&ready_for_query(status));
     }
+}
+
+/// Splits `pgnear.*` settings out of the startup `options`; the rest of
+/// the startup parameters go to every server the session uses.
+pub(super) fn startup_settings(
+    login: &crate::frontend::handshake::Login,
+) -> Result<(ProxySettings, Vec<(String, String)>), Frame> {
+    let mut settings = ProxySettings::default();
+    let mut params = Vec::with_capacity(login.params.len() + 1);
+    for (name, value) in &login.params {
+        if name == "options" {
+            let (rest, found) = split_options(value);
+            for (name, value) in found {
+                settings.set(&name, &value)?;
+            }
+            if !rest.is_empty() {
+                params.push((name.clone(), rest));
+            }
+        } else if let Some(setting) = name.strip_prefix("pgnear.") {
+            settings.set(setting, value)?;
+        } else {
+            params.push((name.clone(), value.clone()));
+        }
+    }
+    if login.param("database").is_none() {
+        params.push(("database".into(), login.user.name.clone()));
+    }
+    Ok((settings, params))
 }
 
 #[cfg(test)]

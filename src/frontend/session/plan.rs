@@ -108,7 +108,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Where a unit not held on a server goes: the router's decision, after
     /// any wait it calls for, on a server connection that is open.
     pub(super) fn plan_route(&self, unit: &Batch, progress: &Progress) -> Result<(Target, Reason), Plan> {
-        if self.catalog.is_stale() && !progress.catalog_refreshed {
+        if self.scope.catalog.is_stale() && !progress.catalog_refreshed {
             return Err(Plan::Do(Step::RefreshCatalog));
         }
         let route = match progress.primary_only {
@@ -151,7 +151,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// does not use the unnamed statement or portal left there, and the
     /// router would send it elsewhere, the open batch ends first.
     pub(super) fn plan_reopen(&self, unit: &Batch) -> Option<Plan> {
-        let held = self.bound.filter(|_| self.open_batch)?;
+        let held = self.bound.as_ref().filter(|b| b.open_batch)?.target;
         // Statements executed ahead of the Sync run in the client's
         // implicit transaction: a Sync of pgnear's own would commit it.
         let quiet = self.server(held).is_some_and(|s| s.backend.is_idle() && !s.ran_partial);
@@ -172,10 +172,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// session has used it since; otherwise it fails instead of reading
     /// another client's value.
     pub(super) fn plan_sequence_read(&self, unit: &Batch) -> Option<Plan> {
-        if !self.pooling || !reads_sequence_state(unit) {
+        let pooling = self.pooling.as_ref()?;
+        if !reads_sequence_state(unit) {
             return None;
         }
-        let Some((key, turn)) = self.write_at else { return Some(Plan::Fail(sequence_state_elsewhere())) };
+        let Some((key, turn)) = pooling.write_at else { return Some(Plan::Fail(sequence_state_elsewhere())) };
         match self.primary.as_ref() {
             Some(primary) if primary.cancel_key == key && primary.held_by_since(self.state.owner(), turn) => {
                 None
@@ -187,7 +188,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The route to the cluster's primary, for `reason`.
     pub(super) fn primary_route(&self, reason: Reason) -> Result<Route, crate::cluster::NoPrimary> {
-        let node = self.shared.topology.primary(&self.cluster)?;
+        let node = self.shared.topology.primary(&self.scope.cluster)?;
         Ok(Route { destination: Destination::Primary(node), reason })
     }
 
@@ -195,15 +196,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// transaction, pipelined behind the unit that chose it (and sharing
     /// its reason), or where the unnamed statement the unit uses was parsed.
     pub(super) fn held_target(&self, unit: &Batch) -> Option<(Target, Reason)> {
-        match self.bound {
-            Some(target) => match self.server(target).map(|s| s.backend.tx_status) {
-                Some(status) if status.in_block() => Some((target, Reason::Transaction)),
-                _ => Some((target, self.bound_reason)),
+        match &self.bound {
+            Some(bound) => match self.server(bound.target).map(|s| s.backend.tx_status) {
+                Some(status) if status.in_block() => Some((bound.target, Reason::Transaction)),
+                _ => Some((bound.target, bound.reason)),
             },
-            None => self
-                .unnamed_on
-                .filter(|t| unit.uses_earlier_unnamed && self.server(*t).is_some())
-                .map(|t| (t, self.bound_reason)),
+            None => self.unnamed_on.filter(|(t, _)| unit.uses_earlier_unnamed && self.server(*t).is_some()),
         }
     }
 
@@ -213,7 +211,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if self.held_target(unit).is_some() {
             return true;
         }
-        let route = match self.catalog.is_stale() {
+        let route = match self.scope.catalog.is_stale() {
             true => return false,
             false => self.decide(&unit.classes),
         };
@@ -242,7 +240,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if !matches!(route.reason, Reason::PinnedAfterWrite | Reason::ReplicaLagging) {
             return None;
         }
-        if route.reason == Reason::PinnedAfterWrite && self.watermark.is_probing() {
+        if route.reason == Reason::PinnedAfterWrite && self.writes.watermark.is_probing() {
             return Some(Plan::Hold);
         }
         let bound = match self.shared.config.consistency.replica_wait {
@@ -256,7 +254,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if bound.is_zero() {
             return None;
         }
-        let freshness = self.effective_watermark().freshness(self.settings.min_lsn);
+        let freshness = self.effective_watermark().freshness(self.known.settings.min_lsn);
         match (route.reason, freshness) {
             (Reason::PinnedAfterWrite, Freshness::AtLeast(lsn)) => {
                 let node = self.replica_to_wait_on(classes, bound)?;
@@ -293,7 +291,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The primary's measured round trip (the monitor's EWMA).
     pub(super) fn primary_rtt(&self) -> Option<Duration> {
-        let node = self.shared.topology.primary(&self.cluster).ok()?;
+        let node = self.shared.topology.primary(&self.scope.cluster).ok()?;
         self.shared.topology.nodes[node].status.load().rtt
     }
 
@@ -303,11 +301,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         &self,
         classes: &[Arc<Classification>],
     ) -> Option<arc_swap::Guard<Arc<VolatileFunctions>>> {
-        classes.iter().any(|c| !c.functions.is_empty()).then(|| self.catalog.volatile.load())
+        classes.iter().any(|c| !c.functions.is_empty()).then(|| self.scope.catalog.volatile.load())
     }
 
     pub(super) fn decide(&self, classes: &[Arc<Classification>]) -> Result<Route, crate::cluster::NoPrimary> {
-        self.decide_with(classes, self.effective_watermark().freshness(self.settings.min_lsn))
+        self.decide_with(classes, self.effective_watermark().freshness(self.known.settings.min_lsn))
     }
 
     /// `decide`, as if the session's reads needed `freshness`.
@@ -318,9 +316,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     ) -> Result<Route, crate::cluster::NoPrimary> {
         let config = &self.shared.config;
         let session = SessionView {
-            cluster: &self.cluster,
-            setting: self.settings.route,
-            pinned: self.state.pinned || self.settings_refused,
+            cluster: &self.scope.cluster,
+            setting: self.known.settings.route,
+            pinned: self.state.pinned || self.known.settings_refused,
             freshness,
         };
         let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
@@ -330,7 +328,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if let Need::Primary(reason) = need {
             // Writes (and everything routed like them) need only the
             // primary's index, not a view of every node.
-            let node = self.shared.topology.primary(&self.cluster)?;
+            let node = self.shared.topology.primary(&self.scope.cluster)?;
             return Ok(Route { destination: Destination::Primary(node), reason });
         }
         let view = ClusterView::capture(&self.shared.topology);
@@ -341,7 +339,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     pub(super) fn settings_current(&self, target: Target) -> bool {
         self.server(target).is_none_or(|s| {
             s.state.settings == self.state.settings_key()
-                && (!self.pooling || s.state.app_name.as_deref() == Some(self.app_name.as_str()))
+                && self
+                    .pooling
+                    .as_ref()
+                    .is_none_or(|p| s.state.app_name.as_deref() == Some(p.app_name.as_str()))
         })
     }
 

@@ -27,21 +27,18 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if target == Target::Primary {
             return Err(ProxyError::BackendLost { node });
         }
-        tracing::warn!(parent: &self.span, node, "replica connection lost");
-        let was_bound = self.bound == Some(Target::Replica);
+        tracing::warn!(parent: &self.scope.span, node, "replica connection lost");
+        let bound = self.bound.take_if(|b| b.target == Target::Replica);
         if let Some(lost) = self.replica.take() {
             self.shared.topology.suspect(lost.node);
         }
-        if let (true, Some(unit)) = (was_bound, self.retry.take()) {
+        let Some(bound) = bound else { return Ok(()) };
+        if let Some(unit) = bound.retry {
             // Nothing of this read reached the client yet: run it again on
             // the next eligible node, unnoticed.
-            self.bound = None;
-            self.open_batch = false;
-            return self.dispatch(unit, true).await;
+            return self.dispatch(*unit, true).await;
         }
-        if was_bound {
-            self.bound = None;
-            self.open_batch = false;
+        {
             let message = format!("connection to replica {node} was lost; the statement did not complete");
             let error = crate::protocol::backend::error_response(
                 crate::protocol::backend::Severity::Error,
@@ -56,7 +53,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     pub(super) fn on_server(&mut self, target: Target, frame: Frame) -> Result<Flow, ProxyError> {
-        let open_batch = self.open_batch;
+        let open_batch = self.bound.as_ref().is_some_and(|b| b.open_batch);
         let no_primary = self.primary.is_none();
         let mut read_only = None;
         let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
@@ -72,7 +69,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         // Notices (PostgreSQL warns before an immediate shutdown) and
         // ParameterStatus are not results: the read may still be retried.
         if target == Target::Replica && !matches!(frame.tag(), b'N' | b'S' | b'E') {
-            self.retry = None;
+            self.no_retry();
         }
         let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
         let mut flow = Flow::Continue;
@@ -89,7 +86,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 finished = server.effects.pop_front().map(|e| (e, failed, before, status));
                 server.backend.ready(status);
                 let idle = server.backend.is_idle();
-                if idle && !open_batch && self.bound == Some(target) {
+                if idle && !open_batch && self.bound_to() == Some(target) {
                     self.bound = None;
                 }
                 if idle && target == Target::Primary {
@@ -120,16 +117,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             b'E' if !ErrorFields::parse(&frame)?.is_fatal() => {
                 server.unit_failed = true;
                 if target == Target::Replica {
-                    self.retry = None;
+                    self.no_retry();
                 }
             }
             b'E' => {
-                if target == Target::Replica && self.bound != Some(Target::Replica) {
+                if target == Target::Replica && self.bound_to() != Some(Target::Replica) {
                     // An idle replica going away is not the client's business.
                     self.replica = None;
                     return Ok(Flow::Continue);
                 }
-                if target == Target::Replica && self.retry.is_some() {
+                if target == Target::Replica && self.bound.as_ref().is_some_and(|b| b.retry.is_some()) {
                     // The replica is going away before the read produced
                     // anything: run it elsewhere instead.
                     return Ok(Flow::Lost(Target::Replica));
@@ -142,7 +139,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             self.unit_finished(target, effects, failed, before, after);
         }
         if let Some(read_only) = read_only {
-            self.default_read_only = read_only;
+            self.known.default_read_only = read_only;
         }
         self.client.relay(&frame);
         Ok(flow)
@@ -158,7 +155,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         before: TxStatus,
         after: TxStatus,
     ) {
-        let kept = self.tx.finish(effects, failed, before, after);
+        let kept = self.state.tx.finish(effects, failed, before, after);
         if !kept.is_empty() {
             self.unit_done(target, &kept);
         }
@@ -181,11 +178,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The primary finished its work: a write, if any, has committed.
     fn primary_idle(&mut self, at: Instant) {
-        if std::mem::take(&mut self.defines_functions) {
+        if std::mem::take(&mut self.writes.defines_functions) {
             // Every session reloads the catalog before routing again.
-            self.catalog.mark_stale();
+            self.scope.catalog.mark_stale();
         }
-        if !std::mem::take(&mut self.primary_dirty) {
+        if !std::mem::take(&mut self.writes.primary_dirty) {
             return;
         }
         if self.shared.config.consistency.read_your_writes != ReadYourWrites::Off {
@@ -197,9 +194,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             // start from it, so a client that reconnects (psql's `\c`, a
             // pool opening a new connection) still reads what it wrote.
             ReadYourWrites::Session | ReadYourWrites::Proxy => {
-                self.watermark.wrote(at);
+                self.writes.watermark.wrote(at);
                 self.shared.watermark.wrote(at);
-                self.wrote = true;
+                self.writes.wrote = true;
             }
         }
     }
@@ -210,17 +207,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     pub(super) fn probe_behind(&mut self) {
         let Some(primary) = self.primary.as_mut() else { return };
         primary.backend.queue_probe();
-        self.primary_dirty = false;
-        self.watermark.probe_sent();
-        self.probes.push_back(self.shared.watermark.probe());
-        self.wrote = true;
+        self.writes.primary_dirty = false;
+        self.writes.watermark.probe_sent();
+        self.writes.probes.push_back(self.shared.watermark.probe());
+        self.writes.wrote = true;
         self.pin_started(Instant::now());
     }
 
     /// Reads are held after a write from `at`, unless they already were.
     fn pin_started(&mut self, at: Instant) {
-        if self.pinned_since.is_none() {
-            self.pinned_since = Some(at);
+        if self.writes.pinned_since.is_none() {
+            self.writes.pinned_since = Some(at);
             self.shared.metrics.pin_started();
         }
     }
@@ -233,10 +230,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let now = Instant::now();
         let lsn = lsn.filter(|_| status == TxStatus::Idle);
         if status != TxStatus::Idle {
-            self.primary_dirty = true;
+            self.writes.primary_dirty = true;
         }
-        self.watermark.probe_answered(lsn, now);
-        if let Some(probe) = self.probes.pop_front() {
+        self.writes.watermark.probe_answered(lsn, now);
+        if let Some(probe) = self.writes.probes.pop_front() {
             probe.answered(lsn, now);
         }
         self.shared.metrics.probe(lsn.is_some());
@@ -245,7 +242,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The monitor's latest primary sample, for resolving watermarks.
     fn primary_sample(&self) -> Option<PrimarySample> {
-        let node = self.shared.topology.primary(&self.cluster).ok()?;
+        let node = self.shared.topology.primary(&self.scope.cluster).ok()?;
         let status = self.shared.topology.nodes[node].status.load();
         Some(PrimarySample { sent_at: status.probe_sent?, lsn: status.insert_lsn? })
     }
@@ -253,24 +250,24 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Resolves pending watermarks and reports a new one to the client as
     /// ParameterStatus `pgnear.write_lsn`.
     pub(super) fn refresh_watermark(&mut self) {
-        let pending = self.watermark.is_pending() || self.shared.watermark.get().is_pending();
+        let pending = self.writes.watermark.is_pending() || self.shared.watermark.get().is_pending();
         if !pending {
             return;
         }
         let sample = self.primary_sample();
-        self.watermark.resolve(sample);
+        self.writes.watermark.resolve(sample);
         self.shared.watermark.resolve(sample);
         self.report_watermark();
     }
 
     /// Reports a new resolved watermark to a client that wrote.
     fn report_watermark(&mut self) {
-        if self.watermark.is_pending() {
+        if self.writes.watermark.is_pending() {
             return;
         }
-        let lsn = self.watermark.lsn();
-        if self.wrote && lsn.is_some() && lsn != self.reported_lsn {
-            self.reported_lsn = lsn;
+        let lsn = self.writes.watermark.lsn();
+        if self.writes.wrote && lsn.is_some() && lsn != self.writes.reported_lsn {
+            self.writes.reported_lsn = lsn;
             let value = lsn.map(|l| l.to_string()).unwrap_or_default();
             self.client.queue(&parameter_status("pgnear.write_lsn", &value));
         }
@@ -280,8 +277,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     pub(super) fn effective_watermark(&self) -> Watermark {
         match self.shared.config.consistency.read_your_writes {
             ReadYourWrites::Off => Watermark::default(),
-            ReadYourWrites::Session => self.watermark,
-            ReadYourWrites::Proxy => self.watermark.merge(self.shared.watermark.get()),
+            ReadYourWrites::Session => self.writes.watermark,
+            ReadYourWrites::Proxy => self.writes.watermark.merge(self.shared.watermark.get()),
         }
     }
 }

@@ -7,7 +7,7 @@ use crate::tls::Split;
 
 use super::plan::NO_FUNCTIONS;
 use super::state::{HashMap, Prepared, ServerState};
-use super::{Batch, Server, Session, Target};
+use super::{Batch, Bound, Server, Session, Target};
 use crate::backend::connection::Hidden;
 use crate::metrics::{Direction, RoleLabel};
 use crate::protocol::frontend::{self, Target as Named};
@@ -28,9 +28,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if kinds.executes {
             self.count_route(target, reason);
         }
-        if target == Target::Replica && complete && self.bound.is_none() {
-            self.retry = Some(unit.clone());
-        }
+
         self.shared.metrics.bytes(Direction::ClientToServer, kinds.bytes);
         if complete {
             self.timers.units += 1;
@@ -52,7 +50,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         server.backend.last_unit_synced = complete && kinds.extended;
         self.track(target, unit, complete, kinds);
-        if leaves_no_block && target == Target::Primary && self.primary_dirty && self.tracks_writes() {
+        if leaves_no_block && target == Target::Primary && self.writes.primary_dirty && self.tracks_writes() {
             self.probe_behind();
         }
         if let Some(library) = loaded_library(frames) {
@@ -63,29 +61,33 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         }
         if unit.parses_unnamed {
-            self.unnamed_on = Some(target);
-            if self.pooling {
+            self.unnamed_on = Some((target, reason));
+            if let Some(pooling) = self.pooling.as_mut() {
                 // A copy, into a reused buffer: the frame shares the
                 // client's read buffer, and most units parse the unnamed
                 // statement.
-                self.unnamed_parse.clear();
+                pooling.unnamed_parse.clear();
                 let last = frames.iter().rev().find(|f| f.tag() == b'P' && f.body().first() == Some(&0));
                 if let Some(parse) = last {
-                    self.unnamed_parse.extend_from_slice(parse.body());
+                    pooling.unnamed_parse.extend_from_slice(parse.body());
                 }
             }
         }
-        if self.bound.is_none() {
-            self.bound_reason = reason;
-        }
-        self.bound = Some(target);
+        let bound = self.bound.get_or_insert_with(|| Bound {
+            target,
+            reason,
+            open_batch: false,
+            // A read on a replica, kept until its first response reaches
+            // the client so that it can run elsewhere if the replica fails.
+            retry: (target == Target::Replica && complete).then(|| Box::new(unit.clone())),
+        });
         // Messages sent ahead of their Sync keep the session on that server
         // until the Sync, unless the next unit can go elsewhere (`plan`).
-        self.open_batch = !complete && (self.open_batch || unit.frames.iter().any(|f| f.tag() != b'H'));
+        bound.open_batch = !complete && (bound.open_batch || unit.frames.iter().any(|f| f.tag() != b'H'));
         let cancel_key = self.server(target).map(|s| s.cancel_key);
-        if cancel_key.is_some() && cancel_key != self.cancels_to {
-            self.registration.target.set(cancel_key);
-            self.cancels_to = cancel_key;
+        if cancel_key.is_some() && cancel_key != self.cancels.to {
+            self.cancels.registration.target.set(cancel_key);
+            self.cancels.to = cancel_key;
         }
     }
 
@@ -102,18 +104,18 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 .iter()
                 .any(|c| matches!(c.class, Class::Write) || c.unparsed || c.calls_volatile(volatile));
         if target == Target::Primary && writes {
-            self.primary_dirty = true;
-            if self.pooling {
-                self.write_at = self.primary.as_ref().map(|p| (p.cancel_key, p.turns));
+            self.writes.primary_dirty = true;
+            if let Some(pooling) = self.pooling.as_mut() {
+                pooling.write_at = self.primary.as_ref().map(|p| (p.cancel_key, p.turns));
             }
         }
         // Only DDL that may create a volatile function needs the catalog
         // reloaded, and only where a replica could otherwise be chosen.
         let ddl = classes.iter().any(|c| c.ddl);
         if ddl && may_define_functions(frames) && self.cluster_has_replicas() {
-            self.defines_functions = true;
+            self.writes.defines_functions = true;
         }
-        if ddl && self.pooling && mentions_databases(frames) {
+        if ddl && self.pooling.is_some() && mentions_databases(frames) {
             // CREATE DATABASE (from a template) and DROP DATABASE fail
             // while other sessions are connected to that database.
             if let Some(server) = self.server(target) {
@@ -129,7 +131,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             // (see `Session::unit_done`), so a failed SET is never replayed.
             // In transaction pooling a SQL-level PREPARE pins too: its
             // statement exists only on this connection.
-            let pooling = self.pooling;
+            let pooling = self.pooling.is_some();
             state.pinned |= classes.iter().any(|c| c.pins().next().is_some() || (pooling && prepares(c)));
             // Transaction control too: it decides which effects last.
             let bounds = |c: &&Arc<Classification>| {
@@ -190,8 +192,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
             false => Vec::new(),
         };
-        let unnamed = match unit.uses_earlier_unnamed && self.unnamed_on != Some(target) {
-            true if !self.unnamed_parse.is_empty() => Some(Frame::new(b'P', &self.unnamed_parse)),
+        let elsewhere = self.unnamed_on.is_none_or(|(t, _)| t != target);
+        let parse = self.pooling.as_ref().map(|p| &p.unnamed_parse).filter(|p| !p.is_empty());
+        let unnamed = match unit.uses_earlier_unnamed && elsewhere {
+            true if parse.is_some() => parse.map(|body| Frame::new(b'P', body)),
             _ => None,
         };
         let Some(server) = self.server_mut(target) else { return };
@@ -211,13 +215,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         if let Some(parse) = unnamed {
             server.backend.queue_hidden(&parse, Hidden::ParseComplete);
-            self.unnamed_on = Some(target);
+            self.unnamed_on = Some((target, self.unnamed_on.map_or(Reason::Read, |(_, r)| r)));
         }
     }
 
     pub(super) fn cluster_has_replicas(&self) -> bool {
         let nodes = &self.shared.topology.nodes;
-        nodes.iter().filter(|n| n.config.cluster == self.cluster).count() > 1
+        nodes.iter().filter(|n| n.config.cluster == self.scope.cluster).count() > 1
     }
 
     /// Counts a unit that executes statements, by node, role and reason.

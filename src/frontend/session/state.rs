@@ -154,6 +154,8 @@ pub struct SessionState {
     /// LISTEN, a temp object, a session advisory lock or a WITH HOLD
     /// cursor: the session stays on the primary until DISCARD ALL.
     pub pinned: bool,
+    /// Effects waiting for the open transaction to commit.
+    pub(super) tx: super::tx::TxEffects,
 }
 
 impl Default for SessionState {
@@ -164,6 +166,7 @@ impl Default for SessionState {
             prepared: HashMap::default(),
             sql_prepared: HashMap::default(),
             pinned: false,
+            tx: super::tx::TxEffects::default(),
         }
     }
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use smallvec::SmallVec;
 
 use super::state::SessionState;
-use super::{Batch, Flow, Session, Target};
+use super::{Batch, Flow, Pause, Session, Target};
 use crate::error::ProxyError;
 use crate::protocol::backend::TxStatus;
 use crate::protocol::frontend::{self, Target as Named};
@@ -78,8 +78,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The classification of a statement's text, as this session runs it.
     pub(super) fn classify(&mut self, text: &[u8]) -> Arc<Classification> {
-        let class = self.recently_classified.classify(&self.shared.classifier, text);
-        read_only_begin(self.default_read_only, class, text)
+        let class = self.known.recently_classified.classify(&self.shared.classifier, text);
+        read_only_begin(self.known.default_read_only, class, text)
     }
 
     pub(super) fn on_query(&mut self, frame: Frame) -> Result<Taken, ProxyError> {
@@ -90,7 +90,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         };
         if self.in_flight() {
             // Answered once the responses before it reach the client.
-            self.held = Some(frame);
+            self.pause = Some(Pause::Held(frame));
             return Ok(Taken::Done);
         }
         if matches!(command, ProxyCommand::Show { name } if name == "write_lsn" || name == "all") {
@@ -153,7 +153,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     pub(super) fn on_sync(&mut self, frame: Frame) -> Taken {
         if self.batch.classes.iter().any(|c| matches!(c.class, Class::ProxyLocal(_))) {
             if self.in_flight() {
-                self.held = Some(frame);
+                self.pause = Some(Pause::Held(frame));
                 return Taken::Done;
             }
             let batch = std::mem::take(&mut self.batch);
@@ -186,7 +186,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// the Sync, it would wait for an answer that never comes.
     pub(super) async fn forward_partial(&mut self) -> Result<(), ProxyError> {
         let batch = &self.batch;
-        if batch.frames.is_empty() || self.held.is_some() || self.waiting.is_some() {
+        if batch.frames.is_empty() || self.pause.is_some() {
             return Ok(());
         }
         let executes = batch.frames.iter().any(|f| f.tag() == b'E');
@@ -202,7 +202,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// CopyData, CopyDone and CopyFail go to the server running the COPY;
     /// outside COPY the server would ignore them, and so does pgnear.
     pub(super) fn on_copy(&mut self, frame: Frame) {
-        let Some(target) = self.bound else { return };
+        let Some(target) = self.bound_to() else { return };
         let Some(server) = self.server_mut(target) else { return };
         let probe = match frame.tag() {
             b'd' => false,
@@ -212,7 +212,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         };
         server.backend.queue(&frame);
-        if probe && target == Target::Primary && self.primary_dirty && self.tracks_writes() {
+        if probe && target == Target::Primary && self.writes.primary_dirty && self.tracks_writes() {
             self.probe_behind();
         }
     }
@@ -230,12 +230,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             // Extended-protocol messages wait again for their Sync or Flush.
             self.batch = unit;
         }
-        self.held = last;
+        self.pause = last.map(Pause::Held);
     }
 
     /// The transaction status to report for a locally answered query.
     pub(super) fn bound_status(&self) -> TxStatus {
-        self.bound.and_then(|t| self.server(t)).map_or(TxStatus::Idle, |s| s.backend.tx_status)
+        self.bound_to().and_then(|t| self.server(t)).map_or(TxStatus::Idle, |s| s.backend.tx_status)
     }
 }
 
