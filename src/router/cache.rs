@@ -180,7 +180,7 @@ impl ClassifyCache {
 /// Whether a classification holds for every text of its shape: session
 /// effects carry the statement text and pgnear commands their value.
 fn shareable(c: &Classification) -> bool {
-    c.effects.is_empty() && !matches!(c.class, Class::ProxyLocal(_))
+    c.effects.is_empty() && c.loads.is_none() && !matches!(c.class, Class::ProxyLocal(_))
 }
 
 /// The texts and shapes one session classified lately, in front of the

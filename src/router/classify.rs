@@ -84,6 +84,14 @@ pub struct Classification {
     /// the class of each statement as it was prepared, and routes a name it
     /// does not know like a write.
     pub executes: Vec<String>,
+    /// DDL that may define or replace a function (a function, procedure,
+    /// aggregate, language or extension named in it, or a DO block): the
+    /// volatile-function catalog is reloaded once it commits.
+    pub defines_functions: bool,
+    /// DDL that names a database (CREATE, ALTER or DROP DATABASE).
+    pub names_databases: bool,
+    /// The library a `LOAD 'path'` loads: its base name, lowercased.
+    pub loads: Option<String>,
     /// Where the text leaves the session's transaction block.
     pub block: Block,
     /// How many `COPY ... FROM STDIN` (or its synonym `FROM STDOUT`) the
@@ -348,6 +356,9 @@ struct Summary {
     effects: Vec<SessionEffect>,
     unparsed: bool,
     ddl: bool,
+    defines_functions: bool,
+    names_databases: bool,
+    loads: Option<String>,
     executes: Vec<String>,
     block: Block,
     copies_in: u8,
@@ -360,7 +371,28 @@ impl Summary {
         let source = Source { sql, span: piece.span };
         let lead = leading_keyword(&piece.tokens);
         // DO blocks count: they often create or replace functions.
-        self.ddl |= matches!(lead, Keyword::CREATE | Keyword::ALTER | Keyword::DROP | Keyword::DO);
+        let ddl = matches!(lead, Keyword::CREATE | Keyword::ALTER | Keyword::DROP | Keyword::DO);
+        if ddl {
+            self.ddl = true;
+            let names = |keywords: &[Keyword]| {
+                piece
+                    .tokens
+                    .iter()
+                    .any(|t| matches!(&t.token, Token::Word(w) if keywords.contains(&w.keyword)))
+            };
+            let defining = [
+                Keyword::FUNCTION,
+                Keyword::PROCEDURE,
+                Keyword::AGGREGATE,
+                Keyword::LANGUAGE,
+                Keyword::EXTENSION,
+            ];
+            self.defines_functions |= lead == Keyword::DO || names(&defining);
+            self.names_databases |= names(&[Keyword::DATABASE]);
+        }
+        if lead == Keyword::LOAD {
+            self.loads = self.loads.take().or_else(|| loaded_library(&piece.tokens));
+        }
         let parsed = if tokenized { parse(piece.tokens, lead) } else { Err(piece.tokens) };
         match parsed {
             Ok(statement) => {
@@ -396,6 +428,9 @@ impl Summary {
             effects: self.effects,
             unparsed: self.unparsed,
             ddl: self.ddl,
+            defines_functions: self.defines_functions,
+            names_databases: self.names_databases,
+            loads: self.loads,
             executes: self.executes,
             block: if self.unparsed { Block::Unknown } else { self.block },
             copies_in: self.copies_in,
@@ -413,6 +448,16 @@ impl Summary {
         let (name, statement) = (name.to_owned(), source.text());
         self.effects.push(SessionEffect::Set { name, statement });
     }
+}
+
+/// The base name, lowercased, of the library a `LOAD 'path'` names.
+fn loaded_library(tokens: &[TokenWithSpan]) -> Option<String> {
+    let path = tokens.iter().find_map(|t| match &t.token {
+        Token::SingleQuotedString(path) => Some(path.as_str()),
+        _ => None,
+    })?;
+    let base = path.rsplit('/').next()?.split('.').next()?;
+    (!base.is_empty()).then(|| base.to_ascii_lowercase())
 }
 
 /// What one statement's class does to the transaction block.

@@ -53,8 +53,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if leaves_no_block && target == Target::Primary && self.writes.primary_dirty && self.tracks_writes() {
             self.probe_behind();
         }
-        if let Some(library) = loaded_library(frames) {
-            self.state.settings.forget_prefix(&library);
+        let loaded = kinds.runs.then(|| unit.classes.iter().find_map(|c| c.loads.as_deref())).flatten();
+        if let Some(library) = loaded {
+            self.state.settings.forget_prefix(library);
             let key = self.state.settings_key();
             if let Some(server) = self.server_mut(target) {
                 server.state.settings = key;
@@ -111,11 +112,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         // Only DDL that may create a volatile function needs the catalog
         // reloaded, and only where a replica could otherwise be chosen.
-        let ddl = classes.iter().any(|c| c.ddl);
-        if ddl && may_define_functions(frames) && self.cluster_has_replicas() {
+        if classes.iter().any(|c| c.defines_functions) && self.cluster_has_replicas() {
             self.writes.defines_functions = true;
         }
-        if ddl && self.pooling.is_some() && mentions_databases(frames) {
+        if self.pooling.is_some() && classes.iter().any(|c| c.names_databases) {
             // CREATE DATABASE (from a template) and DROP DATABASE fail
             // while other sessions are connected to that database.
             if let Some(server) = self.server(target) {
@@ -339,11 +339,6 @@ pub(super) fn prepares(class: &Classification) -> bool {
     class.effects.iter().any(|e| matches!(e, crate::router::classify::SessionEffect::Prepare { .. }))
 }
 
-/// Whether the unit's SQL names databases (CREATE, DROP, ALTER DATABASE).
-pub(super) fn mentions_databases(frames: &[Frame]) -> bool {
-    unit_sql(frames).any(|t| memchr::memmem::find(&t.to_ascii_lowercase(), b"database").is_some())
-}
-
 /// Borrows the session state, the server `target` and the other server.
 pub(super) fn split_state<'a>(
     state: &'a mut super::state::SessionState,
@@ -355,41 +350,4 @@ pub(super) fn split_state<'a>(
         Target::Primary => (state, primary, replica.into_iter().collect()),
         Target::Replica => (state, replica, primary.into_iter().collect()),
     }
-}
-
-/// Whether the unit's SQL could define or replace a function: then the
-/// volatile-function catalog is reloaded before the next routing decision.
-pub(super) fn may_define_functions(frames: &[Frame]) -> bool {
-    unit_sql(frames).any(|t| {
-        let t = t.to_ascii_lowercase();
-        ["function", "procedure", "extension", "aggregate", "language"]
-            .iter()
-            .any(|w| memchr::memmem::find(&t, w.as_bytes()).is_some())
-            || t.trim_ascii_start().starts_with(b"do")
-    })
-}
-
-/// The SQL texts of a unit's Query and Parse messages.
-pub(super) fn unit_sql(frames: &[Frame]) -> impl Iterator<Item = &[u8]> {
-    frames.iter().filter_map(|frame| match frame.tag() {
-        b'Q' => frontend::query_text(frame).ok(),
-        b'P' => frontend::parse(frame).ok().map(|p| p.query),
-        _ => None,
-    })
-}
-
-/// The library a simple `LOAD 'name'` loads (its base name), if that is
-/// what the unit is.
-pub(super) fn loaded_library(frames: &[Frame]) -> Option<String> {
-    let [frame] = frames else { return None };
-    let start = frame.body().iter().position(|b| !b.is_ascii_whitespace())?;
-    if !frame.body()[start..].get(..4)?.eq_ignore_ascii_case(b"load") {
-        return None;
-    }
-    let text = std::str::from_utf8(frontend::query_text(frame).ok()?).ok()?;
-    let text = text.trim().trim_end_matches(';').trim();
-    text.get(..4).filter(|w| w.eq_ignore_ascii_case("load"))?;
-    let path = text[4..].trim().trim_matches('\'');
-    let base = path.rsplit('/').next()?.split('.').next()?;
-    (!base.is_empty()).then(|| base.to_ascii_lowercase())
 }

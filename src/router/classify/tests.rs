@@ -1068,3 +1068,45 @@ fn copies_from_stdin_are_counted() {
         assert_eq!(classify(sql).copies_in, *copies, "{sql}");
     }
 }
+
+#[test]
+fn ddl_that_defines_functions_or_names_databases_and_loads() {
+    let defines = [
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS 'SELECT 1'",
+        "CREATE OR REPLACE PROCEDURE p() LANGUAGE sql AS $$ SELECT 1 $$",
+        "CREATE EXTENSION pgcrypto",
+        "DO $$ BEGIN PERFORM 1; END $$",
+        "ALTER FUNCTION f() VOLATILE",
+        "CREATE AGGREGATE a (int) (sfunc = int4pl, stype = int)",
+        "CREATE TABLE t (a int); CREATE FUNCTION g() RETURNS int AS 'SELECT 1' LANGUAGE sql",
+    ];
+    for sql in defines {
+        assert!(classify(sql).defines_functions, "{sql}");
+    }
+    let not_defining =
+        ["CREATE TABLE functions (a int)", "SELECT 'CREATE FUNCTION'", "DROP TABLE t", "SELECT 1"];
+    for sql in not_defining {
+        assert!(!classify(sql).defines_functions, "{sql}");
+    }
+    for sql in ["CREATE DATABASE d TEMPLATE t", "DROP DATABASE IF EXISTS d", "ALTER DATABASE d SET x = 1"] {
+        assert!(classify(sql).names_databases, "{sql}");
+    }
+    for sql in ["CREATE TABLE database_log (a int)", "SELECT 'database'", "COMMENT ON TABLE t IS 'database'"]
+    {
+        assert!(!classify(sql).names_databases, "{sql}");
+    }
+    assert_eq!(classify("LOAD 'auto_explain'").loads.as_deref(), Some("auto_explain"));
+    assert_eq!(classify("load '$libdir/plugins/Auto_Explain.so'").loads.as_deref(), Some("auto_explain"));
+    assert_eq!(classify("SELECT 'LOAD'").loads, None);
+}
+
+#[test]
+fn a_load_is_never_answered_by_the_shape_of_another() {
+    let cache = ClassifyCache::new(100);
+    let mut recent = crate::router::cache::RecentlyClassified::default();
+    for library in ["auto_explain", "pg_stat_statements", "auto_explain"] {
+        let sql = format!("LOAD '{library}'");
+        assert_eq!(cache.classify(&sql).loads.as_deref(), Some(library));
+        assert_eq!(recent.classify(&cache, sql.as_bytes()).loads.as_deref(), Some(library));
+    }
+}
