@@ -102,7 +102,7 @@ impl Admin {
     }
 
     fn metrics(&self) -> Response<Body> {
-        match self.shared.metrics.render(&self.shared) {
+        match self.shared.metrics.render(&self.shared.scrape()) {
             Ok(body) => with_type(StatusCode::OK, crate::metrics::CONTENT_TYPE, body),
             Err(error) => {
                 tracing::error!(%error, "cannot encode metrics");

@@ -126,34 +126,18 @@ async fn run(config: Config) -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    shutdown_signal().await;
+    crate::proxy::shutdown_signal().await;
     tracing::info!(
         "shutting down: no new clients; waiting for sessions to end (signal again to close them now)"
     );
     proxy.drain();
     let forced = tokio::select! {
         () = proxy.wait() => false,
-        () = shutdown_signal() => true,
+        () = crate::proxy::shutdown_signal() => true,
     };
     if forced {
         proxy.close_now();
         proxy.wait().await;
     }
     ExitCode::SUCCESS
-}
-
-/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
-pub async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(_) => std::future::pending().await,
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        () = term => {}
-    }
 }

@@ -79,6 +79,21 @@ pub fn timeout<F: IntoFuture>(duration: Duration, future: F) -> Timeout<F::IntoF
     on_service(|| tokio::time::timeout(duration, future))
 }
 
+thread_local! {
+    /// The event loop this thread runs: 0 for the service loop.
+    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
+}
+
+/// The event loop the calling thread runs (0: the service loop).
+pub fn current_loop() -> usize {
+    LOOP.with(std::cell::Cell::get)
+}
+
+/// Records the event loop the calling thread runs, as it starts it.
+pub fn set_current_loop(index: usize) {
+    LOOP.with(|l| l.set(index));
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -64,7 +64,7 @@ async fn demo(port: u16) -> Result<(), Box<dyn std::error::Error>> {
     loop {
         tokio::select! {
             _ = ticker.tick() => print_nodes(&shared),
-            () = crate::cli::shutdown_signal() => break,
+            () = crate::proxy::shutdown_signal() => break,
         }
     }
     println!("\nstopping pgnear and the cluster...");

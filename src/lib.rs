@@ -5,7 +5,7 @@
 //! # Layout
 //!
 //! - [`config`]: `proxy.toml` into a typed, validated [`config::Config`].
-//! - [`proxy`] and [`server`]: a running instance; the accept loop.
+//! - [`proxy`] and [`listener`]: a running instance; the accept loop.
 //! - [`frontend`]: one task per client: handshake, session relay, cancel.
 //! - [`auth`]: SCRAM-SHA-256 and md5 toward clients.
 //! - [`backend`]: server connections: connect, authenticate, relay.
@@ -29,11 +29,11 @@ pub mod demo;
 pub mod error;
 pub mod frontend;
 pub mod lab;
+pub mod listener;
 pub mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod router;
-pub mod server;
 pub mod tls;
 
 pub use config::Config;

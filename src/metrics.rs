@@ -19,8 +19,30 @@ use prometheus::{
 };
 
 use crate::cluster::Role;
-use crate::frontend::Shared;
 use crate::router::{ClusterView, Reason};
+
+/// One pool's state, as the metrics report it.
+#[derive(Debug, Clone)]
+pub struct PoolStats {
+    pub node: usize,
+    /// Connections idle in the pool.
+    pub idle: usize,
+    /// Connections lent to sessions.
+    pub active: usize,
+    /// Units waiting for a connection.
+    pub waiting: usize,
+    /// Units that gave up waiting.
+    pub timeouts: u64,
+}
+
+/// What a scrape reads of the proxy's state now, beside the event
+/// metrics: nodes, pools and the classification cache.
+pub struct Scrape<'a> {
+    pub topology: &'a crate::cluster::Topology,
+    pub pools: Vec<PoolStats>,
+    pub cache_hits: u64,
+    pub cache_misses: u64,
+}
 
 /// The content type of [`Metrics::render`]'s output.
 pub const CONTENT_TYPE: &str = "text/plain; version=0.0.4; charset=utf-8";
@@ -377,8 +399,8 @@ impl Metrics {
     }
 
     /// Every metric in the Prometheus text format ([`CONTENT_TYPE`]): the
-    /// event metrics plus node and cache state read from `shared` now.
-    pub fn render(&self, shared: &Shared) -> prometheus::Result<String> {
+    /// event metrics plus node, pool and cache state read now.
+    pub fn render(&self, shared: &Scrape) -> prometheus::Result<String> {
         let mut families = self.registry.gather();
         families.extend(state_families(shared)?);
         families.sort_by(|a, b| a.name().cmp(b.name()));
@@ -391,8 +413,8 @@ impl Metrics {
 /// Node and cache state as metric families, gathered through a registry
 /// built for this one scrape: a node that changed role leaves no stale
 /// series behind.
-fn state_families(shared: &Shared) -> prometheus::Result<Vec<MetricFamily>> {
-    let view = ClusterView::capture(&shared.topology);
+fn state_families(shared: &Scrape) -> prometheus::Result<Vec<MetricFamily>> {
+    let view = ClusterView::capture(shared.topology);
     let registry = Registry::new();
     let gauge = |name: &str, help: &str, labels: &[&str]| -> prometheus::Result<GaugeVec> {
         let vec = GaugeVec::new(Opts::new(name, help), labels)?;
@@ -461,7 +483,7 @@ fn state_families(shared: &Shared) -> prometheus::Result<Vec<MetricFamily>> {
     registry.register(Box::new(timeouts.clone()))?;
     // Summed over the node's pools (one per user and startup parameters):
     // labels stay node names only.
-    for pool in shared.pools.stats() {
+    for pool in &shared.pools {
         let node = shared.topology.nodes[pool.node].config.name.as_str();
         pooled.get_metric_with_label_values(&[node, "idle"])?.add(pool.idle as f64);
         pooled.get_metric_with_label_values(&[node, "active"])?.add(pool.active as f64);
@@ -476,12 +498,12 @@ fn state_families(shared: &Shared) -> prometheus::Result<Vec<MetricFamily>> {
     counter(
         "pgnear_classify_cache_hits_total",
         "Statement classifications answered from the cache.",
-        shared.classifier.hits(),
+        shared.cache_hits,
     )?;
     counter(
         "pgnear_classify_cache_misses_total",
         "Statement classifications that parsed the SQL.",
-        shared.classifier.misses(),
+        shared.cache_misses,
     )?;
     Ok(registry.gather())
 }

@@ -17,10 +17,10 @@ use crate::config::{Config, PoolMode};
 use crate::frontend::cancel::CancelRegistry;
 use crate::frontend::session::pool::Pools;
 use crate::frontend::Shared;
+use crate::listener::UnixSocket;
 use crate::metrics::Metrics;
 use crate::router::cache::ClassifyCache;
 use crate::router::consistency::SharedWatermark;
-use crate::server::UnixSocket;
 
 /// Why a proxy could not start.
 #[derive(Debug, thiserror::Error)]
@@ -120,7 +120,8 @@ impl Proxy {
         if let Some(path) = &unix_path {
             tracing::info!(path = %path.display(), "pgnear is listening on a Unix socket");
         }
-        let server = tokio::spawn(crate::server::run(listener, unix_socket, shared.clone(), watch, closing));
+        let server =
+            tokio::spawn(crate::listener::run(listener, unix_socket, shared.clone(), watch, closing));
         tracing::info!(%addr, "pgnear is listening");
         Ok(Proxy {
             addr,
@@ -224,4 +225,20 @@ fn client_listener(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(4096)
+}
+
+/// Resolves on Ctrl-C (SIGINT) or SIGTERM.
+pub async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        () = term => {}
+    }
 }

@@ -9,7 +9,7 @@
 //! marked stale, and every session on the database waits for a refresh
 //! before routing again.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -20,7 +20,55 @@ use tokio_postgres::SimpleQueryMessage;
 
 use super::Topology;
 use crate::config::MonitorConfig;
-use crate::router::functions::{VolatileFunctions, VOLATILE_FUNCTIONS_QUERY};
+
+/// SQL that lists the user-defined volatile functions, one lowercased name
+/// per row, for [`VolatileFunctions::new`].
+///
+/// Functions, aggregates and window functions are included because any of
+/// them can appear in a `SELECT`; procedures (`prokind = 'p'`) are left out
+/// because they run only through `CALL`, which is always a write. Extension
+/// functions installed outside `pg_catalog` are included too: pgnear cannot
+/// tell a volatile reader (`uuid_generate_v4`) from a writer.
+pub const VOLATILE_FUNCTIONS_QUERY: &str = "SELECT DISTINCT lower(p.proname) AS name \
+     FROM pg_catalog.pg_proc AS p \
+     JOIN pg_catalog.pg_namespace AS n ON n.oid = p.pronamespace \
+     WHERE p.provolatile = 'v' \
+     AND p.prokind <> 'p' \
+     AND n.nspname NOT IN ('pg_catalog', 'information_schema')";
+
+/// An immutable set of user-defined volatile function names (lowercased,
+/// unqualified), learned from the primary's `pg_proc`.
+///
+/// The proxy replaces the whole set when it reloads the catalog (after DDL),
+/// so readers never see a half-updated set.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct VolatileFunctions {
+    names: HashSet<String>,
+}
+
+impl VolatileFunctions {
+    /// Builds the set; names are lowercased here as well, so rows from any
+    /// source compare like the classifier's names.
+    pub fn new(names: impl IntoIterator<Item = String>) -> Self {
+        let names = names.into_iter().map(|n| n.to_lowercase()).collect();
+        Self { names }
+    }
+
+    /// Whether `name` (lowercased, unqualified) is a known volatile function.
+    pub fn contains(&self, name: &str) -> bool {
+        self.names.contains(name)
+    }
+
+    /// How many names the set holds.
+    pub fn len(&self) -> usize {
+        self.names.len()
+    }
+
+    /// Whether the set is empty (nothing loaded yet, or no such functions).
+    pub fn is_empty(&self) -> bool {
+        self.names.is_empty()
+    }
+}
 
 /// One database's function set and its refresh signal.
 #[derive(Debug)]

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
 
-use crate::config::NodeConfig;
+use crate::config::{NodeConfig, RoleSetting};
 pub use lsn::Lsn;
 
 /// A node's role as last observed.
@@ -191,7 +191,35 @@ impl Topology {
             .filter(|(_, n)| n.primary_claim.load(Ordering::Relaxed) && n.config.cluster == cluster);
         match (claims.next(), claims.next()) {
             (Some((one, _)), None) => Ok(one),
-            _ => crate::router::ClusterView::capture(self).primary(cluster),
+            _ => {
+                let nodes = self.nodes.iter().map(|n| (&n.config, n.status.load().claims_primary()));
+                elect_primary(nodes, cluster)
+            }
+        }
+    }
+}
+
+/// The primary of `cluster` among nodes (each with whether it is up and
+/// claims the role): the one claimant, or among several the one the config
+/// names primary; none or a conflict otherwise.
+pub fn elect_primary<'a>(
+    nodes: impl Iterator<Item = (&'a NodeConfig, bool)>,
+    cluster: &str,
+) -> Result<usize, NoPrimary> {
+    let claims: smallvec::SmallVec<[(usize, &NodeConfig); 2]> = nodes
+        .enumerate()
+        .filter(|(_, (config, claims))| *claims && config.cluster == cluster)
+        .map(|(i, (config, _))| (i, config))
+        .collect();
+    match claims.as_slice() {
+        [] => Err(NoPrimary::Unreachable),
+        [(one, _)] => Ok(*one),
+        many => {
+            let mut named = many.iter().filter(|(_, config)| config.role == RoleSetting::Primary);
+            match (named.next(), named.next()) {
+                (Some((one, _)), None) => Ok(*one),
+                _ => Err(NoPrimary::Conflict(many.iter().map(|(_, config)| config.name.clone()).collect())),
+            }
         }
     }
 }

@@ -46,9 +46,38 @@ pub struct Shared {
     pub tls: Tls,
 }
 
+impl Shared {
+    /// The state a metrics scrape reports now.
+    pub fn scrape(&self) -> crate::metrics::Scrape<'_> {
+        crate::metrics::Scrape {
+            topology: &self.topology,
+            pools: self.pools.stats(),
+            cache_hits: self.classifier.hits(),
+            cache_misses: self.classifier.misses(),
+        }
+    }
+}
+
+/// Where a client connected from.
+#[derive(Debug, Clone, Copy)]
+pub enum Peer {
+    Tcp(std::net::SocketAddr),
+    /// The Unix-domain socket (its clients have no address).
+    Unix,
+}
+
+impl std::fmt::Display for Peer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Peer::Tcp(addr) => addr.fmt(f),
+            Peer::Unix => f.write_str("unix socket"),
+        }
+    }
+}
+
 /// Serves one client connection to its end. Never panics on bad input;
 /// every failure the client can be told about is sent as ErrorResponse.
-pub async fn serve(stream: Stream, peer: crate::server::Peer, shared: Arc<Shared>, session_id: u64) {
+pub async fn serve(stream: Stream, peer: Peer, shared: Arc<Shared>, session_id: u64) {
     let span = tracing::info_span!("session", id = session_id, %peer, user = tracing::field::Empty, database = tracing::field::Empty);
     let handshake_gauge = shared.metrics.client_connection(ClientState::Handshake);
     let Some(mut session) = open_session(stream, &shared, span.clone()).instrument(span.clone()).await else {

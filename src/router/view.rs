@@ -93,30 +93,10 @@ impl<'a> ClusterView<'a> {
     /// The one verified primary of `cluster`. A node the config names as
     /// primary wins a conflict; otherwise two claimants refuse writes.
     pub fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
-        let claims: SmallVec<[usize; 2]> = self
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.config.cluster == cluster && n.status.claims_primary())
-            .map(|(i, _)| i)
-            .collect();
-        match claims.as_slice() {
-            [] => Err(NoPrimary::Unreachable),
-            [one] => Ok(*one),
-            many => {
-                let named: Vec<usize> = many
-                    .iter()
-                    .copied()
-                    .filter(|&i| self.nodes[i].config.role == RoleSetting::Primary)
-                    .collect();
-                match named.as_slice() {
-                    [one] => Ok(*one),
-                    _ => Err(NoPrimary::Conflict(
-                        many.iter().map(|&i| self.nodes[i].config.name.clone()).collect(),
-                    )),
-                }
-            }
-        }
+        crate::cluster::elect_primary(
+            self.nodes.iter().map(|n| (n.config, n.status.claims_primary())),
+            cluster,
+        )
     }
 
     /// The nearest replica that may serve the read, or why none may.

@@ -427,7 +427,7 @@ async fn closing_now_counts_each_session_it_closes() {
     let counted = "pgnear_errors_total{class=\"shutdown\"} 2";
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let metrics = shared.metrics.render(shared).unwrap();
+        let metrics = shared.metrics.render(&shared.scrape()).unwrap();
         if metrics.lines().any(|line| line == counted) {
             break;
         }

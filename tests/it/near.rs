@@ -77,7 +77,7 @@ impl Near {
     }
 
     async fn metric(&self, name: &str) -> f64 {
-        let text = self.proxy.shared().metrics.render(self.proxy.shared()).unwrap();
+        let text = self.proxy.shared().metrics.render(&self.proxy.shared().scrape()).unwrap();
         text.lines()
             .filter(|l| l.starts_with(name))
             .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())

@@ -381,7 +381,7 @@ async fn a_busy_pool_fails_the_statement_not_the_session() {
     // b waits pool_timeout_ms for the one connection, then gets 53300.
     assert_eq!(sqlstate(b.simple_query("SELECT 2").await), "53300");
     let shared = env.proxy.shared();
-    let metrics = shared.metrics.render(shared).unwrap();
+    let metrics = shared.metrics.render(&shared.scrape()).unwrap();
     let series = |name: &str| {
         let (name, label) = name.split_once(' ').unwrap_or((name, ""));
         metrics

@@ -24,6 +24,7 @@ use crate::config::ProxySettings;
 use crate::error::ProxyError;
 use crate::frontend::cancel::ServerKey;
 use crate::frontend::Shared;
+use crate::metrics::PoolStats;
 
 /// Named prepared statements a pooled connection may carry.
 pub(super) const MAX_POOLED_STATEMENTS: usize = 1000;
@@ -154,20 +155,6 @@ impl Pools {
     }
 }
 
-/// One pool's state, as the metrics report it.
-#[derive(Debug, Clone)]
-pub struct PoolStats {
-    pub node: usize,
-    /// Connections idle in the pool.
-    pub idle: usize,
-    /// Connections lent to sessions.
-    pub active: usize,
-    /// Units waiting for a connection.
-    pub waiting: usize,
-    /// Units that gave up waiting.
-    pub timeouts: u64,
-}
-
 /// Counts a unit as waiting for `pool` while it lives.
 pub(super) struct WaitCount(Arc<Pool>);
 
@@ -253,7 +240,7 @@ impl Pool {
         holder: u64,
     ) -> Result<Box<Server>, OwnedSemaphorePermit> {
         let mut idle = lock(&self.idle);
-        let here = crate::server::current_loop();
+        let here = crate::clock::current_loop();
         match idle.iter().rposition(|i| i.server.home == here) {
             Some(at) if at + 1 < idle.len() => {
                 // To the top, the rest in order (the reaper expects the

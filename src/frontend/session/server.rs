@@ -64,7 +64,7 @@ pub(super) struct Server {
     /// The turn since which `holder` has taken it every time.
     pub(super) held_since: u64,
     pub(super) permit: Option<tokio::sync::OwnedSemaphorePermit>,
-    /// The event loop whose reactor watches its socket (`server::current_loop`).
+    /// The event loop whose reactor watches its socket (`clock::current_loop`).
     pub(super) home: usize,
 }
 
@@ -207,7 +207,7 @@ pub(super) async fn open(
     let mut state = ServerState::default();
     state.app_name = Some(login.param(APPLICATION_NAME).unwrap_or_default().to_string());
     Ok(Box::new(Server {
-        home: crate::server::current_loop(),
+        home: crate::clock::current_loop(),
         backend,
         node,
         cancel_key,

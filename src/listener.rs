@@ -15,7 +15,6 @@
 //! park of the sessions' loop also turned the timer wheel, some 370
 //! instructions per transaction.
 
-use std::net::SocketAddr;
 use std::os::unix::net::UnixStream as StdUnixStream;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -30,28 +29,11 @@ use tokio::task::JoinSet;
 
 use crate::error::ProxyError;
 use crate::frontend::handshake::{negotiate, Opening};
-use crate::frontend::{serve, Shared};
+use crate::frontend::{serve, Peer, Shared};
 use crate::tls::Stream;
 
 mod unix;
 pub use unix::UnixSocket;
-
-/// Where a client connected from.
-#[derive(Debug, Clone, Copy)]
-pub enum Peer {
-    Tcp(SocketAddr),
-    /// The Unix-domain socket (its clients have no address).
-    Unix,
-}
-
-impl std::fmt::Display for Peer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Peer::Tcp(addr) => addr.fmt(f),
-            Peer::Unix => f.write_str("unix socket"),
-        }
-    }
-}
 
 /// An accepted connection, before it is a [`Stream`].
 enum Client {
@@ -182,16 +164,6 @@ async fn accept_failed(error: std::io::Error) {
 /// How long sessions asked to close may take to say so to their clients.
 const CLOSE_GRACE: std::time::Duration = std::time::Duration::from_secs(2);
 
-thread_local! {
-    /// The event loop this thread runs: 0 for the service loop.
-    static LOOP: std::cell::Cell<usize> = const { std::cell::Cell::new(0) };
-}
-
-/// The event loop the calling thread runs (0: the service loop).
-pub fn current_loop() -> usize {
-    LOOP.with(std::cell::Cell::get)
-}
-
 /// The session loops beside the service loop.
 struct Loops {
     /// The service loop's sessions (only when no session loop started),
@@ -231,7 +203,7 @@ impl Loops {
             let logger = logger.clone();
             let spawned = std::thread::Builder::new().name(format!("pgnear-loop-{index}")).spawn(move || {
                 let _logging = tracing::dispatcher::set_default(&logger);
-                LOOP.with(|l| l.set(index));
+                crate::clock::set_current_loop(index);
                 crate::clock::serve_timers_from(service);
                 match tokio::runtime::Builder::new_current_thread().enable_io().build() {
                     Ok(runtime) => {
