@@ -175,7 +175,7 @@ struct NodeHealth<'a> {
 }
 
 impl<'a> NodeHealth<'a> {
-    fn of(node: &crate::router::view::NodeView<'a>) -> NodeHealth<'a> {
+    fn of(node: &crate::router::NodeView<'a>) -> NodeHealth<'a> {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         NodeHealth {
             name: &node.config.name,

@@ -18,19 +18,19 @@
 //! - [`lab`]: real PostgreSQL servers on loopback, for tests and the demo.
 //! - [`cli`] and [`demo`]: the command line.
 
-pub mod admin;
-pub mod auth;
+mod admin;
+mod auth;
 pub mod backend;
 pub mod cli;
-pub mod clock;
+mod clock;
 pub mod cluster;
 pub mod config;
-pub mod demo;
-pub mod error;
-pub mod frontend;
+mod demo;
+mod error;
+mod frontend;
 pub mod lab;
-pub mod listener;
-pub mod metrics;
+mod listener;
+mod metrics;
 pub mod protocol;
 pub mod proxy;
 pub mod router;

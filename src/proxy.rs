@@ -11,11 +11,11 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::auth::Directory;
+use crate::backend::pool::Pools;
 use crate::cluster::catalog::Catalogs;
 use crate::cluster::{monitor, Topology};
 use crate::config::{Config, PoolMode};
 use crate::frontend::cancel::CancelRegistry;
-use crate::frontend::session::pool::Pools;
 use crate::frontend::Shared;
 use crate::listener::UnixSocket;
 use crate::metrics::Metrics;

@@ -3,6 +3,16 @@
 
 pub mod connect;
 pub mod connection;
+pub(crate) mod pool;
+pub(crate) mod server;
 
 pub use connect::{connect, ConnectError, ServerLogin};
 pub use connection::Backend;
+
+/// A server connection a cancel can be sent to.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ServerKey {
+    /// The node (its index in the topology).
+    pub node: usize,
+    pub key: crate::protocol::startup::CancelKey,
+}

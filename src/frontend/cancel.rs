@@ -12,13 +12,7 @@ use crate::backend::connect::send_cancel;
 use crate::cluster::Topology;
 use crate::protocol::startup::CancelKey;
 
-/// A server connection a cancel can be sent to.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct ServerKey {
-    /// The node (its index in the topology).
-    pub node: usize,
-    pub key: CancelKey,
-}
+pub use crate::backend::ServerKey;
 
 /// Where one client's query is running right now: written by its session
 /// when that changes (a unit goes to another server connection, or, in

@@ -2,9 +2,9 @@
 //! packet (`handshake`) through the relay loop (`session`), plus cancel
 //! keys (`cancel`).
 
-pub mod cancel;
-pub mod handshake;
-pub mod session;
+pub(crate) mod cancel;
+pub(crate) mod handshake;
+mod session;
 
 use std::sync::Arc;
 
@@ -40,13 +40,23 @@ pub struct Shared {
     pub watermark: Arc<SharedWatermark>,
     pub metrics: Arc<Metrics>,
     /// Transaction pooling's shared server connections.
-    pub pools: session::pool::Pools,
+    pub pools: crate::backend::pool::Pools,
     /// The client-facing acceptor (reloaded on SIGHUP) and one connector
     /// per node.
     pub tls: Tls,
 }
 
 impl Shared {
+    /// What opening a server connection needs.
+    pub fn dial(&self) -> crate::backend::server::Dial<'_> {
+        crate::backend::server::Dial {
+            topology: &self.topology,
+            proxy: &self.config.proxy,
+            connectors: &self.tls.connectors,
+            metrics: &self.metrics,
+        }
+    }
+
     /// The state a metrics scrape reports now.
     pub fn scrape(&self) -> crate::metrics::Scrape<'_> {
         crate::metrics::Scrape {

@@ -10,12 +10,11 @@
 
 mod drive;
 mod local;
+mod open;
 mod parts;
 mod plan;
-pub mod pool;
 mod reply;
 mod send;
-mod server;
 mod state;
 mod tx;
 mod unit;
@@ -33,6 +32,7 @@ use tokio::io::AsyncWriteExt;
 use super::cancel::ServerKey;
 use super::handshake::Login;
 use super::Shared;
+use crate::backend::server::Server;
 use crate::backend::ServerLogin;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
@@ -40,8 +40,8 @@ use crate::protocol::backend::{backend_key_data, parameter_status, ready_for_que
 use crate::protocol::{Frame, FrameReader, ProtocolError};
 use crate::router::consistency::Watermark;
 use crate::tls::Split;
+use open::first_server;
 use parts::{Batch, Bound, Cancels, Client, Known, Pause, Pooling, Scope, Timers, Writes};
-use server::{first_server, Server};
 use state::SessionState;
 use unit::Taken;
 
@@ -146,16 +146,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             return Err(ProxyError::NoPrimary(crate::cluster::NoPrimary::Unreachable));
         };
         let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
-        let app_name = server_login.param(server::APPLICATION_NAME).unwrap_or_default().to_string();
+        let app_name =
+            server_login.param(crate::backend::server::APPLICATION_NAME).unwrap_or_default().to_string();
         let mut startup_params = home.backend.startup_params.clone();
         if pooling {
             // A pooled connection may have been opened by a client with
             // another name; the first unit sets this one's.
             for frame in &mut startup_params {
                 let theirs = crate::protocol::backend::parse_parameter_status(frame)
-                    .is_ok_and(|(name, _)| name == server::APPLICATION_NAME);
+                    .is_ok_and(|(name, _)| name == crate::backend::server::APPLICATION_NAME);
                 if theirs {
-                    *frame = parameter_status(server::APPLICATION_NAME, &app_name);
+                    *frame = parameter_status(crate::backend::server::APPLICATION_NAME, &app_name);
                 }
             }
         }

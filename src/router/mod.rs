@@ -6,10 +6,10 @@
 
 pub mod cache;
 pub mod classify;
-pub mod consistency;
+pub(crate) mod consistency;
 pub mod functions;
-pub mod shape;
-pub mod view;
+mod shape;
+mod view;
 
 use std::sync::Arc;
 

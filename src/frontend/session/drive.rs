@@ -8,9 +8,9 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::plan::{Plan, Progress, Step};
-use super::pool::Pool;
 use super::unit::Taken;
 use super::{wake, Batch, Pause, Session, Target};
+use crate::backend::pool::Pool;
 use crate::error::ProxyError;
 use crate::metrics::WaitOutcome;
 use crate::protocol::backend::{error_response, ready_for_query, ready_status, Severity, TxStatus};
@@ -173,7 +173,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// connection of `pool`; the client's next messages wait behind it.
     fn start_wait(&mut self, unit: Batch, complete: bool, pool: Arc<Pool>, target: Target) {
         let permit = Box::pin(pool.permits().acquire_owned());
-        let count = super::pool::WaitCount::new(pool.clone());
+        let count = crate::backend::pool::WaitCount::new(pool.clone());
         let until = tokio::time::Instant::now() + self.shared.config.proxy.pool_timeout;
         self.timers.pool_wait.as_mut().reset(until);
         self.pause = Some(Pause::Pool(Box::new(Waiting { unit, complete, target, permit, pool, count })));
@@ -291,7 +291,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     /// Transaction pooling: the session's pool for `node`, looked up once.
-    pub(super) fn pool(&mut self, node: usize) -> Option<&std::sync::Arc<super::pool::Pool>> {
+    pub(super) fn pool(&mut self, node: usize) -> Option<&std::sync::Arc<crate::backend::pool::Pool>> {
         let pooling = self.pooling.as_mut()?;
         let at = match pooling.pools.iter().position(|(n, _)| *n == node) {
             Some(at) => at,
@@ -374,7 +374,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let name = self.shared.topology.nodes[node].config.name.clone();
                 Err(ProxyError::PrimaryMoved { node: name })
             }
-            None => match Box::pin(super::server::acquire(
+            None => match Box::pin(super::open::acquire(
                 &self.shared,
                 node,
                 &self.scope.login,
@@ -410,14 +410,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         }
         let pool = self.pool(node).cloned();
-        match Box::pin(super::server::acquire(
-            &self.shared,
-            node,
-            &self.scope.login,
-            pool,
-            self.state.owner(),
-        ))
-        .await
+        match Box::pin(super::open::acquire(&self.shared, node, &self.scope.login, pool, self.state.owner()))
+            .await
         {
             Ok(server) => {
                 self.replica = Some(server);
@@ -463,9 +457,9 @@ pub(super) struct Waiting {
     /// Kept across the loop's waits: the pool serves waiters in turn, and
     /// a new request would go to the back of the line.
     pub(super) permit: PermitRequest,
-    pub(super) pool: Arc<super::pool::Pool>,
+    pub(super) pool: Arc<crate::backend::pool::Pool>,
     /// Counts this unit among the pool's waiting ones while it waits.
-    pub(super) count: super::pool::WaitCount,
+    pub(super) count: crate::backend::pool::WaitCount,
 }
 
 /// A pending request for a pool's permit.

@@ -9,8 +9,8 @@ use bytes::BytesMut;
 use smallvec::{smallvec, SmallVec};
 
 use super::drive::Waiting;
-use super::pool::Pool;
 use super::Target;
+use crate::backend::pool::Pool;
 use crate::backend::ServerLogin;
 use crate::cluster::catalog::Catalog;
 use crate::cluster::Lsn;

@@ -8,8 +8,8 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use super::pool::Pool;
 use super::{Batch, Session, Target};
+use crate::backend::pool::Pool;
 use crate::cluster::Lsn;
 use crate::config::ReplicaWait;
 use crate::protocol::backend::{error_response, Severity};

@@ -7,9 +7,9 @@ use std::time::Instant;
 
 use crate::tls::Split;
 
-use super::state::ServerState;
 use super::{Flow, Session, Target};
 use crate::backend::connection::Swallowed;
+use crate::backend::server::ServerState;
 use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;

@@ -6,9 +6,10 @@ use std::time::Instant;
 use crate::tls::Split;
 
 use super::plan::NO_FUNCTIONS;
-use super::state::{HashMap, Prepared, ServerState};
+use super::state::{HashMap, Prepared};
 use super::{Batch, Bound, Server, Session, Target};
 use crate::backend::connection::Hidden;
+use crate::backend::server::ServerState;
 use crate::metrics::{Direction, RoleLabel};
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::Frame;

@@ -3,11 +3,10 @@
 //! prepared statements, SQL-level ones (PREPARE), and pins. Pure bookkeeping; the relay loop turns
 //! it into replayed messages.
 
-/// Maps keyed by client-chosen names: ahash is quick on short keys and,
-/// randomly seeded, resists collision floods.
-pub(super) type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
+pub(super) use crate::backend::server::HashMap;
 use std::sync::Arc;
 
+use crate::backend::server::{ServerState, SettingsKey};
 use crate::protocol::Frame;
 use crate::router::classify::{Classification, SessionEffect};
 
@@ -28,16 +27,6 @@ pub struct SqlPrepared {
 
 /// DateStyle SETs kept for replay (each may change only part of it).
 const DATESTYLE_HISTORY: usize = 8;
-
-/// Which settings a server connection has: those of session `owner` at
-/// `version`, or (the default) none beyond its startup parameters. In
-/// transaction pooling a connection serves many sessions, so a version
-/// alone would not say whose.
-#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
-pub struct SettingsKey {
-    owner: u64,
-    version: u64,
-}
 
 /// Session ids for [`SettingsKey`]s: 0 is no session.
 static NEXT_OWNER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
@@ -171,70 +160,6 @@ impl Default for SessionState {
     }
 }
 
-/// A named statement that exists on a server connection.
-#[derive(Debug)]
-pub struct OnServer {
-    /// The Parse that made it: in transaction pooling another session may
-    /// have made one of the same name.
-    pub parse: Frame,
-    /// When a unit last used it, in `ServerState::clock` ticks.
-    used: u64,
-}
-
-/// What one server connection already has of the session state.
-#[derive(Debug, Default)]
-pub struct ServerState {
-    pub settings: SettingsKey,
-    /// Named statements that exist on this server.
-    pub statements: HashMap<String, OnServer>,
-    /// Counts statement uses, for the least-recently-used eviction.
-    clock: u64,
-    /// Statements the client closed elsewhere that still exist here.
-    pub stale: Vec<String>,
-    /// SQL-level prepared statements here, by name: the PREPARE text that
-    /// made each. Kept after the client deallocates one elsewhere, so that
-    /// a replay of a new statement of that name deallocates this one first.
-    pub sql_prepared: HashMap<String, Arc<str>>,
-    /// The `application_name` beneath the session's own SETs: the one the
-    /// connection was opened with or a replay set. `None` once a RESET may
-    /// have brought back the startup value. Pools are not keyed by it.
-    pub app_name: Option<String>,
-}
-
-impl ServerState {
-    /// Records that `name` now exists here, made by `parse`.
-    pub fn add_statement(&mut self, name: String, parse: Frame) {
-        self.clock += 1;
-        self.statements.insert(name, OnServer { parse, used: self.clock });
-    }
-
-    /// The Parse behind statement `name` here, marking it used; `None` if
-    /// there is none or it is about to be closed.
-    pub fn use_statement(&mut self, name: &str) -> Option<&Frame> {
-        if self.stale.iter().any(|s| s == name) {
-            return None;
-        }
-        self.clock += 1;
-        let on_server = self.statements.get_mut(name)?;
-        on_server.used = self.clock;
-        Some(&on_server.parse)
-    }
-
-    /// Leaves the `keep` most recently used statements: the others are
-    /// closed before the connection's next extended-protocol unit, and a
-    /// session that needs one again prepares it again.
-    pub fn evict_statements(&mut self, keep: usize) {
-        let Some(excess) = self.statements.len().checked_sub(keep).filter(|&n| n > 0) else { return };
-        let mut by_use: Vec<(u64, &String)> = self.statements.iter().map(|(n, s)| (s.used, n)).collect();
-        by_use.select_nth_unstable(excess - 1);
-        let evicted: Vec<String> = by_use[..excess].iter().map(|(_, n)| (*n).clone()).collect();
-        for name in &evicted {
-            self.statements.remove(name);
-        }
-        self.stale.extend(evicted);
-    }
-}
-
 impl SessionState {
     /// This session's id (never 0): what pooled connections record as
     /// their holder.
@@ -247,7 +172,7 @@ impl SessionState {
     pub fn settings_key(&self) -> SettingsKey {
         match self.settings.version {
             0 => SettingsKey::default(),
-            version => SettingsKey { owner: self.owner, version },
+            version => SettingsKey::new(self.owner, version),
         }
     }
 

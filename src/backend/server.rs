@@ -1,71 +1,75 @@
-//! One server connection as the session holds it, and opening one.
+//! One server connection as a session holds it (what it has of the
+//! session's state, what the session has in flight there), and opening
+//! one.
 
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::pool::{Pool, PoolError};
-use super::state::ServerState;
-use crate::backend::{connect, Backend, ServerLogin};
-use crate::error::ProxyError;
-use crate::frontend::cancel::ServerKey;
-use crate::frontend::Shared;
+use super::pool::Pool;
+use super::{connect, Backend, ServerKey, ServerLogin};
+
 use crate::metrics::NodeMetrics;
+use crate::protocol::Frame;
 use crate::router::classify::Classification;
+
+/// Maps keyed by client-chosen names: ahash is quick on short keys and,
+/// randomly seeded, resists collision floods.
+pub type HashMap<K, V> = std::collections::HashMap<K, V, ahash::RandomState>;
 
 /// A server connection, the key a cancel should use, and what it has of
 /// the session state.
 /// The startup parameter transaction pooling sets per session instead of
 /// keying pools by it.
-pub(super) const APPLICATION_NAME: &str = "application_name";
+pub(crate) const APPLICATION_NAME: &str = "application_name";
 
-pub(super) struct Server {
-    pub(super) backend: Backend,
-    pub(super) node: usize,
-    pub(super) cancel_key: ServerKey,
-    pub(super) state: ServerState,
+pub(crate) struct Server {
+    pub(crate) backend: Backend,
+    pub(crate) node: usize,
+    pub(crate) cancel_key: ServerKey,
+    pub(crate) state: ServerState,
     /// When each complete unit in flight was sent, for the latency metric.
-    pub(super) started: std::collections::VecDeque<Instant>,
+    pub(crate) started: std::collections::VecDeque<Instant>,
     /// This connection's share of the node's outstanding units.
-    pub(super) load: Load,
+    pub(crate) load: Load,
     /// Session effects (SET, DISCARD ...) of each complete unit in flight,
     /// applied when the unit succeeds.
-    pub(super) effects: std::collections::VecDeque<Vec<Arc<Classification>>>,
+    pub(crate) effects: std::collections::VecDeque<Vec<Arc<Classification>>>,
     /// Effects of units sent ahead of their Sync (after a Flush).
-    pub(super) carry: Vec<Arc<Classification>>,
+    pub(crate) carry: Vec<Arc<Classification>>,
     /// The unit now answering has reported an error.
-    pub(super) unit_failed: bool,
+    pub(crate) unit_failed: bool,
     /// Whether a transaction block is expected to be open once everything
     /// sent so far has run (`None`: cannot tell), from the transaction
     /// control of each unit sent since the last ReadyForQuery.
-    pub(super) expect_block: Option<bool>,
+    pub(crate) expect_block: Option<bool>,
     /// Messages were sent ahead of their Sync (after a Flush) since the
     /// last complete unit: the transaction status no longer says where the
     /// server is.
-    pub(super) sent_partial: bool,
+    pub(crate) sent_partial: bool,
     /// Of those messages, some executed a statement: the client's implicit
     /// transaction is open until its Sync.
-    pub(super) ran_partial: bool,
+    pub(crate) ran_partial: bool,
     /// The COPY FROM STDIN of a simple Query that leaves no block open
     /// still to end: a probe may follow the last one's CopyDone (or a
     /// CopyFail, which skips the rest of the Query).
-    pub(super) copies_left: u8,
+    pub(crate) copies_left: u8,
     /// This connection's metric children (and its place in the gauge of
     /// open server connections).
-    pub(super) metrics: NodeMetrics,
+    pub(crate) metrics: NodeMetrics,
     /// Transaction pooling: the pool it goes back to, and its place among
     /// the pool's connections in use while a session holds it.
-    pub(super) pool: Option<Arc<Pool>>,
+    pub(crate) pool: Option<Arc<Pool>>,
     /// Transaction pooling: the session holding the connection, or that
     /// held it last (its `SessionState::owner`); 0 before any.
-    pub(super) holder: u64,
+    pub(crate) holder: u64,
     /// How many times sessions have taken it from the pool.
-    pub(super) turns: u64,
+    pub(crate) turns: u64,
     /// The turn since which `holder` has taken it every time.
-    pub(super) held_since: u64,
-    pub(super) permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    pub(crate) held_since: u64,
+    pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// The event loop whose reactor watches its socket (`clock::current_loop`).
-    pub(super) home: usize,
+    pub(crate) home: usize,
 }
 
 impl Server {
@@ -75,7 +79,7 @@ impl Server {
     /// half-sent: only then may a probe follow it.
     /// A simple Query's `COPY ... FROM STDIN` commits with the CopyDone
     /// that ends the last of them: `copies_left` counts them down.
-    pub(super) fn expect_after(
+    pub(crate) fn expect_after(
         &mut self,
         classes: &[Arc<Classification>],
         complete: bool,
@@ -98,7 +102,7 @@ impl Server {
     /// The client ended a COPY with CopyDone, or CopyFail (`failed`).
     /// Returns whether the Query's last COPY is over, so that a probe may
     /// follow.
-    pub(super) fn copy_ended(&mut self, failed: bool) -> bool {
+    pub(crate) fn copy_ended(&mut self, failed: bool) -> bool {
         match (self.copies_left, failed) {
             (0, _) => false,
             (_, true) | (1, false) => {
@@ -113,7 +117,7 @@ impl Server {
     }
 
     /// Transaction pooling: session `holder` takes the connection.
-    pub(super) fn hand_to(&mut self, holder: u64) {
+    pub(crate) fn hand_to(&mut self, holder: u64) {
         self.turns += 1;
         if self.holder != holder {
             self.holder = holder;
@@ -123,13 +127,13 @@ impl Server {
 
     /// Whether session `holder` has held the connection, and no other
     /// session, since its turn `turn`.
-    pub(super) fn held_by_since(&self, holder: u64, turn: u64) -> bool {
+    pub(crate) fn held_by_since(&self, holder: u64, turn: u64) -> bool {
         self.holder == holder && self.held_since <= turn
     }
 
     /// Whether the connection can go back to its pool: idle outside a
     /// transaction, with nothing in flight, queued or left to swallow.
-    pub(super) fn reusable(&self) -> bool {
+    pub(crate) fn reusable(&self) -> bool {
         self.pool.is_some()
             && self.backend.is_idle()
             && !self.backend.copy_in
@@ -143,18 +147,18 @@ impl Server {
 
 /// Units a server connection adds to its node's outstanding count; given
 /// back when they finish or the connection goes.
-pub(super) struct Load {
+pub(crate) struct Load {
     node: Arc<AtomicU32>,
     held: u32,
 }
 
 impl Load {
-    pub(super) fn add(&mut self) {
+    pub(crate) fn add(&mut self) {
         self.held += 1;
         self.node.fetch_add(1, Ordering::Relaxed);
     }
 
-    pub(super) fn done(&mut self) {
+    pub(crate) fn done(&mut self) {
         if self.held > 0 {
             self.held -= 1;
             self.node.fetch_sub(1, Ordering::Relaxed);
@@ -168,44 +172,32 @@ impl Drop for Load {
     }
 }
 
-/// The session's first server: the primary, or, while no primary is
-/// reachable, a replica so that reads keep working.
-pub(super) async fn first_server(
-    shared: &Shared,
-    cluster: &str,
-    login: &ServerLogin,
-    holder: u64,
-) -> Result<(Option<Box<Server>>, Option<Box<Server>>), ProxyError> {
-    let view = crate::router::ClusterView::capture(&shared.topology);
-    let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
-    let pool = |node| pooling.then(|| shared.pools.pool(node, login));
-    match view.primary(cluster) {
-        Ok(node) => Ok((Some(acquire(shared, node, login, pool(node), holder).await?), None)),
-        Err(no_primary) => match view.any_replica(cluster) {
-            Some(node) => {
-                tracing::warn!(error = %no_primary, "starting the session on a replica: writes will fail until a primary is back");
-                Ok((None, Some(acquire(shared, node, login, pool(node), holder).await?)))
-            }
-            None => Err(no_primary.into()),
-        },
-    }
+/// What opening a server connection needs of the proxy.
+#[derive(Clone, Copy)]
+pub struct Dial<'a> {
+    pub topology: &'a crate::cluster::Topology,
+    pub proxy: &'a crate::config::ProxySettings,
+    /// One per node.
+    pub connectors: &'a [crate::tls::Connector],
+    pub metrics: &'a crate::metrics::Metrics,
 }
 
-pub(super) async fn open(
-    shared: &Shared,
+/// Opens a connection to `node` and logs in.
+pub(crate) async fn open(
+    dial: Dial<'_>,
     node: usize,
     login: &ServerLogin,
-) -> Result<Box<Server>, ProxyError> {
-    let endpoint = &shared.topology.nodes[node].endpoint;
-    let proxy = &shared.config.proxy;
-    let tls = &shared.tls.connectors[node];
+) -> Result<Box<Server>, super::ConnectError> {
+    let endpoint = &dial.topology.nodes[node].endpoint;
+    let proxy = dial.proxy;
+    let tls = &dial.connectors[node];
     let backend = connect(endpoint, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = ServerKey { node, key: backend.key };
-    let metrics = shared.metrics.node(&shared.topology.nodes[node].config.name);
+    let metrics = dial.metrics.node(&dial.topology.nodes[node].config.name);
     // Boxed: in transaction pooling connections move between sessions
     // and the pool on every transaction.
-    let mut state = ServerState::default();
-    state.app_name = Some(login.param(APPLICATION_NAME).unwrap_or_default().to_string());
+    let app_name = login.param(APPLICATION_NAME).unwrap_or_default().to_string();
+    let state = ServerState { app_name: Some(app_name), ..ServerState::default() };
     Ok(Box::new(Server {
         home: crate::clock::current_loop(),
         backend,
@@ -213,7 +205,7 @@ pub(super) async fn open(
         cancel_key,
         state,
         started: std::collections::VecDeque::new(),
-        load: Load { node: shared.topology.nodes[node].outstanding.clone(), held: 0 },
+        load: Load { node: dial.topology.nodes[node].outstanding.clone(), held: 0 },
         effects: std::collections::VecDeque::new(),
         carry: Vec::new(),
         unit_failed: false,
@@ -230,22 +222,83 @@ pub(super) async fn open(
     }))
 }
 
-/// A connection to `node` for the session: from its pool in transaction
-/// pooling (`pool`, the session's pool for that node), else a new one.
-pub(super) async fn acquire(
-    shared: &Shared,
-    node: usize,
-    login: &ServerLogin,
-    pool: Option<Arc<Pool>>,
-    holder: u64,
-) -> Result<Box<Server>, ProxyError> {
-    let Some(pool) = pool else { return open(shared, node, login).await };
-    match pool.take(shared, login, holder).await {
-        Ok(mut server) => {
-            server.pool = Some(pool);
-            Ok(server)
+/// Which settings a server connection has: those of session `owner` at
+/// `version`, or (the default) none beyond its startup parameters. In
+/// transaction pooling a connection serves many sessions, so a version
+/// alone would not say whose.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct SettingsKey {
+    owner: u64,
+    version: u64,
+}
+
+impl SettingsKey {
+    /// Session `owner`'s settings at `version`.
+    pub fn new(owner: u64, version: u64) -> SettingsKey {
+        SettingsKey { owner, version }
+    }
+}
+
+/// A named statement that exists on a server connection.
+#[derive(Debug)]
+pub struct OnServer {
+    /// The Parse that made it: in transaction pooling another session may
+    /// have made one of the same name.
+    pub parse: Frame,
+    /// When a unit last used it, in `ServerState::clock` ticks.
+    used: u64,
+}
+
+/// What one server connection already has of the session state.
+#[derive(Debug, Default)]
+pub struct ServerState {
+    pub settings: SettingsKey,
+    /// Named statements that exist on this server.
+    pub statements: HashMap<String, OnServer>,
+    /// Counts statement uses, for the least-recently-used eviction.
+    clock: u64,
+    /// Statements the client closed elsewhere that still exist here.
+    pub stale: Vec<String>,
+    /// SQL-level prepared statements here, by name: the PREPARE text that
+    /// made each. Kept after the client deallocates one elsewhere, so that
+    /// a replay of a new statement of that name deallocates this one first.
+    pub sql_prepared: HashMap<String, Arc<str>>,
+    /// The `application_name` beneath the session's own SETs: the one the
+    /// connection was opened with or a replay set. `None` once a RESET may
+    /// have brought back the startup value. Pools are not keyed by it.
+    pub app_name: Option<String>,
+}
+
+impl ServerState {
+    /// Records that `name` now exists here, made by `parse`.
+    pub fn add_statement(&mut self, name: String, parse: Frame) {
+        self.clock += 1;
+        self.statements.insert(name, OnServer { parse, used: self.clock });
+    }
+
+    /// The Parse behind statement `name` here, marking it used; `None` if
+    /// there is none or it is about to be closed.
+    pub fn use_statement(&mut self, name: &str) -> Option<&Frame> {
+        if self.stale.iter().any(|s| s == name) {
+            return None;
         }
-        Err(PoolError::Open(error)) => Err(error),
-        Err(PoolError::Exhausted(after)) => Err(ProxyError::PoolExhausted(after)),
+        self.clock += 1;
+        let on_server = self.statements.get_mut(name)?;
+        on_server.used = self.clock;
+        Some(&on_server.parse)
+    }
+
+    /// Leaves the `keep` most recently used statements: the others are
+    /// closed before the connection's next extended-protocol unit, and a
+    /// session that needs one again prepares it again.
+    pub fn evict_statements(&mut self, keep: usize) {
+        let Some(excess) = self.statements.len().checked_sub(keep).filter(|&n| n > 0) else { return };
+        let mut by_use: Vec<(u64, &String)> = self.statements.iter().map(|(n, s)| (s.used, n)).collect();
+        by_use.select_nth_unstable(excess - 1);
+        let evicted: Vec<String> = by_use[..excess].iter().map(|(_, n)| (*n).clone()).collect();
+        for name in &evicted {
+            self.statements.remove(name);
+        }
+        self.stale.extend(evicted);
     }
 }

@@ -18,16 +18,15 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use super::server::{open, Server, APPLICATION_NAME};
+use super::server::{open, Dial, Server, APPLICATION_NAME};
+use super::ServerKey;
 use crate::backend::ServerLogin;
 use crate::config::ProxySettings;
-use crate::error::ProxyError;
-use crate::frontend::cancel::ServerKey;
-use crate::frontend::Shared;
+
 use crate::metrics::PoolStats;
 
 /// Named prepared statements a pooled connection may carry.
-pub(super) const MAX_POOLED_STATEMENTS: usize = 1000;
+pub(crate) const MAX_POOLED_STATEMENTS: usize = 1000;
 
 /// Every pool of the proxy.
 pub struct Pools {
@@ -46,7 +45,7 @@ struct PoolKey {
 }
 
 /// The connections of one node for one user and set of startup parameters.
-pub(super) struct Pool {
+pub(crate) struct Pool {
     node: usize,
     size: usize,
     /// Units waiting for a connection now.
@@ -66,11 +65,11 @@ struct Idle {
 
 /// Why no pooled connection could be had.
 #[derive(Debug)]
-pub(super) enum PoolError {
+pub(crate) enum PoolError {
     /// Every connection stayed in use for `proxy.pool_timeout`.
     Exhausted(Duration),
     /// A new connection could not be opened.
-    Open(ProxyError),
+    Open(super::ConnectError),
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -89,7 +88,7 @@ impl Pools {
 
     /// The pool for `login` on `node`, made on first use. Sessions keep
     /// what this returns: the lookup hashes every startup parameter.
-    pub(super) fn pool(&self, node: usize, login: &ServerLogin) -> Arc<Pool> {
+    pub(crate) fn pool(&self, node: usize, login: &ServerLogin) -> Arc<Pool> {
         let mut params: Vec<_> =
             login.params.iter().filter(|(k, _)| k != APPLICATION_NAME).cloned().collect();
         params.sort();
@@ -112,7 +111,7 @@ impl Pools {
 
     /// Closes the idle connections to `node`: CREATE and DROP DATABASE
     /// fail while other sessions are connected to the database involved.
-    pub(super) fn close_idle(&self, node: usize) {
+    pub(crate) fn close_idle(&self, node: usize) {
         let pools: Vec<Arc<Pool>> = lock(&self.pools).values().filter(|p| p.node == node).cloned().collect();
         for pool in pools {
             lock(&pool.idle).clear();
@@ -156,16 +155,16 @@ impl Pools {
 }
 
 /// Counts a unit as waiting for `pool` while it lives.
-pub(super) struct WaitCount(Arc<Pool>);
+pub(crate) struct WaitCount(Arc<Pool>);
 
 impl WaitCount {
-    pub(super) fn new(pool: Arc<Pool>) -> WaitCount {
+    pub(crate) fn new(pool: Arc<Pool>) -> WaitCount {
         pool.waiting.fetch_add(1, Ordering::Relaxed);
         WaitCount(pool)
     }
 
     /// The wait ran out.
-    pub(super) fn timed_out(&self) {
+    pub(crate) fn timed_out(&self) {
         self.0.timeouts.fetch_add(1, Ordering::Relaxed);
     }
 }
@@ -181,22 +180,22 @@ impl Pool {
     /// connection may be used. Pooled connections keep their `pool`.
     /// `Err(true)`: every connection is in use, wait for a permit;
     /// `Err(false)`: one may be opened.
-    pub(super) fn take_now(&self, holder: u64) -> Result<Box<Server>, bool> {
+    pub(crate) fn take_now(&self, holder: u64) -> Result<Box<Server>, bool> {
         let Ok(permit) = self.permits.clone().try_acquire_owned() else { return Err(true) };
         self.take_with(permit, holder).map_err(|_| false)
     }
 
     /// The semaphore whose permit a session waits for when every
     /// connection is in use.
-    pub(super) fn permits(&self) -> Arc<Semaphore> {
+    pub(crate) fn permits(&self) -> Arc<Semaphore> {
         self.permits.clone()
     }
 
     /// A connection: an idle one, or a new one while fewer than the pool
     /// size are in use; otherwise waits for one to come back.
-    pub(super) async fn take(
+    pub(crate) async fn take(
         &self,
-        shared: &Shared,
+        dial: Dial<'_>,
         login: &ServerLogin,
         holder: u64,
     ) -> Result<Box<Server>, PoolError> {
@@ -222,7 +221,7 @@ impl Pool {
             Err(permit) => {
                 // Boxed: the future of a connect is large, and this one's
                 // is moved on every wait for a pooled connection.
-                let mut server = Box::pin(open(shared, self.node, login)).await.map_err(PoolError::Open)?;
+                let mut server = Box::pin(open(dial, self.node, login)).await.map_err(PoolError::Open)?;
                 server.permit = Some(permit);
                 server.hand_to(holder);
                 Ok(server)
@@ -234,7 +233,7 @@ impl Pool {
     /// `permit`, for session `holder`; the permit back if there is none.
     /// With several event loops, one whose socket this loop watches comes
     /// first: another loop's would wake that loop on every response.
-    pub(super) fn take_with(
+    pub(crate) fn take_with(
         &self,
         permit: OwnedSemaphorePermit,
         holder: u64,
@@ -264,7 +263,7 @@ impl Pool {
 
     /// The idle connection `key` if session `holder` has held it, and no
     /// other session, since its turn `turn`, and it may be used now.
-    pub(super) fn take_back(&self, key: ServerKey, holder: u64, turn: u64) -> Option<Box<Server>> {
+    pub(crate) fn take_back(&self, key: ServerKey, holder: u64, turn: u64) -> Option<Box<Server>> {
         let permit = self.permits.clone().try_acquire_owned().ok()?;
         let mut idle = lock(&self.idle);
         let at =
@@ -284,7 +283,7 @@ impl Pool {
     /// sessions it served) closes the least recently used tenth of them
     /// before its next extended-protocol unit: each costs the server
     /// memory, and sessions re-prepare theirs where they are missing.
-    pub(super) fn put(&self, mut server: Box<Server>) {
+    pub(crate) fn put(&self, mut server: Box<Server>) {
         if server.state.statements.len() > MAX_POOLED_STATEMENTS {
             server.state.evict_statements(MAX_POOLED_STATEMENTS - MAX_POOLED_STATEMENTS / 10);
         }
