@@ -124,21 +124,54 @@ pub enum Need {
     },
 }
 
+/// Where a route's nodes come from: a view taken for the decision (tests,
+/// benches), or the live topology, whose view is taken only when a read
+/// needs one: a write needs the primary's index alone.
+pub trait NodeSource {
+    fn primary(&self, cluster: &str) -> Result<usize, NoPrimary>;
+    fn with_view<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R;
+}
+
+impl NodeSource for ClusterView<'_> {
+    fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
+        ClusterView::primary(self, cluster)
+    }
+
+    fn with_view<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R {
+        f(self)
+    }
+}
+
+impl NodeSource for crate::cluster::Topology {
+    fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
+        crate::cluster::Topology::primary(self, cluster)
+    }
+
+    fn with_view<R>(&self, f: impl FnOnce(&ClusterView) -> R) -> R {
+        f(&ClusterView::capture(self))
+    }
+}
+
 /// Routes one unit of work: the statements of a simple Query, or of an
-/// extended-protocol batch up to Sync.
+/// extended-protocol batch up to Sync. What the session calls for every
+/// unit it routes.
 pub fn route(
     unit: &[Arc<Classification>],
     session: &SessionView,
-    view: &ClusterView,
+    nodes: &impl NodeSource,
     policy: &Policy,
     volatile: &VolatileFunctions,
 ) -> Result<Route, NoPrimary> {
-    route_need(need(unit, session, policy, volatile), session, view, policy)
+    match need(unit, session, policy, volatile) {
+        Need::Primary(reason) => nodes
+            .primary(session.cluster)
+            .map(|node| Route { destination: Destination::Primary(node), reason }),
+        read => nodes.with_view(|view| route_need(read, session, view, policy)),
+    }
 }
 
-/// Routes a unit whose [`Need`] is known. A caller that finds the unit
-/// needs the primary may skip the view: the primary is all it needs.
-pub fn route_need(
+/// Routes a unit whose [`Need`] is known.
+fn route_need(
     need: Need,
     session: &SessionView,
     view: &ClusterView,

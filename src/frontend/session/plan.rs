@@ -17,7 +17,7 @@ use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, SqlState};
 use crate::router::classify::Classification;
 use crate::router::functions::VolatileFunctions;
-use crate::router::{self, ClusterView, Destination, Freshness, Need, Policy, Reason, Route, SessionView};
+use crate::router::{self, ClusterView, Destination, Freshness, Policy, Reason, Route, SessionView};
 use crate::tls::Split;
 
 /// What to do with a unit now.
@@ -324,15 +324,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
         let volatile = self.volatile_for(classes);
         let volatile = volatile.as_ref().map_or(&*NO_FUNCTIONS, |v| &***v);
-        let need = router::need(classes, &session, &policy, volatile);
-        if let Need::Primary(reason) = need {
-            // Writes (and everything routed like them) need only the
-            // primary's index, not a view of every node.
-            let node = self.shared.topology.primary(&self.scope.cluster)?;
-            return Ok(Route { destination: Destination::Primary(node), reason });
-        }
-        let view = ClusterView::capture(&self.shared.topology);
-        router::route_need(need, &session, &view, &policy)
+        router::route(classes, &session, &*self.shared.topology, &policy, volatile)
     }
 
     /// Whether `target` (if open) already has the session's settings.
