@@ -2,9 +2,10 @@
 //!
 //! The loop waits on the client and on every open server connection at
 //! once. Client messages are grouped into units of work: one simple Query,
-//! or extended-protocol messages up to Sync (or Flush). Each unit is routed
-//! as a whole (`unit`), and a unit or a transaction stays on one server
-//! until that server's ReadyForQuery says it is idle. Server messages are
+//! or extended-protocol messages up to Sync (or Flush) (`unit`). Each unit
+//! is planned as a whole (`plan`) and the plan carried out (`drive`,
+//! `send`); a unit or a transaction stays on one server until that
+//! server's ReadyForQuery says it is idle (`reply`). Server messages are
 //! relayed as they arrive and flushed to the client once per read batch;
 //! responses to pgnear's own replays are swallowed.
 
@@ -244,7 +245,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
             };
             // Nearly every client message needs no I/O before it is
-            // buffered or sent (`on_client_now`), and a server message is
+            // buffered or sent (`take`), and a server message is
             // only relayed; the rest take boxed or async paths.
             let flow = match event {
                 Event::Ready => Flow::Continue,
