@@ -239,7 +239,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             let event = match self.buffered_event() {
                 Some(event) => event,
                 None => {
-                    self.forward_partial().await?;
+                    if !self.batch.frames.is_empty() {
+                        self.forward_partial().await?;
+                    }
                     self.flush_all().await?;
                     self.wait_event().await
                 }
