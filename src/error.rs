@@ -75,9 +75,12 @@ impl ProxyError {
             E::ClientGone(_)
             | E::ClientTls(_)
             | E::ClientProtocol(ProtocolError::Truncated | ProtocolError::Io(_))
-            | E::Startup(StartupError::Protocol(ProtocolError::Truncated | ProtocolError::Io(_))) => {
-                return None
-            }
+            | E::Startup(StartupError::Protocol(ProtocolError::Truncated | ProtocolError::Io(_)))
+            // As PostgreSQL: a first packet whose length is no length (a
+            // Terminate from a client that gave up while connecting, bytes
+            // of another protocol) is logged and the connection closed,
+            // without a message the client may not be ready to read.
+            | E::Startup(StartupError::BadLength) => return None,
             E::Connect(ConnectError::Server { frame, .. }) => return Some(frame.clone()),
             E::ClientProtocol(_) => (Fatal, S::ProtocolViolation),
             E::Startup(StartupError::UnsupportedVersion { .. }) => (Fatal, S::FeatureNotSupported),
