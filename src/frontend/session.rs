@@ -190,7 +190,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         });
         let known = Known {
             settings,
-            default_read_only: startup_params.iter().any(is_read_only_default),
+            default_read_only: startup_params.iter().any(local::is_read_only_default),
+            serializable_at_startup: local::serializable_at_startup(&server_login.params),
             ..Known::default()
         };
         Ok(Session {
@@ -591,10 +592,4 @@ fn filled_event(
         Ok(false) => side(Ok(None)),
         Err(error) => side(Err(error)),
     }
-}
-
-/// A ParameterStatus saying new transactions are read-only by default.
-fn is_read_only_default(frame: &Frame) -> bool {
-    crate::protocol::backend::parse_parameter_status(frame)
-        .is_ok_and(|(name, value)| name == "default_transaction_read_only" && value == b"on")
 }

@@ -168,8 +168,9 @@ pub enum Class {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Tx {
     /// BEGIN / START TRANSACTION; `read_only` only when READ ONLY is
-    /// explicit (a plain BEGIN under `default_transaction_read_only = on`
-    /// still reads `false`).
+    /// explicit and the isolation level is not SERIALIZABLE, which a hot
+    /// standby refuses (a plain BEGIN under `default_transaction_read_only
+    /// = on` still reads `false`: the session knows the defaults).
     Begin { read_only: bool },
     /// COMMIT / END.
     Commit,

@@ -674,3 +674,42 @@ async fn read_on_a_replica(env: &Env, wire: &mut crate::support::wire::Wire, sql
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
+
+/// A hot standby refuses serializable mode ("cannot use serializable mode
+/// in a hot standby"): a read-only transaction that is serializable, by
+/// its own words or by the session's default (a SET, or the startup
+/// options), runs on the primary; other read-only ones still reach a
+/// replica.
+#[tokio::test]
+async fn serializable_read_only_transactions_run_on_the_primary() {
+    let env = two_replicas(ProxyConfig::default()).await;
+    let c = env.client().await;
+    eventually_on_replica(&env, &c, "SELECT inet_server_port()").await;
+    let serializable = "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY; SELECT inet_server_port(); COMMIT";
+    assert_eq!(where_(&env, &c, serializable).await, Ran::Primary);
+    let start =
+        "START TRANSACTION READ ONLY, ISOLATION LEVEL SERIALIZABLE; SELECT inet_server_port(); COMMIT";
+    assert_eq!(where_(&env, &c, start).await, Ran::Primary);
+    begin_read_only_on_a_replica(&env, &c).await;
+    c.batch_execute("COMMIT").await.unwrap();
+
+    c.batch_execute("SET default_transaction_isolation = serializable").await.unwrap();
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(where_(&env, &c, "SELECT inet_server_port()").await, Ran::Primary);
+    c.batch_execute("COMMIT").await.unwrap();
+    // Its own isolation level wins over the default.
+    let committed = "BEGIN READ ONLY ISOLATION LEVEL READ COMMITTED; SELECT inet_server_port(); COMMIT";
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while where_(&env, &c, committed).await != Ran::Replica {
+        assert!(tokio::time::Instant::now() < deadline, "a read committed one never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.batch_execute("RESET default_transaction_isolation").await.unwrap();
+    begin_read_only_on_a_replica(&env, &c).await;
+    c.batch_execute("COMMIT").await.unwrap();
+
+    let opts = env.client_with("postgres", "options='-c default_transaction_isolation=serializable'").await;
+    opts.batch_execute("BEGIN READ ONLY").await.unwrap();
+    assert_eq!(where_(&env, &opts, "SELECT inet_server_port()").await, Ran::Primary);
+    opts.batch_execute("COMMIT").await.unwrap();
+}

@@ -146,6 +146,39 @@ pub fn split_options(options: &str) -> (String, Vec<(String, String)>) {
     (kept.join(" "), found)
 }
 
+/// A ParameterStatus saying new transactions are read-only by default.
+pub(super) fn is_read_only_default(frame: &Frame) -> bool {
+    crate::protocol::backend::parse_parameter_status(frame)
+        .is_ok_and(|(name, value)| name == "default_transaction_read_only" && value == b"on")
+}
+
+/// Whether the startup parameters (a parameter of its own, or `-c` in
+/// `options`) make `default_transaction_isolation` serializable.
+pub fn serializable_at_startup(params: &[(String, String)]) -> bool {
+    const NAME: &str = "default_transaction_isolation";
+    let serializable = |value: &str| value.trim_matches(['\'', '"']).eq_ignore_ascii_case("serializable");
+    params.iter().any(|(name, value)| match name.as_str() {
+        NAME => serializable(value),
+        "options" => {
+            let mut words = value.split_whitespace().peekable();
+            let mut found = false;
+            while let Some(word) = words.next() {
+                let setting = match word {
+                    "-c" => words.next(),
+                    _ => word.strip_prefix("-c").or_else(|| word.strip_prefix("--")),
+                };
+                if let Some((name, value)) = setting.and_then(|s| s.split_once('=')) {
+                    if name.eq_ignore_ascii_case(NAME) {
+                        found = serializable(value);
+                    }
+                }
+            }
+            found
+        }
+        _ => false,
+    })
+}
+
 impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Waits (a few monitor intervals at most) for a pending watermark to
     /// resolve, so that `SHOW pgnear.write_lsn` reports the last write.
@@ -264,6 +297,31 @@ pub(super) fn startup_settings(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn serializable_by_default_from_the_startup_parameters() {
+        let params = |list: &[(&str, &str)]| -> Vec<(String, String)> {
+            list.iter().map(|(n, v)| (n.to_string(), v.to_string())).collect()
+        };
+        let yes = [
+            params(&[("default_transaction_isolation", "SERIALIZABLE")]),
+            params(&[("options", "-c default_transaction_isolation=serializable")]),
+            params(&[("options", "-cdefault_transaction_isolation=serializable -c work_mem=4MB")]),
+            params(&[("options", "--default_transaction_isolation=serializable")]),
+        ];
+        for p in &yes {
+            assert!(serializable_at_startup(p), "{p:?}");
+        }
+        let no = [
+            params(&[("default_transaction_isolation", "repeatable read")]),
+            params(&[("options", "-c default_transaction_isolation=serializable -c default_transaction_isolation=read_committed")]),
+            params(&[("options", "-c search_path=serializable")]),
+            params(&[("application_name", "serializable")]),
+        ];
+        for p in &no {
+            assert!(!serializable_at_startup(p), "{p:?}");
+        }
+    }
 
     #[test]
     fn options_lose_only_pgnear_settings() {

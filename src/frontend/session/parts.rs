@@ -195,6 +195,9 @@ pub(super) struct Known {
     pub(super) recently_classified: crate::router::cache::RecentlyClassified,
     /// The server reports `default_transaction_read_only = on`.
     pub(super) default_read_only: bool,
+    /// The startup parameters set `default_transaction_isolation` to
+    /// serializable (a SET since then overrides it).
+    pub(super) serializable_at_startup: bool,
     /// A replica refused the session's settings: reads stay on the primary.
     pub(super) settings_refused: bool,
 }

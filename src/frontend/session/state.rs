@@ -59,6 +59,13 @@ impl Settings {
         sql
     }
 
+    /// Whether the session's own setting `name` (lowercased), if it set
+    /// one, mentions `word` (lowercase): `None` if it set none.
+    pub fn mentions(&self, name: &str, word: &str) -> Option<bool> {
+        let (_, statement) = self.statements.iter().rev().find(|(n, _)| n == name)?;
+        Some(statement.to_ascii_lowercase().contains(word))
+    }
+
     /// Records a SET, replayed in execution order: `SET SESSION
     /// AUTHORIZATION` clears an earlier `SET ROLE`, so order matters.
     /// DateStyle merges partial values with the current ones, so its

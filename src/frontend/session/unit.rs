@@ -79,7 +79,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// The classification of a statement's text, as this session runs it.
     pub(super) fn classify(&mut self, text: &[u8]) -> Arc<Classification> {
         let class = self.known.recently_classified.classify(&self.shared.classifier, text);
-        read_only_begin(self.known.default_read_only, class, text)
+        if !matches!(class.class, Class::Transaction(Tx::Begin { .. })) {
+            return class;
+        }
+        let serializable = self.state.settings.mentions("default_transaction_isolation", "serializable");
+        let defaults = Defaults {
+            read_only: self.known.default_read_only,
+            serializable: serializable.unwrap_or(self.known.serializable_at_startup),
+        };
+        begin_as_run(defaults, class, text)
     }
 
     pub(super) fn on_query(&mut self, frame: Frame) -> Result<Taken, ProxyError> {
@@ -275,20 +283,75 @@ pub(super) fn add_class(
     classes.push(class);
 }
 
-/// Under `default_transaction_read_only = on` (as the server reports it),
-/// a plain BEGIN starts a read-only transaction, which a replica may run.
-/// `BEGIN READ WRITE` keeps its primary.
-pub(super) fn read_only_begin(
-    default_read_only: bool,
+/// The session's transaction defaults, as far as pgnear can see them.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Defaults {
+    /// `default_transaction_read_only = on`, as the server reports it.
+    pub(super) read_only: bool,
+    /// `default_transaction_isolation = serializable`, from the startup
+    /// parameters or a SET (a role's or database's default is not seen).
+    pub(super) serializable: bool,
+}
+
+/// A BEGIN as the session's defaults make it: under
+/// `default_transaction_read_only = on` a plain BEGIN starts a read-only
+/// transaction, which a replica may run (`BEGIN READ WRITE` keeps its
+/// primary); a serializable one, by default or by its own words, needs the
+/// primary, since a hot standby refuses serializable mode.
+pub(super) fn begin_as_run(
+    defaults: Defaults,
     class: Arc<Classification>,
     text: &[u8],
 ) -> Arc<Classification> {
-    let plain_begin = matches!(class.class, Class::Transaction(Tx::Begin { read_only: false }));
-    if !default_read_only
-        || !plain_begin
-        || memchr::memmem::find(&text.to_ascii_lowercase(), b"read write").is_some()
-    {
+    let Class::Transaction(Tx::Begin { read_only }) = class.class else { return class };
+    let text = text.to_ascii_lowercase();
+    let says = |words: &[u8]| memchr::memmem::find(&text, words).is_some();
+    let serializable = match says(b"isolation level") {
+        true => says(b"serializable"),
+        false => defaults.serializable,
+    };
+    let runs_read_only = (read_only || defaults.read_only && !says(b"read write")) && !serializable;
+    if runs_read_only == read_only {
         return class;
     }
-    Arc::new(Classification { class: Class::Transaction(Tx::Begin { read_only: true }), ..(*class).clone() })
+    let mut as_run = (*class).clone();
+    as_run.class = Class::Transaction(Tx::Begin { read_only: runs_read_only });
+    Arc::new(as_run)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::router::classify::classify;
+
+    #[test]
+    fn a_begin_runs_as_the_session_defaults_make_it() {
+        let plain = Defaults { read_only: false, serializable: false };
+        let read_only = Defaults { read_only: true, serializable: false };
+        let serializable = Defaults { read_only: false, serializable: true };
+        let both = Defaults { read_only: true, serializable: true };
+        let cases = [
+            (plain, "BEGIN", false),
+            (plain, "BEGIN READ ONLY", true),
+            (plain, "BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY", false),
+            (plain, "START TRANSACTION READ ONLY, ISOLATION LEVEL REPEATABLE READ", true),
+            (read_only, "BEGIN", true),
+            (read_only, "BEGIN READ WRITE", false),
+            (read_only, "BEGIN ISOLATION LEVEL SERIALIZABLE", false),
+            (serializable, "BEGIN READ ONLY", false),
+            (serializable, "BEGIN READ ONLY ISOLATION LEVEL READ COMMITTED", true),
+            (both, "BEGIN", false),
+            (both, "BEGIN ISOLATION LEVEL REPEATABLE READ", true),
+        ];
+        for (defaults, sql, expected) in cases {
+            let class = begin_as_run(defaults, Arc::new(classify(sql)), sql.as_bytes());
+            assert_eq!(
+                class.class,
+                Class::Transaction(Tx::Begin { read_only: expected }),
+                "{sql} with {defaults:?}"
+            );
+        }
+        let select = Arc::new(classify("SELECT 1"));
+        assert!(Arc::ptr_eq(&begin_as_run(both, select.clone(), b"SELECT 1"), &select));
+    }
 }

@@ -4,7 +4,7 @@
 use sqlparser::ast::{
     ContextModifier, CopySource, CopyTarget, Declare, DeclareType, DiscardObject, Expr, FunctionArguments,
     GroupByExpr, Ident, ObjectName, Reset, SelectItem, Set, SetExpr, Statement, TransactionAccessMode,
-    TransactionMode, UtilityOption, Value,
+    TransactionIsolationLevel, TransactionMode, UtilityOption, Value,
 };
 
 use super::names::{fold, last_name, push_unique, setting_name, setting_value};
@@ -340,13 +340,18 @@ fn transaction_class(statement: &Statement) -> Class {
     Class::Transaction(tx)
 }
 
-/// The last access mode wins, as in PostgreSQL.
+/// The last access mode wins, as in PostgreSQL. A SERIALIZABLE one is
+/// not read-only for routing: a hot standby refuses serializable mode.
 fn begins_read_only(modes: &[TransactionMode]) -> bool {
     let access = modes.iter().rev().find_map(|mode| match mode {
         TransactionMode::AccessMode(access) => Some(access),
         TransactionMode::IsolationLevel(_) => None,
     });
-    matches!(access, Some(TransactionAccessMode::ReadOnly))
+    let serializable = modes.iter().rev().find_map(|mode| match mode {
+        TransactionMode::IsolationLevel(level) => Some(*level == TransactionIsolationLevel::Serializable),
+        TransactionMode::AccessMode(_) => None,
+    });
+    matches!(access, Some(TransactionAccessMode::ReadOnly)) && serializable != Some(true)
 }
 
 /// `EXPLAIN (ANALYZE [boolean])`: anything but an explicit false counts.

@@ -337,7 +337,9 @@ const TRANSACTIONS: &[(&str, Tx)] = &[
     ("BEGIN TRANSACTION READ ONLY", Tx::Begin { read_only: true }),
     ("BEGIN ISOLATION LEVEL REPEATABLE READ", Tx::Begin { read_only: false }),
     ("START TRANSACTION", Tx::Begin { read_only: false }),
-    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY", Tx::Begin { read_only: true }),
+    // A hot standby refuses serializable mode: the primary runs it.
+    ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE READ ONLY", Tx::Begin { read_only: false }),
+    ("START TRANSACTION ISOLATION LEVEL REPEATABLE READ READ ONLY", Tx::Begin { read_only: true }),
     ("START TRANSACTION READ ONLY, READ WRITE", Tx::Begin { read_only: false }),
     ("COMMIT", Tx::Commit),
     ("COMMIT WORK", Tx::Commit),
