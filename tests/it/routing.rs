@@ -713,3 +713,52 @@ async fn serializable_read_only_transactions_run_on_the_primary() {
     assert_eq!(where_(&env, &opts, "SELECT inet_server_port()").await, Ran::Primary);
     opts.batch_execute("COMMIT").await.unwrap();
 }
+
+/// asyncpg prepares a named statement through the protocol and may then run
+/// `EXECUTE name` in SQL: that statement must be found wherever the SQL
+/// runs, not only on the node that parsed it; `DEALLOCATE name` too.
+#[tokio::test]
+async fn sql_execute_finds_a_statement_prepared_through_the_protocol() {
+    use crate::support::wire::{bind, execute, parse, query, sync, Msg, Wire};
+    let env = two_replicas(ProxyConfig::default()).await;
+    let c = env.client().await;
+    eventually_on_replica(&env, &c, "SELECT inet_server_port()").await;
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let port = |msgs: &[Msg]| -> String {
+        let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
+        String::from_utf8(row.columns()[0].clone().unwrap()).unwrap()
+    };
+    // Parsed (and run once) on a replica.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let prepare = parse("foobar", "SELECT inet_server_port()::text");
+        wire.send(&[prepare, bind("", "foobar"), execute(""), sync()].concat()).await;
+        let msgs = wire.until_ready().await;
+        if ran(&env, &port(&msgs)) == Ran::Replica {
+            break;
+        }
+        wire.send(&query("DEALLOCATE foobar")).await;
+        wire.until_ready().await;
+        assert!(tokio::time::Instant::now() < deadline, "the Parse never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // EXECUTE in SQL, as a read and inside a transaction on the primary.
+    wire.send(&query("EXECUTE foobar")).await;
+    let msgs = wire.until_ready().await;
+    assert!(msgs.iter().all(|m| m.tag != b'E'), "{msgs:?}");
+    port(&msgs);
+    wire.send(&query("BEGIN; EXECUTE foobar")).await;
+    let msgs = wire.until_ready().await;
+    assert!(msgs.iter().all(|m| m.tag != b'E'), "{msgs:?}");
+    assert_eq!(ran(&env, &port(&msgs)), Ran::Primary);
+    wire.send(&query("COMMIT")).await;
+    wire.until_ready().await;
+    // DEALLOCATE runs on the primary, which never parsed it before.
+    wire.send(&query("DEALLOCATE foobar")).await;
+    let msgs = wire.until_ready().await;
+    assert!(msgs.iter().all(|m| m.tag != b'E'), "{msgs:?}");
+    wire.send(&query("EXECUTE foobar")).await;
+    let msgs = wire.until_ready().await;
+    let error = msgs.iter().find(|m| m.tag == b'E').expect("EXECUTE after DEALLOCATE must fail");
+    assert_eq!(error.sqlstate().as_deref(), Some("26000"));
+}

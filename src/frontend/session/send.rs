@@ -13,7 +13,7 @@ use crate::backend::server::ServerState;
 use crate::metrics::{Direction, RoleLabel};
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::Frame;
-use crate::router::classify::{Class, Classification, Tx};
+use crate::router::classify::{Class, Classification, SessionEffect, Tx};
 use crate::router::Reason;
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -23,8 +23,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     pub(super) fn send(&mut self, target: Target, reason: Reason, unit: &Batch, complete: bool) {
         let frames = &unit.frames[..];
         let kinds = Kinds::of(frames);
-        if kinds.names_statements {
-            self.replay(target, unit);
+        if kinds.names_statements || kinds.runs && unit.classes.iter().any(|c| sql_names(c).next().is_some())
+        {
+            self.replay(target, unit, !kinds.extended);
         }
         if kinds.executes {
             self.count_route(target, reason);
@@ -178,21 +179,22 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// connection). Their responses are swallowed. In transaction pooling
     /// the unnamed statement an earlier unit parsed is replayed too.
     /// Only for units with Parse, Bind, Describe, Close or Execute.
-    pub(super) fn replay(&mut self, target: Target, unit: &Batch) {
-        let needed = match unit.named {
-            true => {
-                let (state, server, _) = split_state(
-                    &mut self.state,
-                    self.primary.as_deref_mut(),
-                    self.replica.as_deref_mut(),
-                    target,
-                );
-                server
-                    .map(|s| missing_statements(&state.prepared, &mut s.state, &unit.frames))
-                    .unwrap_or_default()
+    pub(super) fn replay(&mut self, target: Target, unit: &Batch, simple: bool) {
+        let (state, server, _) =
+            split_state(&mut self.state, self.primary.as_deref_mut(), self.replica.as_deref_mut(), target);
+        let (needed, in_sql) = match server {
+            Some(server) => {
+                let needed = match unit.named {
+                    true => missing_statements(&state.prepared, &mut server.state, &unit.frames),
+                    false => Vec::new(),
+                };
+                (needed, named_in_sql(&state.prepared, &mut server.state, &unit.classes))
             }
-            false => Vec::new(),
+            None => (Vec::new(), Vec::new()),
         };
+        // A simple Query's statements are parsed first in a batch of their
+        // own, whose Sync's ReadyForQuery is swallowed.
+        let sync = simple && !in_sql.is_empty();
         let elsewhere = self.unnamed_on.is_none_or(|(t, _)| t != target);
         let parse = self.pooling.as_ref().map(|p| &p.unnamed_parse).filter(|p| !p.is_empty());
         let unnamed = match unit.uses_earlier_unnamed && elsewhere {
@@ -204,7 +206,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             server.backend.queue_hidden(&close_statement(&name), Hidden::CloseComplete);
             server.state.statements.remove(&name);
         }
-        for fix in needed {
+        for fix in needed.into_iter().chain(in_sql) {
             if fix.close {
                 server.backend.queue_hidden(&close_statement(&fix.name), Hidden::CloseComplete);
                 server.state.statements.remove(&fix.name);
@@ -213,6 +215,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 server.backend.queue_hidden(&parse, Hidden::ParseComplete);
                 server.state.add_statement(fix.name, parse);
             }
+        }
+        if sync {
+            server.backend.queue_hidden(&Frame::new(b'S', &[]), Hidden::UntilReady);
         }
         if let Some(parse) = unnamed {
             server.backend.queue_hidden(&parse, Hidden::ParseComplete);
@@ -295,6 +300,39 @@ pub(super) fn missing_statements(
         needed.extend(fix);
     }
     needed
+}
+
+/// The protocol-level statements of the session that a unit's SQL names
+/// (`EXECUTE name`, `DEALLOCATE name`) and `server` lacks, or has as
+/// another Parse made them: the statement must be where the SQL runs,
+/// whichever node it was parsed on. Marks them used.
+pub(super) fn named_in_sql(
+    prepared: &HashMap<String, Prepared>,
+    server: &mut ServerState,
+    classes: &[Arc<Classification>],
+) -> Vec<StatementFix> {
+    let mut needed: Vec<StatementFix> = Vec::new();
+    for name in classes.iter().flat_map(|c| sql_names(c)) {
+        let Some(ours) = prepared.get(name) else { continue };
+        if needed.iter().any(|fix| fix.name == name) {
+            continue;
+        }
+        match server.use_statement(name) {
+            Some(theirs) if theirs.is(&ours.parse) || theirs.raw() == ours.parse.raw() => {}
+            there => needed.push(StatementFix::parse(name, &ours.parse, there.is_some())),
+        }
+    }
+    needed
+}
+
+/// The prepared statements a statement's SQL names: those it `EXECUTE`s
+/// and the one it `DEALLOCATE`s.
+pub(super) fn sql_names(class: &Classification) -> impl Iterator<Item = &str> {
+    let deallocated = class.effects.iter().filter_map(|effect| match effect {
+        SessionEffect::Deallocate { name: Some(name) } => Some(name.as_str()),
+        _ => None,
+    });
+    class.executes.iter().map(String::as_str).chain(deallocated)
 }
 
 /// What a unit's messages are, found in one pass over them.

@@ -268,17 +268,19 @@ pub(super) static WRITE: std::sync::LazyLock<Arc<Classification>> = std::sync::L
     })
 });
 
-/// Puts `class` in a unit, and behind it the class of each SQL-level
-/// prepared statement it executes: as the session prepared it, or a write
-/// for a name the session does not know (the primary has it, if any node
-/// does).
+/// Puts `class` in a unit, and behind it the class of each prepared
+/// statement it `EXECUTE`s: as the session prepared it (in SQL or through
+/// the protocol: PostgreSQL keeps both in one namespace), or a write for a
+/// name the session does not know (the primary has it, if any node does).
 pub(super) fn add_class(
     state: &SessionState,
     classes: &mut SmallVec<[Arc<Classification>; 1]>,
     class: Arc<Classification>,
 ) {
     for name in &class.executes {
-        classes.push(state.sql_prepared.get(name).map_or_else(|| WRITE.clone(), |p| p.body.clone()));
+        let prepared = state.sql_prepared.get(name).map(|p| p.body.clone());
+        let prepared = prepared.or_else(|| state.prepared.get(name).map(|p| p.class.clone()));
+        classes.push(prepared.unwrap_or_else(|| WRITE.clone()));
     }
     classes.push(class);
 }
