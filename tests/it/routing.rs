@@ -762,3 +762,57 @@ async fn sql_execute_finds_a_statement_prepared_through_the_protocol() {
     let error = msgs.iter().find(|m| m.tag == b'E').expect("EXECUTE after DEALLOCATE must fail");
     assert_eq!(error.sqlstate().as_deref(), Some("26000"));
 }
+
+/// `SHOW pgnear.node` and `pgnear.region` tell where the session's last
+/// statement ran, over both protocols; ParameterStatus `pgnear.node` is
+/// sent only to a session that asked (`pgnear.report_node`), and only when
+/// the node changes.
+#[tokio::test]
+async fn where_a_statement_ran_is_shown_and_reported_only_when_asked() {
+    use crate::support::wire::{bind, execute, parse, query, sync, Msg, Wire};
+    let env = two_replicas(ProxyConfig::default()).await;
+    let c = env.client().await;
+    eventually_on_replica(&env, &c, "SELECT inet_server_port()").await;
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let reported = |msgs: &[Msg]| -> Vec<String> {
+        let status = msgs.iter().filter(|m| m.tag == b'S' && m.body.starts_with(b"pgnear.node\0"));
+        status.map(|m| String::from_utf8_lossy(&m.body[12..m.body.len() - 1]).into_owned()).collect()
+    };
+    let value = |msgs: &[Msg]| -> String {
+        let row = msgs.iter().find(|m| m.tag == b'D').unwrap_or_else(|| panic!("no row: {msgs:?}"));
+        String::from_utf8(row.columns()[0].clone().unwrap_or_default()).unwrap()
+    };
+    let mut run = async |sql: &str| {
+        wire.send(&query(sql)).await;
+        wire.until_ready().await
+    };
+    assert_eq!(value(&run("SHOW pgnear.node").await), "", "nothing ran yet");
+    let msgs = run("INSERT INTO items VALUES (10, 'ten')").await;
+    assert!(reported(&msgs).is_empty(), "reported unasked: {msgs:?}");
+    assert_eq!(value(&run("SHOW pgnear.node").await), env.cluster.primary().name());
+    assert_eq!(value(&run("SHOW pgnear.region").await), "us-east");
+    let set = run("SET pgnear.report_node = on").await;
+    assert_eq!(reported(&set), [env.cluster.primary().name()], "where it is, once asked");
+    assert!(reported(&run("INSERT INTO items VALUES (11, 'eleven')").await).is_empty(), "unchanged");
+    // Reads reach a replica again once it has replayed the write.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    let msgs = loop {
+        let msgs = run("SELECT inet_server_port()::text").await;
+        if ran(&env, &value(&msgs)) == Ran::Replica {
+            break msgs;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "reads never reached a replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    let port: u16 = value(&msgs).parse().unwrap();
+    let replica = env.cluster.replicas().iter().find(|r| r.port() == port).unwrap().name().to_string();
+    assert_eq!(reported(&msgs), [replica]);
+    assert!(run("SET pgnear.node = 'x'").await.iter().any(|m| m.tag == b'E'), "read-only");
+    wire.send(&[parse("", "SHOW pgnear.region"), bind("", ""), execute(""), sync()].concat()).await;
+    assert_eq!(value(&wire.until_ready().await), "eu-west");
+    wire.send(&query("RESET pgnear.report_node")).await;
+    wire.until_ready().await;
+    wire.send(&query("INSERT INTO items VALUES (12, 'twelve')")).await;
+    let msgs = wire.until_ready().await;
+    assert!(reported(&msgs).is_empty(), "reported after RESET: {msgs:?}");
+}

@@ -22,14 +22,27 @@ pub struct ProxySettings {
     pub route: RouteSetting,
     /// `pgnear.min_lsn`: reads see nothing older than this.
     pub min_lsn: Option<Lsn>,
+    /// `pgnear.report_node`: send ParameterStatus `pgnear.node` whenever
+    /// the node that serves the session's statements changes. Off by
+    /// default: drivers such as PgJDBC fail on a ParameterStatus they did
+    /// not expect.
+    pub report_node: bool,
 }
 
 /// What the session knows that `SHOW` may report.
+#[derive(Default)]
 pub struct Report {
     pub write_lsn: Option<Lsn>,
+    /// The node and region that served the session's last statement
+    /// (empty before the first).
+    pub node: String,
+    pub region: String,
 }
 
-const NAMES: &[&str] = &["route", "min_lsn", "write_lsn"];
+const NAMES: &[&str] = &["route", "min_lsn", "report_node", "write_lsn", "node", "region"];
+
+/// Settings that only report.
+const READ_ONLY: &[&str] = &["write_lsn", "node", "region"];
 
 impl ProxySettings {
     /// Sets one setting from a startup option or `SET`.
@@ -47,7 +60,11 @@ impl ProxySettings {
                 let lsn = value.parse::<Lsn>().map_err(|e| invalid(name, value, &e))?;
                 self.min_lsn = Some(lsn);
             }
-            "write_lsn" => return Err(error(SqlState::FeatureNotSupported, "pgnear.write_lsn is read-only")),
+            "report_node" => {
+                let on = crate::protocol::parse_bool(value);
+                self.report_node = on.ok_or_else(|| invalid(name, value, "expected a boolean"))?;
+            }
+            name if READ_ONLY.contains(&name) => return Err(read_only(name)),
             _ => return Err(unknown(name)),
         }
         Ok(())
@@ -69,8 +86,9 @@ impl ProxySettings {
         match name {
             "route" => self.route = RouteSetting::Auto,
             "min_lsn" => self.min_lsn = None,
+            "report_node" => self.report_node = false,
             "all" => *self = ProxySettings::default(),
-            "write_lsn" => return Err(error(SqlState::FeatureNotSupported, "pgnear.write_lsn is read-only")),
+            name if READ_ONLY.contains(&name) => return Err(read_only(name)),
             _ => return Err(unknown(name)),
         }
         Ok(())
@@ -86,7 +104,10 @@ impl ProxySettings {
             }
             .to_string(),
             "min_lsn" => lsn(self.min_lsn),
+            "report_node" => (if self.report_node { "on" } else { "off" }).to_string(),
             "write_lsn" => lsn(report.write_lsn),
+            "node" => report.node.clone(),
+            "region" => report.region.clone(),
             _ => return None,
         })
     }
@@ -109,6 +130,10 @@ impl ProxySettings {
 
 fn error(code: SqlState, message: &str) -> Frame {
     error_response(Severity::Error, code, message)
+}
+
+fn read_only(name: &str) -> Frame {
+    error(SqlState::FeatureNotSupported, &format!("pgnear.{name} is read-only"))
 }
 
 fn unknown(name: &str) -> Frame {
@@ -196,12 +221,46 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Answers a simple Query of a `pgnear.*` command.
     pub(super) fn answer_local_query(&mut self, command: &ProxyCommand) {
         self.refresh_watermark();
-        let report = Report { write_lsn: self.writes.watermark.lsn() };
+        let report = self.report();
+        let reporting = self.known.settings.report_node;
         for response in self.known.settings.execute(command, &report) {
             self.client.queue(&response);
         }
+        self.report_node_if_turned_on(reporting);
         let status = self.bound_status();
         self.client.queue(&ready_for_query(status));
+    }
+
+    /// What `SHOW` may report now.
+    fn report(&self) -> Report {
+        let node = self.known.last_node.map(|n| &self.shared.topology.nodes[n].config);
+        Report {
+            write_lsn: self.writes.watermark.lsn(),
+            node: node.map(|c| c.name.clone()).unwrap_or_default(),
+            region: node.map(|c| c.region.clone()).unwrap_or_default(),
+        }
+    }
+
+    /// A statement was sent to `node`: a session that asked is told when
+    /// that is another node than last time.
+    pub(super) fn served_by(&mut self, node: usize) {
+        if self.known.last_node.replace(node) != Some(node) && self.known.settings.report_node {
+            self.report_node();
+        }
+    }
+
+    /// `pgnear.report_node` was just turned on: the session learns where
+    /// it is now, as a server reports a setting of its own.
+    fn report_node_if_turned_on(&mut self, was_on: bool) {
+        if !was_on && self.known.settings.report_node && self.known.last_node.is_some() {
+            self.report_node();
+        }
+    }
+
+    fn report_node(&mut self) {
+        let Some(node) = self.known.last_node else { return };
+        let name = &self.shared.topology.nodes[node].config.name;
+        self.client.queue(&crate::protocol::backend::parameter_status("pgnear.node", name));
     }
 
     /// Answers an extended-protocol batch that runs a `pgnear.*` command
@@ -212,7 +271,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             _ => None,
         });
         let mixed = classes.iter().any(|c| !matches!(c.class, Class::ProxyLocal(_)));
-        let report = Report { write_lsn: self.writes.watermark.lsn() };
+        let report = self.report();
+        let reporting = self.known.settings.report_node;
         let mut failed = false;
         for frame in frames {
             if failed {
@@ -261,6 +321,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 _ => {}
             }
         }
+        self.report_node_if_turned_on(reporting);
         let status = self.bound_status();
         self.client.queue(&ready_for_query(status));
     }
@@ -339,7 +400,7 @@ mod tests {
     #[test]
     fn set_and_show() {
         let mut settings = ProxySettings::default();
-        let report = Report { write_lsn: Some(Lsn(0x16_0000_0010)) };
+        let report = Report { write_lsn: Some(Lsn(0x16_0000_0010)), ..Report::default() };
         let set = ProxyCommand::Set { name: "route".into(), value: "primary".into() };
         assert_eq!(settings.execute(&set, &report), vec![command_complete("SET")]);
         assert_eq!(settings.route, RouteSetting::Primary);
@@ -348,6 +409,23 @@ mod tests {
         assert_eq!(frames[1], data_row(&["16/10"]));
         let bad = ProxyCommand::Set { name: "min_lsn".into(), value: "nope".into() };
         assert_eq!(settings.execute(&bad, &report)[0].tag(), b'E');
+        let on = ProxyCommand::Set { name: "report_node".into(), value: "on".into() };
+        assert_eq!(settings.execute(&on, &report), vec![command_complete("SET")]);
+        assert!(settings.report_node);
+        let show = ProxyCommand::Show { name: "report_node".into() };
+        assert_eq!(settings.execute(&show, &report)[1], data_row(&["on"]));
+        for name in ["node", "region", "write_lsn"] {
+            let set = ProxyCommand::Set { name: name.into(), value: "x".into() };
+            assert_eq!(settings.execute(&set, &report)[0].tag(), b'E', "{name} is read-only");
+        }
+        let maybe = ProxyCommand::Set { name: "report_node".into(), value: "maybe".into() };
+        assert_eq!(settings.execute(&maybe, &report)[0].tag(), b'E');
+        let reset = ProxyCommand::Reset { name: "report_node".into() };
+        assert_eq!(settings.execute(&reset, &report), vec![command_complete("RESET")]);
+        assert!(!settings.report_node);
+        let report = Report { node: "eu-1".into(), region: "eu-west".into(), ..Report::default() };
+        let show = ProxyCommand::Show { name: "region".into() };
+        assert_eq!(settings.execute(&show, &report)[1], data_row(&["eu-west"]));
         let unknown = ProxyCommand::Show { name: "colour".into() };
         assert_eq!(settings.execute(&unknown, &report)[0].tag(), b'E');
     }

@@ -200,6 +200,8 @@ pub(super) struct Known {
     pub(super) serializable_at_startup: bool,
     /// A replica refused the session's settings: reads stay on the primary.
     pub(super) settings_refused: bool,
+    /// The node that served the session's last statement.
+    pub(super) last_node: Option<usize>,
 }
 
 /// The session's writes: what reads must see, and what is still to learn.

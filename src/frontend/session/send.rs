@@ -29,6 +29,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         if kinds.executes {
             self.count_route(target, reason);
+            if let Some(node) = self.server(target).map(|s| s.node) {
+                self.served_by(node);
+            }
         }
 
         self.shared.metrics.bytes(Direction::ClientToServer, kinds.bytes);
