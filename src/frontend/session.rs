@@ -41,6 +41,7 @@ use crate::protocol::backend::{backend_key_data, parameter_status, ready_for_que
 use crate::protocol::{Frame, FrameReader, ProtocolError};
 use crate::router::consistency::Watermark;
 use crate::tls::Split;
+use local::ProxySettings;
 use open::first_server;
 use parts::{Batch, Bound, Cancels, Client, Known, Pause, Pooling, Scope, Timers, Writes};
 use state::SessionState;
@@ -123,7 +124,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         cluster: String,
         span: tracing::Span,
     ) -> Result<Self, ProxyError> {
-        let (settings, params) = match local::startup_settings(&login) {
+        let regions = |cluster: &str| -> Vec<String> {
+            let nodes = shared.topology.nodes.iter().filter(|n| n.config.cluster == cluster);
+            nodes.map(|n| n.config.region.clone()).collect()
+        };
+        let startup = local::startup_settings(&login).and_then(|(settings, params)| {
+            let region = settings.prefer_region.as_deref().unwrap_or_default();
+            ProxySettings::known_region("prefer_region", region, &regions(&cluster))
+                .map(|()| (settings, params))
+        });
+        let (settings, params) = match startup {
             Ok(split) => split,
             Err(frame) => {
                 let _ = stream.write_all(frame.raw()).await;

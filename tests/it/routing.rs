@@ -816,3 +816,54 @@ async fn where_a_statement_ran_is_shown_and_reported_only_when_asked() {
     let msgs = wire.until_ready().await;
     assert!(reported(&msgs).is_empty(), "reported after RESET: {msgs:?}");
 }
+
+/// `pgnear.prefer_region` makes that region's replicas the session's first
+/// choice for reads (the proxy itself is in eu-west); RESET and DISCARD ALL
+/// clear it; a region no node is in is an error, at SET and at startup.
+#[tokio::test]
+async fn a_session_can_prefer_a_region_for_its_reads() {
+    let cluster = Cluster::builder().replica().replica().start().await.unwrap();
+    let node = |name: &str, port: u16, region: &str| {
+        format!(
+            "[[nodes]]\nname = \"{name}\"\nhost = \"127.0.0.1\"\nport = {port}\nregion = \"{region}\"\n\n"
+        )
+    };
+    let nodes = node("us-primary", cluster.primary().port(), "us-east")
+        + &node("eu-replica", cluster.replica(0).port(), "eu-west")
+        + &node("ap-replica", cluster.replica(1).port(), "ap-northeast");
+    let proxy = pgnear::Proxy::start(ProxyConfig::default().nodes(&nodes).build(&cluster)).await.unwrap();
+    let env = Env { proxy, cluster };
+    let (eu, ap) = (env.cluster.replica(0).port().to_string(), env.cluster.replica(1).port().to_string());
+    let c = env.client().await;
+    let port = async |c: &Client| rows(c, "SELECT inet_server_port()").await[0][0].clone();
+    // Until both replicas are up to date and known, reads may go elsewhere.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while port(&c).await != eu {
+        assert!(tokio::time::Instant::now() < deadline, "reads never reached the eu replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    c.batch_execute("SET pgnear.prefer_region = 'ap-northeast'").await.unwrap();
+    assert_eq!(rows(&c, "SHOW pgnear.prefer_region").await[0][0], "ap-northeast");
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while port(&c).await != ap {
+        assert!(tokio::time::Instant::now() < deadline, "reads never reached the preferred region");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..5 {
+        assert_eq!(port(&c).await, ap, "the preferred region stays first");
+    }
+    c.batch_execute("RESET pgnear.prefer_region").await.unwrap();
+    assert_eq!(port(&c).await, eu);
+    c.batch_execute("SET pgnear.prefer_region = 'ap-northeast'").await.unwrap();
+    assert_eq!(port(&c).await, ap);
+    c.batch_execute("DISCARD ALL").await.unwrap();
+    assert_eq!(rows(&c, "SHOW pgnear.prefer_region").await[0][0], "");
+    assert_eq!(port(&c).await, eu);
+    let unknown = c.batch_execute("SET pgnear.prefer_region = 'mars'").await;
+    assert_eq!(sqlstate(unknown), "22023");
+    let at_startup = env.client_with("postgres", "options='-c pgnear.prefer_region=ap-northeast'").await;
+    assert_eq!(port(&at_startup).await, ap);
+    let refused =
+        crate::support::connect(&env.conn_string("postgres", "options='-c pgnear.prefer_region=mars'")).await;
+    assert_eq!(sqlstate(refused), "22023");
+}

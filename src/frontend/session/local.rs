@@ -27,6 +27,9 @@ pub struct ProxySettings {
     /// default: drivers such as PgJDBC fail on a ParameterStatus they did
     /// not expect.
     pub report_node: bool,
+    /// `pgnear.prefer_region`: that region's replicas are this session's
+    /// first choice for reads while they are eligible.
+    pub prefer_region: Option<String>,
 }
 
 /// What the session knows that `SHOW` may report.
@@ -37,9 +40,11 @@ pub struct Report {
     /// (empty before the first).
     pub node: String,
     pub region: String,
+    /// The regions of the cluster's nodes, which `prefer_region` must name.
+    pub regions: Vec<String>,
 }
 
-const NAMES: &[&str] = &["route", "min_lsn", "report_node", "write_lsn", "node", "region"];
+const NAMES: &[&str] = &["route", "min_lsn", "report_node", "prefer_region", "write_lsn", "node", "region"];
 
 /// Settings that only report.
 const READ_ONLY: &[&str] = &["write_lsn", "node", "region"];
@@ -64,6 +69,10 @@ impl ProxySettings {
                 let on = crate::protocol::parse_bool(value);
                 self.report_node = on.ok_or_else(|| invalid(name, value, "expected a boolean"))?;
             }
+            "prefer_region" => {
+                let region = value.trim();
+                self.prefer_region = (!region.is_empty()).then(|| region.to_string());
+            }
             name if READ_ONLY.contains(&name) => return Err(read_only(name)),
             _ => return Err(unknown(name)),
         }
@@ -73,13 +82,22 @@ impl ProxySettings {
     /// Runs one command; returns the response frames (without ReadyForQuery).
     pub fn execute(&mut self, command: &ProxyCommand, report: &Report) -> Vec<Frame> {
         let result = match command {
-            ProxyCommand::Set { name, value } => {
-                self.set(name, value).map(|()| vec![command_complete("SET")])
-            }
+            ProxyCommand::Set { name, value } => Self::known_region(name, value, &report.regions)
+                .and_then(|()| self.set(name, value))
+                .map(|()| vec![command_complete("SET")]),
             ProxyCommand::Reset { name } => self.reset(name).map(|()| vec![command_complete("RESET")]),
             ProxyCommand::Show { name } => self.show(name, report),
         };
         result.unwrap_or_else(|error| vec![error])
+    }
+
+    /// A `prefer_region` must be one of the cluster's (`regions`).
+    pub fn known_region(name: &str, value: &str, regions: &[String]) -> Result<(), Frame> {
+        let region = value.trim();
+        if name != "prefer_region" || region.is_empty() || regions.iter().any(|r| r == region) {
+            return Ok(());
+        }
+        Err(invalid(name, value, &format!("no node is in that region (known: {})", regions.join(", "))))
     }
 
     fn reset(&mut self, name: &str) -> Result<(), Frame> {
@@ -87,6 +105,7 @@ impl ProxySettings {
             "route" => self.route = RouteSetting::Auto,
             "min_lsn" => self.min_lsn = None,
             "report_node" => self.report_node = false,
+            "prefer_region" => self.prefer_region = None,
             "all" => *self = ProxySettings::default(),
             name if READ_ONLY.contains(&name) => return Err(read_only(name)),
             _ => return Err(unknown(name)),
@@ -105,6 +124,7 @@ impl ProxySettings {
             .to_string(),
             "min_lsn" => lsn(self.min_lsn),
             "report_node" => (if self.report_node { "on" } else { "off" }).to_string(),
+            "prefer_region" => self.prefer_region.clone().unwrap_or_default(),
             "write_lsn" => lsn(report.write_lsn),
             "node" => report.node.clone(),
             "region" => report.region.clone(),
@@ -238,7 +258,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             write_lsn: self.writes.watermark.lsn(),
             node: node.map(|c| c.name.clone()).unwrap_or_default(),
             region: node.map(|c| c.region.clone()).unwrap_or_default(),
+            regions: self.regions(),
         }
+    }
+
+    /// The regions of the session's cluster.
+    pub(super) fn regions(&self) -> Vec<String> {
+        let nodes = self.shared.topology.nodes.iter().filter(|n| n.config.cluster == self.scope.cluster);
+        let mut regions: Vec<String> = nodes.map(|n| n.config.region.clone()).collect();
+        regions.sort();
+        regions.dedup();
+        regions
     }
 
     /// A statement was sent to `node`: a session that asked is told when

@@ -321,7 +321,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             pinned: self.state.pinned || self.known.settings_refused,
             freshness,
         };
-        let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };
+        let region = self.known.settings.prefer_region.as_deref().unwrap_or(&config.proxy.region);
+        let policy = Policy { routing: &config.routing, rules: &config.rules, region };
         let volatile = self.volatile_for(classes);
         let volatile = volatile.as_ref().map_or(&*NO_FUNCTIONS, |v| &***v);
         router::route(classes, &session, &*self.shared.topology, &policy, volatile)

@@ -15,7 +15,7 @@ use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
 use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, ErrorFields, TxStatus};
 use crate::protocol::Frame;
-use crate::router::classify::Classification;
+use crate::router::classify::{Classification, SessionEffect};
 use crate::router::consistency::{PrimarySample, Watermark};
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -173,6 +173,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let mut others: Vec<&mut ServerState> = others.iter_mut().map(|s| &mut s.state).collect();
         for class in effects {
             state.apply(class, &mut ran_on.state, &mut others);
+        }
+        // DISCARD ALL forgets the session's region preference too.
+        let discards =
+            |c: &Arc<Classification>| c.effects.iter().any(|e| matches!(e, SessionEffect::DiscardAll));
+        if effects.iter().any(discards) {
+            self.known.settings.prefer_region = None;
         }
     }
 
