@@ -101,8 +101,6 @@ pub struct Session<S: Split> {
     /// Extended-protocol messages waiting for their Sync.
     batch: Batch,
     state: SessionState,
-    /// Where the unnamed statement was last parsed, and why it went there.
-    unnamed_on: Option<(Target, crate::router::Reason)>,
     known: Known,
     writes: Writes,
     /// Transaction pooling (`proxy.pool_mode = "transaction"`): server
@@ -124,13 +122,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         cluster: String,
         span: tracing::Span,
     ) -> Result<Self, ProxyError> {
-        let regions = |cluster: &str| -> Vec<String> {
-            let nodes = shared.topology.nodes.iter().filter(|n| n.config.cluster == cluster);
-            nodes.map(|n| n.config.region.clone()).collect()
-        };
         let startup = local::startup_settings(&login).and_then(|(settings, params)| {
-            let region = settings.prefer_region.as_deref().unwrap_or_default();
-            ProxySettings::known_region("prefer_region", region, &regions(&cluster))
+            let (region, regions) = (settings.prefer_region.as_deref(), local::regions(&shared, &cluster));
+            ProxySettings::known_region("prefer_region", region.unwrap_or_default(), &regions)
                 .map(|()| (settings, params))
         });
         let (settings, params) = match startup {
@@ -214,7 +208,6 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             pause: None,
             batch: Batch::default(),
             state,
-            unnamed_on: None,
             known,
             writes: Writes { watermark, ..Writes::default() },
             pooling,
@@ -386,8 +379,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Target::Replica => self.replica.take(),
             };
             let Some(server) = server else { continue };
-            if self.unnamed_on.is_some_and(|(t, _)| t == target) {
-                self.unnamed_on = None;
+            if self.known.unnamed_on.is_some_and(|(t, _)| t == target) {
+                self.known.unnamed_on = None;
             }
             if self.cancels.to.take().is_some() {
                 self.cancels.registration.target.set(None);

@@ -197,6 +197,15 @@ pub(super) fn is_read_only_default(frame: &Frame) -> bool {
         .is_ok_and(|(name, value)| name == "default_transaction_read_only" && value == b"on")
 }
 
+/// The regions of `cluster`'s nodes, sorted, each once.
+pub(super) fn regions(shared: &crate::frontend::Shared, cluster: &str) -> Vec<String> {
+    let nodes = shared.topology.nodes.iter().filter(|n| n.config.cluster == cluster);
+    let mut regions: Vec<String> = nodes.map(|n| n.config.region.clone()).collect();
+    regions.sort();
+    regions.dedup();
+    regions
+}
+
 /// Whether the startup parameters (a parameter of its own, or `-c` in
 /// `options`) make `default_transaction_isolation` serializable.
 pub fn serializable_at_startup(params: &[(String, String)]) -> bool {
@@ -264,11 +273,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The regions of the session's cluster.
     pub(super) fn regions(&self) -> Vec<String> {
-        let nodes = self.shared.topology.nodes.iter().filter(|n| n.config.cluster == self.scope.cluster);
-        let mut regions: Vec<String> = nodes.map(|n| n.config.region.clone()).collect();
-        regions.sort();
-        regions.dedup();
-        regions
+        regions(&self.shared, &self.scope.cluster)
     }
 
     /// A statement was sent to `node`: a session that asked is told when

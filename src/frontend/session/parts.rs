@@ -202,6 +202,8 @@ pub(super) struct Known {
     pub(super) settings_refused: bool,
     /// The node that served the session's last statement.
     pub(super) last_node: Option<usize>,
+    /// Where the unnamed statement was last parsed, and why it went there.
+    pub(super) unnamed_on: Option<(Target, Reason)>,
 }
 
 /// The session's writes: what reads must see, and what is still to learn.

@@ -201,7 +201,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Some(status) if status.in_block() => Some((bound.target, Reason::Transaction)),
                 _ => Some((bound.target, bound.reason)),
             },
-            None => self.unnamed_on.filter(|(t, _)| unit.uses_earlier_unnamed && self.server(*t).is_some()),
+            None => {
+                self.known.unnamed_on.filter(|(t, _)| unit.uses_earlier_unnamed && self.server(*t).is_some())
+            }
         }
     }
 

@@ -67,7 +67,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         }
         if unit.parses_unnamed {
-            self.unnamed_on = Some((target, reason));
+            self.known.unnamed_on = Some((target, reason));
             if let Some(pooling) = self.pooling.as_mut() {
                 // A copy, into a reused buffer: the frame shares the
                 // client's read buffer, and most units parse the unnamed
@@ -198,7 +198,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         // A simple Query's statements are parsed first in a batch of their
         // own, whose Sync's ReadyForQuery is swallowed.
         let sync = simple && !in_sql.is_empty();
-        let elsewhere = self.unnamed_on.is_none_or(|(t, _)| t != target);
+        let elsewhere = self.known.unnamed_on.is_none_or(|(t, _)| t != target);
         let parse = self.pooling.as_ref().map(|p| &p.unnamed_parse).filter(|p| !p.is_empty());
         let unnamed = match unit.uses_earlier_unnamed && elsewhere {
             true if parse.is_some() => parse.map(|body| Frame::new(b'P', body)),
@@ -224,7 +224,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         if let Some(parse) = unnamed {
             server.backend.queue_hidden(&parse, Hidden::ParseComplete);
-            self.unnamed_on = Some((target, self.unnamed_on.map_or(Reason::Read, |(_, r)| r)));
+            self.known.unnamed_on = Some((target, self.known.unnamed_on.map_or(Reason::Read, |(_, r)| r)));
         }
     }
 
