@@ -306,6 +306,11 @@ pub(super) fn begin_as_run(
     text: &[u8],
 ) -> Arc<Classification> {
     let Class::Transaction(Tx::Begin { read_only }) = class.class else { return class };
+    if !defaults.read_only && !defaults.serializable {
+        // The classifier already read the BEGIN's own words: most
+        // transactions (every ORM unit of work) stop here, unlowercased.
+        return class;
+    }
     let text = text.to_ascii_lowercase();
     let says = |words: &[u8]| memchr::memmem::find(&text, words).is_some();
     let serializable = match says(b"isolation level") {
