@@ -124,6 +124,44 @@ impl Direction {
     }
 }
 
+/// What became of a transaction run optimistically on a replica (a plain
+/// BEGIN whose first statement reads).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Optimistic {
+    /// It ended on the replica having only read.
+    Replica,
+    /// Its opening statement led to a write lately: it went straight to
+    /// the primary.
+    Learned,
+    /// It needed the primary; the replay there returned what the client
+    /// had received, and it went on there.
+    Matched,
+    /// The replay returned something else: the client got 40001.
+    Mismatched,
+    /// It read more than pgnear keeps to replay: the client got 40001.
+    TooLarge,
+}
+
+impl Optimistic {
+    const ALL: [Optimistic; 5] = [
+        Optimistic::Replica,
+        Optimistic::Learned,
+        Optimistic::Matched,
+        Optimistic::Mismatched,
+        Optimistic::TooLarge,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Optimistic::Replica => "replica",
+            Optimistic::Learned => "learned_primary",
+            Optimistic::Matched => "replay_matched",
+            Optimistic::Mismatched => "replay_mismatched",
+            Optimistic::TooLarge => "replay_too_large",
+        }
+    }
+}
+
 /// Every metric pgnear exports. Children whose labels are known up front
 /// are resolved once here, so the hot path does no label lookup for them;
 /// per-node children are resolved once per server connection ([`NodeMetrics`]).
@@ -147,6 +185,7 @@ pub struct Metrics {
     probes: [IntCounter; 2],
     /// Reads that waited for a replica: caught up, then timed out.
     waits: [IntCounter; 2],
+    optimistic: [IntCounter; 5],
     wait_seconds: Histogram,
 }
 
@@ -284,6 +323,17 @@ impl Metrics {
             )
             .buckets(WAIT_BUCKETS.to_vec()),
         )?;
+        let optimistic = IntCounterVec::new(
+            Opts::new(
+                "pgnear_optimistic_transactions_total",
+                "Transactions opened with a plain BEGIN and run optimistically, by outcome \
+                 (replica: ended there; learned_primary: sent to the primary, their opening \
+                 statement having led to a write lately; replay_matched, replay_mismatched, \
+                 replay_too_large: moved to the primary to write).",
+            ),
+            &["outcome"],
+        )?;
+        registry.register(Box::new(optimistic.clone()))?;
         registry.register(Box::new(probes.clone()))?;
         registry.register(Box::new(waits.clone()))?;
         registry.register(Box::new(wait_seconds.clone()))?;
@@ -314,6 +364,7 @@ impl Metrics {
             probes: [probes.with_label_values(&["lsn"]), probes.with_label_values(&["failed"])],
             waits: [waits.with_label_values(&["caught_up"]), waits.with_label_values(&["timed_out"])],
             wait_seconds,
+            optimistic: Optimistic::ALL.map(|o| optimistic.with_label_values(&[o.as_str()])),
         })
     }
 
@@ -375,6 +426,11 @@ impl Metrics {
     /// Reads that waited for a replica so far: caught up, timed out.
     pub fn replica_waits(&self) -> (u64, u64) {
         (self.waits[0].get(), self.waits[1].get())
+    }
+
+    /// An optimistic transaction came to `outcome`.
+    pub fn optimistic(&self, outcome: Optimistic) {
+        self.optimistic[outcome as usize].inc();
     }
 
     /// A session's read-your-writes pin ended after `held`.

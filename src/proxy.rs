@@ -106,6 +106,7 @@ impl Proxy {
             cancels: Arc::new(CancelRegistry::default()),
             pools,
             tls,
+            learned: crate::router::learned::Learned::new(crate::router::learned::REMEMBER),
         });
         if pool_mode == PoolMode::Transaction {
             tokio::spawn(reap_pools(Arc::downgrade(&shared)));

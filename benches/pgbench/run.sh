@@ -38,6 +38,14 @@
 #   profile  syscalls per transaction (pgnear, PgBouncer and the byte relay,
 #            perf stat) and a perf record of pgnear, under pgbench -S -c 16
 #            (simple, extended, prepared) and the TPC-B-like mix
+#   optimistic  (not in the default) transactions opened with a plain BEGIN,
+#            as ORMs open them, through pgnear's read/write split: a unit
+#            that only reads (BEGIN; two SELECTs; END) and one that reads
+#            then writes (BEGIN; SELECT; UPDATE; END), each at -c OPT_CLIENTS
+#            (16) in OPT_MODES (simple extended) for DURATION seconds after
+#            OPT_WARMUP (3) seconds; from pgnear's /metrics, how many ended
+#            on the replica, how many moved to the primary (replays,
+#            matched or not) and how many went there at once (learned)
 #   instructions  user-space instructions per transaction of pgnear, of
 #            PgBouncer and of the byte relay (valgrind's callgrind; installed
 #            if missing), under
@@ -965,10 +973,61 @@ phase_instructions() {
     stop_pid "$BOUNCER_PID"
 }
 
+# --- phase: optimistic transactions ---------------------------------------------
+
+phase_optimistic() {
+    local dir=$OUT/optimistic admin
+    mkdir -p "$dir"
+    admin=$($TOOLS freeport --count 1)
+    write_pgnear_config "$WORK/pgnear-opt.toml" "$P_NEAR_SPLIT" "$P_PRIMARY" auto "admin_listen = \"127.0.0.1:$admin\""
+    start_pgnear pgnear-optimistic "$WORK/pgnear-opt.toml" "$P_NEAR_SPLIT"
+    local near=$NEAR_PID
+    cat >"$dir/read-only.sql" <<EOF
+\\set aid random(1, 100000 * $SCALE)
+BEGIN;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+SELECT bbalance FROM pgbench_branches WHERE bid = 1;
+END;
+EOF
+    cat >"$dir/read-then-write.sql" <<EOF
+\\set aid random(1, 100000 * $SCALE)
+\\set delta random(-5000, 5000)
+BEGIN;
+SELECT abalance FROM pgbench_accounts WHERE aid = :aid;
+UPDATE pgbench_accounts SET abalance = abalance + :delta WHERE aid = :aid;
+END;
+EOF
+    printf 'script\tmode\ttransactions\ttps\treplica\tlearned_primary\treplays\treplays_per_1000\n' >"$dir/optimistic.tsv"
+    local script mode
+    for script in read-only read-then-write; do
+        for mode in ${OPT_MODES:-simple extended}; do
+            local out=$dir/$script-$mode.out before after txns tps per
+            "$PGBENCH" -n -h 127.0.0.1 -p "$P_NEAR_SPLIT" -U postgres -M "$mode" -c "${OPT_CLIENTS:-16}" -j 2 \
+                -T "${OPT_WARMUP:-3}" -f "$dir/$script.sql" postgres >"$out.warmup" 2>&1 ||
+                log "pgbench warm-up failed: see $out.warmup"
+            before=$($TOOLS optimistic --admin-port "$admin")
+            "$PGBENCH" -n -h 127.0.0.1 -p "$P_NEAR_SPLIT" -U postgres -M "$mode" -c "${OPT_CLIENTS:-16}" -j 2 \
+                -T "$DURATION" -f "$dir/$script.sql" postgres >"$out" 2>&1 || log "pgbench failed: see $out"
+            after=$($TOOLS optimistic --admin-port "$admin")
+            txns=$(sed -n 's/^number of transactions actually processed: \([0-9]*\).*/\1/p' "$out")
+            tps=$(sed -n 's/^tps = \([0-9.]*\) (without initial connection time)$/\1/p' "$out")
+            read -r r0 l0 p0 <<<"$before"
+            read -r r1 l1 p1 <<<"$after"
+            per=$(awk -v p=$((p1 - p0)) -v n="${txns:-0}" 'BEGIN{printf "%.2f", n ? p * 1000 / n : 0}')
+            printf '%s\t%s\t%s\t%s\t%s\t%s\t%s\t%s\n' "$script" "$mode" "${txns:-0}" "${tps:-nan}" \
+                $((r1 - r0)) $((l1 - l0)) $((p1 - p0)) "$per" >>"$dir/optimistic.tsv"
+            log "optimistic $script $mode: txns=${txns:-0} tps=${tps:-nan} replica=$((r1 - r0)) learned=$((l1 - l0)) replays=$((p1 - p0)) ($per per 1000)"
+        done
+    done
+    column -t "$dir/optimistic.tsv" | tee -a "$OUT/summary.txt"
+    stop_pid "$near"
+}
+
 has_phase pgbench && phase_pgbench
 has_phase wan && phase_wan
 has_phase raw-wan && phase_raw_wan
 has_phase memory && phase_memory
 has_phase profile && phase_profile
 has_phase instructions && phase_instructions
+has_phase optimistic && phase_optimistic
 log "done"

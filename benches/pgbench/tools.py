@@ -27,6 +27,7 @@ import socket
 import struct
 import sys
 import time
+import urllib.request
 
 # --- the wire protocol, just enough -----------------------------------------
 
@@ -675,6 +676,20 @@ def freeport_main(args):
         s.close()
 
 
+def optimistic_main(args):
+    """pgnear's optimistic-transaction counters, from its /metrics:
+    "replica learned_primary replays" (replays: matched or not)."""
+    url = f"http://127.0.0.1:{args.admin_port}/metrics"
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    counts = {}
+    for line in text.splitlines():
+        if line.startswith("pgnear_optimistic_transactions_total{"):
+            outcome = line.split('outcome="', 1)[1].split('"', 1)[0]
+            counts[outcome] = int(float(line.rsplit(" ", 1)[1]))
+    replays = sum(v for k, v in counts.items() if k.startswith("replay_"))
+    print(counts.get("replica", 0), counts.get("learned_primary", 0), replays)
+
+
 def proc_ticks(pid):
     """utime, stime, cutime and cstime of a process (clock ticks)."""
     with open(f"/proc/{pid}/stat") as f:
@@ -845,6 +860,8 @@ def main():
     sp.add_argument("pid", type=int)
     sp = sub.add_parser("switches")
     sp.add_argument("pid", type=int)
+    sp = sub.add_parser("optimistic")
+    sp.add_argument("--admin-port", type=int, required=True)
     sp = sub.add_parser("callgrind-per-txn")
     sp.add_argument("--prefix", required=True)
     sp.add_argument("--transactions", type=int, required=True)
@@ -867,6 +884,7 @@ def main():
             "switches": switches_main,
             "server-ticks": server_ticks_main,
             "callgrind-per-txn": callgrind_per_txn_main,
+            "optimistic": optimistic_main,
         }[args.cmd](args)
 
 

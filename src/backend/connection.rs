@@ -86,6 +86,38 @@ fn needs_no_bookkeeping(tag: u8) -> bool {
     )
 }
 
+/// A running checksum of what a server returned to the client: its rows,
+/// COPY data and command tags, in order. Two runs of the same statements
+/// that return the same results have the same digest.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Digest {
+    hash: u64,
+    frames: u64,
+}
+
+impl Digest {
+    /// Adds one whole frame (tag, length and body), if it is a result.
+    pub fn add(&mut self, raw: &[u8]) {
+        if matches!(raw.first(), Some(b'D' | b'C' | b'd')) {
+            use std::hash::{Hash, Hasher};
+            let mut hasher = std::hash::DefaultHasher::new();
+            self.hash.hash(&mut hasher);
+            raw.hash(&mut hasher);
+            self.hash = hasher.finish();
+            self.frames += 1;
+        }
+    }
+
+    /// Adds each of the whole frames laid end to end in `raw`.
+    fn add_all(&mut self, mut raw: &[u8]) {
+        while let Some(&[_, a, b, c, d]) = raw.get(..5) {
+            let total = (u32::from_be_bytes([a, b, c, d]) as usize + 1).min(raw.len());
+            self.add(&raw[..total]);
+            raw = &raw[total..];
+        }
+    }
+}
+
 /// An authenticated server connection.
 #[derive(Debug)]
 pub struct Backend {
@@ -113,6 +145,9 @@ pub struct Backend {
     hidden: VecDeque<Expected>,
     /// The LSN a probe's row carried, until its ReadyForQuery.
     probe_lsn: Option<Lsn>,
+    /// While set, the results relayed to the client are added to it (an
+    /// optimistic transaction's, to compare with their replay).
+    pub digest: Option<Digest>,
 }
 
 impl Backend {
@@ -137,6 +172,7 @@ impl Backend {
             readies: 0,
             hidden: VecDeque::new(),
             probe_lsn: None,
+            digest: None,
         }
     }
 
@@ -254,7 +290,12 @@ impl Backend {
         if !self.hidden.is_empty() {
             return 0;
         }
-        self.reader.pass_through(out, until, needs_no_bookkeeping)
+        let start = out.len();
+        let moved = self.reader.pass_through(out, until, needs_no_bookkeeping);
+        if let Some(digest) = self.digest.as_mut() {
+            digest.add_all(&out[start..]);
+        }
+        moved
     }
 
     /// Decides whether a server frame is a response to pgnear's own

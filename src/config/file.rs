@@ -61,6 +61,15 @@ pub struct RoutingFile {
     pub default: Option<String>,
     pub max_replica_lag_ms: Option<u64>,
     pub max_replica_lag_bytes: Option<u64>,
+    pub optimistic_transactions: Option<Switch>,
+}
+
+/// An on/off setting: a TOML boolean, or the word `on` or `off`.
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Switch {
+    Bool(bool),
+    Word(String),
 }
 
 /// The `[consistency]` table.

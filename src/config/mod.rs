@@ -222,6 +222,9 @@ pub struct RoutingConfig {
     pub default: DefaultRoute,
     pub max_replica_lag: Duration,
     pub max_replica_lag_bytes: Option<u64>,
+    /// A plain BEGIN whose first statement reads runs on a replica, and
+    /// moves to the primary (replayed and checked) if it writes.
+    pub optimistic_transactions: bool,
 }
 
 /// `consistency.read_your_writes`.

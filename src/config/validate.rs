@@ -412,6 +412,28 @@ fn routing(r: RoutingFile, faults: &mut Faults) -> RoutingConfig {
         default: choice(r.default.as_deref(), DefaultRoute::Auto, &opts, "routing.default", faults),
         max_replica_lag: ms(r.max_replica_lag_ms, 10_000),
         max_replica_lag_bytes: r.max_replica_lag_bytes,
+        optimistic_transactions: switch(
+            r.optimistic_transactions,
+            true,
+            "routing.optimistic_transactions",
+            faults,
+        ),
+    }
+}
+
+/// An on/off setting: true or false, or "on" or "off".
+fn switch(value: Option<Switch>, default: bool, key: &str, faults: &mut Faults) -> bool {
+    match value {
+        None => default,
+        Some(Switch::Bool(on)) => on,
+        Some(Switch::Word(word)) => match word.to_ascii_lowercase().as_str() {
+            "on" => true,
+            "off" => false,
+            _ => {
+                faults.add(key, format!("{word:?} is not one of on, off (or true, false)"));
+                default
+            }
+        },
     }
 }
 

@@ -44,6 +44,9 @@ pub struct Shared {
     /// The client-facing acceptor (reloaded on SIGHUP) and one connector
     /// per node.
     pub tls: Tls,
+    /// Opening statements of transactions that led to a write lately
+    /// (`routing.optimistic_transactions`).
+    pub learned: crate::router::learned::Learned,
 }
 
 impl Shared {

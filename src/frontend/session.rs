@@ -12,6 +12,7 @@
 mod drive;
 mod local;
 mod open;
+mod optimistic;
 mod parts;
 mod plan;
 mod reply;
@@ -100,6 +101,9 @@ pub struct Session<S: Split> {
     pause: Option<Pause>,
     /// Extended-protocol messages waiting for their Sync.
     batch: Batch,
+    /// A transaction opened with a plain BEGIN, deferred or running
+    /// optimistically on the replica.
+    optimistic: Option<optimistic::Phase>,
     state: SessionState,
     known: Known,
     writes: Writes,
@@ -207,6 +211,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             bound: None,
             pause: None,
             batch: Batch::default(),
+            optimistic: None,
             state,
             known,
             writes: Writes { watermark, ..Writes::default() },

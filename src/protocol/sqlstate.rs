@@ -27,6 +27,10 @@ pub enum SqlState {
     UndefinedObject,
     /// 25006
     ReadOnlySqlTransaction,
+    /// 25P02
+    InFailedSqlTransaction,
+    /// 40001
+    SerializationFailure,
     /// 55000 (PostgreSQL's for a currval() not yet defined in the session)
     ObjectNotInPrerequisiteState,
     /// 58000
@@ -51,6 +55,8 @@ impl SqlState {
             SqlState::InvalidParameterValue => "22023",
             SqlState::UndefinedObject => "42704",
             SqlState::ReadOnlySqlTransaction => "25006",
+            SqlState::InFailedSqlTransaction => "25P02",
+            SqlState::SerializationFailure => "40001",
             SqlState::ObjectNotInPrerequisiteState => "55000",
             SqlState::SystemError => "58000",
             SqlState::InternalError => "XX000",

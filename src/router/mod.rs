@@ -8,7 +8,8 @@ pub mod cache;
 pub mod classify;
 pub(crate) mod consistency;
 pub mod functions;
-mod shape;
+pub mod learned;
+pub(crate) mod shape;
 mod view;
 
 use std::sync::Arc;
@@ -38,6 +39,9 @@ pub enum Reason {
     SessionState,
     Unparsed,
     FallbackNoReplica,
+    /// A transaction opened with a plain BEGIN sent to the primary, since
+    /// transactions that opened with its first statement lately wrote.
+    LearnedWrite,
 }
 
 impl Reason {
@@ -54,6 +58,7 @@ impl Reason {
             Reason::SessionState => "session_state",
             Reason::Unparsed => "unparsed",
             Reason::FallbackNoReplica => "fallback_no_replica",
+            Reason::LearnedWrite => "learned_write",
         }
     }
 }

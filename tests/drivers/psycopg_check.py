@@ -200,6 +200,73 @@ def replica_read_then_write():
         check(row == ("after a pipelined read",), f"read-your-write after pipeline {row}")
 
 
+def on_replica(conn):
+    """Whether the unit of work runs on a hot standby."""
+    return conn.execute("SHOW in_hot_standby").fetchone()[0] == "on"
+
+
+def orm_units_of_work():
+    # psycopg's default (autocommit off) opens a plain BEGIN before a unit's
+    # first statement, for reads too: pgnear runs such a unit on a replica
+    # while it only reads, and moves it to the primary if it writes.
+    with Case("read-only units of work (default transactional mode)"), connect() as conn:
+        deadline = time.monotonic() + 5
+        while True:
+            conn.execute(f"SELECT count(*) FROM {TABLE} WHERE id > %s", (0,)).fetchone()
+            replica = on_replica(conn)
+            conn.commit()
+            if replica or not REQUIRE_REPLICA:
+                break
+            check(time.monotonic() < deadline, "no unit of work reached the replica within 5s")
+            time.sleep(0.05)
+        if REQUIRE_REPLICA:
+            for i in range(10):
+                conn.execute(f"SELECT name FROM {TABLE} WHERE id = %s", (1,)).fetchone()
+                check(on_replica(conn), f"read-only unit {i} ran on the primary")
+                conn.commit()
+    with Case("read-modify-write units of work"), connect() as conn:
+        conn.execute(f"INSERT INTO {TABLE} (id, name) VALUES (%s, %s)", (700, "0"))
+        conn.commit()
+        for i in range(5):
+            (name,) = conn.execute(f"SELECT name FROM {TABLE} WHERE id = %s", (700,)).fetchone()
+            check(name == str(i), f"unit {i} read {name!r}: a stale read or a lost update")
+            conn.execute(f"UPDATE {TABLE} SET name = %s WHERE id = %s", (str(i + 1), 700))
+            conn.commit()
+    try:
+        import sqlalchemy
+    except ImportError:
+        print("       (SQLAlchemy is not installed: its units of work are not checked)")
+        return
+    with Case("SQLAlchemy units of work"):
+        engine = sqlalchemy.create_engine(
+            "postgresql+psycopg://", creator=lambda: psycopg.connect(CONNINFO), poolclass=sqlalchemy.pool.NullPool)
+        select = sqlalchemy.text(f"SELECT name FROM {TABLE} WHERE id = :id")
+        standby = sqlalchemy.text("SHOW in_hot_standby")
+        with engine.connect() as conn:
+            deadline = time.monotonic() + 5
+            while REQUIRE_REPLICA:
+                with conn.begin():
+                    conn.execute(select, {"id": 700}).scalar()
+                    if conn.execute(standby).scalar() == "on":
+                        break
+                check(time.monotonic() < deadline, "no SQLAlchemy unit of work reached the replica within 5s")
+                time.sleep(0.05)
+            replicas = 0
+            for i in range(10):
+                with conn.begin():
+                    check(conn.execute(select, {"id": 700}).scalar() == "5", "SQLAlchemy read")
+                    replicas += conn.execute(standby).scalar() == "on"
+            print(f"       ({replicas} of 10 SQLAlchemy read-only units of work ran on a replica)")
+            if REQUIRE_REPLICA:
+                check(replicas == 10, f"only {replicas} of 10 read-only units of work ran on a replica")
+            with conn.begin():
+                name = conn.execute(select, {"id": 700}).scalar()
+                conn.execute(sqlalchemy.text(f"UPDATE {TABLE} SET name = :n WHERE id = 700"), {"n": name + "!"})
+            check(conn.execute(select, {"id": 700}).scalar() == "5!", "SQLAlchemy read-modify-write")
+            conn.commit()
+        engine.dispose()
+
+
 def prepared_statements():
     with connect(autocommit=True) as conn:
         # Explicit prepare=True and psycopg's own auto-prepare (threshold 5).
@@ -520,6 +587,7 @@ def cleanup():
 def main():
     print(f"  psycopg {psycopg.__version__} (libpq {psycopg.pq.version()}, impl {psycopg.pq.__impl__})")
     for fn in (scram_login, wrong_password_refused, create_table, insert_and_select_params, replica_read_then_write,
+               orm_units_of_work,
                prepared_statements, pipeline_mode, libpq_pipeline_reads_as_it_writes, transaction_rollback, error_then_continue,
                copy_in_out, server_side_cursor, listen_notify, cancel_query, async_connection, cleanup):
         step(fn)

@@ -58,11 +58,11 @@ apt_install() {
 mkdir -p "$CACHE"
 PY="$CACHE/venv/bin/python"
 if wants psycopg || wants asyncpg; then
-    if ! "$PY" -c 'import psycopg, asyncpg' >/dev/null 2>&1; then
-        say "installing psycopg[binary] and asyncpg into $CACHE/venv"
+    if ! "$PY" -c 'import psycopg, asyncpg, sqlalchemy' >/dev/null 2>&1; then
+        say "installing psycopg[binary], asyncpg and SQLAlchemy into $CACHE/venv"
         rm -rf "$CACHE/venv"
         python3 -m venv "$CACHE/venv" || { apt_install python3-venv; python3 -m venv "$CACHE/venv"; }
-        "$PY" -m pip install --quiet --disable-pip-version-check 'psycopg[binary]' asyncpg
+        "$PY" -m pip install --quiet --disable-pip-version-check 'psycopg[binary]' asyncpg sqlalchemy
     fi
 fi
 if wants node; then

@@ -14,6 +14,7 @@ mod hostile;
 mod limits;
 mod near;
 mod observability;
+mod optimistic;
 mod pooling;
 mod relay;
 mod routing;

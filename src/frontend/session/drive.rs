@@ -19,7 +19,7 @@ use crate::router::Reason;
 use crate::tls::Split;
 
 /// What performing a step came to.
-enum Outcome {
+pub(super) enum Outcome {
     /// Done: plan again.
     Again,
     /// The unit's plan is this, after all.
@@ -88,8 +88,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 if fresh {
                     self.routed(target, reason);
                 }
+                self.open_optimistic(target, reason, &unit);
                 self.send(target, reason, &unit, complete);
             }
+            Plan::Local(local) => self.answer_optimistic(local, unit),
             Plan::Fail(error) => self.fail_unit(&error),
             Plan::WaitPool(pool, target) => self.start_wait(unit, complete, pool, target),
             // A step is never final: the driver performs it. Holding the
@@ -153,6 +155,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Step::OpenReplica(node) => progress.replica_failed |= !self.use_replica(node).await,
             Step::RestoreSettings(target) => self.restore_settings(target).await?,
             Step::PrepareSql(target) => return self.prepare_sql(target, unit, complete, progress).await,
+            Step::Promote => return self.promote(complete).await,
             Step::EndOpenBatch | Step::TakeBackWriteConnection => {}
         }
         Ok(Outcome::Again)

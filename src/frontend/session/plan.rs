@@ -8,6 +8,7 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use super::optimistic::Opening;
 use super::{Batch, Session, Target};
 use crate::backend::pool::Pool;
 use crate::cluster::Lsn;
@@ -17,7 +18,7 @@ use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, SqlState};
 use crate::router::classify::Classification;
 use crate::router::functions::VolatileFunctions;
-use crate::router::{self, ClusterView, Destination, Freshness, Policy, Reason, Route, SessionView};
+use crate::router::{self, ClusterView, Destination, Freshness, Need, Policy, Reason, Route, SessionView};
 use crate::tls::Split;
 
 /// What to do with a unit now.
@@ -33,6 +34,8 @@ pub(super) enum Plan {
     /// Transaction pooling: wait for a connection of this pool, all of
     /// whose connections are in use, for `target`.
     WaitPool(Arc<Pool>, Target),
+    /// Answer it in the server's place (an optimistic transaction's).
+    Local(super::optimistic::Local),
     /// Perform this step first, then plan again.
     Do(Step),
 }
@@ -61,6 +64,8 @@ pub(super) enum Step {
     RestoreSettings(Target),
     /// Prepare there the SQL-level statements the unit executes.
     PrepareSql(Target),
+    /// Move the optimistic transaction from the replica to the primary.
+    Promote,
 }
 
 /// What the driver learned while performing a unit's steps.
@@ -81,6 +86,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Plans a unit: where it goes, or what must happen first.
     pub(super) fn plan(&self, unit: &Batch, progress: &Progress) -> Plan {
         if let Some(plan) = self.plan_reopen(unit) {
+            return plan;
+        }
+        if let Some(plan) = self.plan_optimistic(unit) {
             return plan;
         }
         if let Some(plan) = self.plan_sequence_read(unit) {
@@ -111,9 +119,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if self.scope.catalog.is_stale() && !progress.catalog_refreshed {
             return Err(Plan::Do(Step::RefreshCatalog));
         }
-        let route = match progress.primary_only {
-            true => self.primary_route(Reason::SessionState),
-            false => self.decide(&unit.classes),
+        let opening = self.opening(unit);
+        let classes = match opening {
+            Opening::AsRead(skip) => &unit.classes[skip..],
+            _ => &unit.classes[..],
+        };
+        let route = match (progress.primary_only, opening) {
+            (true, _) => self.primary_route(Reason::SessionState),
+            (false, Opening::OnPrimary(reason)) => self.primary_route(reason),
+            (false, _) => self.decide(classes),
         };
         let route = route.map_err(|no_primary| Plan::Fail(no_route(&no_primary)))?;
         let route = match progress.waited {
@@ -122,7 +136,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Route { reason: Reason::CaughtUp, ..route }
             }
             Some(_) => route,
-            None => match self.wait_plan(&unit.classes, &route, progress.deadline) {
+            None => match self.wait_plan(classes, &route, progress.deadline) {
                 Some(wait) => return Err(wait),
                 None => route,
             },
@@ -316,6 +330,25 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         classes: &[Arc<Classification>],
         freshness: Freshness,
     ) -> Result<Route, crate::cluster::NoPrimary> {
+        self.with_policy(classes, freshness, |session, policy, volatile| {
+            router::route(classes, session, &*self.shared.topology, policy, volatile)
+        })
+    }
+
+    /// What statements need, before looking at nodes.
+    pub(super) fn need(&self, classes: &[Arc<Classification>]) -> Need {
+        self.with_policy(classes, Freshness::Any, |session, policy, volatile| {
+            router::need(classes, session, policy, volatile)
+        })
+    }
+
+    /// Calls `f` with what the router needs of the session and the config.
+    fn with_policy<R>(
+        &self,
+        classes: &[Arc<Classification>],
+        freshness: Freshness,
+        f: impl FnOnce(&SessionView, &Policy, &VolatileFunctions) -> R,
+    ) -> R {
         let config = &self.shared.config;
         let session = SessionView {
             cluster: &self.scope.cluster,
@@ -327,7 +360,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let policy = Policy { routing: &config.routing, rules: &config.rules, region };
         let volatile = self.volatile_for(classes);
         let volatile = volatile.as_ref().map_or(&*NO_FUNCTIONS, |v| &***v);
-        router::route(classes, &session, &*self.shared.topology, &policy, volatile)
+        f(&session, &policy, volatile)
     }
 
     /// Whether `target` (if open) already has the session's settings.

@@ -28,10 +28,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             return Err(ProxyError::BackendLost { node });
         }
         tracing::warn!(parent: &self.scope.span, node, "replica connection lost");
-        let bound = self.bound.take_if(|b| b.target == Target::Replica);
-        if let Some(lost) = self.replica.take() {
+        let mut lost = self.replica.take();
+        if let Some(lost) = &lost {
             self.shared.topology.suspect(lost.node);
         }
+        if self.replica_lost_optimistic(lost.as_deref_mut()) {
+            return Ok(());
+        }
+        let bound = self.bound.take_if(|b| b.target == Target::Replica);
         let Some(bound) = bound else { return Ok(()) };
         if let Some(unit) = bound.retry {
             // Nothing of this read reached the client yet: run it again on
@@ -92,6 +96,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 if idle && target == Target::Primary {
                     self.primary_idle(now);
                 }
+                if target == Target::Replica {
+                    self.replica_ready(status);
+                }
             }
             b'S' if target == Target::Primary || no_primary => {
                 if let Ok((name, value)) = crate::protocol::backend::parse_parameter_status(&frame) {
@@ -121,6 +128,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
             }
             b'E' => {
+                if target == Target::Replica
+                    && matches!(self.optimistic, Some(super::optimistic::Phase::OnReplica(_)))
+                {
+                    // The replica running an optimistic transaction is
+                    // going away: the transaction moves to the primary.
+                    return Ok(Flow::Lost(Target::Replica));
+                }
                 if target == Target::Replica && self.bound_to() != Some(Target::Replica) {
                     // An idle replica going away is not the client's business.
                     self.replica = None;
@@ -140,6 +154,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         if let Some(read_only) = read_only {
             self.known.default_read_only = read_only;
+        }
+        if let Some(digest) = self.server_mut(target).and_then(|s| s.backend.digest.as_mut()) {
+            digest.add(frame.raw());
         }
         self.client.relay(&frame);
         Ok(flow)

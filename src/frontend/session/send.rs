@@ -210,14 +210,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             server.state.statements.remove(&name);
         }
         for fix in needed.into_iter().chain(in_sql) {
-            if fix.close {
-                server.backend.queue_hidden(&close_statement(&fix.name), Hidden::CloseComplete);
-                server.state.statements.remove(&fix.name);
-            }
-            if let Some(parse) = fix.parse {
-                server.backend.queue_hidden(&parse, Hidden::ParseComplete);
-                server.state.add_statement(fix.name, parse);
-            }
+            fix.queue(&mut server.backend, &mut server.state);
         }
         if sync {
             server.backend.queue_hidden(&Frame::new(b'S', &[]), Hidden::UntilReady);
@@ -255,6 +248,18 @@ pub(super) struct StatementFix {
 }
 
 impl StatementFix {
+    /// Queues the fix on a server, its responses hidden.
+    pub(super) fn queue(self, backend: &mut crate::backend::connection::Backend, state: &mut ServerState) {
+        if self.close {
+            backend.queue_hidden(&close_statement(&self.name), Hidden::CloseComplete);
+            state.statements.remove(&self.name);
+        }
+        if let Some(parse) = self.parse {
+            backend.queue_hidden(&parse, Hidden::ParseComplete);
+            state.add_statement(self.name, parse);
+        }
+    }
+
     pub(super) fn parse(name: &str, parse: &Frame, close: bool) -> StatementFix {
         StatementFix { name: name.to_string(), close, parse: Some(parse.clone()) }
     }

@@ -243,6 +243,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The transaction status to report for a locally answered query.
     pub(super) fn bound_status(&self) -> TxStatus {
+        if let Some(status) = self.optimistic_status() {
+            return status;
+        }
         self.bound_to().and_then(|t| self.server(t)).map_or(TxStatus::Idle, |s| s.backend.tx_status)
     }
 }
