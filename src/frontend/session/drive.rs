@@ -13,7 +13,7 @@ use super::{wake, Batch, Pause, Session, Target};
 use crate::backend::pool::Pool;
 use crate::error::ProxyError;
 use crate::metrics::WaitOutcome;
-use crate::protocol::backend::{error_response, ready_for_query, ready_status, Severity, TxStatus};
+use crate::protocol::backend::{error_response, ready_for_query, ready_status, Severity};
 use crate::protocol::{Frame, SqlState};
 use crate::router::Reason;
 use crate::tls::Split;
@@ -441,10 +441,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
     }
 
-    /// No server can take this unit: fail it, keep the session.
+    /// No server can take this unit: fail it, keep the session (and the
+    /// transaction it is in, if any).
     pub(super) fn fail_unit(&mut self, error: &Frame) {
         self.client.queue(error);
-        self.client.queue(&ready_for_query(TxStatus::Idle));
+        self.client.queue(&ready_for_query(self.bound_status()));
     }
 }
 

@@ -326,6 +326,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     self.shared.metrics.optimistic(Optimistic::Replica);
                 }
                 self.optimistic = None;
+                self.state.tx = super::tx::TxEffects::default();
                 let tag = lone_end(&unit).unwrap_or("COMMIT");
                 self.answer_as_server(&unit.frames, tag, TxStatus::Idle);
             }
@@ -334,6 +335,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let complete = unit.frames.last().is_some_and(|f| matches!(f.tag(), b'Q' | b'S'));
                 if lone_end(&unit).is_some() && !skip_to_sync {
                     self.optimistic = None;
+                    self.state.tx = super::tx::TxEffects::default();
                     self.answer_as_server(&unit.frames, "ROLLBACK", TxStatus::Idle);
                     return;
                 }
@@ -382,12 +384,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// first, an optimistic transaction opens on the replica, and one
     /// running there records the unit.
     pub(super) fn open_optimistic(&mut self, target: Target, reason: Reason, unit: &Batch) {
+        if reason == Reason::LearnedWrite {
+            self.shared.metrics.optimistic(Optimistic::Learned);
+        }
         let phase = match self.optimistic.take() {
             Some(Phase::Deferred(begin)) => {
                 self.send_begin(target, &begin);
-                if reason == Reason::LearnedWrite {
-                    self.shared.metrics.optimistic(Optimistic::Learned);
-                }
                 (target == Target::Replica).then(|| Replay::new(Some(begin), self.opening_shape(unit)))
             }
             None => {
