@@ -96,6 +96,23 @@ fn replica_wait_is_auto_by_default_a_bound_or_never() {
 }
 
 #[test]
+fn optimistic_transactions_are_on_by_default_and_switched_by_a_word_or_a_boolean() {
+    let parsed = |routing: &str| Config::parse(&format!("{NODE}\n[routing]\n{routing}\n"), &env);
+    assert!(parsed("").unwrap().routing.optimistic_transactions);
+    assert!(parsed("optimistic_transactions = \"on\"").unwrap().routing.optimistic_transactions);
+    assert!(!parsed("optimistic_transactions = \"OFF\"").unwrap().routing.optimistic_transactions);
+    assert!(!parsed("optimistic_transactions = false").unwrap().routing.optimistic_transactions);
+    assert!(parsed("optimistic_transactions = true").unwrap().routing.optimistic_transactions);
+    let errors = errors(&format!("{NODE}\n[routing]\noptimistic_transactions = \"maybe\"\n"));
+    assert!(
+        errors.iter().any(|e| e.starts_with("routing.optimistic_transactions") && e.contains("on, off")),
+        "{errors:#?}"
+    );
+    let wrong_type = self::errors(&format!("{NODE}\n[routing]\noptimistic_transactions = 1\n"));
+    assert!(wrong_type.iter().any(|e| e.contains("optimistic_transactions")), "{wrong_type:#?}");
+}
+
+#[test]
 fn worker_threads_are_sized_or_checked() {
     let parsed = |proxy: &str| Config::parse(&format!("[proxy]\n{proxy}\n{NODE}"), &env);
     let auto = parsed("").unwrap().proxy;

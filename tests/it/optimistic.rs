@@ -273,3 +273,91 @@ async fn the_switch_turns_it_off() {
     }
     assert_eq!(count(&env, "replica"), 0);
 }
+
+#[tokio::test]
+async fn pgnear_answers_a_deferred_begin_and_an_empty_transaction_as_postgres_would() {
+    use crate::support::wire::{bind, execute, message, parse, query, sync, Msg, Wire};
+    let env = cluster(ProxyConfig::default()).await;
+    let (mut wire, _) = Wire::login(env.proxy.addr(), "postgres").await;
+    let shape = |msgs: &[Msg]| -> Vec<(char, Vec<u8>)> {
+        msgs.iter().map(|m| (m.tag as char, m.body.clone())).collect()
+    };
+    // psycopg's BEGIN: the unnamed statement, described, then executed.
+    let describe = message(b'D', b"P\0");
+    let begin = [parse("", "BEGIN"), bind("", ""), describe.clone(), execute(""), sync()].concat();
+    wire.send(&begin).await;
+    let expected =
+        vec![('1', vec![]), ('2', vec![]), ('n', vec![]), ('C', b"BEGIN\0".to_vec()), ('Z', b"T".to_vec())];
+    assert_eq!(shape(&wire.until_ready().await), expected);
+    let commit = [parse("", "COMMIT"), bind("", ""), describe, execute(""), sync()].concat();
+    wire.send(&commit).await;
+    let msgs = wire.until_ready().await;
+    assert_eq!(msgs[3].body, b"COMMIT\0");
+    assert_eq!(msgs[4].body, b"I");
+    // The simple protocol: START TRANSACTION's own tag.
+    wire.send(&query("start transaction")).await;
+    assert_eq!(
+        shape(&wire.until_ready().await),
+        vec![('C', b"START TRANSACTION\0".to_vec()), ('Z', b"T".to_vec())]
+    );
+    wire.send(&query("ABORT")).await;
+    assert_eq!(shape(&wire.until_ready().await), vec![('C', b"ROLLBACK\0".to_vec()), ('Z', b"I".to_vec())]);
+    // A deferred BEGIN shows in the status of pgnear's own answers too.
+    wire.send(&query("BEGIN")).await;
+    wire.until_ready().await;
+    wire.send(&query("SHOW pgnear.node")).await;
+    assert_eq!(wire.until_ready().await.last().unwrap().body, b"T");
+    // The first statement runs inside the transaction the BEGIN opened.
+    wire.send(&query("SELECT count(*) FROM accounts")).await;
+    let msgs = wire.until_ready().await;
+    assert_eq!(msgs.last().unwrap().body, b"T", "{msgs:?}");
+    wire.send(&query("SELECT 1 FROM nowhere")).await;
+    let msgs = wire.until_ready().await;
+    assert_eq!(msgs[0].sqlstate().as_deref(), Some("42P01"));
+    assert_eq!(msgs.last().unwrap().body, b"E");
+    wire.send(&query("ROLLBACK")).await;
+    assert_eq!(wire.until_ready().await.last().unwrap().body, b"I");
+}
+
+#[tokio::test]
+async fn a_transaction_that_read_too_much_to_replay_gets_40001() {
+    let env = cluster(ProxyConfig::default()).await;
+    let mut client = env.client().await;
+    until_a_unit_reads_on_a_replica(&env, &mut client).await;
+    // More statement text than pgnear keeps to replay (256 KiB).
+    let long = format!("SELECT count(*) FROM accounts /* {} */", "x".repeat(300 * 1024));
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        client.batch_execute("BEGIN").await.unwrap();
+        client.simple_query(&long).await.unwrap();
+        if !on_primary(&env, &client).await {
+            break;
+        }
+        client.batch_execute("ROLLBACK").await.unwrap();
+        assert!(tokio::time::Instant::now() < deadline, "never on a replica");
+    }
+    let too_large = count(&env, "replay_too_large");
+    let write = client.simple_query("UPDATE accounts SET balance = 0 WHERE id = 10").await;
+    assert_eq!(sqlstate(write), "40001");
+    client.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(count(&env, "replay_too_large"), too_large + 1);
+    assert_eq!(balance(&client, 10).await, 100);
+}
+
+#[tokio::test]
+async fn optimistic_transactions_under_transaction_pooling() {
+    let env = cluster(ProxyConfig::default().proxy("pool_mode = \"transaction\"\npool_size = 2")).await;
+    let mut client = env.client().await;
+    until_a_unit_reads_on_a_replica(&env, &mut client).await;
+    let tx = client.transaction().await.unwrap();
+    let seen: i32 =
+        tx.query_one("SELECT balance FROM accounts WHERE id = 3 AND 2 = 2", &[]).await.unwrap().get(0);
+    assert!(!on_primary(&env, tx.client()).await);
+    tx.execute("UPDATE accounts SET balance = $1 WHERE id = 3", &[&(seen * 2)]).await.unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(balance(&client, 3).await, 200);
+    // Another session reads its result, through the same pools.
+    let other = env.client().await;
+    let tx_rows = other.query("SELECT balance FROM accounts WHERE id = 3", &[]).await.unwrap();
+    assert_eq!(tx_rows[0].get::<_, i32>(0), 200);
+}
