@@ -361,3 +361,22 @@ async fn optimistic_transactions_under_transaction_pooling() {
     let tx_rows = other.query("SELECT balance FROM accounts WHERE id = 3", &[]).await.unwrap();
     assert_eq!(tx_rows[0].get::<_, i32>(0), 200);
 }
+
+#[tokio::test]
+async fn a_unit_of_work_right_after_a_write_never_reads_a_replica_that_lacks_it() {
+    // The only replica replays 2 s late: every unit that reads right after
+    // a write must run where the write is.
+    let builder = Cluster::builder().delayed_replica(Duration::from_secs(2));
+    let env = start(builder, ProxyConfig::default()).await;
+    let client = env.client().await;
+    client.batch_execute("CREATE TABLE counters (id int PRIMARY KEY, n int)").await.unwrap();
+    client.batch_execute("INSERT INTO counters VALUES (1, 0)").await.unwrap();
+    let mut client = client;
+    for round in 1..=10 {
+        client.execute("UPDATE counters SET n = $1 WHERE id = 1", &[&round]).await.unwrap();
+        let tx = client.transaction().await.unwrap();
+        let n: i32 = tx.query_one("SELECT n FROM counters WHERE id = 1", &[]).await.unwrap().get(0);
+        assert_eq!(n, round, "a stale read in the unit of work after a write");
+        tx.commit().await.unwrap();
+    }
+}

@@ -122,7 +122,16 @@ impl Replay {
             self.units = Vec::new();
             return;
         }
-        self.units.push(unit.clone());
+        // Copies: a frame shares the client's read buffer, which a kept
+        // frame would keep from being reused.
+        let frames = unit.frames.iter().map(Frame::detached).collect();
+        self.units.push(Batch {
+            frames,
+            classes: unit.classes.clone(),
+            named: unit.named,
+            parses_unnamed: unit.parses_unnamed,
+            uses_earlier_unnamed: unit.uses_earlier_unnamed,
+        });
     }
 }
 
