@@ -21,10 +21,13 @@ pub enum ProxyError {
     ClientGone(std::io::Error),
     #[error("no PostgreSQL user name specified in startup packet")]
     NoUser,
-    #[error("user {0:?} is not configured in pgnear")]
-    UnknownUser(String),
     #[error("password authentication failed for user {0:?}")]
     BadPassword(String),
+    /// `proxy.auth_query` could not run; the cause names no secret.
+    #[error("cannot look up user {user:?}: {cause}")]
+    Lookup { user: String, cause: String },
+    #[error("too many logins are waiting for user lookups (proxy.auth_query): try again")]
+    LookupBusy,
     #[error("SCRAM authentication failed: {0}")]
     Scram(crate::auth::ScramError),
     #[error("the connection matches no tenant and pgnear requires one")]
@@ -85,8 +88,10 @@ impl ProxyError {
             E::ClientProtocol(_) => (Fatal, S::ProtocolViolation),
             E::Startup(StartupError::UnsupportedVersion { .. }) => (Fatal, S::FeatureNotSupported),
             E::Startup(_) => (Fatal, S::ProtocolViolation),
-            E::NoUser | E::UnknownUser(_) | E::NoTenant => (Fatal, S::InvalidAuthorizationSpecification),
+            E::NoUser | E::NoTenant => (Fatal, S::InvalidAuthorizationSpecification),
             E::BadPassword(_) => (Fatal, S::InvalidPassword),
+            E::Lookup { .. } => (Fatal, S::SqlclientUnableToEstablishSqlconnection),
+            E::LookupBusy => (Fatal, S::TooManyConnections),
             E::TlsRequired => (Fatal, S::InvalidAuthorizationSpecification),
             E::TlsNegotiation(_) => (Fatal, S::ProtocolViolation),
             E::Scram(crate::auth::ScramError::BadProof) => (Fatal, S::InvalidPassword),
@@ -95,6 +100,7 @@ impl ProxyError {
             E::StartupTimeout => (Fatal, S::ProtocolViolation),
             E::IdleTimeout => (Fatal, S::IdleSessionTimeout),
             E::NoPrimary(_) => (Fatal, S::SqlclientUnableToEstablishSqlconnection),
+            E::Connect(ConnectError::Limit(_)) => (Fatal, S::TooManyConnections),
             E::Connect(_) => (Fatal, S::SqlclientUnableToEstablishSqlconnection),
             E::BackendLost { .. } | E::BackendProtocol { .. } => (Fatal, S::ConnectionFailure),
             E::PrimaryMoved { .. } => (Fatal, S::AdminShutdown),
@@ -113,9 +119,10 @@ impl ProxyError {
             E::ClientProtocol(_) | E::Startup(_) | E::Unsupported(_) => "client_protocol",
             E::ClientTls(_) | E::TlsNegotiation(_) => "client_protocol",
             E::ClientGone(_) => "client_gone",
-            E::NoUser | E::UnknownUser(_) | E::BadPassword(_) | E::Scram(_) | E::NoTenant => "auth",
+            E::NoUser | E::BadPassword(_) | E::Scram(_) | E::NoTenant | E::Lookup { .. } => "auth",
             E::TlsRequired => "auth",
-            E::TooManyClients(_) | E::PoolExhausted(_) => "limit",
+            E::TooManyClients(_) | E::PoolExhausted(_) | E::Connect(ConnectError::Limit(_)) => "limit",
+            E::LookupBusy => "limit",
             E::StartupTimeout | E::IdleTimeout => "timeout",
             E::NoPrimary(_) | E::Connect(_) => "backend_connect",
             E::BackendLost { .. }

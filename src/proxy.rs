@@ -95,6 +95,8 @@ impl Proxy {
             Arc::new(Catalogs::new(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout));
         let pool_mode = config.proxy.pool_mode;
         let pools = Pools::new(&config.proxy);
+        let lookups =
+            crate::auth::lookup::Lookups::new(config.proxy.auth_cache, config.proxy.auth_failure_cache);
         let shared = Arc::new(Shared {
             classifier: ClassifyCache::new(config.proxy.classify_cache_entries),
             catalogs,
@@ -107,6 +109,8 @@ impl Proxy {
             pools,
             tls,
             learned: crate::router::learned::Learned::new(crate::router::learned::REMEMBER),
+            limits: Arc::default(),
+            lookups,
         });
         if pool_mode == PoolMode::Transaction {
             tokio::spawn(reap_pools(Arc::downgrade(&shared)));

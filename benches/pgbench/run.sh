@@ -1002,6 +1002,7 @@ EOF
     for script in read-only read-then-write; do
         for mode in ${OPT_MODES:-simple extended}; do
             local out=$dir/$script-$mode.out before after txns tps per
+            wait_replica # the phases before may have left it behind
             "$PGBENCH" -n -h 127.0.0.1 -p "$P_NEAR_SPLIT" -U postgres -M "$mode" -c "${OPT_CLIENTS:-16}" -j 2 \
                 -T "${OPT_WARMUP:-3}" -f "$dir/$script.sql" postgres >"$out.warmup" 2>&1 ||
                 log "pgbench warm-up failed: see $out.warmup"

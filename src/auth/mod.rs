@@ -1,6 +1,7 @@
 //! Authentication: clients proving themselves to pgnear (`scram`, `md5`),
 //! and the verifiers pgnear derives once from the configured passwords.
 
+pub mod lookup;
 pub mod md5;
 pub mod scram;
 
@@ -23,6 +24,8 @@ pub enum Credential {
 #[derive(Debug, Default)]
 pub struct Directory {
     users: HashMap<String, Credential>,
+    /// The secret that makes the decoy verifiers of unknown users.
+    decoy: [u8; 32],
 }
 
 impl Directory {
@@ -38,7 +41,12 @@ impl Directory {
             };
             users.insert(user.name.clone(), credential);
         }
-        Ok(Directory { users })
+        Ok(Directory { users, decoy: rand::random() })
+    }
+
+    /// The process's secret for decoy verifiers (`ScramVerifier::unknown`).
+    pub fn decoy_key(&self) -> &[u8; 32] {
+        &self.decoy
     }
 
     pub fn get(&self, user: &str) -> Option<&Credential> {

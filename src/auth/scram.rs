@@ -20,6 +20,12 @@ pub enum ScramError {
     BadProof,
     #[error("invalid SCRAM verifier in the config")]
     BadVerifier,
+    #[error("the server's SCRAM secret is not the one configured (salt or iteration count differ)")]
+    SecretMismatch,
+    #[error("the server's signature does not match")]
+    BadServerSignature,
+    #[error("the server refused the proof: {0}")]
+    Refused(String),
 }
 
 /// What the server keeps of a password: salt, iterations and two keys.
@@ -48,6 +54,19 @@ impl ScramVerifier {
         Self::parse(&postgres_protocol::password::scram_sha_256(value.as_bytes()))
     }
 
+    /// A verifier for a user that does not exist: no password matches it,
+    /// and its salt is the same at every attempt for `name` (`key` is the
+    /// process's secret), so that the exchange gives nothing away.
+    pub fn unknown(name: &str, key: &[u8; 32]) -> ScramVerifier {
+        let derived = hmac(key, name.as_bytes());
+        ScramVerifier {
+            iterations: 4096,
+            salt: derived[..16].to_vec(),
+            stored_key: hmac(key, &derived),
+            server_key: hmac(&derived, key),
+        }
+    }
+
     fn parse(text: &str) -> Result<ScramVerifier, ScramError> {
         let rest = text.strip_prefix("SCRAM-SHA-256$").ok_or(ScramError::BadVerifier)?;
         let (params, keys) = rest.split_once('$').ok_or(ScramError::BadVerifier)?;
@@ -60,6 +79,117 @@ impl ScramVerifier {
             stored_key: b64(stored)?,
             server_key: b64(server)?,
         })
+    }
+}
+
+impl ScramVerifier {
+    /// The keys for SCRAM passthrough: this verifier's, with the client key
+    /// a client proved in its own exchange.
+    pub fn keys(&self, client_key: Vec<u8>) -> ScramKeys {
+        ScramKeys {
+            iterations: self.iterations,
+            salt: self.salt.clone(),
+            client_key,
+            server_key: self.server_key.clone(),
+        }
+    }
+}
+
+/// What SCRAM passthrough needs to log in to a server that keeps the same
+/// stored secret: its salt, iteration count and server key, and the client
+/// key a client proved to pgnear. No password exists anywhere.
+#[derive(Clone)]
+pub struct ScramKeys {
+    iterations: u32,
+    salt: Vec<u8>,
+    client_key: Vec<u8>,
+    server_key: Vec<u8>,
+}
+
+impl std::fmt::Debug for ScramKeys {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ScramKeys(***)")
+    }
+}
+
+/// The client side of one SCRAM exchange by passthrough: the proof is made
+/// from the client key, not from a password.
+pub struct ScramClient {
+    keys: std::sync::Arc<ScramKeys>,
+    /// The gs2 header and, with SCRAM-SHA-256-PLUS, the binding data: what
+    /// client-final's `c=` carries.
+    binding: Vec<u8>,
+    gs2_header: &'static str,
+    nonce: String,
+    client_first_bare: String,
+    auth_message: Option<String>,
+}
+
+impl ScramClient {
+    /// A new exchange: `channel` is the server's tls-server-end-point data
+    /// when it offers SCRAM-SHA-256-PLUS over TLS; `tls` whether the
+    /// connection is TLS at all (then a client that does not bind says so).
+    pub fn new(keys: std::sync::Arc<ScramKeys>, channel: Option<Vec<u8>>, tls: bool) -> ScramClient {
+        let nonce = nonce();
+        let (gs2_header, binding) = match channel {
+            Some(data) => ("p=tls-server-end-point,,", data),
+            None if tls => ("y,,", Vec::new()),
+            None => ("n,,", Vec::new()),
+        };
+        let binding = [gs2_header.as_bytes(), &binding].concat();
+        let client_first_bare = format!("n=,r={nonce}");
+        ScramClient { keys, binding, gs2_header, nonce, client_first_bare, auth_message: None }
+    }
+
+    /// The mechanism this exchange uses.
+    pub fn mechanism(&self) -> &'static str {
+        if self.gs2_header.starts_with("p=") {
+            SCRAM_SHA_256_PLUS
+        } else {
+            SCRAM_SHA_256
+        }
+    }
+
+    /// client-first.
+    pub fn client_first(&self) -> String {
+        format!("{}{}", self.gs2_header, self.client_first_bare)
+    }
+
+    /// Takes server-first and returns client-final with the proof.
+    pub fn server_first(&mut self, message: &[u8]) -> Result<String, ScramError> {
+        let text = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        let attr = |name: &str| text.split(',').find_map(|a| a.strip_prefix(name));
+        let nonce = attr("r=").filter(|n| n.starts_with(&self.nonce) && n.len() > self.nonce.len());
+        let nonce = nonce.ok_or(ScramError::Malformed("server nonce"))?;
+        let salt = attr("s=").and_then(|s| STANDARD.decode(s).ok()).ok_or(ScramError::Malformed("salt"))?;
+        let iterations: u32 =
+            attr("i=").and_then(|i| i.parse().ok()).ok_or(ScramError::Malformed("iteration count"))?;
+        if salt != self.keys.salt || iterations != self.keys.iterations {
+            return Err(ScramError::SecretMismatch);
+        }
+        let without_proof = format!("c={},r={nonce}", STANDARD.encode(&self.binding));
+        let auth_message = format!("{},{text},{without_proof}", self.client_first_bare);
+        let stored_key = Sha256::digest(&self.keys.client_key);
+        let signature = hmac(&stored_key, auth_message.as_bytes());
+        let proof: Vec<u8> = self.keys.client_key.iter().zip(&signature).map(|(k, s)| k ^ s).collect();
+        self.auth_message = Some(auth_message);
+        Ok(format!("{without_proof},p={}", STANDARD.encode(proof)))
+    }
+
+    /// Checks server-final's signature.
+    pub fn server_final(&self, message: &[u8]) -> Result<(), ScramError> {
+        let text = std::str::from_utf8(message).map_err(|_| ScramError::Malformed("not UTF-8"))?;
+        if let Some(error) = text.strip_prefix("e=") {
+            return Err(ScramError::Refused(error.to_string()));
+        }
+        let auth_message =
+            self.auth_message.as_ref().ok_or(ScramError::Malformed("server-final out of order"))?;
+        let signature = text.strip_prefix("v=").and_then(|v| STANDARD.decode(v).ok());
+        let expected = hmac(&self.keys.server_key, auth_message.as_bytes());
+        match signature {
+            Some(signature) if signature == expected => Ok(()),
+            _ => Err(ScramError::BadServerSignature),
+        }
     }
 }
 
@@ -166,8 +296,13 @@ impl ScramServer {
         Ok(server_first)
     }
 
-    /// Takes client-final; on a valid proof returns server-final.
-    pub fn client_final(&mut self, message: &[u8], verifier: &ScramVerifier) -> Result<String, ScramError> {
+    /// Takes client-final; on a valid proof returns server-final and the
+    /// client key the proof revealed (for SCRAM passthrough).
+    pub fn client_final(
+        &mut self,
+        message: &[u8],
+        verifier: &ScramVerifier,
+    ) -> Result<(String, Vec<u8>), ScramError> {
         let ScramServer::Challenged { channel_binding, nonce, client_first_bare, server_first } =
             std::mem::replace(self, ScramServer::Done)
         else {
@@ -196,7 +331,7 @@ impl ScramServer {
             return Err(ScramError::BadProof);
         }
         let server_signature = hmac(&verifier.server_key, auth_message.as_bytes());
-        Ok(format!("v={}", STANDARD.encode(server_signature)))
+        Ok((format!("v={}", STANDARD.encode(server_signature)), client_key))
     }
 }
 
@@ -248,8 +383,52 @@ mod tests {
         let verifier = ScramVerifier::from_secret(&Secret::new(server_password)).unwrap();
         let server_first = server.client_first(mechanism, client.message(), &verifier)?;
         client.update(server_first.as_bytes()).unwrap();
-        let server_final = server.client_final(client.message(), &verifier)?;
+        let (server_final, _) = server.client_final(client.message(), &verifier)?;
         client.finish(server_final.as_bytes()).map_err(|_| ScramError::BadProof)
+    }
+
+    /// A client logs in with its password; pgnear then logs in to a server
+    /// holding the same stored secret with the client key alone.
+    #[test]
+    fn passthrough_logs_in_with_the_client_key_alone() {
+        let stored = postgres_protocol::password::scram_sha_256(b"s3cret");
+        let verifier = ScramVerifier::from_secret(&Secret::new(stored.clone())).unwrap();
+        let mut client = ScramSha256::new(b"s3cret", ChannelBinding::unsupported());
+        let mut pgnear = ScramServer::new();
+        let first = pgnear.client_first("SCRAM-SHA-256", client.message(), &verifier).unwrap();
+        client.update(first.as_bytes()).unwrap();
+        let (_, client_key) = pgnear.client_final(client.message(), &verifier).unwrap();
+        let keys = std::sync::Arc::new(verifier.keys(client_key));
+        // The server: the same secret, as pg_authid keeps it.
+        for (binding, tls) in [(None, false), (None, true), (Some(vec![9u8; 32]), true)] {
+            let mut server = match &binding {
+                Some(data) => ScramServer::with_channel_binding(data.clone()),
+                None => ScramServer::new(),
+            };
+            let mut passthrough = ScramClient::new(keys.clone(), binding.clone(), tls);
+            let first = passthrough.client_first();
+            let server_first =
+                server.client_first(passthrough.mechanism(), first.as_bytes(), &verifier).unwrap();
+            let last = passthrough.server_first(server_first.as_bytes()).unwrap();
+            let (server_final, _) = server.client_final(last.as_bytes(), &verifier).unwrap();
+            passthrough.server_final(server_final.as_bytes()).unwrap();
+        }
+        // A server whose secret was set anew (another salt) is told apart.
+        let other =
+            ScramVerifier::from_secret(&Secret::new(postgres_protocol::password::scram_sha_256(b"s3cret")))
+                .unwrap();
+        let mut server = ScramServer::new();
+        let mut passthrough = ScramClient::new(keys.clone(), None, false);
+        let server_first =
+            server.client_first("SCRAM-SHA-256", passthrough.client_first().as_bytes(), &other).unwrap();
+        assert_eq!(passthrough.server_first(server_first.as_bytes()), Err(ScramError::SecretMismatch));
+        // A forged server-final is refused.
+        let mut passthrough = ScramClient::new(keys, None, false);
+        let mut server = ScramServer::new();
+        let server_first =
+            server.client_first("SCRAM-SHA-256", passthrough.client_first().as_bytes(), &verifier).unwrap();
+        passthrough.server_first(server_first.as_bytes()).unwrap();
+        assert_eq!(passthrough.server_final(b"v=AAAA"), Err(ScramError::BadServerSignature));
     }
 
     #[test]

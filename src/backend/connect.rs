@@ -15,6 +15,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UnixStream};
 
 use super::Backend;
+use crate::auth::scram::{ScramClient, ScramKeys};
 use crate::cluster::Endpoint;
 use crate::config::{Secret, SslMode};
 use crate::protocol::backend::{parse_backend_key, ErrorFields};
@@ -25,11 +26,26 @@ use crate::tls::{Connector, ReadHalf, Split, Stream, WriteHalf};
 
 type ServerReader = FrameReader<ReadHalf>;
 
+/// How pgnear proves itself to a server.
+#[derive(Debug, Clone, Default)]
+pub enum ServerAuth {
+    /// Nothing: the server is expected to trust pgnear.
+    #[default]
+    None,
+    Password(Secret),
+    /// md5 passthrough: the stored `md5...` secret answers an md5 challenge.
+    Md5(Secret),
+    /// SCRAM passthrough: the keys the client's own exchange proved.
+    Scram(Arc<ScramKeys>),
+}
+
 /// Who to log in as, and with which parameters.
 #[derive(Debug, Clone)]
 pub struct ServerLogin {
     pub user: String,
-    pub password: Option<Secret>,
+    pub auth: ServerAuth,
+    /// The user's `max_user_connections`, if it has its own.
+    pub max_connections: Option<usize>,
     /// Startup parameters other than `user`, in the client's order.
     pub params: Vec<(String, String)>,
 }
@@ -59,6 +75,9 @@ pub enum ConnectError {
     NoPassword(String),
     #[error("server authentication failed: {0}")]
     Auth(String),
+    /// `max_user_connections` or `max_db_connections` is reached.
+    #[error("{0}")]
+    Limit(String),
     #[error("unsupported authentication request {0} from server")]
     UnsupportedAuth(i32),
     #[error("protocol error from server: {0}")]
@@ -242,7 +261,7 @@ async fn authenticate(
     login: &ServerLogin,
     binding: &Binding,
 ) -> Result<(), ConnectError> {
-    let mut scram: Option<ScramSha256> = None;
+    let mut scram: Option<Exchange> = None;
     loop {
         let frame = next(reader).await?;
         match frame.tag() {
@@ -256,7 +275,10 @@ async fn authenticate(
         }
         let mut body = frame.body();
         let code = int32(&mut body, "Authentication")?;
-        let password = || login.password.as_ref().ok_or_else(|| ConnectError::NoPassword(login.user.clone()));
+        let password = || match &login.auth {
+            ServerAuth::Password(password) => Ok(password),
+            _ => Err(ConnectError::NoPassword(login.user.clone())),
+        };
         let mut out = BytesMut::new();
         let wrap = |e: std::io::Error| ConnectError::Auth(e.to_string());
         match code {
@@ -266,11 +288,14 @@ async fn authenticate(
                 let salt: [u8; 4] = body
                     .try_into()
                     .map_err(|_| ProtocolError::Malformed { what: "AuthenticationMD5Password" })?;
-                let hash = postgres_protocol::authentication::md5_hash(
-                    login.user.as_bytes(),
-                    password()?.expose().as_bytes(),
-                    salt,
-                );
+                let hash = match &login.auth {
+                    ServerAuth::Md5(stored) => md5_answer(stored.expose(), salt),
+                    _ => postgres_protocol::authentication::md5_hash(
+                        login.user.as_bytes(),
+                        password()?.expose().as_bytes(),
+                        salt,
+                    ),
+                };
                 frontend::password_message(hash.as_bytes(), &mut out).map_err(wrap)?;
             }
             10 => {
@@ -283,26 +308,49 @@ async fn authenticate(
                     offers.0 |= mechanism == SCRAM_SHA_256;
                     offers.1 |= mechanism == SCRAM_SHA_256_PLUS;
                 }
-                let (mechanism, channel_binding) = match (binding, offers) {
-                    (Binding::Available(data), (_, true)) => {
-                        (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(data.to_vec()))
-                    }
-                    (Binding::Available(_), (true, false)) => (SCRAM_SHA_256, ChannelBinding::unrequested()),
-                    (Binding::Unsupported, (true, _)) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
-                    _ => return Err(ConnectError::Auth("server offers no SCRAM-SHA-256".into())),
-                };
-                let client = ScramSha256::new(password()?.expose().as_bytes(), channel_binding);
-                frontend::sasl_initial_response(mechanism, client.message(), &mut out).map_err(wrap)?;
-                scram = Some(client);
+                if let ServerAuth::Scram(keys) = &login.auth {
+                    let (channel, tls) = match (binding, offers) {
+                        (Binding::Available(data), (_, true)) => (Some(data.to_vec()), true),
+                        (Binding::Available(_), (true, false)) => (None, true),
+                        (Binding::Unsupported, (true, _)) => (None, false),
+                        _ => return Err(ConnectError::Auth("server offers no SCRAM-SHA-256".into())),
+                    };
+                    let client = ScramClient::new(keys.clone(), channel, tls);
+                    let first = client.client_first();
+                    frontend::sasl_initial_response(client.mechanism(), first.as_bytes(), &mut out)
+                        .map_err(wrap)?;
+                    scram = Some(Exchange::Passthrough(client));
+                } else {
+                    let (mechanism, channel_binding) = match (binding, offers) {
+                        (Binding::Available(data), (_, true)) => {
+                            (SCRAM_SHA_256_PLUS, ChannelBinding::tls_server_end_point(data.to_vec()))
+                        }
+                        (Binding::Available(_), (true, false)) => {
+                            (SCRAM_SHA_256, ChannelBinding::unrequested())
+                        }
+                        (Binding::Unsupported, (true, _)) => (SCRAM_SHA_256, ChannelBinding::unsupported()),
+                        _ => return Err(ConnectError::Auth("server offers no SCRAM-SHA-256".into())),
+                    };
+                    let client = ScramSha256::new(password()?.expose().as_bytes(), channel_binding);
+                    frontend::sasl_initial_response(mechanism, client.message(), &mut out).map_err(wrap)?;
+                    scram = Some(Exchange::Password(Box::new(client)));
+                }
             }
-            11 => {
-                let client = scram.as_mut().ok_or(ConnectError::Auth("SASL continue out of order".into()))?;
-                client.update(body).map_err(wrap)?;
-                frontend::sasl_response(client.message(), &mut out).map_err(wrap)?;
-            }
+            11 => match scram.as_mut().ok_or(ConnectError::Auth("SASL continue out of order".into()))? {
+                Exchange::Password(client) => {
+                    client.update(body).map_err(wrap)?;
+                    frontend::sasl_response(client.message(), &mut out).map_err(wrap)?;
+                }
+                Exchange::Passthrough(client) => {
+                    let last = client.server_first(body).map_err(passthrough)?;
+                    frontend::sasl_response(last.as_bytes(), &mut out).map_err(wrap)?;
+                }
+            },
             12 => {
-                let client = scram.as_mut().ok_or(ConnectError::Auth("SASL final out of order".into()))?;
-                client.finish(body).map_err(wrap)?;
+                match scram.as_mut().ok_or(ConnectError::Auth("SASL final out of order".into()))? {
+                    Exchange::Password(client) => client.finish(body).map_err(wrap)?,
+                    Exchange::Passthrough(client) => client.server_final(body).map_err(passthrough)?,
+                }
                 continue;
             }
             other => return Err(ConnectError::UnsupportedAuth(other)),
@@ -311,6 +359,28 @@ async fn authenticate(
         write.write_all(&out).await.map_err(io)?;
         write.flush().await.map_err(io)?;
     }
+}
+
+/// A SCRAM exchange toward a server: with a password, or by passthrough.
+enum Exchange {
+    Password(Box<ScramSha256>),
+    Passthrough(ScramClient),
+}
+
+fn passthrough(error: crate::auth::ScramError) -> ConnectError {
+    ConnectError::Auth(format!("SCRAM passthrough: {error}"))
+}
+
+/// The answer to an md5 challenge from the stored `md5...` secret:
+/// `md5` + md5(hex digest + salt), as libpq computes it from the password.
+fn md5_answer(stored: &str, salt: [u8; 4]) -> String {
+    use md5::{Digest, Md5};
+    let hex = stored.strip_prefix("md5").unwrap_or(stored);
+    let mut hasher = Md5::new();
+    hasher.update(hex.as_bytes());
+    hasher.update(salt);
+    let digest: String = hasher.finalize().iter().map(|b| format!("{b:02x}")).collect();
+    format!("md5{digest}")
 }
 
 /// Sends a CancelRequest for `key` to the server at `addr`.

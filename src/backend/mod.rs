@@ -3,10 +3,11 @@
 
 pub mod connect;
 pub mod connection;
+pub mod limits;
 pub(crate) mod pool;
 pub(crate) mod server;
 
-pub use connect::{connect, ConnectError, ServerLogin};
+pub use connect::{connect, ConnectError, ServerAuth, ServerLogin};
 pub use connection::Backend;
 
 /// A server connection a cancel can be sent to.

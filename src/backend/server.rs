@@ -68,6 +68,8 @@ pub(crate) struct Server {
     /// The turn since which `holder` has taken it every time.
     pub(crate) held_since: u64,
     pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Its place in the per-user and per-database counts, while open.
+    _slot: super::limits::Slot,
     /// The event loop whose reactor watches its socket (`clock::current_loop`).
     pub(crate) home: usize,
 }
@@ -180,6 +182,9 @@ pub struct Dial<'a> {
     /// One per node.
     pub connectors: &'a [crate::tls::Connector],
     pub metrics: &'a crate::metrics::Metrics,
+    /// Server connections counted for `max_user_connections` and
+    /// `max_db_connections`.
+    pub limits: &'a Arc<super::limits::ServerLimits>,
 }
 
 /// Opens a connection to `node` and logs in.
@@ -190,6 +195,12 @@ pub(crate) async fn open(
 ) -> Result<Box<Server>, super::ConnectError> {
     let endpoint = &dial.topology.nodes[node].endpoint;
     let proxy = dial.proxy;
+    let limits = super::limits::Limits {
+        per_user: login.max_connections.unwrap_or(proxy.max_user_connections),
+        per_database: proxy.max_db_connections,
+    };
+    let database = login.param("database").unwrap_or(&login.user);
+    let slot = dial.limits.take(node, &login.user, database, limits).map_err(super::ConnectError::Limit)?;
     let tls = &dial.connectors[node];
     let backend = connect(endpoint, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = ServerKey { node, key: backend.key };
@@ -219,6 +230,7 @@ pub(crate) async fn open(
         holder: 0,
         turns: 0,
         held_since: 0,
+        _slot: slot,
     }))
 }
 

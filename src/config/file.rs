@@ -27,6 +27,12 @@ pub struct ProxyFile {
     pub pool_size: Option<u64>,
     pub pool_timeout_ms: Option<u64>,
     pub server_idle_timeout_ms: Option<u64>,
+    pub auth_user: Option<String>,
+    pub auth_query: Option<String>,
+    pub auth_cache_ms: Option<u64>,
+    pub auth_failure_cache_ms: Option<u64>,
+    pub max_user_connections: Option<u64>,
+    pub max_db_connections: Option<u64>,
 }
 
 /// One `[[nodes]]` entry.
@@ -52,6 +58,7 @@ pub struct UserFile {
     pub auth: Option<String>,
     pub server_user: Option<String>,
     pub server_password: Option<String>,
+    pub max_user_connections: Option<u64>,
 }
 
 /// The `[routing]` table.

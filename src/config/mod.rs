@@ -86,7 +86,24 @@ pub struct ProxySettings {
     pub pool_timeout: Duration,
     /// Transaction mode: idle pooled connections are closed after this.
     pub server_idle_timeout: Duration,
+    /// The `[[users]]` entry that looks up users not listed there.
+    pub auth_user: Option<String>,
+    /// The lookup: one parameter (the user name), one row of name and
+    /// stored secret (PgBouncer's `auth_query`).
+    pub auth_query: String,
+    /// How long a looked-up secret is used before it is looked up again.
+    pub auth_cache: Duration,
+    /// How long a lookup that found nothing (or failed) stands.
+    pub auth_failure_cache: Duration,
+    /// Server connections per node and server user at most (0: no limit);
+    /// a user's `max_user_connections` overrides it.
+    pub max_user_connections: usize,
+    /// Server connections per node and database at most (0: no limit).
+    pub max_db_connections: usize,
 }
+
+/// PgBouncer's default `auth_query`.
+pub const DEFAULT_AUTH_QUERY: &str = "SELECT usename, passwd FROM pg_shadow WHERE usename = $1";
 
 /// `proxy.pool_mode`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,9 +189,31 @@ impl NodeConfig {
 #[derive(Clone, PartialEq, Eq)]
 pub struct Secret(String);
 
+/// What a configured password is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SecretKind {
+    Plain,
+    /// A stored `SCRAM-SHA-256$iter:salt$stored:server` secret.
+    Scram,
+    /// A stored `md5` + 32 hex digits secret.
+    Md5,
+}
+
 impl Secret {
     pub fn new(value: impl Into<String>) -> Secret {
         Secret(value.into())
+    }
+
+    /// Whether this is a password or a secret stored as PostgreSQL keeps it.
+    pub fn kind(&self) -> SecretKind {
+        let md5 = |h: &str| h.len() == 32 && h.bytes().all(|b| b.is_ascii_hexdigit());
+        if self.0.starts_with("SCRAM-SHA-256$") {
+            SecretKind::Scram
+        } else if self.0.strip_prefix("md5").is_some_and(md5) {
+            SecretKind::Md5
+        } else {
+            SecretKind::Plain
+        }
     }
 
     pub fn expose(&self) -> &str {
@@ -203,8 +242,13 @@ pub struct UserConfig {
     pub name: String,
     pub auth: ClientAuth,
     pub server_user: String,
-    /// `None`: the server is expected to trust pgnear.
+    /// The password pgnear logs in to servers with: `server_password`, or
+    /// else the user's own `password` when it is plain text. `None`: SCRAM
+    /// or md5 passthrough for a stored secret, or a server that trusts pgnear.
     pub server_password: Option<Secret>,
+    /// Server connections per node at most for this user (0: no limit);
+    /// `None`: `proxy.max_user_connections`.
+    pub max_user_connections: Option<usize>,
 }
 
 /// `routing.default`.

@@ -284,6 +284,12 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
         pool_size: pool_size as usize,
         pool_timeout: ms(p.pool_timeout_ms, 30_000),
         server_idle_timeout: ms(p.server_idle_timeout_ms, 60_000),
+        auth_user: p.auth_user,
+        auth_query: p.auth_query.unwrap_or_else(|| DEFAULT_AUTH_QUERY.to_string()),
+        auth_cache: ms(p.auth_cache_ms, 60_000),
+        auth_failure_cache: ms(p.auth_failure_cache_ms, 5_000),
+        max_user_connections: p.max_user_connections.unwrap_or(0) as usize,
+        max_db_connections: p.max_db_connections.unwrap_or(0) as usize,
     }
 }
 
@@ -385,9 +391,26 @@ fn node(n: NodeFile, i: usize, default_region: &str, faults: &mut Faults) -> Nod
 fn user(u: UserFile, i: usize, faults: &mut Faults) -> UserConfig {
     let path = format!("users[{i}]");
     let password = u.password.map(Secret::new);
+    // Without server_password, a plain-text password is used toward servers
+    // too; a stored secret means passthrough (or a server that trusts pgnear).
+    let own = password.clone().filter(|p| p.kind() == SecretKind::Plain);
     let auth = match (u.auth.as_deref().unwrap_or("scram-sha-256"), password) {
         ("trust", _) => ClientAuth::Trust,
+        ("md5", Some(p)) if p.kind() == SecretKind::Scram => {
+            faults.add(
+                format!("{path}.password"),
+                "a stored SCRAM secret cannot check md5 logins: auth = \"scram-sha-256\"",
+            );
+            ClientAuth::Trust
+        }
         ("md5", Some(p)) => ClientAuth::Md5(p),
+        ("scram-sha-256", Some(p)) if p.kind() == SecretKind::Md5 => {
+            faults.add(
+                format!("{path}.password"),
+                "a stored md5 secret cannot check SCRAM logins: auth = \"md5\"",
+            );
+            ClientAuth::Trust
+        }
         ("scram-sha-256", Some(p)) => ClientAuth::ScramSha256(p),
         ("md5" | "scram-sha-256", None) => {
             faults.add(format!("{path}.password"), "is required unless auth = \"trust\"");
@@ -400,9 +423,10 @@ fn user(u: UserFile, i: usize, faults: &mut Faults) -> UserConfig {
     };
     UserConfig {
         server_user: u.server_user.unwrap_or_else(|| u.name.clone()),
-        server_password: u.server_password.map(Secret::new),
+        server_password: u.server_password.map(Secret::new).or(own),
         name: u.name,
         auth,
+        max_user_connections: u.max_user_connections.map(|n| n as usize),
     }
 }
 
@@ -549,5 +573,22 @@ fn cross_checks(config: &Config, faults: &mut Faults) {
     if !config.nodes.is_empty() && !config.proxy.require_tenant && !known(&config.proxy.default_cluster) {
         let message = format!("no node belongs to cluster {:?}", config.proxy.default_cluster);
         faults.add("proxy.default_cluster", message);
+    }
+    if let Some(name) = &config.proxy.auth_user {
+        match config.user(name) {
+            None => faults.add("proxy.auth_user", format!("{name:?} is not a [[users]] entry")),
+            Some(u) if u.server_password.is_none() && u.auth != ClientAuth::Trust => faults.add(
+                "proxy.auth_user",
+                format!(
+                    "{name:?} has only a stored secret: the lookup logs in with a password \
+                     (a plain-text password or server_password)"
+                ),
+            ),
+            Some(_) => {}
+        }
+        let query = &config.proxy.auth_query;
+        if !query.contains("$1") {
+            faults.add("proxy.auth_query", "must take the user name as $1");
+        }
     }
 }

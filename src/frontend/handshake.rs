@@ -8,9 +8,11 @@ use bytes::BytesMut;
 use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt};
 
 use super::Shared;
+use crate::auth::lookup::{LookupError, Target};
 use crate::auth::md5::Md5Secret;
 use crate::auth::{Credential, ScramServer, ScramVerifier};
-use crate::config::{TlsMode, UserConfig};
+use crate::backend::ServerAuth;
+use crate::config::{ClientAuth, SecretKind, TlsMode, UserConfig};
 use crate::error::ProxyError;
 use crate::protocol::backend::{
     auth_md5, auth_ok, auth_sasl, auth_sasl_continue, auth_sasl_final, negotiate_protocol_version,
@@ -31,7 +33,7 @@ const AUTH_MESSAGE_LIMIT: usize = 16 * 1024;
 #[derive(Debug)]
 pub enum Handshake {
     /// Authenticated: AuthenticationOk has been sent.
-    Authenticated(Login),
+    Authenticated(Box<Login>),
     /// The connection carried a CancelRequest, now forwarded.
     Cancelled,
     /// The client went away before starting.
@@ -42,6 +44,9 @@ pub enum Handshake {
 #[derive(Debug)]
 pub struct Login {
     pub user: UserConfig,
+    /// How pgnear logs in to servers for this client: a password, or
+    /// passthrough of what the client proved.
+    pub server_auth: ServerAuth,
     /// Every startup parameter except `user`, in the client's order.
     pub params: Vec<(String, String)>,
     /// Bytes the client sent after authenticating, not yet read as frames.
@@ -142,15 +147,23 @@ pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake
     refuse_replication(&params)?;
     let user_name =
         params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).ok_or(ProxyError::NoUser)?;
-    let user = shared.config.user(&user_name).cloned().ok_or(ProxyError::UnknownUser(user_name.clone()))?;
-    let credential = shared.directory.get(&user_name).ok_or(ProxyError::UnknownUser(user_name))?;
     let end_point = stream.end_point();
     let mut reader = FrameReader::new(&mut *stream, AUTH_MESSAGE_LIMIT);
-    authenticate(&mut reader, &user, credential, end_point).await?;
+    let known = shared.config.user(&user_name).cloned().zip(shared.directory.get(&user_name).cloned());
+    let known = match known {
+        Some(known) => Some(known),
+        None => look_up(shared, &user_name, &params).await?,
+    };
+    let Some((user, credential)) = known else {
+        // An unknown user goes through the same exchange as a wrong
+        // password, and gets the same error.
+        return Err(unknown_user(&mut reader, shared, &user_name, end_point).await);
+    };
+    let server_auth = authenticate(&mut reader, &user, &credential, end_point).await?;
     let (stream, buffered) = reader.into_parts();
     send(stream, &auth_ok()).await?;
     let params = params.into_iter().filter(|(k, _)| k != "user").collect();
-    Ok(Handshake::Authenticated(Login { user, params, buffered }))
+    Ok(Handshake::Authenticated(Box::new(Login { user, server_auth, params, buffered })))
 }
 
 /// A replication connection (`replication=true` or `database`, as
@@ -185,21 +198,88 @@ async fn read_password<S: AsyncRead + AsyncWrite + Unpin>(
     }
 }
 
+/// Checks the client against `credential` and gives how pgnear then logs
+/// in to servers for it: the user's password toward servers if it has
+/// one, else passthrough of the stored secret (md5), or of the client key
+/// the client's SCRAM proof revealed.
 async fn authenticate<S: AsyncRead + AsyncWrite + Unpin>(
     reader: &mut FrameReader<&mut S>,
     user: &UserConfig,
     credential: &Credential,
     end_point: Option<Arc<[u8]>>,
-) -> Result<(), ProxyError> {
-    match credential {
-        Credential::Trust => Ok(()),
-        Credential::Md5(secret) => md5(reader, user, secret).await,
-        Credential::Scram(verifier) => scram(reader, verifier, end_point).await.map_err(|e| match e {
-            ProxyError::Scram(crate::auth::ScramError::BadProof) => {
-                ProxyError::BadPassword(user.name.clone())
+) -> Result<ServerAuth, ProxyError> {
+    let bad_proof = |e| match e {
+        ProxyError::Scram(crate::auth::ScramError::BadProof) => ProxyError::BadPassword(user.name.clone()),
+        other => other,
+    };
+    let passthrough = match credential {
+        Credential::Trust => ServerAuth::None,
+        Credential::Md5(secret) => {
+            md5(reader, user, secret).await?;
+            match &user.auth {
+                ClientAuth::Md5(stored) if stored.kind() == SecretKind::Md5 => {
+                    ServerAuth::Md5(stored.clone())
+                }
+                _ => ServerAuth::None,
             }
-            other => other,
-        }),
+        }
+        Credential::Scram(verifier) => {
+            let client_key = scram(reader, verifier, end_point).await.map_err(bad_proof)?;
+            ServerAuth::Scram(Arc::new(verifier.keys(client_key)))
+        }
+    };
+    Ok(match &user.server_password {
+        Some(password) => ServerAuth::Password(password.clone()),
+        None => passthrough,
+    })
+}
+
+/// A user `[[users]]` does not list, looked up with `proxy.auth_query` on
+/// the primary of the cluster the connection belongs to, if configured.
+async fn look_up(
+    shared: &Shared,
+    name: &str,
+    params: &[(String, String)],
+) -> Result<Option<(UserConfig, Credential)>, ProxyError> {
+    let proxy = &shared.config.proxy;
+    let Some(auth_user) = proxy.auth_user.as_deref().and_then(|u| shared.config.user(u)) else {
+        return Ok(None);
+    };
+    let database = params.iter().find(|(k, _)| k == "database").map_or(name, |(_, v)| v.as_str());
+    let cluster = super::cluster_for(&shared.config, database, name).unwrap_or(&proxy.default_cluster);
+    let cannot = |cause: String| ProxyError::Lookup { user: name.to_string(), cause };
+    let node = shared.topology.primary(cluster).map_err(|e| cannot(e.to_string()))?;
+    let target = Target {
+        node: &shared.topology.nodes[node].config,
+        database,
+        user: &auth_user.server_user,
+        password: auth_user.server_password.as_ref(),
+        query: &proxy.auth_query,
+        timeout: proxy.connect_timeout,
+    };
+    match shared.lookups.find(name, target).await {
+        Ok(found) => Ok(found.map(|f| (f.user, f.credential))),
+        Err(LookupError::Busy) => Err(ProxyError::LookupBusy),
+        Err(LookupError::Failed(cause)) => Err(cannot(cause)),
+    }
+}
+
+/// A user pgnear does not know: a SCRAM exchange against a verifier no
+/// password matches (its salt stable per name, as a real one's is), then
+/// the error a wrong password gets.
+async fn unknown_user<S: AsyncRead + AsyncWrite + Unpin>(
+    reader: &mut FrameReader<&mut S>,
+    shared: &Shared,
+    name: &str,
+    end_point: Option<Arc<[u8]>>,
+) -> ProxyError {
+    let verifier = ScramVerifier::unknown(name, shared.directory.decoy_key());
+    match scram(reader, &verifier, end_point).await {
+        Err(ProxyError::Scram(crate::auth::ScramError::BadProof)) | Ok(_) => {
+            tracing::info!(user = name, "login for an unknown user refused");
+            ProxyError::BadPassword(name.to_string())
+        }
+        Err(other) => other,
     }
 }
 
@@ -224,7 +304,7 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     reader: &mut FrameReader<&mut S>,
     verifier: &ScramVerifier,
     end_point: Option<Arc<[u8]>>,
-) -> Result<(), ProxyError> {
+) -> Result<Vec<u8>, ProxyError> {
     let mut exchange = match end_point {
         Some(data) => ScramServer::with_channel_binding(data.to_vec()),
         None => ScramServer::new(),
@@ -235,6 +315,8 @@ async fn scram<S: AsyncRead + AsyncWrite + Unpin>(
     let server_first = exchange.client_first(mechanism, client_first, verifier).map_err(ProxyError::Scram)?;
     send(reader.get_mut(), &auth_sasl_continue(server_first.as_bytes())).await?;
     let response = read_password(reader).await?;
-    let server_final = exchange.client_final(response.body(), verifier).map_err(ProxyError::Scram)?;
-    send(reader.get_mut(), &auth_sasl_final(server_final.as_bytes())).await
+    let (server_final, client_key) =
+        exchange.client_final(response.body(), verifier).map_err(ProxyError::Scram)?;
+    send(reader.get_mut(), &auth_sasl_final(server_final.as_bytes())).await?;
+    Ok(client_key)
 }

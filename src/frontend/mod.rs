@@ -47,6 +47,10 @@ pub struct Shared {
     /// Opening statements of transactions that led to a write lately
     /// (`routing.optimistic_transactions`).
     pub learned: crate::router::learned::Learned,
+    /// Server connections per node and user, and per node and database.
+    pub limits: Arc<crate::backend::limits::ServerLimits>,
+    /// Users looked up with `proxy.auth_query`.
+    pub lookups: crate::auth::lookup::Lookups,
 }
 
 impl Shared {
@@ -57,6 +61,7 @@ impl Shared {
             proxy: &self.config.proxy,
             connectors: &self.tls.connectors,
             metrics: &self.metrics,
+            limits: &self.limits,
         }
     }
 
@@ -127,7 +132,7 @@ async fn open_session(
         Err(_) => Err(ProxyError::StartupTimeout),
     };
     let login = match outcome {
-        Ok(Handshake::Authenticated(login)) => login,
+        Ok(Handshake::Authenticated(login)) => *login,
         Ok(Handshake::Cancelled | Handshake::Closed) => return None,
         Err(error) => {
             shared.metrics.error(error.class());
@@ -168,13 +173,17 @@ pub(crate) async fn refuse<S: AsyncWrite + Unpin>(stream: &mut S, error: &ProxyE
 /// The cluster a connection belongs to, from the `[[tenants]]` rules.
 pub fn tenant_cluster(config: &Config, login: &Login) -> Result<String, ProxyError> {
     let database = login.param("database").unwrap_or(&login.user.name);
-    let user = login.user.name.as_str();
+    cluster_for(config, database, &login.user.name).map(str::to_string)
+}
+
+/// The cluster of a connection to `database` as `user`.
+pub(crate) fn cluster_for<'c>(config: &'c Config, database: &str, user: &str) -> Result<&'c str, ProxyError> {
     let rule = config.tenants.iter().find(|t| {
         t.database.as_deref().is_none_or(|d| d == database) && t.user.as_deref().is_none_or(|u| u == user)
     });
     match rule {
-        Some(rule) => Ok(rule.cluster.clone()),
+        Some(rule) => Ok(&rule.cluster),
         None if config.proxy.require_tenant => Err(ProxyError::NoTenant),
-        None => Ok(config.proxy.default_cluster.clone()),
+        None => Ok(&config.proxy.default_cluster),
     }
 }

@@ -140,7 +140,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         };
         let server_login = ServerLogin {
             user: login.user.server_user.clone(),
-            password: login.user.server_password.clone(),
+            auth: login.server_auth.clone(),
+            max_connections: login.user.max_user_connections,
             params,
         };
         let state = SessionState::default();

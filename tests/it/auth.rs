@@ -24,11 +24,36 @@ async fn scram_and_md5_clients_authenticate() {
 }
 
 #[tokio::test]
-async fn wrong_password_is_28p01_and_unknown_user_is_28000() {
+async fn a_wrong_password_and_an_unknown_user_are_told_apart_by_nothing() {
     let env = start(Cluster::builder(), proxy_users()).await;
-    assert_eq!(sqlstate(connect(&env.conn_string("scram_user", "password=nope")).await), "28P01");
-    assert_eq!(sqlstate(connect(&env.conn_string("md5_user", "password=nope")).await), "28P01");
-    assert_eq!(sqlstate(connect(&env.conn_string("nobody", "password=x")).await), "28000");
+    let refused = async |user: &str| {
+        let error = connect(&env.conn_string(user, "password=nope")).await.unwrap_err();
+        let db = error.as_db_error().unwrap_or_else(|| panic!("{user}: {error}"));
+        (db.code().code().to_string(), db.message().replace(user, "<user>"))
+    };
+    let wrong = refused("scram_user").await;
+    assert_eq!(
+        wrong,
+        ("28P01".to_string(), "password authentication failed for user \"<user>\"".to_string())
+    );
+    assert_eq!(refused("md5_user").await, wrong);
+    assert_eq!(refused("nobody").await, wrong, "an unknown user is refused as a wrong password is");
+    // The unknown user's exchange is SCRAM with a salt that stays put.
+    let salt = async || {
+        let mut wire = Wire::connect(env.proxy.addr()).await;
+        wire.send(&startup_packet(&[("user", "nobody")])).await;
+        let sasl = wire.recv().await.unwrap();
+        assert_eq!(&sasl.body[..4], &10i32.to_be_bytes(), "AuthenticationSASL");
+        let first = b"n,,n=,r=abcdefghijkl";
+        let mut body = b"SCRAM-SHA-256\0".to_vec();
+        body.extend_from_slice(&(first.len() as i32).to_be_bytes());
+        body.extend_from_slice(first);
+        wire.send(&crate::support::wire::message(b'p', &body)).await;
+        let server_first = wire.recv().await.unwrap();
+        let text = String::from_utf8_lossy(&server_first.body[4..]).into_owned();
+        text.split(',').find_map(|a| a.strip_prefix("s=").map(str::to_string)).unwrap()
+    };
+    assert_eq!(salt().await, salt().await);
     // A startup packet without a user.
     let mut wire = Wire::connect(env.proxy.addr()).await;
     wire.send(&startup_packet(&[("database", "postgres")])).await;
@@ -64,4 +89,67 @@ async fn server_login_errors_are_relayed_verbatim() {
     let env = primary_only().await;
     let error = connect(&env.conn_string("postgres", "dbname=no_such_db")).await;
     assert_eq!(sqlstate(error), "3D000");
+}
+
+/// A cluster whose servers want SCRAM from every TCP login, with a
+/// monitor role and an application role, and one streaming replica.
+fn scram_fleet() -> pgnear::lab::cluster::ClusterBuilder {
+    Cluster::builder().auth(AuthMethod::Scram).replica().user("mon", "monpw").user("app", "apppass")
+}
+
+fn monitored() -> ProxyConfig {
+    ProxyConfig::default().monitor("interval_ms = 20\nuser = \"mon\"\npassword = \"monpw\"")
+}
+
+/// Runs `SELECT 1` until a replica serves it; the session must log in there too.
+async fn reads_on_a_replica(env: &crate::support::Env, client: &tokio_postgres::Client) {
+    let deadline = tokio::time::Instant::now() + crate::support::PATIENCE;
+    loop {
+        client.simple_query("SELECT 1").await.unwrap();
+        if crate::support::show(client, "pgnear.node").await != env.cluster.primary().name() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no read reached the replica");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+/// The secret PostgreSQL stores for `role`.
+async fn stored_secret(env: &crate::support::Env, role: &str) -> String {
+    let primary = env.cluster.primary().connect().await.unwrap();
+    let row =
+        primary.query_one("SELECT rolpassword FROM pg_authid WHERE rolname = $1", &[&role]).await.unwrap();
+    row.get(0)
+}
+
+#[tokio::test]
+async fn a_plain_text_password_is_used_toward_servers_too() {
+    let env = start(scram_fleet(), monitored().user("name = \"app\"\npassword = \"apppass\"")).await;
+    let client = connect(&env.conn_string("app", "password=apppass")).await.unwrap();
+    let user: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(user, "app");
+    reads_on_a_replica(&env, &client).await;
+    assert_eq!(sqlstate(connect(&env.conn_string("app", "password=nope")).await), "28P01");
+}
+
+#[tokio::test]
+async fn scram_passthrough_logs_in_everywhere_with_no_password_in_the_config() {
+    // The config holds only the secret copied from pg_authid.
+    let mut env = start(scram_fleet(), monitored()).await;
+    let secret = stored_secret(&env, "app").await;
+    assert!(secret.starts_with("SCRAM-SHA-256$"));
+    for pooling in ["session", "transaction"] {
+        let config = monitored()
+            .proxy(&format!("pool_mode = \"{pooling}\""))
+            .user(&format!("name = \"app\"\npassword = \"{secret}\""));
+        let crate::support::Env { proxy, cluster } = env;
+        proxy.shutdown_now().await;
+        let proxy = pgnear::Proxy::start(config.build(&cluster)).await.unwrap();
+        env = crate::support::Env { proxy, cluster };
+        let client = connect(&env.conn_string("app", "password=apppass")).await.unwrap();
+        let user: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+        assert_eq!(user, "app", "{pooling}");
+        reads_on_a_replica(&env, &client).await;
+        assert_eq!(sqlstate(connect(&env.conn_string("app", "password=nope")).await), "28P01");
+    }
 }

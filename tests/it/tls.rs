@@ -234,7 +234,8 @@ async fn open(
     let connector = Connector::for_node(node, "nodes[0]").unwrap();
     let login = ServerLogin {
         user: "postgres".into(),
-        password: None,
+        auth: pgnear::backend::ServerAuth::None,
+        max_connections: None,
         params: vec![("database".into(), "postgres".into())],
     };
     connect(&pgnear::cluster::Endpoint::Tcp(addr), &connector, &login, PATIENCE, 1 << 20).await

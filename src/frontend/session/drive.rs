@@ -391,6 +391,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                     Ok(Ok(()))
                 }
                 Err(ProxyError::PoolExhausted(after)) => Ok(Err(pool_exhausted(after))),
+                Err(ProxyError::Connect(crate::backend::ConnectError::Limit(message))) => {
+                    Ok(Err(error_response(Severity::Error, SqlState::TooManyConnections, &message)))
+                }
                 Err(error) => {
                     self.shared.topology.suspect(node);
                     let message = format!("cannot reach the primary: {error}");
@@ -420,7 +423,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 self.replica = Some(server);
                 true
             }
-            Err(error @ ProxyError::PoolExhausted(_)) => {
+            Err(
+                error @ (ProxyError::PoolExhausted(_)
+                | ProxyError::Connect(crate::backend::ConnectError::Limit(_))),
+            ) => {
                 let name = &self.shared.topology.nodes[node].config.name;
                 tracing::info!(parent: &self.scope.span, node = name.as_str(), %error, "replica pool exhausted: using the primary");
                 false
