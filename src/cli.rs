@@ -105,6 +105,15 @@ fn check(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             println!("{}: ok ({} nodes, {} users)", path.display(), config.nodes.len(), config.users.len());
+            for user in &config.users {
+                println!("  user {}", user.describe());
+            }
+            if let Some(auth_user) = &config.proxy.auth_user {
+                println!(
+                    "  users not listed: looked up with proxy.auth_query as {auth_user:?} on their \
+                     cluster's primary; servers by SCRAM or md5 passthrough"
+                );
+            }
             ExitCode::SUCCESS
         }
         Err(errors) => {

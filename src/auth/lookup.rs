@@ -47,13 +47,14 @@ pub enum LookupError {
 }
 
 /// Where and how to look a user up.
-pub struct Target<'a> {
-    pub node: &'a NodeConfig,
-    pub database: &'a str,
+#[derive(Debug, Clone)]
+pub struct Target {
+    pub node: NodeConfig,
+    pub database: String,
     /// The login of `proxy.auth_user` on servers.
-    pub user: &'a str,
-    pub password: Option<&'a Secret>,
-    pub query: &'a str,
+    pub user: String,
+    pub password: Option<Secret>,
+    pub query: String,
     pub timeout: Duration,
 }
 
@@ -88,7 +89,7 @@ impl Lookups {
 
     /// The user `name`, from the cache or looked up now: `None` if the
     /// query found no such user (or no secret for it).
-    pub async fn find(&self, name: &str, target: Target<'_>) -> Result<Option<Found>, LookupError> {
+    pub async fn find(&self, name: &str, target: Target) -> Result<Option<Found>, LookupError> {
         if let Some(result) = self.cached(name) {
             return result;
         }
@@ -103,9 +104,15 @@ impl Lookups {
         if let Some(result) = self.cached(name) {
             return result;
         }
-        let result = match crate::clock::timeout(target.timeout * 2, lookup(name, &target)).await {
-            Ok(result) => result,
-            Err(_) => Err(LookupError::Failed(format!("the lookup on {} timed out", target.node.name))),
+        // On the service loop: tokio-postgres makes timers of its own,
+        // which a session loop has no driver for.
+        let node = target.node.name.clone();
+        let limit = target.timeout * 2;
+        let run = crate::clock::spawn_on_service(lookup(name.to_string(), target));
+        let result = match crate::clock::timeout(limit, run).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(LookupError::Failed(format!("the lookup on {node} stopped"))),
+            Err(_) => Err(LookupError::Failed(format!("the lookup on {node} timed out"))),
         };
         if let Err(LookupError::Failed(cause)) = &result {
             self.log_once(cause);
@@ -147,12 +154,13 @@ impl Lookups {
 }
 
 /// Runs the lookup query once.
-async fn lookup(name: &str, target: &Target<'_>) -> Result<Option<Found>, LookupError> {
-    let node = target.node;
+async fn lookup(name: String, target: Target) -> Result<Option<Found>, LookupError> {
+    let name = name.as_str();
+    let node = &target.node;
     let mut pg = tokio_postgres::Config::new();
-    pg.host(&node.host).port(node.port).user(target.user).dbname(target.database);
+    pg.host(&node.host).port(node.port).user(&target.user).dbname(&target.database);
     pg.application_name("pgnear-auth-query").connect_timeout(target.timeout);
-    if let Some(password) = target.password {
+    if let Some(password) = &target.password {
         pg.password(password.expose());
     }
     let failed = |what: &str, error: tokio_postgres::Error| {
@@ -162,7 +170,7 @@ async fn lookup(name: &str, target: &Target<'_>) -> Result<Option<Found>, Lookup
         LookupError::Failed(format!("cannot {what} on {} as {:?}: {cause}", node.name, target.user))
     };
     let client = crate::tls::connect_postgres(&mut pg, node).await.map_err(|e| failed("connect", e))?;
-    let rows = client.query(target.query, &[&name]).await.map_err(|e| failed("run proxy.auth_query", e))?;
+    let rows = client.query(&target.query, &[&name]).await.map_err(|e| failed("run proxy.auth_query", e))?;
     let Some(row) = rows.first() else { return Ok(None) };
     let secret: Option<String> = row.try_get(1).map_err(|e| failed("read the secret", e))?;
     let Some(secret) = secret.map(Secret::new) else { return Ok(None) };

@@ -251,6 +251,41 @@ pub struct UserConfig {
     pub max_user_connections: Option<usize>,
 }
 
+impl UserConfig {
+    /// How this user's clients are checked and how pgnear logs in to
+    /// servers for them, in words (`pgnear check`).
+    pub fn describe(&self) -> String {
+        let (clients, stored) = match &self.auth {
+            ClientAuth::Trust => ("trusted", None),
+            ClientAuth::Md5(secret) => ("md5", Some(secret.kind())),
+            ClientAuth::ScramSha256(secret) => ("scram-sha-256", Some(secret.kind())),
+        };
+        let servers = match (&self.server_password, stored) {
+            (Some(_), Some(SecretKind::Plain)) if self.server_password_is_own() => {
+                "with its own password".to_string()
+            }
+            (Some(_), _) => "with server_password".to_string(),
+            (None, Some(SecretKind::Scram)) => {
+                "by SCRAM passthrough (the stored secret must be the servers' own, from pg_authid)"
+                    .to_string()
+            }
+            (None, Some(SecretKind::Md5)) => "by md5 passthrough (the stored md5 secret)".to_string(),
+            (None, _) => "with no password (the servers must trust pgnear)".to_string(),
+        };
+        format!("{}: clients {clients}; servers as {:?} {servers}", self.name, self.server_user)
+    }
+
+    /// Whether the password toward servers is the user's own.
+    fn server_password_is_own(&self) -> bool {
+        match (&self.auth, &self.server_password) {
+            (ClientAuth::Md5(own) | ClientAuth::ScramSha256(own), Some(server)) => {
+                own.expose() == server.expose()
+            }
+            _ => false,
+        }
+    }
+}
+
 /// `routing.default`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum DefaultRoute {

@@ -250,11 +250,11 @@ async fn look_up(
     let cannot = |cause: String| ProxyError::Lookup { user: name.to_string(), cause };
     let node = shared.topology.primary(cluster).map_err(|e| cannot(e.to_string()))?;
     let target = Target {
-        node: &shared.topology.nodes[node].config,
-        database,
-        user: &auth_user.server_user,
-        password: auth_user.server_password.as_ref(),
-        query: &proxy.auth_query,
+        node: shared.topology.nodes[node].config.clone(),
+        database: database.to_string(),
+        user: auth_user.server_user.clone(),
+        password: auth_user.server_password.clone(),
+        query: proxy.auth_query.clone(),
         timeout: proxy.connect_timeout,
     };
     match shared.lookups.find(name, target).await {

@@ -193,8 +193,11 @@ done
 [ "$("$PG_BIN/psql" -X -A -t -h 127.0.0.1 -p "$REPLICA_PORT" -U postgres -d postgres \
     -c 'SELECT pg_is_in_recovery()')" = t ] || die "the replica is not in recovery"
 
-# A SCRAM role "app" on the servers, used only by DIRECT=1 control runs
-# (pgnear itself logs in as postgres, which the servers trust).
+# A SCRAM role "app" on the servers, which want SCRAM from it. pgnear's
+# config does not list it: pgnear looks it up with auth_query (as postgres,
+# whom the servers trust) and logs in to both servers by SCRAM passthrough,
+# so that every driver's login goes through both. DIRECT=1 control runs
+# log in as app straight to the primary.
 psql_primary -c "CREATE ROLE app SUPERUSER LOGIN PASSWORD 'apppw'" >/dev/null
 
 # ---------------------------------------------------------------- pgnear
@@ -202,6 +205,7 @@ cat >"$WORK/pgnear.toml" <<EOF
 [proxy]
 listen = "127.0.0.1:$PROXY_PORT"
 region = "local"
+auth_user = "postgres"
 
 [[nodes]]
 name = "primary"
@@ -216,11 +220,6 @@ port = $REPLICA_PORT
 [[users]]
 name = "postgres"
 auth = "trust"
-
-[[users]]
-name = "app"
-password = "apppw"
-server_user = "postgres"
 
 [monitor]
 interval_ms = 50
@@ -248,8 +247,8 @@ sleep 0.5
 
 # ---------------------------------------------------------------- drivers
 export PGNEAR_HOST=127.0.0.1 PGNEAR_PORT="$PROXY_PORT" PGNEAR_USER=app PGNEAR_PASSWORD=apppw PGNEAR_DB=postgres
-# The role the server sees: pgnear maps app to server_user postgres.
-export PGNEAR_SERVER_USER=postgres
+# The role the server sees: app itself (auth_query, SCRAM passthrough).
+export PGNEAR_SERVER_USER=app
 if [ "${DIRECT:-0}" = 1 ]; then
     say "DIRECT=1: the drivers connect to the primary, not to pgnear"
     PGNEAR_PORT="$PRIMARY_PORT" PGNEAR_SERVER_USER=app

@@ -153,3 +153,111 @@ async fn scram_passthrough_logs_in_everywhere_with_no_password_in_the_config() {
         assert_eq!(sqlstate(connect(&env.conn_string("app", "password=nope")).await), "28P01");
     }
 }
+
+/// The lookup role and function PgBouncer's docs describe: a `SECURITY
+/// DEFINER` function over `pg_authid` that only the lookup role may run.
+const LOOKUP_SETUP: &str = "
+    CREATE ROLE lookup LOGIN PASSWORD 'lookpw';
+    CREATE FUNCTION public.user_secret(u name) RETURNS TABLE (usename name, passwd text)
+        LANGUAGE sql SECURITY DEFINER SET search_path = pg_catalog
+        AS $$ SELECT rolname, rolpassword::text FROM pg_authid WHERE rolname = u AND rolcanlogin $$;
+    REVOKE ALL ON FUNCTION public.user_secret(name) FROM public;
+    GRANT EXECUTE ON FUNCTION public.user_secret(name) TO lookup;";
+
+fn looked_up() -> ProxyConfig {
+    monitored()
+        .proxy(
+            "auth_user = \"lookup\"\nauth_query = \"SELECT * FROM public.user_secret($1)\"\n\
+             auth_cache_ms = 300\nauth_failure_cache_ms = 100",
+        )
+        .user("name = \"lookup\"\npassword = \"lookpw\"")
+}
+
+#[tokio::test]
+async fn users_not_in_the_config_are_looked_up_with_auth_query() {
+    let cluster = scram_fleet().start().await.unwrap();
+    let primary = cluster.primary().connect().await.unwrap();
+    primary.batch_execute(LOOKUP_SETUP).await.unwrap();
+    cluster.wait_for_catchup(crate::support::PATIENCE).await.unwrap();
+    let proxy = pgnear::Proxy::start(looked_up().build(&cluster)).await.unwrap();
+    let env = crate::support::Env { proxy, cluster };
+    // A role created after pgnear started.
+    primary.batch_execute("CREATE ROLE late LOGIN PASSWORD 'latepw'").await.unwrap();
+    let client = connect(&env.conn_string("late", "password=latepw")).await.unwrap();
+    let user: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(user, "late");
+    // Passthrough reaches the replica too.
+    env.cluster.wait_for_catchup(crate::support::PATIENCE).await.unwrap();
+    reads_on_a_replica(&env, &client).await;
+    // A wrong password and an unknown name: the same refusal.
+    let message = async |user: &str| {
+        let error = connect(&env.conn_string(user, "password=nope")).await.unwrap_err();
+        let db = error.as_db_error().cloned().unwrap_or_else(|| panic!("{error}"));
+        (db.code().code().to_string(), db.message().replace(user, "<user>"))
+    };
+    let wrong = message("late").await;
+    assert_eq!(wrong.0, "28P01");
+    assert_eq!(message("ghost").await, wrong);
+    // A password changed on the server: the old one is refused once the
+    // cache expires, the new one works.
+    primary.batch_execute("ALTER ROLE late PASSWORD 'newpw'").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    assert_eq!(sqlstate(connect(&env.conn_string("late", "password=latepw")).await), "28P01");
+    connect(&env.conn_string("late", "password=newpw")).await.unwrap();
+    // The lookup role gone: a clear error that names no secret.
+    primary.batch_execute("DROP OWNED BY lookup; DROP ROLE lookup").await.unwrap();
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let error = connect(&env.conn_string("someone", "password=x")).await.unwrap_err();
+    let db = error.as_db_error().unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(db.code().code(), "08001", "{}", db.message());
+    assert!(db.message().starts_with("cannot look up user \"someone\""), "{}", db.message());
+    assert!(!db.message().contains("lookpw"), "{}", db.message());
+}
+
+#[tokio::test]
+async fn server_connections_are_limited_per_user_and_per_database() {
+    let config = ProxyConfig::default()
+        .proxy("max_db_connections = 3")
+        .user("name = \"capped\"\nauth = \"trust\"\nmax_user_connections = 2");
+    let env = start(Cluster::builder().user("capped", "unused"), config).await;
+    let first = connect(&env.conn_string("capped", "")).await.unwrap();
+    let _second = connect(&env.conn_string("capped", "")).await.unwrap();
+    let third = connect(&env.conn_string("capped", "")).await;
+    let error = third.unwrap_err();
+    let db = error.as_db_error().unwrap_or_else(|| panic!("{error}"));
+    assert_eq!(db.code().code(), "53300");
+    assert!(db.message().contains("max_user_connections = 2"), "{}", db.message());
+    // One more as another user, then the database is full.
+    let _other = connect(&env.conn_string("postgres", "")).await.unwrap();
+    let error = connect(&env.conn_string("postgres", "")).await.unwrap_err();
+    assert!(error.as_db_error().is_some_and(|db| db.message().contains("max_db_connections = 3")), "{error}");
+    // A session that ends frees its place.
+    drop(first);
+    let deadline = tokio::time::Instant::now() + crate::support::PATIENCE;
+    while let Err(error) = connect(&env.conn_string("capped", "")).await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the place was never freed: {:?}",
+            error.as_db_error().map(|d| d.message().to_string())
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test]
+async fn md5_passthrough_logs_in_with_the_stored_hash() {
+    let builder =
+        Cluster::builder().auth(AuthMethod::Md5).replica().user("mon", "monpw").user("app", "apppass");
+    let mut env = start(builder, monitored()).await;
+    let secret = stored_secret(&env, "app").await;
+    assert!(secret.starts_with("md5"), "{secret}");
+    let crate::support::Env { proxy, cluster } = env;
+    proxy.shutdown_now().await;
+    let config = monitored().user(&format!("name = \"app\"\nauth = \"md5\"\npassword = \"{secret}\""));
+    env = crate::support::Env { proxy: pgnear::Proxy::start(config.build(&cluster)).await.unwrap(), cluster };
+    let client = connect(&env.conn_string("app", "password=apppass")).await.unwrap();
+    let user: String = client.query_one("SELECT current_user::text", &[]).await.unwrap().get(0);
+    assert_eq!(user, "app");
+    reads_on_a_replica(&env, &client).await;
+    assert_eq!(sqlstate(connect(&env.conn_string("app", "password=nope")).await), "28P01");
+}

@@ -215,3 +215,68 @@ fn check_command_exits_0_or_1() {
     assert_eq!(failed.status.code(), Some(1), "{failed:?}");
     assert!(String::from_utf8_lossy(&failed.stderr).contains("server.crt"), "{failed:?}");
 }
+
+#[test]
+fn users_log_in_to_servers_as_their_secret_allows_and_check_says_how() {
+    let scram = postgres_protocol::password::scram_sha_256(b"pw");
+    let text = format!(
+        "[proxy]\nauth_user = \"plain\"\nmax_user_connections = 10\nmax_db_connections = 50\n{NODE}\n\
+         [[users]]\nname = \"plain\"\npassword = \"pw\"\n\n\
+         [[users]]\nname = \"stored\"\npassword = \"{scram}\"\nmax_user_connections = 3\n\n\
+         [[users]]\nname = \"hashed\"\nauth = \"md5\"\npassword = \"md5{}\"\n\n\
+         [[users]]\nname = \"other\"\npassword = \"pw\"\nserver_password = \"spw\"\n\n\
+         [[users]]\nname = \"trusted\"\nauth = \"trust\"\n",
+        "0".repeat(32)
+    );
+    let config = Config::parse(&text, &env).unwrap();
+    let user = |name: &str| config.user(name).unwrap();
+    assert_eq!(user("plain").server_password.as_ref().map(|p| p.expose().to_string()), Some("pw".into()));
+    assert!(user("stored").server_password.is_none(), "a stored secret is passed through, not sent");
+    assert!(user("hashed").server_password.is_none());
+    assert_eq!(user("other").server_password.as_ref().map(|p| p.expose().to_string()), Some("spw".into()));
+    assert_eq!(user("stored").max_user_connections, Some(3));
+    assert_eq!((config.proxy.max_user_connections, config.proxy.max_db_connections), (10, 50));
+    assert_eq!(config.proxy.auth_query, pgnear::config::DEFAULT_AUTH_QUERY);
+    assert!(user("plain").describe().contains("with its own password"), "{}", user("plain").describe());
+    assert!(user("stored").describe().contains("SCRAM passthrough"));
+    assert!(user("hashed").describe().contains("md5 passthrough"));
+    assert!(user("other").describe().contains("server_password"));
+    assert!(user("trusted").describe().contains("must trust pgnear"));
+    // `pgnear check` says so.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("fleet.toml");
+    std::fs::write(&path, &text).unwrap();
+    let out =
+        Command::new(env!("CARGO_BIN_EXE_pgnear")).args(["check", "--config"]).arg(&path).output().unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        stdout.contains("stored: clients scram-sha-256; servers as \"stored\" by SCRAM passthrough"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("users not listed: looked up with proxy.auth_query as \"plain\""), "{stdout}");
+    assert!(!stdout.contains("pw\""), "a password in the output: {stdout}");
+}
+
+#[test]
+fn auth_settings_are_checked_with_their_key_paths() {
+    let scram = postgres_protocol::password::scram_sha_256(b"pw");
+    let text = format!(
+        "[proxy]\nauth_user = \"nobody\"\nauth_query = \"SELECT 1\"\n{NODE}\n\
+         [[users]]\nname = \"a\"\nauth = \"md5\"\npassword = \"{scram}\"\n\n\
+         [[users]]\nname = \"b\"\npassword = \"md5{}\"\n",
+        "1".repeat(32)
+    );
+    let errors = errors(&text);
+    for key in ["proxy.auth_user", "proxy.auth_query", "users[0].password", "users[1].password"] {
+        assert!(errors.iter().any(|e| e.starts_with(key)), "no error for {key}: {errors:#?}");
+    }
+    // A lookup user with only a stored secret cannot log in to look up.
+    let text =
+        format!("[proxy]\nauth_user = \"a\"\n{NODE}\n[[users]]\nname = \"a\"\npassword = \"{scram}\"\n");
+    let errors = self::errors(&text);
+    assert!(
+        errors.iter().any(|e| e.starts_with("proxy.auth_user") && e.contains("stored secret")),
+        "{errors:#?}"
+    );
+}
