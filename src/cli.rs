@@ -108,6 +108,16 @@ fn check(path: &std::path::Path) -> ExitCode {
             for user in &config.users {
                 println!("  user {}", user.describe());
             }
+            let monitor = &config.monitor;
+            let passthrough_only =
+                config.users.iter().any(|u| u.server_user == monitor.user && u.server_password.is_none());
+            if monitor.password.is_none() && passthrough_only {
+                println!(
+                    "  note: the monitor logs in as {:?} with no password, so the servers must trust it: \
+                     a stored secret is passed through only for a client that proved it (set monitor.password)",
+                    monitor.user
+                );
+            }
             if let Some(auth_user) = &config.proxy.auth_user {
                 println!(
                     "  users not listed: looked up with proxy.auth_query as {auth_user:?} on their \

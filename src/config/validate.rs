@@ -197,7 +197,7 @@ fn build(raw: RawConfig, faults: &mut Faults) -> Config {
     let users: Vec<UserConfig> = raw.users.into_iter().enumerate().map(|(i, u)| user(u, i, faults)).collect();
     let rules = raw.rules.into_iter().enumerate().filter_map(|(i, r)| rule(r, i, faults)).collect();
     let tenants = raw.tenants.into_iter().enumerate().filter_map(|(i, t)| tenant(t, i, faults)).collect();
-    let config = Config {
+    let mut config = Config {
         routing: routing(raw.routing, faults),
         consistency: consistency(raw.consistency, faults),
         monitor: monitor(raw.monitor, faults),
@@ -208,6 +208,14 @@ fn build(raw: RawConfig, faults: &mut Faults) -> Config {
         rules,
         tenants,
     };
+    if config.monitor.password.is_none() {
+        // The monitor logs in as a configured user with that user's
+        // password toward servers, unless it has its own.
+        let user = &config.monitor.user;
+        let password =
+            config.users.iter().find(|u| &u.server_user == user).and_then(|u| u.server_password.clone());
+        config.monitor.password = password;
+    }
     cross_checks(&config, faults);
     config
 }

@@ -256,6 +256,11 @@ fn users_log_in_to_servers_as_their_secret_allows_and_check_says_how() {
     );
     assert!(stdout.contains("users not listed: looked up with proxy.auth_query as \"plain\""), "{stdout}");
     assert!(!stdout.contains("pw\""), "a password in the output: {stdout}");
+    // The monitor logs in as a listed user with that user's password.
+    let text =
+        format!("{NODE}\n[monitor]\nuser = \"plain\"\n\n[[users]]\nname = \"plain\"\npassword = \"pw\"\n");
+    let monitor = Config::parse(&text, &env).unwrap().monitor;
+    assert_eq!(monitor.password.map(|p| p.expose().to_string()), Some("pw".into()));
 }
 
 #[test]
