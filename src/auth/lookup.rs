@@ -108,11 +108,16 @@ impl Lookups {
         // which a session loop has no driver for.
         let node = target.node.name.clone();
         let limit = target.timeout * 2;
-        let run = crate::clock::spawn_on_service(lookup(name.to_string(), target));
-        let result = match crate::clock::timeout(limit, run).await {
+        let mut run = crate::clock::spawn_on_service(lookup(name.to_string(), target));
+        let result = match crate::clock::timeout(limit, &mut run).await {
             Ok(Ok(result)) => result,
             Ok(Err(_)) => Err(LookupError::Failed(format!("the lookup on {node} stopped"))),
-            Err(_) => Err(LookupError::Failed(format!("the lookup on {node} timed out"))),
+            Err(_) => {
+                // A server that accepts and never answers must not keep
+                // the lookup (and its connection) alive.
+                run.abort();
+                Err(LookupError::Failed(format!("the lookup on {node} timed out")))
+            }
         };
         if let Err(LookupError::Failed(cause)) = &result {
             self.log_once(cause);
@@ -199,4 +204,74 @@ async fn lookup(name: String, target: Target) -> Result<Option<Found>, LookupErr
         max_user_connections: None,
     };
     Ok(Some(Found { user, credential }))
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)] // tests fail loudly
+
+    use super::*;
+    use crate::config::{RoleSetting, SslMode};
+
+    /// A server that accepts connections and never answers.
+    fn silent_target(port: u16) -> Target {
+        Target {
+            node: NodeConfig {
+                name: "silent".into(),
+                host: "127.0.0.1".into(),
+                port,
+                region: "local".into(),
+                role: RoleSetting::Auto,
+                cluster: "default".into(),
+                sslmode: SslMode::Disable,
+                sslrootcert: None,
+            },
+            database: "postgres".into(),
+            user: "lookup".into(),
+            password: None,
+            query: crate::config::DEFAULT_AUTH_QUERY.into(),
+            timeout: Duration::from_millis(200),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_logins_for_unknown_names_is_refused_not_queued() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = listener.local_addr().unwrap().port();
+        let held = std::sync::Arc::new(Mutex::new(Vec::new()));
+        let keep = held.clone();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                keep.lock().unwrap().push(socket);
+            }
+        });
+        let lookups = std::sync::Arc::new(Lookups::new(Duration::from_secs(60), Duration::from_secs(60)));
+        let started = Instant::now();
+        let tasks: Vec<_> = (0..200)
+            .map(|i| {
+                let lookups = lookups.clone();
+                tokio::spawn(async move { lookups.find(&format!("made_up_{i}"), silent_target(port)).await })
+            })
+            .collect();
+        let mut busy = 0;
+        let mut failed = Vec::new();
+        for (i, task) in tasks.into_iter().enumerate() {
+            match task.await.unwrap() {
+                Err(LookupError::Busy) => busy += 1,
+                Err(LookupError::Failed(_)) => failed.push(i),
+                Ok(found) => panic!("a silent server answered: {found:?}"),
+            }
+        }
+        // Four ran and 64 waited, each until its timeout; the rest were
+        // refused at once instead of queueing for minutes.
+        assert_eq!(busy + failed.len(), 200);
+        assert!(busy >= 200 - RUNNING - WAITING, "only {busy} refused");
+        assert!(held.lock().unwrap().len() <= RUNNING + WAITING, "connections piled up");
+        assert!(started.elapsed() < Duration::from_secs(120));
+        // A failure is remembered briefly: asked again, no new connection.
+        let before = held.lock().unwrap().len();
+        let name = format!("made_up_{}", failed[0]);
+        assert!(lookups.find(&name, silent_target(port)).await.is_err());
+        assert_eq!(held.lock().unwrap().len(), before);
+    }
 }
