@@ -116,7 +116,7 @@ impl Admin {
             Ok(max) => max,
             Err(message) => return text(StatusCode::BAD_REQUEST, message),
         };
-        let config = &self.shared.config;
+        let config = &self.shared.config();
         let view = ClusterView::capture(&self.shared.topology);
         let nodes: Vec<NodeHealth> = view.nodes.iter().map(NodeHealth::of).collect();
         let healthy = nodes.iter().all(|n| n.up) && view.primary(&config.proxy.default_cluster).is_ok();
@@ -138,7 +138,7 @@ impl Admin {
         if self.ready.load(Ordering::Relaxed) {
             return text(StatusCode::OK, "ready\n");
         }
-        let cluster = &self.shared.config.proxy.default_cluster;
+        let cluster = &self.shared.config().proxy.default_cluster;
         match self.shared.topology.primary(cluster) {
             Ok(_) => {
                 self.ready.store(true, Ordering::Relaxed);

@@ -92,10 +92,10 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut close_now: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(shared.config.proxy.max_client_connections));
+    let limit = Arc::new(Semaphore::new(shared.config().proxy.max_client_connections));
     let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
-    let loops = Loops::start(shared.config.proxy.workers());
+    let loops = Loops::start(shared.config().proxy.workers());
     let mut hangup = hangup_signal(&shared);
     loop {
         tokio::select! {
@@ -325,17 +325,17 @@ fn accept(
 /// A CancelRequest is still forwarded: it is how a client gets out of a
 /// query that holds its connection.
 async fn refuse_over_limit(mut stream: Stream, shared: Arc<Shared>) {
-    let timeout = shared.config.proxy.startup_timeout;
+    let timeout = shared.config().proxy.startup_timeout;
     let opening = crate::clock::timeout(timeout, negotiate(&mut stream, shared.tls.acceptor.as_ref())).await;
     match opening {
         Ok(Ok(Opening::Startup(_))) => {}
         Ok(Ok(Opening::Cancel(key))) => {
-            return shared.cancels.cancel(key, &shared.topology, shared.config.proxy.connect_timeout).await
+            return shared.cancels.cancel(key, &shared.topology, shared.config().proxy.connect_timeout).await
         }
         Ok(Err(error)) => return crate::frontend::refuse(&mut stream, &error).await,
         Ok(Ok(Opening::Closed)) | Err(_) => return,
     }
-    let error = ProxyError::TooManyClients(shared.config.proxy.max_client_connections);
+    let error = ProxyError::TooManyClients(shared.config().proxy.max_client_connections);
     if let Some(frame) = error.to_frame() {
         let _ = stream.write_all(frame.raw()).await;
     }

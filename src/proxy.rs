@@ -102,9 +102,9 @@ impl Proxy {
             catalogs,
             watermark: Arc::new(SharedWatermark::new(std::time::Instant::now())),
             metrics: Arc::new(Metrics::new()),
-            config,
+            config: arc_swap::ArcSwap::new(config),
             topology,
-            directory,
+            directory: arc_swap::ArcSwap::from_pointee(directory),
             cancels: Arc::new(CancelRegistry::default()),
             pools,
             tls,
@@ -211,7 +211,7 @@ impl Drop for Proxy {
 /// until the proxy is gone.
 async fn reap_pools(shared: std::sync::Weak<Shared>) {
     let every = match shared.upgrade() {
-        Some(shared) => (shared.config.proxy.server_idle_timeout / 4)
+        Some(shared) => (shared.config().proxy.server_idle_timeout / 4)
             .clamp(std::time::Duration::from_millis(100), std::time::Duration::from_secs(15)),
         None => return,
     };

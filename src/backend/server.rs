@@ -174,11 +174,31 @@ impl Drop for Load {
     }
 }
 
+/// The settings of the moment a connection is opened under.
+#[derive(Debug, Clone, Copy)]
+pub struct DialSettings {
+    pub connect_timeout: std::time::Duration,
+    pub max_message_bytes: usize,
+    pub max_user_connections: usize,
+    pub max_db_connections: usize,
+}
+
+impl DialSettings {
+    pub fn of(proxy: &crate::config::ProxySettings) -> DialSettings {
+        DialSettings {
+            connect_timeout: proxy.connect_timeout,
+            max_message_bytes: proxy.max_message_bytes,
+            max_user_connections: proxy.max_user_connections,
+            max_db_connections: proxy.max_db_connections,
+        }
+    }
+}
+
 /// What opening a server connection needs of the proxy.
 #[derive(Clone, Copy)]
 pub struct Dial<'a> {
     pub topology: &'a crate::cluster::Topology,
-    pub proxy: &'a crate::config::ProxySettings,
+    pub settings: DialSettings,
     /// One per node.
     pub connectors: &'a [crate::tls::Connector],
     pub metrics: &'a crate::metrics::Metrics,
@@ -194,7 +214,7 @@ pub(crate) async fn open(
     login: &ServerLogin,
 ) -> Result<Box<Server>, super::ConnectError> {
     let endpoint = &dial.topology.nodes[node].endpoint;
-    let proxy = dial.proxy;
+    let proxy = dial.settings;
     let limits = super::limits::Limits {
         per_user: login.max_connections.unwrap_or(proxy.max_user_connections),
         per_database: proxy.max_db_connections,

@@ -139,7 +139,7 @@ pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake
     let params = match negotiate(stream, shared.tls.acceptor.as_ref()).await? {
         Opening::Closed => return Ok(Handshake::Closed),
         Opening::Cancel(key) => {
-            shared.cancels.cancel(key, &shared.topology, shared.config.proxy.connect_timeout).await;
+            shared.cancels.cancel(key, &shared.topology, shared.config().proxy.connect_timeout).await;
             return Ok(Handshake::Cancelled);
         }
         Opening::Startup(params) => params,
@@ -149,7 +149,7 @@ pub async fn handshake(stream: &mut Stream, shared: &Shared) -> Result<Handshake
         params.iter().find(|(k, _)| k == "user").map(|(_, v)| v.clone()).ok_or(ProxyError::NoUser)?;
     let end_point = stream.end_point();
     let mut reader = FrameReader::new(&mut *stream, AUTH_MESSAGE_LIMIT);
-    let known = shared.config.user(&user_name).cloned().zip(shared.directory.get(&user_name).cloned());
+    let known = shared.config().user(&user_name).cloned().zip(shared.directory().get(&user_name).cloned());
     let known = match known {
         Some(known) => Some(known),
         None => look_up(shared, &user_name, &params).await?,
@@ -241,12 +241,13 @@ async fn look_up(
     name: &str,
     params: &[(String, String)],
 ) -> Result<Option<(UserConfig, Credential)>, ProxyError> {
-    let proxy = &shared.config.proxy;
-    let Some(auth_user) = proxy.auth_user.as_deref().and_then(|u| shared.config.user(u)) else {
+    let config = shared.config.load_full();
+    let proxy = &config.proxy;
+    let Some(auth_user) = proxy.auth_user.as_deref().and_then(|u| config.user(u)) else {
         return Ok(None);
     };
     let database = params.iter().find(|(k, _)| k == "database").map_or(name, |(_, v)| v.as_str());
-    let cluster = super::cluster_for(&shared.config, database, name).unwrap_or(&proxy.default_cluster);
+    let cluster = super::cluster_for(&config, database, name).unwrap_or(&proxy.default_cluster);
     let cannot = |cause: String| ProxyError::Lookup { user: name.to_string(), cause };
     let node = shared.topology.primary(cluster).map_err(|e| cannot(e.to_string()))?;
     let target = Target {
@@ -273,7 +274,7 @@ async fn unknown_user<S: AsyncRead + AsyncWrite + Unpin>(
     name: &str,
     end_point: Option<Arc<[u8]>>,
 ) -> ProxyError {
-    let verifier = ScramVerifier::unknown(name, shared.directory.decoy_key());
+    let verifier = ScramVerifier::unknown(name, shared.directory().decoy_key());
     match scram(reader, &verifier, end_point).await {
         Err(ProxyError::Scram(crate::auth::ScramError::BadProof)) | Ok(_) => {
             tracing::info!(user = name, "login for an unknown user refused");

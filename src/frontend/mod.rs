@@ -27,9 +27,11 @@ use session::Session;
 /// What every session shares. Built once at startup; read-only except
 /// for the cancel registry.
 pub struct Shared {
-    pub config: Arc<Config>,
+    /// The configuration in force: swapped whole by a reload.
+    pub config: arc_swap::ArcSwap<Config>,
     pub topology: Arc<Topology>,
-    pub directory: Directory,
+    /// Configured users' credentials: swapped whole by a reload.
+    pub directory: arc_swap::ArcSwap<Directory>,
     pub cancels: Arc<CancelRegistry>,
     /// Classification results by statement text, shared by all sessions so
     /// that a statement is parsed once per proxy, not once per client.
@@ -54,11 +56,21 @@ pub struct Shared {
 }
 
 impl Shared {
+    /// The configuration in force now.
+    pub fn config(&self) -> arc_swap::Guard<Arc<Config>> {
+        self.config.load()
+    }
+
+    /// The configured users' credentials now.
+    pub fn directory(&self) -> arc_swap::Guard<Arc<Directory>> {
+        self.directory.load()
+    }
+
     /// What opening a server connection needs.
     pub fn dial(&self) -> crate::backend::server::Dial<'_> {
         crate::backend::server::Dial {
             topology: &self.topology,
-            proxy: &self.config.proxy,
+            settings: crate::backend::server::DialSettings::of(&self.config().proxy),
             connectors: &self.tls.connectors,
             metrics: &self.metrics,
             limits: &self.limits,
@@ -126,7 +138,7 @@ async fn open_session(
     shared: &Arc<Shared>,
     span: tracing::Span,
 ) -> Option<Session<Stream>> {
-    let startup = shared.config.proxy.startup_timeout;
+    let startup = shared.config().proxy.startup_timeout;
     let outcome = match crate::clock::timeout(startup, handshake(&mut stream, shared)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(ProxyError::StartupTimeout),
@@ -142,7 +154,7 @@ async fn open_session(
     };
     span.record("user", login.user.name.as_str());
     span.record("database", login.param("database").unwrap_or(""));
-    let cluster = match tenant_cluster(&shared.config, &login) {
+    let cluster = match tenant_cluster(&shared.config(), &login) {
         Ok(cluster) => cluster,
         Err(error) => {
             shared.metrics.error(error.class());

@@ -155,7 +155,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let Some(home) = primary.as_ref().or(replica.as_ref()) else {
             return Err(ProxyError::NoPrimary(crate::cluster::NoPrimary::Unreachable));
         };
-        let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
+        let pooling = shared.config().proxy.pool_mode == crate::config::PoolMode::Transaction;
         let app_name =
             server_login.param(crate::backend::server::APPLICATION_NAME).unwrap_or_default().to_string();
         let mut startup_params = home.backend.startup_params.clone();
@@ -174,7 +174,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         let database = login.param("database").unwrap_or(&login.user.name).to_string();
         let catalog = shared.catalogs.get(&cluster, &database).await;
         let (read, writer) = stream.split();
-        let limit = shared.config.proxy.max_message_bytes;
+        let limit = shared.config().proxy.max_message_bytes;
         let mut client = Client {
             reader: FrameReader::with_buffered(read, limit, login.buffered),
             writer,
@@ -188,11 +188,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         client.queue(&backend_key_data(registration.key));
         client.queue(&ready_for_query(TxStatus::Idle));
         client.flush().await?;
-        let watermark = match shared.config.consistency.read_your_writes {
+        let watermark = match shared.config().consistency.read_your_writes {
             ReadYourWrites::Off => Watermark::default(),
             ReadYourWrites::Session | ReadYourWrites::Proxy => shared.watermark.inherited(Instant::now()),
         };
-        let timers = Timers::new(shared.config.proxy.idle_client_timeout, shared.config.monitor.interval);
+        let timers = Timers::new(shared.config().proxy.idle_client_timeout, shared.config().monitor.interval);
         let pooling = pooling.then(|| {
             let fresh = Pooling { pools: Vec::new(), write_at: None, unnamed_parse: Vec::new(), app_name };
             Box::new(fresh)
@@ -271,7 +271,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
                 Event::PoolTimeout => {
                     if let Some(Pause::Pool(waiting)) = self.pause.take_if(|p| matches!(p, Pause::Pool(_))) {
-                        let frame = drive::pool_exhausted(self.shared.config.proxy.pool_timeout);
+                        let frame = drive::pool_exhausted(self.shared.config().proxy.pool_timeout);
                         waiting.count.timed_out();
                         drop(waiting);
                         self.client.queue(&frame);
@@ -308,7 +308,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             if flow == Flow::End {
                 return self.client.flush().await;
             }
-            if self.shared.config.proxy.idle_client_timeout.is_some() {
+            if self.shared.config().proxy.idle_client_timeout.is_some() {
                 self.timers.last_activity = Instant::now();
             }
             if matches!(self.pause, Some(Pause::Held(_))) && !self.in_flight() {
@@ -413,7 +413,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             .collect();
         for server in busy {
             // The client left mid-query: stop the server's work too.
-            let timeout = self.shared.config.proxy.connect_timeout;
+            let timeout = self.shared.config().proxy.connect_timeout;
             let endpoint = &self.shared.topology.nodes[server.node].endpoint;
             crate::backend::connect::send_cancel(endpoint, server.key, timeout).await;
         }
@@ -483,7 +483,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Waits for the next frame from any side. Every branch is cancel
     /// safe: frame readers only move bytes into their own buffers.
     async fn wait_event(&mut self) -> Event {
-        let idle_on = self.shared.config.proxy.idle_client_timeout.is_some() && self.bound.is_none();
+        let idle_on = self.shared.config().proxy.idle_client_timeout.is_some() && self.bound.is_none();
         // While a unit runs, its own responses wake the loop often enough,
         // and a probe's answer comes right behind them: only a commit left
         // to the monitor needs the re-check.
@@ -542,7 +542,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// The idle timer fired: the client really has been idle that long,
     /// or it was active since and the timer moves to the new deadline.
     fn idle_expired(&mut self) -> bool {
-        let Some(after) = self.shared.config.proxy.idle_client_timeout else { return false };
+        let Some(after) = self.shared.config().proxy.idle_client_timeout else { return false };
         let deadline = self.timers.last_activity + after;
         if Instant::now() >= deadline {
             return true;

@@ -132,7 +132,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         match step {
             Step::RefreshCatalog => {
-                self.scope.catalog.refresh_now(self.shared.config.proxy.connect_timeout).await;
+                self.scope.catalog.refresh_now(self.shared.config().proxy.connect_timeout).await;
                 progress.catalog_refreshed = true;
             }
             Step::WaitReplica { node, lsn, until } => {
@@ -177,7 +177,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn start_wait(&mut self, unit: Batch, complete: bool, pool: Arc<Pool>, target: Target) {
         let permit = Box::pin(pool.permits().acquire_owned());
         let count = crate::backend::pool::WaitCount::new(pool.clone());
-        let until = tokio::time::Instant::now() + self.shared.config.proxy.pool_timeout;
+        let until = tokio::time::Instant::now() + self.shared.config().proxy.pool_timeout;
         self.timers.pool_wait.as_mut().reset(until);
         self.pause = Some(Pause::Pool(Box::new(Waiting { unit, complete, target, permit, pool, count })));
     }

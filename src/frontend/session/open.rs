@@ -18,7 +18,7 @@ pub(super) async fn first_server(
     holder: u64,
 ) -> Result<(Option<Box<Server>>, Option<Box<Server>>), ProxyError> {
     let view = crate::router::ClusterView::capture(&shared.topology);
-    let pooling = shared.config.proxy.pool_mode == crate::config::PoolMode::Transaction;
+    let pooling = shared.config().proxy.pool_mode == crate::config::PoolMode::Transaction;
     let pool = |node| pooling.then(|| shared.pools.pool(node, login));
     match view.primary(cluster) {
         Ok(node) => Ok((Some(acquire(shared, node, login, pool(node), holder).await?), None)),

@@ -248,7 +248,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// and neither the BEGIN nor the session's default asks for what a
     /// standby refuses (SERIALIZABLE, READ WRITE).
     fn may_open_optimistic(&self, begin: &[u8]) -> bool {
-        let config = &self.shared.config;
+        let config = &self.shared.config();
         if !config.routing.optimistic_transactions
             || config.routing.default == crate::config::DefaultRoute::Primary
             || self.state.pinned

@@ -259,7 +259,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if route.reason == Reason::PinnedAfterWrite && self.writes.watermark.is_probing() {
             return Some(Plan::Hold);
         }
-        let bound = match self.shared.config.consistency.replica_wait {
+        let bound = match self.shared.config().consistency.replica_wait {
             ReplicaWait::Fixed(bound) => bound,
             ReplicaWait::Auto => self.primary_rtt().unwrap_or_default(),
         };
@@ -276,7 +276,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let node = self.replica_to_wait_on(classes, bound)?;
                 Some(Plan::Do(Step::WaitReplica { node, lsn, until: now + bound }))
             }
-            _ if matches!(self.shared.config.consistency.replica_wait, ReplicaWait::Fixed(_)) => {
+            _ if matches!(self.shared.config().consistency.replica_wait, ReplicaWait::Fixed(_)) => {
                 Some(Plan::Do(Step::WaitMonitor { until: now + bound }))
             }
             _ => None,
@@ -349,7 +349,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         freshness: Freshness,
         f: impl FnOnce(&SessionView, &Policy, &VolatileFunctions) -> R,
     ) -> R {
-        let config = &self.shared.config;
+        let config = &self.shared.config();
         let session = SessionView {
             cluster: &self.scope.cluster,
             setting: self.known.settings.route,

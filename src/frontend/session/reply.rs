@@ -208,10 +208,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if !std::mem::take(&mut self.writes.primary_dirty) {
             return;
         }
-        if self.shared.config.consistency.read_your_writes != ReadYourWrites::Off {
+        if self.shared.config().consistency.read_your_writes != ReadYourWrites::Off {
             self.pin_started(at);
         }
-        match self.shared.config.consistency.read_your_writes {
+        match self.shared.config().consistency.read_your_writes {
             ReadYourWrites::Off => {}
             // The proxy-wide watermark is kept in both scopes: sessions
             // start from it, so a client that reconnects (psql's `\c`, a
@@ -298,7 +298,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// The watermark reads must respect under the configured scope.
     pub(super) fn effective_watermark(&self) -> Watermark {
-        match self.shared.config.consistency.read_your_writes {
+        match self.shared.config().consistency.read_your_writes {
             ReadYourWrites::Off => Watermark::default(),
             ReadYourWrites::Session => self.writes.watermark,
             ReadYourWrites::Proxy => self.writes.watermark.merge(self.shared.watermark.get()),

@@ -227,7 +227,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// Whether read-your-writes is on, in either scope.
     pub(super) fn tracks_writes(&self) -> bool {
-        self.shared.config.consistency.read_your_writes != crate::config::ReadYourWrites::Off
+        self.shared.config().consistency.read_your_writes != crate::config::ReadYourWrites::Off
     }
 
     /// Holds a unit back until no server owes the client responses; it is
