@@ -96,7 +96,7 @@ pub async fn run(
     let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
     let loops = Loops::start(shared.config().proxy.workers());
-    let mut hangup = hangup_signal(&shared);
+    let mut hangup = hangup_signal();
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -115,7 +115,11 @@ pub async fn run(
                 Err(error) => accept_failed(error).await,
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
-            Some(()) = recv(&mut hangup) => reload_certificate(&shared),
+            Some(()) = recv(&mut hangup) => {
+                // Off the accept loop: a reload derives SCRAM keys.
+                let shared = shared.clone();
+                tokio::spawn(async move { crate::frontend::reload::reload(&shared).await });
+            }
             _ = shutdown.changed() => break,
         }
     }
@@ -248,13 +252,13 @@ impl Loops {
     }
 }
 
-/// SIGHUP, when there is a certificate to reload.
-fn hangup_signal(shared: &Shared) -> Option<Signal> {
-    shared.tls.acceptor.as_ref()?;
+/// SIGHUP, which reloads the configuration. Listened for from the start:
+/// a process that is not listening for it would be ended by it.
+fn hangup_signal() -> Option<Signal> {
     match signal(SignalKind::hangup()) {
         Ok(signal) => Some(signal),
         Err(error) => {
-            tracing::warn!(%error, "cannot listen for SIGHUP: the TLS certificate will not reload");
+            tracing::warn!(%error, "cannot listen for SIGHUP: the configuration will not reload");
             None
         }
     }
@@ -265,15 +269,6 @@ async fn recv(signal: &mut Option<Signal>) -> Option<()> {
     match signal {
         Some(signal) => signal.recv().await,
         None => std::future::pending().await,
-    }
-}
-
-/// New handshakes use the new certificate; running sessions keep theirs.
-fn reload_certificate(shared: &Shared) {
-    let Some(acceptor) = &shared.tls.acceptor else { return };
-    match acceptor.reload() {
-        Ok(()) => tracing::info!("TLS certificate reloaded"),
-        Err(error) => tracing::error!(%error, "TLS certificate reload failed; keeping the previous one"),
     }
 }
 

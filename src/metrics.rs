@@ -74,6 +74,11 @@ const ERROR_CLASSES: [&str; 8] = [
     "shutdown",
 ];
 
+/// Now, in Unix seconds.
+fn unix_now() -> f64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64())
+}
+
 /// The role label of a routed query.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum RoleLabel {
@@ -186,6 +191,8 @@ pub struct Metrics {
     /// Reads that waited for a replica: caught up, then timed out.
     waits: [IntCounter; 2],
     optimistic: [IntCounter; 5],
+    reloads: [IntCounter; 2],
+    last_reload: prometheus::Gauge,
     wait_seconds: Histogram,
 }
 
@@ -334,6 +341,20 @@ impl Metrics {
             &["outcome"],
         )?;
         registry.register(Box::new(optimistic.clone()))?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "pgnear_config_reloads_total",
+                "Configuration reloads (SIGHUP), by result (ok, error).",
+            ),
+            &["result"],
+        )?;
+        registry.register(Box::new(reloads.clone()))?;
+        let last_reload = prometheus::Gauge::new(
+            "pgnear_config_last_reload_success_timestamp_seconds",
+            "When the configuration was last loaded successfully (at start, or by a reload), in Unix seconds.",
+        )?;
+        registry.register(Box::new(last_reload.clone()))?;
+        last_reload.set(unix_now());
         registry.register(Box::new(probes.clone()))?;
         registry.register(Box::new(waits.clone()))?;
         registry.register(Box::new(wait_seconds.clone()))?;
@@ -365,6 +386,8 @@ impl Metrics {
             waits: [waits.with_label_values(&["caught_up"]), waits.with_label_values(&["timed_out"])],
             wait_seconds,
             optimistic: Optimistic::ALL.map(|o| optimistic.with_label_values(&[o.as_str()])),
+            reloads: [reloads.with_label_values(&["ok"]), reloads.with_label_values(&["error"])],
+            last_reload,
         })
     }
 
@@ -426,6 +449,14 @@ impl Metrics {
     /// Reads that waited for a replica so far: caught up, timed out.
     pub fn replica_waits(&self) -> (u64, u64) {
         (self.waits[0].get(), self.waits[1].get())
+    }
+
+    /// A configuration reload succeeded or was refused.
+    pub fn config_reloaded(&self, ok: bool) {
+        self.reloads[usize::from(!ok)].inc();
+        if ok {
+            self.last_reload.set(unix_now());
+        }
     }
 
     /// An optimistic transaction came to `outcome`.

@@ -16,6 +16,7 @@ use crate::cluster::catalog::Catalogs;
 use crate::cluster::{monitor, Topology};
 use crate::config::{Config, PoolMode};
 use crate::frontend::cancel::CancelRegistry;
+pub use crate::frontend::reload::Reloaded;
 use crate::frontend::Shared;
 use crate::listener::UnixSocket;
 use crate::metrics::Metrics;
@@ -149,6 +150,11 @@ impl Proxy {
     /// `proxy.unix_socket_dir` is set.
     pub fn unix_socket(&self) -> Option<&std::path::Path> {
         self.unix_socket.as_deref()
+    }
+
+    /// Reads the configuration file again and applies it, as SIGHUP does.
+    pub async fn reload(&self) -> Reloaded {
+        crate::frontend::reload::reload(&self.shared).await
     }
 
     /// The admin HTTP address (`/metrics`, `/health`, `/ready`), when

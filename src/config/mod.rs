@@ -26,6 +26,8 @@ pub struct Config {
     pub rules: Vec<RuleConfig>,
     pub tls: TlsConfig,
     pub tenants: Vec<TenantConfig>,
+    /// The file it was read from, which a reload reads again.
+    pub source: Option<std::path::PathBuf>,
 }
 
 impl Config {
@@ -34,7 +36,9 @@ impl Config {
     pub fn load(path: &Path) -> Result<Config, ConfigErrors> {
         let text = std::fs::read_to_string(path)
             .map_err(|e| ConfigErrors::single("", format!("cannot read {}: {e}", path.display())))?;
-        Self::parse(&text, &|name| std::env::var(name).ok())
+        let mut config = Self::parse(&text, &|name| std::env::var(name).ok())?;
+        config.source = Some(path.to_path_buf());
+        Ok(config)
     }
 
     /// Parses and validates TOML text; `env` resolves `${VAR}`.

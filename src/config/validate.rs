@@ -207,6 +207,7 @@ fn build(raw: RawConfig, faults: &mut Faults) -> Config {
         users,
         rules,
         tenants,
+        source: None,
     };
     if config.monitor.password.is_none() {
         // The monitor logs in as a configured user with that user's

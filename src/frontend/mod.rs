@@ -4,6 +4,7 @@
 
 pub(crate) mod cancel;
 pub(crate) mod handshake;
+pub mod reload;
 mod session;
 
 use std::sync::Arc;

@@ -17,6 +17,7 @@ mod observability;
 mod optimistic;
 mod pooling;
 mod relay;
+mod reload;
 mod routing;
 mod support;
 mod tls;

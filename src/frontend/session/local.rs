@@ -240,7 +240,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if !self.writes.watermark.is_pending() {
             return;
         }
-        let deadline = Instant::now() + self.shared.config().monitor.interval * 4 + Duration::from_millis(100);
+        let deadline =
+            Instant::now() + self.shared.config().monitor.interval * 4 + Duration::from_millis(100);
         while self.writes.watermark.is_pending() && Instant::now() < deadline {
             self.refresh_watermark();
             crate::clock::sleep(super::drive::REPLICA_WAIT_STEP).await;
