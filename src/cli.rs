@@ -105,6 +105,16 @@ fn check(path: &std::path::Path) -> ExitCode {
                 return ExitCode::FAILURE;
             }
             println!("{}: ok ({} nodes, {} users)", path.display(), config.nodes.len(), config.users.len());
+            for node in config.nodes.iter().filter(|n| !n.is_unix_socket()) {
+                let resolves = std::net::ToSocketAddrs::to_socket_addrs(&(node.host.as_str(), node.port))
+                    .is_ok_and(|mut addresses| addresses.next().is_some());
+                if !resolves {
+                    println!(
+                        "  warning: node {:?}: {} does not resolve now; the node stays down until it does",
+                        node.name, node.host
+                    );
+                }
+            }
             for user in &config.users {
                 println!("  user {}", user.describe());
             }

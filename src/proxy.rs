@@ -81,7 +81,7 @@ impl Proxy {
             }
             None => None,
         };
-        let topology = Topology::new(&config.nodes).map_err(StartError::Resolve)?;
+        let topology = Topology::new(&config.nodes, config.proxy.dns_max_ttl).map_err(StartError::Resolve)?;
         let tls = crate::tls::Tls::load(&config)?;
         let directory = {
             let config = config.clone();

@@ -64,6 +64,9 @@ pub enum ConnectError {
     Io { addr: Endpoint, source: std::io::Error },
     #[error("timed out connecting to {0}")]
     Timeout(Endpoint),
+    /// The node's host name does not resolve (the error names the node).
+    #[error("{0}")]
+    Resolve(std::io::Error),
     #[error("server at {0} does not accept TLS, which its sslmode requires")]
     TlsRefused(Endpoint),
     #[error("TLS with {addr} failed: {source}")]
@@ -87,7 +90,13 @@ pub enum ConnectError {
 impl ConnectError {
     /// A network-level failure: the node may be down.
     pub fn is_network(&self) -> bool {
-        matches!(self, ConnectError::Io { .. } | ConnectError::Timeout(_) | ConnectError::Protocol(_))
+        matches!(
+            self,
+            ConnectError::Io { .. }
+                | ConnectError::Timeout(_)
+                | ConnectError::Resolve(_)
+                | ConnectError::Protocol(_)
+        )
     }
 }
 

@@ -213,7 +213,8 @@ pub(crate) async fn open(
     node: usize,
     login: &ServerLogin,
 ) -> Result<Box<Server>, super::ConnectError> {
-    let endpoint = &dial.topology.nodes[node].endpoint;
+    let endpoint = dial.topology.nodes[node].endpoint().await.map_err(super::ConnectError::Resolve)?;
+    let endpoint = &endpoint;
     let proxy = dial.settings;
     let limits = super::limits::Limits {
         per_user: login.max_connections.unwrap_or(proxy.max_user_connections),

@@ -85,8 +85,8 @@ impl Default for NodeStatus {
     }
 }
 
-/// Where a node's server listens: a TCP address, resolved once at start,
-/// or the path of its Unix socket.
+/// Where a node's server listens: a TCP address (its host name resolved,
+/// see [`Node::endpoint`]), or the path of its Unix socket.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Endpoint {
     Tcp(SocketAddr),
@@ -94,18 +94,22 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    /// The node's endpoint: its socket file for a host that is a
-    /// directory, else the first address its host resolves to.
-    fn of(config: &NodeConfig) -> std::io::Result<Endpoint> {
+    /// An endpoint known without a lookup: a socket file for a host that
+    /// is a directory, or an address literal.
+    fn fixed(config: &NodeConfig) -> Option<Endpoint> {
         if config.is_unix_socket() {
             let dir = std::path::Path::new(&config.host);
-            return Ok(Endpoint::Unix(crate::config::unix_socket_path(dir, config.port)));
+            return Some(Endpoint::Unix(crate::config::unix_socket_path(dir, config.port)));
         }
-        std::net::ToSocketAddrs::to_socket_addrs(&(config.host.as_str(), config.port))?
-            .next()
-            .map(Endpoint::Tcp)
-            .ok_or_else(|| std::io::Error::other(format!("{} does not resolve", config.host)))
+        let ip: std::net::IpAddr = config.host.parse().ok()?;
+        Some(Endpoint::Tcp(SocketAddr::new(ip, config.port)))
     }
+}
+
+/// A node's host name as last resolved, and when.
+#[derive(Debug, Default)]
+struct Resolved {
+    endpoint: Option<(Endpoint, std::time::Instant)>,
 }
 
 impl std::fmt::Display for Endpoint {
@@ -121,7 +125,12 @@ impl std::fmt::Display for Endpoint {
 #[derive(Debug)]
 pub struct Node {
     pub config: NodeConfig,
-    pub endpoint: Endpoint,
+    /// A Unix socket or an address literal; `None` for a host name, which
+    /// is resolved for new connections (`Node::endpoint`).
+    fixed: Option<Endpoint>,
+    resolved: std::sync::Mutex<Resolved>,
+    /// How long a resolved address is used (`proxy.dns_max_ttl_ms`).
+    dns_ttl: std::time::Duration,
     /// Published with [`Node::publish`].
     pub status: ArcSwap<NodeStatus>,
     /// `status.claims_primary()`, readable without loading the status:
@@ -136,6 +145,47 @@ pub struct Node {
 }
 
 impl Node {
+    /// Where to open a new connection now. A host name is looked up again
+    /// once its last answer is older than `proxy.dns_max_ttl_ms`, so an
+    /// address that moves (a DNS-based failover) is followed; a name that
+    /// does not resolve is an error naming the node.
+    pub async fn endpoint(&self) -> std::io::Result<Endpoint> {
+        if let Some(endpoint) = &self.fixed {
+            return Ok(endpoint.clone());
+        }
+        let cached = self.resolved.lock().map(|r| r.endpoint.clone()).unwrap_or_default();
+        if let Some((endpoint, at)) = cached.filter(|(_, at)| at.elapsed() < self.dns_ttl) {
+            let _ = at;
+            return Ok(endpoint);
+        }
+        let name = &self.config.name;
+        let host = self.config.host.as_str();
+        let found = tokio::net::lookup_host((host, self.config.port)).await;
+        let address = match found.map(|mut addresses| addresses.next()) {
+            Ok(Some(address)) => address,
+            Ok(None) => {
+                return Err(std::io::Error::other(format!("node {name}: {host} resolves to no address")))
+            }
+            Err(error) => {
+                return Err(std::io::Error::other(format!("node {name}: cannot resolve {host}: {error}")))
+            }
+        };
+        let endpoint = Endpoint::Tcp(address);
+        if let Ok(mut resolved) = self.resolved.lock() {
+            if resolved.endpoint.as_ref().is_some_and(|(old, _)| *old != endpoint) {
+                tracing::info!(node = name.as_str(), host, %address, "node's host name now resolves elsewhere");
+            }
+            resolved.endpoint = Some((endpoint.clone(), std::time::Instant::now()));
+        }
+        Ok(endpoint)
+    }
+
+    /// The address last resolved, if any, without a lookup (for a cancel
+    /// request, which must reach the server the session already uses).
+    pub fn last_endpoint(&self) -> Option<Endpoint> {
+        self.fixed.clone().or_else(|| self.resolved.lock().ok()?.endpoint.clone().map(|(e, _)| e))
+    }
+
     /// Makes `status` the node's current status.
     pub fn publish(&self, status: NodeStatus) {
         self.primary_claim.store(status.claims_primary(), Ordering::Relaxed);
@@ -150,14 +200,16 @@ pub struct Topology {
 }
 
 impl Topology {
-    /// Resolves each node's address once. Fails on a host that does not
-    /// resolve. A Unix socket is not checked here: the monitor finds out
-    /// whether a server answers on it, as for any node.
-    pub fn new(configs: &[NodeConfig]) -> std::io::Result<Arc<Topology>> {
+    /// The nodes, none of them resolved yet: a host name that does not
+    /// resolve makes its node down (the monitor cannot reach it), never a
+    /// failed start. `dns_ttl` is how long a resolved address is used.
+    pub fn new(configs: &[NodeConfig], dns_ttl: std::time::Duration) -> std::io::Result<Arc<Topology>> {
         let mut nodes = Vec::new();
         for config in configs {
             nodes.push(Node {
-                endpoint: Endpoint::of(config)?,
+                fixed: Endpoint::fixed(config),
+                resolved: std::sync::Mutex::new(Resolved::default()),
+                dns_ttl,
                 config: config.clone(),
                 status: ArcSwap::from_pointee(NodeStatus::default()),
                 primary_claim: AtomicBool::new(false),

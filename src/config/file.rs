@@ -33,6 +33,7 @@ pub struct ProxyFile {
     pub auth_failure_cache_ms: Option<u64>,
     pub max_user_connections: Option<u64>,
     pub max_db_connections: Option<u64>,
+    pub dns_max_ttl_ms: Option<u64>,
 }
 
 /// One `[[nodes]]` entry.

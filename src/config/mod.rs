@@ -104,6 +104,9 @@ pub struct ProxySettings {
     pub max_user_connections: usize,
     /// Server connections per node and database at most (0: no limit).
     pub max_db_connections: usize,
+    /// How long a node's resolved address is used before its host name is
+    /// looked up again (PgBouncer's `dns_max_ttl`).
+    pub dns_max_ttl: Duration,
 }
 
 /// PgBouncer's default `auth_query`.

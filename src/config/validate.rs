@@ -299,6 +299,7 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
         auth_failure_cache: ms(p.auth_failure_cache_ms, 5_000),
         max_user_connections: p.max_user_connections.unwrap_or(0) as usize,
         max_db_connections: p.max_db_connections.unwrap_or(0) as usize,
+        dns_max_ttl: ms(p.dns_max_ttl_ms, 15_000),
     }
 }
 

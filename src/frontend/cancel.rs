@@ -100,7 +100,10 @@ impl CancelRegistry {
         };
         match target {
             Some(server) => match topology.nodes.get(server.node) {
-                Some(node) => send_cancel(&node.endpoint, server.key, timeout).await,
+                Some(node) => match node.last_endpoint() {
+                    Some(endpoint) => send_cancel(&endpoint, server.key, timeout).await,
+                    None => {}
+                },
                 None => tracing::warn!(node = server.node, "cancel request for an unknown node"),
             },
             None => tracing::info!(pid = key.pid, "cancel request ignored: unknown key, or no query running"),

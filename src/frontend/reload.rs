@@ -97,6 +97,7 @@ fn keep_restart_only(running: &Config, mut loaded: Config) -> (Config, Vec<&'sta
     keep!(proxy.server_idle_timeout, "proxy.server_idle_timeout_ms");
     keep!(proxy.auth_cache, "proxy.auth_cache_ms");
     keep!(proxy.auth_failure_cache, "proxy.auth_failure_cache_ms");
+    keep!(proxy.dns_max_ttl, "proxy.dns_max_ttl_ms");
     keep!(nodes, "nodes");
     keep!(monitor, "monitor");
     keep!(tls.mode, "tls.mode");

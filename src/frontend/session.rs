@@ -414,8 +414,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         for server in busy {
             // The client left mid-query: stop the server's work too.
             let timeout = self.shared.config().proxy.connect_timeout;
-            let endpoint = &self.shared.topology.nodes[server.node].endpoint;
-            crate::backend::connect::send_cancel(endpoint, server.key, timeout).await;
+            if let Some(endpoint) = self.shared.topology.nodes[server.node].last_endpoint() {
+                crate::backend::connect::send_cancel(&endpoint, server.key, timeout).await;
+            }
         }
         if let Some(replica) = self.replica.take() {
             replica.backend.terminate().await;

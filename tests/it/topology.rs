@@ -215,3 +215,66 @@ async fn tenants_never_leave_their_cluster() {
     assert_eq!(tables, "0");
     drop(proxy);
 }
+
+/// A line in /etc/hosts for the life of the guard (the tests run as root
+/// in CI; the file is rewritten in place, as a container bind-mounts it).
+struct HostsEntry(String);
+
+impl HostsEntry {
+    fn add(name: &str, address: &str) -> HostsEntry {
+        use std::io::Write;
+        let mut hosts = std::fs::OpenOptions::new()
+            .append(true)
+            .open("/etc/hosts")
+            .unwrap_or_else(|e| panic!("this test adds a name to /etc/hosts and needs to write it: {e}"));
+        writeln!(hosts, "{address} {name}").unwrap();
+        HostsEntry(name.to_string())
+    }
+}
+
+impl Drop for HostsEntry {
+    fn drop(&mut self) {
+        if let Ok(text) = std::fs::read_to_string("/etc/hosts") {
+            let kept: String = text
+                .lines()
+                .filter(|l| !l.split_whitespace().skip(1).any(|n| n == self.0))
+                .map(|l| format!("{l}\n"))
+                .collect();
+            let _ = std::fs::write("/etc/hosts", kept);
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_node_whose_name_does_not_resolve_yet_is_down_not_fatal_and_followed_once_it_does() {
+    let cluster = Cluster::builder().replica().start().await.unwrap();
+    let (primary, replica) = (cluster.primary(), cluster.replica(0));
+    let name = format!("pgnear-later-{}-{}.test", std::process::id(), replica.port());
+    let nodes = format!(
+        "{}[[nodes]]\nname = \"{}\"\nhost = \"{name}\"\nport = {}\nregion = \"eu-west\"\n\n",
+        node(primary.name(), primary.port(), "us-east", "default"),
+        replica.name(),
+        replica.port()
+    );
+    let config = ProxyConfig::default().nodes(&nodes).proxy("dns_max_ttl_ms = 100");
+    // `pgnear check` warns, and names the node.
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("proxy.toml");
+    std::fs::write(&path, config.toml(&cluster)).unwrap();
+    let check = std::process::Command::new(env!("CARGO_BIN_EXE_pgnear"))
+        .args(["check", "--config"])
+        .arg(&path)
+        .output()
+        .unwrap();
+    let said = String::from_utf8_lossy(&check.stdout);
+    assert!(check.status.success(), "{check:?}");
+    assert!(said.contains(&format!("node {:?}: {name} does not resolve", replica.name())), "{said}");
+    // pgnear starts; the node is down, reads go to the primary.
+    let proxy = Proxy::start(config.build(&cluster)).await.unwrap();
+    let env = Env { proxy, cluster };
+    let client = env.client().await;
+    assert_eq!(port_of(&client, "SELECT inet_server_port()").await, env.cluster.primary().port());
+    // Once the name resolves, the monitor finds the node and reads reach it.
+    let _entry = HostsEntry::add(&name, "127.0.0.1");
+    reads_reach(&client, env.cluster.replica(0).port(), "the replica once its name resolved").await;
+}
