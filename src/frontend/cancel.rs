@@ -99,11 +99,11 @@ impl CancelRegistry {
             sessions.get(&key).and_then(|t| t.get())
         };
         match target {
-            Some(server) => match topology.nodes.get(server.node) {
-                Some(node) => match node.last_endpoint() {
-                    Some(endpoint) => send_cancel(&endpoint, server.key, timeout).await,
-                    None => {}
-                },
+            Some(server) => match topology.nodes.get(server.node).map(|n| n.last_endpoint()) {
+                Some(Some(endpoint)) => send_cancel(&endpoint, server.key, timeout).await,
+                Some(None) => {
+                    tracing::info!(node = server.node, "cancel request ignored: the node was never reached")
+                }
                 None => tracing::warn!(node = server.node, "cancel request for an unknown node"),
             },
             None => tracing::info!(pid = key.pid, "cancel request ignored: unknown key, or no query running"),
