@@ -108,7 +108,7 @@ fn routing(c: &mut Criterion) {
 
 fn snapshots(c: &mut Criterion) {
     let config = config();
-    let topology = Topology::new(&config.nodes).expect("loopback resolves");
+    let topology = Topology::new(&config.nodes, config.proxy.dns_max_ttl).expect("loopback resolves");
     for (node, status) in topology.nodes.iter().zip(statuses()) {
         node.publish(status);
     }
