@@ -112,6 +112,8 @@ impl Proxy {
             learned: crate::router::learned::Learned::new(crate::router::learned::REMEMBER),
             limits: Arc::default(),
             lookups,
+            paused: crate::frontend::paused::Paused::default(),
+            transactions: Arc::default(),
         });
         if pool_mode == PoolMode::Transaction {
             tokio::spawn(reap_pools(Arc::downgrade(&shared)));

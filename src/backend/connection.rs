@@ -316,6 +316,11 @@ impl Backend {
                 self.hidden.pop_front();
                 self.in_flight = self.in_flight.saturating_sub(1);
                 self.readies += 1;
+                // pgnear's own statement may have ended or opened a block
+                // (the ROLLBACK of an optimistic transaction moved away).
+                if let Ok(status) = crate::protocol::backend::ready_status(frame) {
+                    self.tx_status = status;
+                }
                 Swallowed::Yes
             }
             // Errors of a replay are not hidden: the client must learn that

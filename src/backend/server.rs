@@ -70,6 +70,9 @@ pub(crate) struct Server {
     pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Its place in the per-user and per-database counts, while open.
     _slot: super::limits::Slot,
+    /// Counted among the proxy's open transactions while inside a block.
+    open_tx: Option<OpenTransaction>,
+    transactions: Arc<std::sync::atomic::AtomicUsize>,
     /// The event loop whose reactor watches its socket (`clock::current_loop`).
     pub(crate) home: usize,
 }
@@ -115,6 +118,19 @@ impl Server {
                 self.copies_left = left - 1;
                 false
             }
+        }
+    }
+
+    /// A ReadyForQuery said `status`: the connection counts among the
+    /// proxy's open transactions while it is inside a block.
+    pub(crate) fn note_status(&mut self, status: crate::protocol::backend::TxStatus) {
+        match (status.in_block(), self.open_tx.is_some()) {
+            (true, false) => {
+                self.transactions.fetch_add(1, Ordering::Relaxed);
+                self.open_tx = Some(OpenTransaction(self.transactions.clone()));
+            }
+            (false, true) => self.open_tx = None,
+            _ => {}
         }
     }
 
@@ -205,6 +221,8 @@ pub struct Dial<'a> {
     /// Server connections counted for `max_user_connections` and
     /// `max_db_connections`.
     pub limits: &'a Arc<super::limits::ServerLimits>,
+    /// Server connections inside a transaction block, proxy-wide.
+    pub transactions: &'a Arc<std::sync::atomic::AtomicUsize>,
 }
 
 /// Opens a connection to `node` and logs in.
@@ -252,7 +270,20 @@ pub(crate) async fn open(
         turns: 0,
         held_since: 0,
         _slot: slot,
+        open_tx: None,
+        transactions: dial.transactions.clone(),
     }))
+}
+
+/// One server connection inside a transaction block, counted in the
+/// proxy's open transactions (`PAUSE` waits for none) until dropped.
+#[derive(Debug)]
+struct OpenTransaction(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for OpenTransaction {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
 }
 
 /// Which settings a server connection has: those of session `owner` at

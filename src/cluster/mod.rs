@@ -131,6 +131,8 @@ pub struct Node {
     resolved: std::sync::Mutex<Resolved>,
     /// How long a resolved address is used (`proxy.dns_max_ttl_ms`).
     dns_ttl: std::time::Duration,
+    /// `DISABLE` (the admin console): no new reads, as if down.
+    disabled: AtomicBool,
     /// Published with [`Node::publish`].
     pub status: ArcSwap<NodeStatus>,
     /// `status.claims_primary()`, readable without loading the status:
@@ -186,6 +188,16 @@ impl Node {
         self.fixed.clone().or_else(|| self.resolved.lock().ok()?.endpoint.clone().map(|(e, _)| e))
     }
 
+    /// `DISABLE` (true) or `ENABLE` the node for new reads.
+    pub fn disable(&self, disabled: bool) {
+        self.disabled.store(disabled, Ordering::Relaxed);
+    }
+
+    /// Whether the node is disabled for new reads.
+    pub fn disabled(&self) -> bool {
+        self.disabled.load(Ordering::Relaxed)
+    }
+
     /// Makes `status` the node's current status.
     pub fn publish(&self, status: NodeStatus) {
         self.primary_claim.store(status.claims_primary(), Ordering::Relaxed);
@@ -210,6 +222,7 @@ impl Topology {
                 fixed: Endpoint::fixed(config),
                 resolved: std::sync::Mutex::new(Resolved::default()),
                 dns_ttl,
+                disabled: AtomicBool::new(false),
                 config: config.clone(),
                 status: ArcSwap::from_pointee(NodeStatus::default()),
                 primary_claim: AtomicBool::new(false),

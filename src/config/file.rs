@@ -34,6 +34,8 @@ pub struct ProxyFile {
     pub max_user_connections: Option<u64>,
     pub max_db_connections: Option<u64>,
     pub dns_max_ttl_ms: Option<u64>,
+    pub pause_timeout_ms: Option<u64>,
+    pub admin_users: Option<Vec<String>>,
 }
 
 /// One `[[nodes]]` entry.

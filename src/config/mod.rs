@@ -107,6 +107,10 @@ pub struct ProxySettings {
     /// How long a node's resolved address is used before its host name is
     /// looked up again (PgBouncer's `dns_max_ttl`).
     pub dns_max_ttl: Duration,
+    /// How long a unit waits while pgnear is paused before it fails.
+    pub pause_timeout: Duration,
+    /// Users that may open the admin console (database `pgnear`).
+    pub admin_users: Vec<String>,
 }
 
 /// PgBouncer's default `auth_query`.

@@ -300,6 +300,8 @@ fn proxy(p: ProxyFile, faults: &mut Faults) -> ProxySettings {
         max_user_connections: p.max_user_connections.unwrap_or(0) as usize,
         max_db_connections: p.max_db_connections.unwrap_or(0) as usize,
         dns_max_ttl: ms(p.dns_max_ttl_ms, 15_000),
+        pause_timeout: ms(p.pause_timeout_ms, 60_000),
+        admin_users: p.admin_users.unwrap_or_default(),
     }
 }
 

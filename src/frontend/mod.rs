@@ -3,7 +3,9 @@
 //! keys (`cancel`).
 
 pub(crate) mod cancel;
+pub mod console;
 pub(crate) mod handshake;
+pub mod paused;
 pub mod reload;
 mod session;
 
@@ -54,6 +56,11 @@ pub struct Shared {
     pub limits: Arc<crate::backend::limits::ServerLimits>,
     /// Users looked up with `proxy.auth_query`.
     pub lookups: crate::auth::lookup::Lookups,
+    /// `PAUSE`: new units wait until `RESUME`.
+    pub paused: paused::Paused,
+    /// Server connections inside a transaction block: `PAUSE` waits for
+    /// none to be left.
+    pub transactions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Shared {
@@ -75,6 +82,7 @@ impl Shared {
             connectors: &self.tls.connectors,
             metrics: &self.metrics,
             limits: &self.limits,
+            transactions: &self.transactions,
         }
     }
 
@@ -155,6 +163,26 @@ async fn open_session(
     };
     span.record("user", login.user.name.as_str());
     span.record("database", login.param("database").unwrap_or(""));
+    if login.param("database") == Some(console::DATABASE) {
+        let admin = shared.config().proxy.admin_users.contains(&login.user.name);
+        if !admin {
+            let message = format!(
+                "permission denied: only proxy.admin_users may open the pgnear console, not {:?}",
+                login.user.name
+            );
+            let frame = crate::protocol::backend::error_response(
+                crate::protocol::backend::Severity::Fatal,
+                crate::protocol::SqlState::InsufficientPrivilege,
+                &message,
+            );
+            let _ = stream.write_all(frame.raw()).await;
+            return None;
+        }
+        if let Err(error) = console::serve(&mut stream, login.buffered, shared).await {
+            tracing::debug!(%error, "console connection ended");
+        }
+        return None;
+    }
     let cluster = match tenant_cluster(&shared.config(), &login) {
         Ok(cluster) => cluster,
         Err(error) => {

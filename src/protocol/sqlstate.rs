@@ -33,6 +33,12 @@ pub enum SqlState {
     SerializationFailure,
     /// 55000 (PostgreSQL's for a currval() not yet defined in the session)
     ObjectNotInPrerequisiteState,
+    /// 57P03
+    CannotConnectNow,
+    /// 42501
+    InsufficientPrivilege,
+    /// 42601
+    SyntaxError,
     /// 58000
     SystemError,
     /// XX000
@@ -58,6 +64,9 @@ impl SqlState {
             SqlState::InFailedSqlTransaction => "25P02",
             SqlState::SerializationFailure => "40001",
             SqlState::ObjectNotInPrerequisiteState => "55000",
+            SqlState::CannotConnectNow => "57P03",
+            SqlState::InsufficientPrivilege => "42501",
+            SqlState::SyntaxError => "42601",
             SqlState::SystemError => "58000",
             SqlState::InternalError => "XX000",
         }

@@ -57,7 +57,13 @@ impl<'a> ClusterView<'a> {
             .iter()
             .map(|n| NodeView {
                 config: &n.config,
-                status: n.status.load_full(),
+                status: match n.disabled() {
+                    // Disabled for maintenance: no new reads, as if down.
+                    true => {
+                        Arc::new(crate::cluster::NodeStatus { up: false, ..(*n.status.load_full()).clone() })
+                    }
+                    false => n.status.load_full(),
+                },
                 lag_bytes: None,
                 lag: None,
                 outstanding: n.outstanding.load(std::sync::atomic::Ordering::Relaxed),

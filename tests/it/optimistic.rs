@@ -380,3 +380,27 @@ async fn a_unit_of_work_right_after_a_write_never_reads_a_replica_that_lacks_it(
         tx.commit().await.unwrap();
     }
 }
+
+/// The probe's count, by result, as scraped.
+fn probes(env: &Env, result: &str) -> u64 {
+    let shared = env.proxy.shared();
+    let text = shared.metrics.render(&shared.scrape()).unwrap();
+    let sample = format!("pgnear_watermark_probes_total{{result=\"{result}\"}} ");
+    text.lines().find_map(|l| l.strip_prefix(&sample)).map_or(0, |v| v.parse().unwrap())
+}
+
+#[tokio::test]
+async fn a_deferred_begin_opens_a_block_no_watermark_probe_runs_inside() {
+    let env = cluster(ProxyConfig::default()).await;
+    let client = env.client().await;
+    let (lsn, failed) = (probes(&env, "lsn"), probes(&env, "failed"));
+    for round in 0..10 {
+        // TPC-B's shape in pgbench's simple mode: BEGIN alone (deferred),
+        // then a write sent with it in one flight, COMMIT.
+        client.batch_execute("BEGIN").await.unwrap();
+        client.batch_execute(&format!("UPDATE accounts SET balance = {round} WHERE id = 1")).await.unwrap();
+        client.batch_execute("COMMIT").await.unwrap();
+    }
+    assert_eq!(probes(&env, "failed"), failed, "a probe ran inside the transaction");
+    assert_eq!(probes(&env, "lsn") - lsn, 10, "one probe per commit");
+}

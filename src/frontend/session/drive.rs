@@ -156,6 +156,18 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Step::RestoreSettings(target) => self.restore_settings(target).await?,
             Step::PrepareSql(target) => return self.prepare_sql(target, unit, complete, progress).await,
             Step::Promote => return self.promote(complete).await,
+            Step::WaitResume => {
+                let limit = self.shared.config().proxy.pause_timeout;
+                progress.resumed = true;
+                if !self.shared.paused.resumed(limit).await {
+                    let message = format!(
+                        "pgnear is paused (PAUSE) and did not resume within proxy.pause_timeout_ms ({} ms)",
+                        limit.as_millis()
+                    );
+                    let error = error_response(Severity::Error, SqlState::CannotConnectNow, &message);
+                    return Ok(Outcome::Final(Plan::Fail(error)));
+                }
+            }
             Step::EndOpenBatch | Step::TakeBackWriteConnection => {}
         }
         Ok(Outcome::Again)
@@ -370,6 +382,17 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// primary moved (failover) ends, since its server-side state is gone;
     /// one that had none (started while no primary was reachable) opens it.
     pub(super) async fn use_primary(&mut self, node: usize) -> Result<Result<(), Frame>, ProxyError> {
+        if self.primary.as_ref().is_some_and(|p| p.node != node) && self.can_move_primary() {
+            // The primary moved (a switchover, a failover): a session with
+            // nothing pinned to the old one follows it, its settings and
+            // prepared statements replayed there as on any new connection.
+            if let Some(old) = self.primary.take() {
+                let from = self.shared.topology.nodes[old.node].config.name.clone();
+                let to = self.shared.topology.nodes[node].config.name.as_str();
+                tracing::info!(parent: &self.scope.span, from, to, "the session follows the primary");
+                old.backend.terminate().await;
+            }
+        }
         let pool = if self.primary.is_none() { self.pool(node).cloned() } else { None };
         match &self.primary {
             Some(primary) if primary.node == node => Ok(Ok(())),
@@ -401,6 +424,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
             },
         }
+    }
+
+    /// Whether the session can leave its primary connection for another
+    /// server: nothing pinned there (LISTEN, temp tables, session advisory
+    /// locks, WITH HOLD cursors), no transaction open or unit in flight.
+    pub(super) fn can_move_primary(&self) -> bool {
+        let idle = self.primary.as_ref().is_none_or(|p| p.backend.is_idle() && !p.backend.has_hidden());
+        idle && !self.state.pinned && self.bound_to() != Some(Target::Primary)
     }
 
     /// Makes `node` the session's replica connection; false if it cannot

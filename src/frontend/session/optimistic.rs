@@ -438,6 +438,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             server.backend.queue(frame);
         }
         server.backend.queue_hidden(last, Hidden::UntilReady);
+        // The units behind it run inside the block it opens: no watermark
+        // probe may follow them until it ends.
+        server.expect_block = Some(true);
         if begin.parses_unnamed {
             self.known.unnamed_on = Some((target, Reason::Transaction));
         }

@@ -66,6 +66,8 @@ pub(super) enum Step {
     PrepareSql(Target),
     /// Move the optimistic transaction from the replica to the primary.
     Promote,
+    /// Wait while pgnear is paused (`PAUSE`), until it resumes.
+    WaitResume,
 }
 
 /// What the driver learned while performing a unit's steps.
@@ -80,6 +82,8 @@ pub(super) struct Progress {
     pub(super) replica_failed: bool,
     /// The replica refused a PREPARE the unit needs: the primary runs it.
     pub(super) primary_only: bool,
+    /// Waited while pgnear was paused.
+    pub(super) resumed: bool,
 }
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -116,6 +120,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Where a unit not held on a server goes: the router's decision, after
     /// any wait it calls for, on a server connection that is open.
     pub(super) fn plan_route(&self, unit: &Batch, progress: &Progress) -> Result<(Target, Reason), Plan> {
+        if self.shared.paused.is_on() && !progress.resumed {
+            return Err(Plan::Do(Step::WaitResume));
+        }
         if self.scope.catalog.is_stale() && !progress.catalog_refreshed {
             return Err(Plan::Do(Step::RefreshCatalog));
         }

@@ -25,6 +25,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         self.sources.mark_all();
         let node = self.node_name(target);
         if target == Target::Primary {
+            if self.can_move_primary() {
+                // Idle, nothing pinned: the next unit opens the primary
+                // afresh (the same server back, or a new one after a
+                // switchover) and the client never notices.
+                tracing::info!(parent: &self.scope.span, node, "idle primary connection lost; the next unit reopens one");
+                // Not suspected: an idle connection also ends for reasons
+                // of its own (idle_session_timeout, pg_terminate_backend).
+                self.primary = None;
+                return Ok(());
+            }
             return Err(ProxyError::BackendLost { node });
         }
         tracing::warn!(parent: &self.scope.span, node, "replica connection lost");
@@ -89,6 +99,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let before = server.backend.tx_status;
                 finished = server.effects.pop_front().map(|e| (e, failed, before, status));
                 server.backend.ready(status);
+                server.note_status(status);
                 let idle = server.backend.is_idle();
                 if idle && !open_batch && self.bound_to() == Some(target) {
                     self.bound = None;
@@ -128,6 +139,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 }
             }
             b'E' => {
+                if target == Target::Primary && self.can_move_primary() {
+                    // The primary is going away while the session is idle
+                    // on it (a switchover, a restart): nothing is lost.
+                    return Ok(Flow::Lost(Target::Primary));
+                }
                 if target == Target::Replica
                     && matches!(self.optimistic, Some(super::optimistic::Phase::OnReplica(_)))
                 {
