@@ -136,7 +136,28 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
         ["pause"] => {
             shared.paused.set(true);
             tracing::warn!("PAUSE: new units of work wait until RESUME");
-            Ok(Answer::done("PAUSE"))
+            // Done once no transaction is open on any server: the primary
+            // can then be moved without failing anyone's.
+            let limit = shared.config().proxy.pause_timeout;
+            let until = std::time::Instant::now() + limit;
+            loop {
+                let open = shared.transactions.load(std::sync::atomic::Ordering::Relaxed);
+                if open == 0 {
+                    return Ok(Answer::done("PAUSE"));
+                }
+                if std::time::Instant::now() >= until {
+                    let message = format!(
+                        "paused, but {open} transactions are still open after proxy.pause_timeout_ms ({} ms)",
+                        limit.as_millis()
+                    );
+                    return Err(error_response(
+                        Severity::Error,
+                        SqlState::ObjectNotInPrerequisiteState,
+                        &message,
+                    ));
+                }
+                crate::clock::sleep(std::time::Duration::from_millis(10)).await;
+            }
         }
         ["resume"] => {
             shared.paused.set(false);

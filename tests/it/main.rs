@@ -8,6 +8,7 @@
 mod auth;
 mod config;
 mod consistency;
+mod console;
 mod demo;
 mod fuzz_corpus;
 mod hostile;
