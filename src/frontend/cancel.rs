@@ -28,6 +28,26 @@ pub struct CancelTarget {
     closing: AtomicBool,
     /// The session's task, registered once by the session.
     task: AtomicWaker,
+    /// Who the client is, for the console's SHOW CLIENTS and KILL.
+    pub info: std::sync::OnceLock<ClientInfo>,
+}
+
+/// A connected client, as the console shows it.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    /// The session's id (as in its log lines); what KILL takes.
+    pub id: u64,
+    pub user: String,
+    pub database: String,
+    pub peer: String,
+    pub since: std::time::SystemTime,
+}
+
+/// A client and the server its queries go to now, if any.
+#[derive(Debug, Clone)]
+pub struct ClientRow {
+    pub info: ClientInfo,
+    pub server: Option<ServerKey>,
 }
 
 impl CancelTarget {
@@ -107,6 +127,31 @@ impl CancelRegistry {
                 None => tracing::warn!(node = server.node, "cancel request for an unknown node"),
             },
             None => tracing::info!(pid = key.pid, "cancel request ignored: unknown key, or no query running"),
+        }
+    }
+
+    /// Every client that has started its session.
+    pub fn clients(&self) -> Vec<ClientRow> {
+        let sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let mut rows: Vec<ClientRow> = sessions
+            .values()
+            .filter_map(|t| Some(ClientRow { info: t.info.get()?.clone(), server: t.get() }))
+            .collect();
+        rows.sort_by_key(|r| r.info.id);
+        rows
+    }
+
+    /// Asks the session with id `id` to close; false if there is none.
+    pub fn kill(&self, id: u64) -> bool {
+        let sessions = self.sessions.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        let target = sessions.values().find(|t| t.info.get().is_some_and(|i| i.id == id));
+        match target {
+            Some(target) => {
+                target.closing.store(true, Ordering::Release);
+                target.task.wake();
+                true
+            }
+            None => false,
         }
     }
 

@@ -1,8 +1,9 @@
 //! The admin console over the PostgreSQL protocol, as PgBouncer has it:
 //! `psql -h <pgnear> -p 6432 -U <admin> pgnear`, for the users listed in
 //! `proxy.admin_users`. Simple queries only; each is one command:
-//! `SHOW NODES | POOLS | STATS | CONFIG | VERSION`, `RELOAD`, `PAUSE`,
-//! `RESUME`, `DISABLE <node>`, `ENABLE <node>`.
+//! `SHOW NODES | CLIENTS | SERVERS | POOLS | STATS | CONFIG | VERSION`,
+//! `RELOAD`, `PAUSE`, `RESUME`, `DISABLE <node>`, `ENABLE <node>`,
+//! `KILL <client id>`.
 
 use std::sync::Arc;
 
@@ -113,6 +114,18 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
     match words.as_slice() {
         ["show", "nodes"] => Ok(nodes(shared)),
         ["show", "pools"] => Ok(pools(shared)),
+        ["show", "clients"] => Ok(clients(shared)),
+        ["show", "servers"] => Ok(servers(shared)),
+        ["kill", id] => {
+            let killed = id.parse().ok().is_some_and(|id| shared.cancels.kill(id));
+            if killed {
+                tracing::warn!(client = id, "KILL: closing the client's session");
+                Ok(Answer::done("KILL"))
+            } else {
+                let message = format!("no client with id {id:?} (SHOW CLIENTS lists them)");
+                Err(error_response(Severity::Error, SqlState::UndefinedObject, &message))
+            }
+        }
         ["show", "stats"] => Ok(stats(shared)),
         ["show", "config"] => Ok(config(shared)),
         ["show", "version"] => Ok(Answer {
@@ -178,8 +191,8 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
         }
         _ => {
             let message = format!(
-                "unknown pgnear console command {:?}: SHOW NODES | POOLS | STATS | CONFIG | VERSION, \
-                 RELOAD, PAUSE, RESUME, DISABLE <node>, ENABLE <node>",
+                "unknown pgnear console command {:?}: SHOW NODES | CLIENTS | SERVERS | POOLS | STATS | \
+                 CONFIG | VERSION, RELOAD, PAUSE, RESUME, DISABLE <node>, ENABLE <node>, KILL <client id>",
                 text.trim()
             );
             Err(error_response(Severity::Error, SqlState::SyntaxError, &message))
@@ -254,6 +267,45 @@ fn pools(shared: &Shared) -> Answer {
         })
         .collect();
     Answer { columns: &["node", "sv_active", "sv_idle", "cl_waiting", "timeouts"], rows, tag: "SHOW".into() }
+}
+
+fn clients(shared: &Shared) -> Answer {
+    let rows = shared
+        .cancels
+        .clients()
+        .into_iter()
+        .map(|c| {
+            let since = c.info.since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let server = c.server.map(|s| shared.topology.nodes[s.node].config.name.clone());
+            let state = if server.is_some() { "active" } else { "idle" };
+            vec![
+                c.info.id.to_string(),
+                c.info.user,
+                c.info.database,
+                state.to_string(),
+                c.info.peer,
+                since.to_string(),
+                server.unwrap_or_default(),
+            ]
+        })
+        .collect();
+    Answer {
+        columns: &["id", "user", "database", "state", "addr", "connect_time", "server"],
+        rows,
+        tag: "SHOW".into(),
+    }
+}
+
+fn servers(shared: &Shared) -> Answer {
+    let rows = shared
+        .limits
+        .open_by_user()
+        .into_iter()
+        .map(|(node, user, count)| {
+            vec![shared.topology.nodes[node].config.name.clone(), user, count.to_string()]
+        })
+        .collect();
+    Answer { columns: &["node", "user", "connections"], rows, tag: "SHOW".into() }
 }
 
 fn stats(shared: &Shared) -> Answer {

@@ -123,6 +123,7 @@ pub async fn serve(stream: Stream, peer: Peer, shared: Arc<Shared>, session_id: 
         return;
     };
     drop(handshake_gauge);
+    session.describe(session_id, peer.to_string());
     let _active_gauge = shared.metrics.client_connection(ClientState::Active);
     // The relay loop is not instrumented: entering and leaving a span on
     // every poll would cost more than the rest of a round trip's

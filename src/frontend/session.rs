@@ -206,7 +206,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         Ok(Session {
             shared,
             client,
-            scope: Scope { login: server_login, cluster, catalog, span },
+            scope: Scope { user: login.user.name.clone(), login: server_login, cluster, catalog, span },
             primary,
             replica,
             bound: None,
@@ -221,6 +221,19 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             sources: wake::Sources::new(),
             cancels: Cancels { registration, to: None, close_watch: false },
         })
+    }
+
+    /// Names the session's client for the console (SHOW CLIENTS, KILL).
+    pub fn describe(&self, id: u64, peer: String) {
+        let login = &self.scope.login;
+        let info = super::cancel::ClientInfo {
+            id,
+            user: self.scope.user.clone(),
+            database: login.param("database").unwrap_or(&login.user).to_string(),
+            peer,
+            since: std::time::SystemTime::now(),
+        };
+        let _ = self.cancels.registration.target.info.set(info);
     }
 
     /// Relays until the client leaves or the session fails.

@@ -69,6 +69,29 @@ async fn the_console_shows_and_controls_the_proxy() {
     assert_eq!(sqlstate(admin.simple_query("DISABLE nowhere").await), "42704");
     // Only admins.
     assert_eq!(sqlstate(connect(&conn(&env, "app", "pgnear")).await), "42501");
+    // Clients, their servers, and KILL.
+    let victim = connect(&conn(&env, "app", "postgres")).await.unwrap();
+    let bystander = env.client().await;
+    victim.simple_query("SELECT 1").await.unwrap();
+    let clients = rows(&admin, "SHOW CLIENTS").await;
+    let mine = clients.iter().find(|c| c[1] == "app").unwrap_or_else(|| panic!("{clients:?}"));
+    assert_eq!(mine[2], "postgres", "{clients:?}");
+    assert!(!mine[4].is_empty(), "{clients:?}");
+    let servers = rows(&admin, "SHOW SERVERS").await;
+    assert!(
+        servers.iter().any(|s| s[0] == env.cluster.primary().name() && s[1] == "postgres"),
+        "{servers:?}"
+    );
+    assert_eq!(sqlstate(admin.simple_query("KILL 999999").await), "42704");
+    admin.simple_query(&format!("KILL {}", mine[0])).await.unwrap();
+    let error = tokio::time::timeout(PATIENCE, victim.simple_query("SELECT 1")).await.unwrap();
+    assert!(error.is_err(), "a killed client went on");
+    bystander.simple_query("SELECT 1").await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while rows(&admin, "SHOW CLIENTS").await.iter().any(|c| c[0] == mine[0]) {
+        assert!(tokio::time::Instant::now() < deadline, "a killed client is still listed");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
     // DISABLE drains a replica of reads; ENABLE brings it back.
     let client = env.client().await;
     let deadline = tokio::time::Instant::now() + PATIENCE;

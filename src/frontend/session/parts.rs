@@ -155,6 +155,8 @@ impl Batch {
 /// What the session is: the login it uses on servers, its cluster and
 /// database catalog, and its log span.
 pub(super) struct Scope {
+    /// The client's user name (pgnear's `[[users]]` entry, or looked up).
+    pub(super) user: String,
     pub(super) login: ServerLogin,
     pub(super) cluster: String,
     pub(super) catalog: Arc<Catalog>,
