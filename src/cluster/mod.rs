@@ -133,6 +133,8 @@ pub struct Node {
     dns_ttl: std::time::Duration,
     /// `DISABLE` (the admin console): no new reads, as if down.
     disabled: AtomicBool,
+    /// `PAUSE <node>`: units for it wait until `RESUME <node>`.
+    paused: AtomicBool,
     /// Published with [`Node::publish`].
     pub status: ArcSwap<NodeStatus>,
     /// `status.claims_primary()`, readable without loading the status:
@@ -193,6 +195,16 @@ impl Node {
         self.disabled.store(disabled, Ordering::Relaxed);
     }
 
+    /// `PAUSE <node>` (true) or `RESUME <node>`.
+    pub fn pause(&self, paused: bool) {
+        self.paused.store(paused, Ordering::Relaxed);
+    }
+
+    /// Whether units for the node wait.
+    pub fn paused(&self) -> bool {
+        self.paused.load(Ordering::Relaxed)
+    }
+
     /// Whether the node is disabled for new reads.
     pub fn disabled(&self) -> bool {
         self.disabled.load(Ordering::Relaxed)
@@ -223,6 +235,7 @@ impl Topology {
                 resolved: std::sync::Mutex::new(Resolved::default()),
                 dns_ttl,
                 disabled: AtomicBool::new(false),
+                paused: AtomicBool::new(false),
                 config: config.clone(),
                 status: ArcSwap::from_pointee(NodeStatus::default()),
                 primary_claim: AtomicBool::new(false),

@@ -2,7 +2,7 @@
 //! `psql -h <pgnear> -p 6432 -U <admin> pgnear`, for the users listed in
 //! `proxy.admin_users`. Simple queries only; each is one command:
 //! `SHOW NODES | CLIENTS | SERVERS | POOLS | STATS | CONFIG | VERSION`,
-//! `RELOAD`, `PAUSE`, `RESUME`, `DISABLE <node>`, `ENABLE <node>`,
+//! `RELOAD`, `PAUSE [node]`, `RESUME [node]`, `DISABLE <node>`, `ENABLE <node>`,
 //! `KILL <client id>`.
 
 use std::sync::Arc;
@@ -177,6 +177,18 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
             tracing::info!("RESUME: units of work go on");
             Ok(Answer::done("RESUME"))
         }
+        [verb @ ("pause" | "resume"), name] => {
+            let original = text.split_whitespace().nth(1).unwrap_or(name).trim_end_matches(';');
+            let node = shared.topology.nodes.iter().find(|n| n.config.name.eq_ignore_ascii_case(original));
+            let Some(node) = node else {
+                let message = format!("no node named {original:?}");
+                return Err(error_response(Severity::Error, SqlState::UndefinedObject, &message));
+            };
+            node.pause(*verb == "pause");
+            shared.paused.notify();
+            tracing::warn!(node = node.config.name.as_str(), "{} for one node", verb.to_ascii_uppercase());
+            Ok(Answer::done(&verb.to_ascii_uppercase()))
+        }
         [verb @ ("disable" | "enable"), name] => {
             let original = text.split_whitespace().nth(1).unwrap_or(name).trim_end_matches(';');
             let node = shared.topology.nodes.iter().find(|n| n.config.name.eq_ignore_ascii_case(original));
@@ -192,7 +204,8 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
         _ => {
             let message = format!(
                 "unknown pgnear console command {:?}: SHOW NODES | CLIENTS | SERVERS | POOLS | STATS | \
-                 CONFIG | VERSION, RELOAD, PAUSE, RESUME, DISABLE <node>, ENABLE <node>, KILL <client id>",
+                 CONFIG | VERSION, RELOAD, PAUSE [node], RESUME [node], DISABLE <node>, ENABLE <node>, \
+                 KILL <client id>",
                 text.trim()
             );
             Err(error_response(Severity::Error, SqlState::SyntaxError, &message))

@@ -27,17 +27,23 @@ impl Paused {
         self.changed.notify_waiters();
     }
 
-    /// Waits until resumed, for `limit` at most; false if still paused.
-    pub async fn resumed(&self, limit: Duration) -> bool {
+    /// Wakes the units waiting (a node was paused or resumed).
+    pub fn notify(&self) {
+        self.changed.notify_waiters();
+    }
+
+    /// Waits until resumed (and `nodes_paused` says no node is), for
+    /// `limit` at most; false if still paused.
+    pub async fn resumed(&self, limit: Duration, nodes_paused: impl Fn() -> bool) -> bool {
         let until = Instant::now() + limit;
         loop {
             let changed = self.changed.notified();
-            if !self.is_on() {
+            if !self.is_on() && !nodes_paused() {
                 return true;
             }
             let left = until.saturating_duration_since(Instant::now());
             if left.is_zero() || crate::clock::timeout(left, changed).await.is_err() {
-                return !self.is_on();
+                return !self.is_on() && !nodes_paused();
             }
         }
     }

@@ -143,6 +143,15 @@ async fn pause_waits_for_open_transactions_and_holds_new_work_until_resume() {
     assert!(db.message().contains("pause_timeout_ms"), "{}", db.message());
     admin.simple_query("RESUME").await.unwrap();
     busy.simple_query("SELECT 1").await.unwrap();
+    // One node: its work waits until that node resumes.
+    let primary = env.cluster.primary().name().to_string();
+    admin.simple_query(&format!("PAUSE {primary}")).await.unwrap();
+    let waiting =
+        tokio::spawn(async move { busy.simple_query("INSERT INTO t VALUES (3)").await.map(|_| busy) });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "a write ran on a paused node");
+    admin.simple_query(&format!("RESUME {primary}")).await.unwrap();
+    tokio::time::timeout(PATIENCE, waiting).await.unwrap().unwrap().unwrap();
 }
 
 /// pgbench's TPC-B through pgnear while the operator pauses, promotes the

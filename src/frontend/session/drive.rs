@@ -156,10 +156,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             Step::RestoreSettings(target) => self.restore_settings(target).await?,
             Step::PrepareSql(target) => return self.prepare_sql(target, unit, complete, progress).await,
             Step::Promote => return self.promote(complete).await,
-            Step::WaitResume => {
+            Step::WaitResume(node) => {
                 let limit = self.shared.config().proxy.pause_timeout;
                 progress.resumed = true;
-                if !self.shared.paused.resumed(limit).await {
+                let topology = self.shared.topology.clone();
+                let paused = || node.is_some_and(|n| topology.nodes[n].paused());
+                if !self.shared.paused.resumed(limit, paused).await {
                     let message = format!(
                         "pgnear is paused (PAUSE) and did not resume within proxy.pause_timeout_ms ({} ms)",
                         limit.as_millis()

@@ -66,8 +66,9 @@ pub(super) enum Step {
     PrepareSql(Target),
     /// Move the optimistic transaction from the replica to the primary.
     Promote,
-    /// Wait while pgnear is paused (`PAUSE`), until it resumes.
-    WaitResume,
+    /// Wait while pgnear (`PAUSE`) or this node (`PAUSE <node>`) is
+    /// paused, until it resumes.
+    WaitResume(Option<usize>),
 }
 
 /// What the driver learned while performing a unit's steps.
@@ -121,7 +122,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// any wait it calls for, on a server connection that is open.
     pub(super) fn plan_route(&self, unit: &Batch, progress: &Progress) -> Result<(Target, Reason), Plan> {
         if self.shared.paused.is_on() && !progress.resumed {
-            return Err(Plan::Do(Step::WaitResume));
+            return Err(Plan::Do(Step::WaitResume(None)));
         }
         if self.scope.catalog.is_stale() && !progress.catalog_refreshed {
             return Err(Plan::Do(Step::RefreshCatalog));
@@ -154,6 +155,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 .map_err(|no_primary| Plan::Fail(no_route(&no_primary)))?,
             _ => route,
         };
+        let (Destination::Primary(node) | Destination::Replica(node)) = route.destination;
+        if self.shared.topology.nodes[node].paused() && !progress.resumed {
+            // `PAUSE <node>`: work for that node waits.
+            return Err(Plan::Do(Step::WaitResume(Some(node))));
+        }
         match route.destination {
             Destination::Primary(node) if self.primary.as_ref().is_some_and(|p| p.node == node) => {
                 Ok((Target::Primary, route.reason))
