@@ -177,25 +177,15 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
             tracing::info!("RESUME: units of work go on");
             Ok(Answer::done("RESUME"))
         }
-        [verb @ ("pause" | "resume"), name] => {
-            let original = text.split_whitespace().nth(1).unwrap_or(name).trim_end_matches(';');
-            let node = shared.topology.nodes.iter().find(|n| n.config.name.eq_ignore_ascii_case(original));
-            let Some(node) = node else {
-                let message = format!("no node named {original:?}");
-                return Err(error_response(Severity::Error, SqlState::UndefinedObject, &message));
-            };
+        [verb @ ("pause" | "resume"), _] => {
+            let node = named_node(shared, text)?;
             node.pause(*verb == "pause");
             shared.paused.notify();
             tracing::warn!(node = node.config.name.as_str(), "{} for one node", verb.to_ascii_uppercase());
             Ok(Answer::done(&verb.to_ascii_uppercase()))
         }
-        [verb @ ("disable" | "enable"), name] => {
-            let original = text.split_whitespace().nth(1).unwrap_or(name).trim_end_matches(';');
-            let node = shared.topology.nodes.iter().find(|n| n.config.name.eq_ignore_ascii_case(original));
-            let Some(node) = node else {
-                let message = format!("no node named {original:?}");
-                return Err(error_response(Severity::Error, SqlState::UndefinedObject, &message));
-            };
+        [verb @ ("disable" | "enable"), _] => {
+            let node = named_node(shared, text)?;
             let disable = *verb == "disable";
             node.disable(disable);
             tracing::warn!(node = node.config.name.as_str(), disabled = disable, "node {}d for reads", verb);
@@ -211,6 +201,16 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
             Err(error_response(Severity::Error, SqlState::SyntaxError, &message))
         }
     }
+}
+
+/// The node a command's second word names (as configured, any case).
+fn named_node<'s>(shared: &'s Shared, text: &str) -> Result<&'s crate::cluster::Node, Frame> {
+    let name = text.split_whitespace().nth(1).unwrap_or_default().trim_end_matches(';');
+    let node = shared.topology.nodes.iter().find(|n| n.config.name.eq_ignore_ascii_case(name));
+    node.ok_or_else(|| {
+        let message = format!("no node named {name:?}");
+        error_response(Severity::Error, SqlState::UndefinedObject, &message)
+    })
 }
 
 fn nodes(shared: &Shared) -> Answer {
