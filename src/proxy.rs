@@ -112,6 +112,7 @@ impl Proxy {
             learned: crate::router::learned::Learned::new(crate::router::learned::REMEMBER),
             limits: Arc::default(),
             lookups,
+            refused: Default::default(),
             paused: crate::frontend::paused::Paused::default(),
             transactions: Arc::default(),
         });

@@ -72,6 +72,9 @@ pub(crate) struct Server {
     _slot: super::limits::Slot,
     /// Counted among the proxy's open transactions while inside a block.
     open_tx: Option<OpenTransaction>,
+    /// Acknowledgements (ParseComplete, BindComplete, RowDescription ...)
+    /// of a read that may still run elsewhere, held until its first result.
+    pub(crate) held: Vec<crate::protocol::Frame>,
     transactions: Arc<std::sync::atomic::AtomicUsize>,
     /// The event loop whose reactor watches its socket (`clock::current_loop`).
     pub(crate) home: usize,
@@ -271,6 +274,7 @@ pub(crate) async fn open(
         held_since: 0,
         _slot: slot,
         open_tx: None,
+        held: Vec::new(),
         transactions: dial.transactions.clone(),
     }))
 }

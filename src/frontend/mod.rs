@@ -54,6 +54,8 @@ pub struct Shared {
     pub learned: crate::router::learned::Learned,
     /// Server connections per node and user, and per node and database.
     pub limits: Arc<crate::backend::limits::ServerLimits>,
+    /// Statements replicas refused: the primary runs them.
+    pub refused: crate::router::learned::Refused,
     /// Users looked up with `proxy.auth_query`.
     pub lookups: crate::auth::lookup::Lookups,
     /// `PAUSE`: new units wait until `RESUME`.

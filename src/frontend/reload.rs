@@ -26,7 +26,9 @@ pub enum Reloaded {
 pub async fn reload(shared: &Arc<Shared>) -> Reloaded {
     let running = shared.config.load_full();
     let Some(path) = running.source.clone() else {
-        tracing::warn!("reload: the configuration was not read from a file; nothing to read again");
+        // Embedded (tests, tools): only the certificate files are read again.
+        reload_certificate(shared);
+        tracing::warn!("reload: the configuration was not read from a file; only the TLS certificate was");
         return Reloaded::NoFile;
     };
     let loaded = match Config::load(&path) {
@@ -42,12 +44,7 @@ pub async fn reload(shared: &Arc<Shared>) -> Reloaded {
         Ok(Err(error)) => return refused(shared, vec![error.to_string()]),
         Err(error) => return refused(shared, vec![error.to_string()]),
     };
-    if let Some(acceptor) = &shared.tls.acceptor {
-        if let Err(error) = acceptor.reload() {
-            // The rest applies; the running certificate stays.
-            tracing::error!(%error, "reload: the TLS certificate could not be read; keeping the running one");
-        }
-    }
+    reload_certificate(shared);
     shared.directory.store(Arc::new(directory));
     shared.config.store(config);
     for key in &needs_restart {
@@ -59,6 +56,18 @@ pub async fn reload(shared: &Arc<Shared>) -> Reloaded {
     shared.metrics.config_reloaded(true);
     tracing::info!(file = %path.display(), "configuration reloaded");
     Reloaded::Applied { needs_restart }
+}
+
+/// New handshakes use the certificate and key as the files have them now;
+/// sessions keep theirs. A file that cannot be read keeps the running one.
+fn reload_certificate(shared: &Shared) {
+    let Some(acceptor) = &shared.tls.acceptor else { return };
+    match acceptor.reload() {
+        Ok(()) => tracing::info!("TLS certificate reloaded"),
+        Err(error) => {
+            tracing::error!(%error, "the TLS certificate could not be read; keeping the running one")
+        }
+    }
 }
 
 fn refused(shared: &Shared, faults: Vec<String>) -> Reloaded {

@@ -59,12 +59,14 @@ pub enum Target {
 }
 
 /// Whether the loop goes on.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Flow {
     Continue,
     End,
     /// A server is going away; handle it as lost.
     Lost(Target),
+    /// A replica refused a read before anything of it reached the client:
+    /// run it again on the primary.
+    Retry(Box<Batch>),
 }
 
 /// Something the loop must handle.
@@ -299,6 +301,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                         Box::pin(self.server_lost(target)).await?;
                         Flow::Continue
                     }
+                    Flow::Retry(unit) => {
+                        Box::pin(self.retry_on_primary(*unit)).await?;
+                        Flow::Continue
+                    }
                     flow => flow,
                 },
                 Event::Server(target, end) => {
@@ -318,7 +324,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Event::Close => return Err(ProxyError::Shutdown),
                 Event::IdleTimeout => Flow::Continue,
             };
-            if flow == Flow::End {
+            if matches!(flow, Flow::End) {
                 return self.client.flush().await;
             }
             if self.shared.config().proxy.idle_client_timeout.is_some() {
@@ -451,8 +457,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 Target::Primary => self.primary.as_mut(),
                 Target::Replica => self.replica.as_mut(),
             };
+            // A read that may still run elsewhere goes frame by frame
+            // until its first result (`on_server` holds what comes before).
+            let retrying =
+                target == Target::Replica && self.bound.as_ref().is_some_and(|b| b.retry.is_some());
             if let Some(server) = server.filter(|s| s.backend.has_input()) {
-                let moved = server.backend.pass_through(&mut self.client.out, FLUSH_AT);
+                let moved =
+                    if retrying { 0 } else { server.backend.pass_through(&mut self.client.out, FLUSH_AT) };
                 if moved > 0 {
                     self.client.relayed += moved as u64;
                     if target == Target::Replica {

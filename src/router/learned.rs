@@ -50,6 +50,32 @@ impl Learned {
     }
 }
 
+/// Statements a replica refused (a view over `nextval`, which the
+/// classifier cannot see through): their classifications, by identity, so
+/// that a repeat goes to the primary at once. Read without a lock on every
+/// read unit; written rarely. Bounded: past `CAPACITY` it starts over.
+#[derive(Debug, Default)]
+pub struct Refused {
+    set: arc_swap::ArcSwap<HashMap<usize, std::sync::Arc<crate::router::classify::Classification>>>,
+}
+
+impl Refused {
+    /// Remembers `class` as needing the primary.
+    pub fn add(&self, class: &std::sync::Arc<crate::router::classify::Classification>) {
+        self.set.rcu(|set| {
+            let mut set = if set.len() >= CAPACITY { HashMap::new() } else { (**set).clone() };
+            set.insert(std::sync::Arc::as_ptr(class) as usize, class.clone());
+            set
+        });
+    }
+
+    /// Whether any of `classes` was refused by a replica.
+    pub fn any(&self, classes: &[std::sync::Arc<crate::router::classify::Classification>]) -> bool {
+        let set = self.set.load();
+        !set.is_empty() && classes.iter().any(|c| set.contains_key(&(std::sync::Arc::as_ptr(c) as usize)))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

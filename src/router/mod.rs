@@ -39,6 +39,11 @@ pub enum Reason {
     SessionState,
     Unparsed,
     FallbackNoReplica,
+    /// A read a replica refused (25006 read-only, 40001 recovery conflict)
+    /// run again on the primary, unnoticed.
+    RetriedOnPrimary,
+    /// A read a replica refused before, sent to the primary from then on.
+    ReplicaRefused,
     /// A transaction opened with a plain BEGIN sent to the primary, since
     /// transactions that opened with its first statement lately wrote.
     LearnedWrite,
@@ -59,6 +64,8 @@ impl Reason {
             Reason::Unparsed => "unparsed",
             Reason::FallbackNoReplica => "fallback_no_replica",
             Reason::LearnedWrite => "learned_write",
+            Reason::RetriedOnPrimary => "retried_on_primary",
+            Reason::ReplicaRefused => "replica_refused",
         }
     }
 }

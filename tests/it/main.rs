@@ -19,6 +19,7 @@ mod optimistic;
 mod pooling;
 mod relay;
 mod reload;
+mod retry;
 mod routing;
 mod support;
 mod tls;

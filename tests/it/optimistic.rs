@@ -401,6 +401,12 @@ async fn a_deferred_begin_opens_a_block_no_watermark_probe_runs_inside() {
         client.batch_execute(&format!("UPDATE accounts SET balance = {round} WHERE id = 1")).await.unwrap();
         client.batch_execute("COMMIT").await.unwrap();
     }
-    assert_eq!(probes(&env, "failed"), failed, "a probe ran inside the transaction");
+    // The last probe's answer comes right behind the client's: wait for it.
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while probes(&env, "lsn") - lsn < 10 {
+        assert!(tokio::time::Instant::now() < deadline, "a commit had no probe");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
     assert_eq!(probes(&env, "lsn") - lsn, 10, "one probe per commit");
+    assert_eq!(probes(&env, "failed"), failed, "a probe ran inside the transaction");
 }

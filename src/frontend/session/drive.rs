@@ -55,7 +55,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// `complete` units end with Query, Sync or FunctionCall and so get a
     /// ReadyForQuery back.
     pub(super) async fn dispatch(&mut self, unit: Batch, complete: bool) -> Result<(), ProxyError> {
-        let mut progress = Progress::default();
+        self.dispatch_with(unit, complete, Progress::default()).await
+    }
+
+    /// `dispatch`, with what is already known of the unit.
+    pub(super) async fn dispatch_with(
+        &mut self,
+        unit: Batch,
+        complete: bool,
+        mut progress: Progress,
+    ) -> Result<(), ProxyError> {
         loop {
             if self.bound.is_none() {
                 self.refresh_watermark();

@@ -521,6 +521,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             reason: Reason::Transaction,
             open_batch: false,
             retry: None,
+            refused: None,
+            noticed: false,
         });
         Ok(Outcome::Again)
     }

@@ -176,6 +176,13 @@ pub(super) struct Bound {
     /// A read running on a replica, kept until its first response reaches
     /// the client so that it can run elsewhere if the replica fails first.
     pub(super) retry: Option<Box<Batch>>,
+    /// The replica refused that read with an error the primary would not
+    /// give (25006, 40001): held back until its ReadyForQuery says whether
+    /// the read can run again on the primary.
+    pub(super) refused: Option<Frame>,
+    /// A notice from the replica reached the client: the read is no
+    /// longer run again after an error.
+    pub(super) noticed: bool,
 }
 
 /// Why client input waits.

@@ -85,6 +85,8 @@ pub(super) struct Progress {
     pub(super) primary_only: bool,
     /// Waited while pgnear was paused.
     pub(super) resumed: bool,
+    /// A replica refused the unit: it runs again on the primary.
+    pub(super) retried: bool,
 }
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
@@ -133,7 +135,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             _ => &unit.classes[..],
         };
         let route = match (progress.primary_only, opening) {
+            _ if progress.retried => self.primary_route(Reason::RetriedOnPrimary),
             (true, _) => self.primary_route(Reason::SessionState),
+            (false, _) if self.shared.refused.any(classes) => self.primary_route(Reason::ReplicaRefused),
             (false, Opening::OnPrimary(reason)) => self.primary_route(reason),
             (false, _) => self.decide(classes),
         };

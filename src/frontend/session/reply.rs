@@ -80,6 +80,23 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 return Ok(Flow::Continue);
             }
         }
+        // A read on a replica that may still run elsewhere: what only
+        // acknowledges its messages waits for its first result, so that an
+        // error then leaves nothing seen by the client.
+        let may_retry = target == Target::Replica && self.bound.as_ref().is_some_and(|b| b.retry.is_some());
+        if may_retry && matches!(frame.tag(), b'1' | b'2' | b'3' | b't' | b'n' | b'T') {
+            if let Some(replica) = self.replica.as_mut() {
+                replica.held.push(frame.detached());
+            }
+            return Ok(Flow::Continue);
+        }
+        // A read the replica refused, held back: its ReadyForQuery decides.
+        let refused = match frame.tag() {
+            b'Z' if target == Target::Replica => {
+                self.bound.as_mut().and_then(|b| b.refused.take().map(|error| (error, b.retry.take())))
+            }
+            _ => None,
+        };
         // Notices (PostgreSQL warns before an immediate shutdown) and
         // ParameterStatus are not results: the read may still be retried.
         if target == Target::Replica && !matches!(frame.tag(), b'N' | b'S' | b'E') {
@@ -87,9 +104,11 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         let Some(server) = self.server_mut(target) else { return Ok(Flow::Continue) };
         let mut flow = Flow::Continue;
+        let mut ended_idle = false;
         match frame.tag() {
             b'Z' => {
                 let status = ready_status(&frame)?;
+                ended_idle = status == TxStatus::Idle;
                 let now = Instant::now();
                 if let Some(started) = server.started.pop_front() {
                     server.load.done();
@@ -135,7 +154,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             b'E' if !ErrorFields::parse(&frame)?.is_fatal() => {
                 server.unit_failed = true;
                 if target == Target::Replica {
+                    if self.hold_refusal(&frame)? {
+                        return Ok(Flow::Continue);
+                    }
                     self.no_retry();
+                }
+            }
+            b'N' if target == Target::Replica => {
+                // The client sees it: an error after it is the client's.
+                if let Some(bound) = self.bound.as_mut() {
+                    bound.noticed = true;
                 }
             }
             b'E' => {
@@ -171,11 +199,75 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if let Some(read_only) = read_only {
             self.known.default_read_only = read_only;
         }
+        if let Some((error, unit)) = refused {
+            match unit.filter(|_| ended_idle) {
+                // Outside a block, nothing of it seen: run it again.
+                Some(unit) => {
+                    if let Some(replica) = self.replica.as_mut() {
+                        replica.held.clear();
+                    }
+                    return Ok(Flow::Retry(unit));
+                }
+                None => {
+                    self.release_held();
+                    self.client.relay(&error);
+                }
+            }
+        }
+        if target == Target::Replica {
+            self.release_held();
+        }
         if let Some(digest) = self.server_mut(target).and_then(|s| s.backend.digest.as_mut()) {
             digest.add(frame.raw());
         }
         self.client.relay(&frame);
         Ok(flow)
+    }
+
+    /// A replica's error for the read it runs: held back, instead of
+    /// relayed, when the primary would not give it (25006: the read
+    /// needed the primary after all, as a view over `nextval` does; 40001:
+    /// a recovery conflict) and the read can still run there unnoticed:
+    /// nothing of it reached the client (no row, tag or notice) and it
+    /// parses no named statement (which the session now has). Whether it
+    /// ran outside a block, its ReadyForQuery tells.
+    fn hold_refusal(&mut self, frame: &Frame) -> Result<bool, crate::protocol::ProtocolError> {
+        let code = ErrorFields::parse(frame)?.code;
+        let Some(bound) = self.bound.as_mut() else { return Ok(false) };
+        let Some(unit) = bound.retry.as_ref() else { return Ok(false) };
+        let parses_named = unit.frames.iter().any(|f| f.tag() == b'P' && f.body().first() != Some(&0));
+        let held = matches!(code.as_str(), "25006" | "40001") && !bound.noticed && !parses_named;
+        if held {
+            bound.refused = Some(frame.detached());
+        }
+        Ok(held)
+    }
+
+    /// Relays the acknowledgements held for a read on the replica.
+    fn release_held(&mut self) {
+        let Some(replica) = self.replica.as_mut() else { return };
+        if replica.held.is_empty() {
+            return;
+        }
+        for frame in std::mem::take(&mut replica.held) {
+            if let Some(digest) = replica.backend.digest.as_mut() {
+                digest.add(frame.raw());
+            }
+            self.client.relay(&frame);
+        }
+    }
+
+    /// Runs a read a replica refused again on the primary, and remembers
+    /// its statements as needing the primary.
+    pub(super) async fn retry_on_primary(&mut self, unit: super::Batch) -> Result<(), ProxyError> {
+        for class in &unit.classes {
+            self.shared.refused.add(class);
+        }
+        tracing::info!(parent: &self.scope.span, "a replica refused a read: it runs again on the primary");
+        let progress = super::plan::Progress { retried: true, ..super::plan::Progress::default() };
+        self.dispatch_with(unit, true, progress).await?;
+        self.sources.mark_all();
+        Ok(())
     }
 
     /// A unit ended: the session effects that now last are recorded

@@ -86,6 +86,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             // A read on a replica, kept until its first response reaches
             // the client so that it can run elsewhere if the replica fails.
             retry: (target == Target::Replica && complete).then(|| Box::new(unit.clone())),
+            refused: None,
+            noticed: false,
         });
         // Messages sent ahead of their Sync keep the session on that server
         // until the Sync, unless the next unit can go elsewhere (`plan`).
