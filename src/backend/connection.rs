@@ -298,6 +298,17 @@ impl Backend {
         moved
     }
 
+    /// Moves buffered acknowledgements (ParseComplete, BindComplete,
+    /// CloseComplete, ParameterDescription, NoData, RowDescription) into
+    /// `held`, up to the first frame that is anything else: what a read
+    /// that may still run elsewhere answers before its first result.
+    pub fn hold_acknowledgements(&mut self, held: &mut BytesMut) {
+        if self.hidden.is_empty() {
+            let acknowledges = |tag| matches!(tag, b'1' | b'2' | b'3' | b't' | b'n' | b'T');
+            self.reader.pass_through(held, usize::MAX, acknowledges);
+        }
+    }
+
     /// Decides whether a server frame is a response to pgnear's own
     /// replay or probe; if so it must not reach the client. An expected
     /// response counts only once the client's units sent ahead of it have

@@ -74,7 +74,7 @@ pub(crate) struct Server {
     open_tx: Option<OpenTransaction>,
     /// Acknowledgements (ParseComplete, BindComplete, RowDescription ...)
     /// of a read that may still run elsewhere, held until its first result.
-    pub(crate) held: Vec<crate::protocol::Frame>,
+    pub(crate) held: bytes::BytesMut,
     transactions: Arc<std::sync::atomic::AtomicUsize>,
     /// The event loop whose reactor watches its socket (`clock::current_loop`).
     pub(crate) home: usize,
@@ -274,7 +274,7 @@ pub(crate) async fn open(
         held_since: 0,
         _slot: slot,
         open_tx: None,
-        held: Vec::new(),
+        held: bytes::BytesMut::new(),
         transactions: dial.transactions.clone(),
     }))
 }

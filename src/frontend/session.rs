@@ -462,8 +462,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             let retrying =
                 target == Target::Replica && self.bound.as_ref().is_some_and(|b| b.retry.is_some());
             if let Some(server) = server.filter(|s| s.backend.has_input()) {
-                let moved =
-                    if retrying { 0 } else { server.backend.pass_through(&mut self.client.out, FLUSH_AT) };
+                let moved = match retrying {
+                    true => {
+                        server.backend.hold_acknowledgements(&mut server.held);
+                        0
+                    }
+                    false => server.backend.pass_through(&mut self.client.out, FLUSH_AT),
+                };
                 if moved > 0 {
                     self.client.relayed += moved as u64;
                     if target == Target::Replica {
