@@ -66,7 +66,7 @@ pub enum Swallowed {
 /// ReadyForQuery, ErrorResponse, NoticeResponse (a read may still be
 /// retried after one), ParameterStatus or CopyInResponse, which
 /// `Session::on_server` handles.
-fn needs_no_bookkeeping(tag: u8) -> bool {
+pub fn needs_no_bookkeeping(tag: u8) -> bool {
     matches!(
         tag,
         b'D' | b'T'
@@ -296,6 +296,11 @@ impl Backend {
             digest.add_all(&out[start..]);
         }
         moved
+    }
+
+    /// The tag of the next buffered frame, if any.
+    pub fn next_tag(&self) -> Option<u8> {
+        self.reader.next_tag()
     }
 
     /// Moves buffered acknowledgements (ParseComplete, BindComplete,

@@ -462,11 +462,27 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             let retrying =
                 target == Target::Replica && self.bound.as_ref().is_some_and(|b| b.retry.is_some());
             if let Some(server) = server.filter(|s| s.backend.has_input()) {
-                let moved = match retrying {
-                    true => {
-                        server.backend.hold_acknowledgements(&mut server.held);
-                        0
+                let mut retrying = retrying;
+                if retrying {
+                    server.backend.hold_acknowledgements(&mut server.held);
+                    // A row or a tag next: the read has answered, and what
+                    // was held goes out ahead of it, in this same pass.
+                    let answered = server
+                        .backend
+                        .next_tag()
+                        .is_some_and(crate::backend::connection::needs_no_bookkeeping);
+                    if answered {
+                        self.client.out.extend_from_slice(&server.held);
+                        self.client.relayed += server.held.len() as u64;
+                        server.held.clear();
+                        if let Some(bound) = self.bound.as_mut() {
+                            bound.retry = None;
+                        }
+                        retrying = false;
                     }
+                }
+                let moved = match retrying {
+                    true => 0,
                     false => server.backend.pass_through(&mut self.client.out, FLUSH_AT),
                 };
                 if moved > 0 {

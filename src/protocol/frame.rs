@@ -131,6 +131,11 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         self.buf.is_empty()
     }
 
+    /// The tag of the next frame, if its first byte is buffered.
+    pub fn next_tag(&self) -> Option<u8> {
+        self.buf.first().copied()
+    }
+
     /// A frame already in the buffer, without reading.
     pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
         decode(&mut self.buf, self.limit)
