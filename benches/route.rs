@@ -109,7 +109,7 @@ fn routing(c: &mut Criterion) {
 fn snapshots(c: &mut Criterion) {
     let config = config();
     let topology = Topology::new(&config.nodes, config.proxy.dns_max_ttl).expect("loopback resolves");
-    for (node, status) in topology.nodes.iter().zip(statuses()) {
+    for ((_, node), status) in topology.nodes().zip(statuses()) {
         node.publish(status);
     }
     let policy = Policy { routing: &config.routing, rules: &config.rules, region: &config.proxy.region };

@@ -118,7 +118,9 @@ impl Admin {
         };
         let config = &self.shared.config();
         let view = ClusterView::capture(&self.shared.topology);
-        let nodes: Vec<NodeHealth> = view.nodes.iter().map(NodeHealth::of).collect();
+        let topology = &self.shared.topology;
+        let live = view.nodes.iter().enumerate().filter(|(id, _)| !topology.node(*id).retired());
+        let nodes: Vec<NodeHealth> = live.map(|(_, node)| NodeHealth::of(node)).collect();
         let healthy = nodes.iter().all(|n| n.up) && view.primary(&config.proxy.default_cluster).is_ok();
         let report =
             Health { status: if healthy { "ok" } else { "degraded" }, region: &config.proxy.region, nodes };

@@ -526,7 +526,9 @@ fn state_families(shared: &Scrape) -> prometheus::Result<Vec<MetricFamily>> {
         "How far the replica's replay is behind the primary.",
         &["node"],
     )?;
-    for node in &view.nodes {
+    // Nodes a reload removed (or replaced) leave no series behind.
+    let live = view.nodes.iter().enumerate().filter(|(id, _)| !shared.topology.node(*id).retired());
+    for (_, node) in live {
         let (name, status) = (node.config.name.as_str(), &node.status);
         let config = node.config;
         up.get_metric_with_label_values(&[
@@ -571,7 +573,7 @@ fn state_families(shared: &Scrape) -> prometheus::Result<Vec<MetricFamily>> {
     // Summed over the node's pools (one per user and startup parameters):
     // labels stay node names only.
     for pool in &shared.pools {
-        let node = shared.topology.nodes[pool.node].config.name.as_str();
+        let node = shared.topology.node(pool.node).config.name.as_str();
         pooled.get_metric_with_label_values(&[node, "idle"])?.add(pool.idle as f64);
         pooled.get_metric_with_label_values(&[node, "active"])?.add(pool.active as f64);
         waiting.get_metric_with_label_values(&[node])?.add(pool.waiting as f64);

@@ -30,8 +30,6 @@ pub enum StartError {
     Listen { addr: SocketAddr, source: std::io::Error },
     #[error("cannot listen on {}: {source}", path.display())]
     ListenUnix { path: std::path::PathBuf, source: std::io::Error },
-    #[error("cannot resolve a node: {0}")]
-    Resolve(std::io::Error),
     #[error("invalid user credential: {0}")]
     Credential(#[from] crate::auth::ScramError),
     #[error("{0}")]
@@ -53,7 +51,6 @@ pub struct Proxy {
     /// The admin listener's address and task, when `proxy.admin_listen` is
     /// set.
     admin: Option<(SocketAddr, JoinHandle<()>)>,
-    _monitor: monitor::Monitor,
 }
 
 impl Proxy {
@@ -81,7 +78,7 @@ impl Proxy {
             }
             None => None,
         };
-        let topology = Topology::new(&config.nodes, config.proxy.dns_max_ttl).map_err(StartError::Resolve)?;
+        let topology = Topology::new(&config.nodes, config.proxy.dns_max_ttl)?;
         let tls = crate::tls::Tls::load(&config)?;
         let directory = {
             let config = config.clone();
@@ -91,7 +88,8 @@ impl Proxy {
                 .unwrap_or_else(|_| Ok(Directory::default()))?
         };
         monitor::probe_all(&topology, &config.monitor, config.proxy.connect_timeout).await;
-        let monitor = monitor::spawn(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout);
+        let monitor =
+            monitor::Monitor::spawn(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout);
         let catalogs =
             Arc::new(Catalogs::new(topology.clone(), config.monitor.clone(), config.proxy.connect_timeout));
         let pool_mode = config.proxy.pool_mode;
@@ -115,6 +113,7 @@ impl Proxy {
             refused: Default::default(),
             paused: crate::frontend::paused::Paused::default(),
             transactions: Arc::default(),
+            monitor,
         });
         if pool_mode == PoolMode::Transaction {
             tokio::spawn(reap_pools(Arc::downgrade(&shared)));
@@ -132,16 +131,7 @@ impl Proxy {
         let server =
             tokio::spawn(crate::listener::run(listener, unix_socket, shared.clone(), watch, closing));
         tracing::info!(%addr, "pgnear is listening");
-        Ok(Proxy {
-            addr,
-            unix_socket: unix_path,
-            shared,
-            shutdown,
-            close_now,
-            server,
-            admin,
-            _monitor: monitor,
-        })
+        Ok(Proxy { addr, unix_socket: unix_path, shared, shutdown, close_now, server, admin })
     }
 
     /// The address clients connect to.
@@ -209,6 +199,7 @@ impl Proxy {
 
 impl Drop for Proxy {
     fn drop(&mut self) {
+        self.shared.monitor.stop();
         self.server.abort();
         if let Some((_, admin)) = &self.admin {
             admin.abort();

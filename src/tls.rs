@@ -40,27 +40,18 @@ pub enum TlsError {
     Invalid { key: String, message: String },
 }
 
-/// Everything TLS that sessions share, built once at startup.
+/// Everything TLS that sessions share toward clients, built at startup.
+/// (Each node has its own [`Connector`] toward its server.)
 #[derive(Debug)]
 pub struct Tls {
     /// Toward clients; `None` with `tls.mode = "disable"`.
     pub acceptor: Option<Acceptor>,
-    /// Toward servers: one per `[[nodes]]` entry, in config order, so a
-    /// topology node id indexes it.
-    pub connectors: Vec<Connector>,
 }
 
 impl Tls {
-    /// Loads every certificate, key and root file the config names.
+    /// Loads the certificate and key files the config names.
     pub fn load(config: &Config) -> Result<Tls, TlsError> {
-        let acceptor = Acceptor::load(&config.tls)?;
-        let connectors = config
-            .nodes
-            .iter()
-            .enumerate()
-            .map(|(i, node)| Connector::for_node(node, &format!("nodes[{i}]")))
-            .collect::<Result<_, _>>()?;
-        Ok(Tls { acceptor, connectors })
+        Ok(Tls { acceptor: Acceptor::load(&config.tls)? })
     }
 }
 

@@ -47,6 +47,8 @@ struct PoolKey {
 /// The connections of one node for one user and set of startup parameters.
 pub(crate) struct Pool {
     node: usize,
+    /// The node was retired by a reload: connections given back close.
+    retired: std::sync::atomic::AtomicBool,
     size: usize,
     /// Units waiting for a connection now.
     waiting: AtomicUsize,
@@ -98,6 +100,7 @@ impl Pools {
             .or_insert_with(|| {
                 Arc::new(Pool {
                     node,
+                    retired: Default::default(),
                     size: self.size,
                     waiting: AtomicUsize::new(0),
                     timeouts: AtomicU64::new(0),
@@ -107,6 +110,16 @@ impl Pools {
                 })
             })
             .clone()
+    }
+
+    /// A reload retired `node`: its idle connections close, and so do
+    /// those in use when they are given back.
+    pub(crate) fn retire(&self, node: usize) {
+        let pools: Vec<Arc<Pool>> = lock(&self.pools).values().filter(|p| p.node == node).cloned().collect();
+        for pool in pools {
+            pool.retired.store(true, Ordering::Relaxed);
+            lock(&pool.idle).clear();
+        }
     }
 
     /// Closes the idle connections to `node`: CREATE and DROP DATABASE
@@ -288,6 +301,9 @@ impl Pool {
             server.state.evict_statements(MAX_POOLED_STATEMENTS - MAX_POOLED_STATEMENTS / 10);
         }
         let permit = server.permit.take();
+        if self.retired.load(Ordering::Relaxed) {
+            return;
+        }
         lock(&self.idle).push(Idle { server, since: Instant::now() });
         // After the push: a session woken by the permit finds the connection.
         drop(permit);

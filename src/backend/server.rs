@@ -219,7 +219,6 @@ pub struct Dial<'a> {
     pub topology: &'a crate::cluster::Topology,
     pub settings: DialSettings,
     /// One per node.
-    pub connectors: &'a [crate::tls::Connector],
     pub metrics: &'a crate::metrics::Metrics,
     /// Server connections counted for `max_user_connections` and
     /// `max_db_connections`.
@@ -234,7 +233,7 @@ pub(crate) async fn open(
     node: usize,
     login: &ServerLogin,
 ) -> Result<Box<Server>, super::ConnectError> {
-    let endpoint = dial.topology.nodes[node].endpoint().await.map_err(super::ConnectError::Resolve)?;
+    let endpoint = dial.topology.node(node).endpoint().await.map_err(super::ConnectError::Resolve)?;
     let endpoint = &endpoint;
     let proxy = dial.settings;
     let limits = super::limits::Limits {
@@ -243,10 +242,10 @@ pub(crate) async fn open(
     };
     let database = login.param("database").unwrap_or(&login.user);
     let slot = dial.limits.take(node, &login.user, database, limits).map_err(super::ConnectError::Limit)?;
-    let tls = &dial.connectors[node];
+    let tls = &dial.topology.node(node).tls;
     let backend = connect(endpoint, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = ServerKey { node, key: backend.key };
-    let metrics = dial.metrics.node(&dial.topology.nodes[node].config.name);
+    let metrics = dial.metrics.node(&dial.topology.node(node).config.name);
     // Boxed: in transaction pooling connections move between sessions
     // and the pool on every transaction.
     let app_name = login.param(APPLICATION_NAME).unwrap_or_default().to_string();
@@ -258,7 +257,7 @@ pub(crate) async fn open(
         cancel_key,
         state,
         started: std::collections::VecDeque::new(),
-        load: Load { node: dial.topology.nodes[node].outstanding.clone(), held: 0 },
+        load: Load { node: dial.topology.node(node).outstanding.clone(), held: 0 },
         effects: std::collections::VecDeque::new(),
         carry: Vec::new(),
         unit_failed: false,

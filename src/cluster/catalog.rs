@@ -107,11 +107,12 @@ impl Catalogs {
         node: usize,
         database: &str,
     ) -> Result<tokio_postgres::Client, tokio_postgres::Error> {
-        let node = &self.topology.nodes[node].config;
+        let node = &self.topology.node(node).config;
+        let config = self.config.load();
         let mut pg = tokio_postgres::Config::new();
-        pg.host(&node.host).port(node.port).user(&self.config.user).dbname(database);
+        pg.host(&node.host).port(node.port).user(&config.user).dbname(database);
         pg.application_name("pgnear-catalog").connect_timeout(self.timeout);
-        if let Some(password) = &self.config.password {
+        if let Some(password) = &config.password {
             pg.password(password.expose());
         }
         crate::tls::connect_postgres(&mut pg, node).await
@@ -122,14 +123,25 @@ impl Catalogs {
 #[derive(Debug)]
 pub struct Catalogs {
     topology: Arc<Topology>,
-    config: MonitorConfig,
+    /// The monitor's user and refresh interval: swapped by a reload.
+    config: ArcSwap<MonitorConfig>,
     timeout: Duration,
     by_db: Mutex<HashMap<(String, String), Arc<Catalog>>>,
 }
 
 impl Catalogs {
     pub fn new(topology: Arc<Topology>, config: MonitorConfig, timeout: Duration) -> Catalogs {
-        Catalogs { topology, config, timeout, by_db: Mutex::new(HashMap::new()) }
+        Catalogs {
+            topology,
+            config: ArcSwap::from_pointee(config),
+            timeout,
+            by_db: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// New `[monitor]` settings, used from the next load on.
+    pub fn set_config(&self, config: &MonitorConfig) {
+        self.config.store(Arc::new(config.clone()));
     }
 
     /// The catalog of `database` in `cluster`, loaded once before this
@@ -178,7 +190,7 @@ impl Catalogs {
                 Err(error) => tracing::warn!(database = key.1, %error, "cannot load volatile functions"),
             }
             c.refreshed.notify_waiters();
-            let wait = crate::clock::sleep(self.config.function_refresh);
+            let wait = crate::clock::sleep(self.config.load().function_refresh);
             tokio::select! {
                 () = wait => {}
                 () = c.refresh.notified() => {}

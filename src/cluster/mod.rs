@@ -125,6 +125,8 @@ impl std::fmt::Display for Endpoint {
 #[derive(Debug)]
 pub struct Node {
     pub config: NodeConfig,
+    /// TLS toward the node's server, per its `sslmode`.
+    pub tls: crate::tls::Connector,
     /// A Unix socket or an address literal; `None` for a host name, which
     /// is resolved for new connections (`Node::endpoint`).
     fixed: Option<Endpoint>,
@@ -135,6 +137,9 @@ pub struct Node {
     disabled: AtomicBool,
     /// `PAUSE <node>`: units for it wait until `RESUME <node>`.
     paused: AtomicBool,
+    /// Removed (or replaced) by a reload: down for good, never a primary;
+    /// sessions on it move at their next unit of work.
+    retired: AtomicBool,
     /// Published with [`Node::publish`].
     pub status: ArcSwap<NodeStatus>,
     /// `status.claims_primary()`, readable without loading the status:
@@ -149,6 +154,23 @@ pub struct Node {
 }
 
 impl Node {
+    fn new(config: NodeConfig, tls: crate::tls::Connector, dns_ttl: Duration) -> Node {
+        Node {
+            fixed: Endpoint::fixed(&config),
+            resolved: std::sync::Mutex::new(Resolved::default()),
+            dns_ttl,
+            disabled: AtomicBool::new(false),
+            paused: AtomicBool::new(false),
+            retired: AtomicBool::new(false),
+            config,
+            tls,
+            status: ArcSwap::from_pointee(NodeStatus::default()),
+            primary_claim: AtomicBool::new(false),
+            outstanding: Arc::new(AtomicU32::new(0)),
+            replay: replay::ReplayWatch::default(),
+        }
+    }
+
     /// Where to open a new connection now. A host name is looked up again
     /// once its last answer is older than `proxy.dns_max_ttl_ms`, so an
     /// address that moves (a DNS-based failover) is followed; a name that
@@ -158,8 +180,7 @@ impl Node {
             return Ok(endpoint.clone());
         }
         let cached = self.resolved.lock().map(|r| r.endpoint.clone()).unwrap_or_default();
-        if let Some((endpoint, at)) = cached.filter(|(_, at)| at.elapsed() < self.dns_ttl) {
-            let _ = at;
+        if let Some((endpoint, _)) = cached.filter(|(_, at)| at.elapsed() < self.dns_ttl) {
             return Ok(endpoint);
         }
         let name = &self.config.name;
@@ -210,40 +231,165 @@ impl Node {
         self.disabled.load(Ordering::Relaxed)
     }
 
-    /// Makes `status` the node's current status.
-    pub fn publish(&self, status: NodeStatus) {
+    /// Whether a reload removed or replaced the node.
+    pub fn retired(&self) -> bool {
+        self.retired.load(Ordering::Acquire)
+    }
+
+    /// Whether the node takes writes for its cluster now (lock-free).
+    fn claims_primary(&self) -> bool {
+        self.primary_claim.load(Ordering::Relaxed) && !self.retired()
+    }
+
+    /// Makes `status` the node's current status. A retired node stays
+    /// down whatever a probe still in flight found.
+    pub fn publish(&self, mut status: NodeStatus) {
+        if self.retired() {
+            status.up = false;
+        }
         self.primary_claim.store(status.claims_primary(), Ordering::Relaxed);
         self.status.store(Arc::new(status));
     }
 }
 
-/// Every configured node, in config order; indexes are node ids.
+/// Every node pgnear has known since it started; indexes are node ids.
+/// Nodes are only ever added: a reload that removes or replaces one
+/// retires it, so every id a session or a pool holds stays valid.
 #[derive(Debug)]
 pub struct Topology {
-    pub nodes: Vec<Node>,
+    nodes: boxcar::Vec<Node>,
+    /// How long a resolved address is used (`proxy.dns_max_ttl_ms`).
+    dns_ttl: Duration,
+    /// Reloads change the nodes one at a time.
+    changing: std::sync::Mutex<()>,
+}
+
+/// What a reload changed in the topology.
+#[derive(Debug, Default, PartialEq, Eq)]
+pub struct NodeChanges {
+    /// Ids of nodes new to the topology (added, or replacing a changed one).
+    pub added: Vec<usize>,
+    /// Ids of nodes retired (removed, or replaced by a changed one).
+    pub retired: Vec<usize>,
+}
+
+impl NodeChanges {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.retired.is_empty()
+    }
 }
 
 impl Topology {
     /// The nodes, none of them resolved yet: a host name that does not
     /// resolve makes its node down (the monitor cannot reach it), never a
     /// failed start. `dns_ttl` is how long a resolved address is used.
-    pub fn new(configs: &[NodeConfig], dns_ttl: std::time::Duration) -> std::io::Result<Arc<Topology>> {
-        let mut nodes = Vec::new();
-        for config in configs {
-            nodes.push(Node {
-                fixed: Endpoint::fixed(config),
-                resolved: std::sync::Mutex::new(Resolved::default()),
-                dns_ttl,
-                disabled: AtomicBool::new(false),
-                paused: AtomicBool::new(false),
-                config: config.clone(),
-                status: ArcSwap::from_pointee(NodeStatus::default()),
-                primary_claim: AtomicBool::new(false),
-                outstanding: Arc::new(AtomicU32::new(0)),
-                replay: replay::ReplayWatch::default(),
-            });
+    pub fn new(configs: &[NodeConfig], dns_ttl: Duration) -> Result<Arc<Topology>, crate::tls::TlsError> {
+        let topology = Topology { nodes: boxcar::Vec::new(), dns_ttl, changing: Default::default() };
+        for (i, config) in configs.iter().enumerate() {
+            let tls = crate::tls::Connector::for_node(config, &format!("nodes[{i}]"))?;
+            topology.nodes.push(Node::new(config.clone(), tls, dns_ttl));
         }
-        Ok(Arc::new(Topology { nodes }))
+        Ok(Arc::new(topology))
+    }
+
+    /// The node with id `id`. Ids come from this topology, which never
+    /// forgets a node.
+    pub fn node(&self, id: usize) -> &Node {
+        &self.nodes[id]
+    }
+
+    /// Every node with its id, retired ones included.
+    pub fn nodes(&self) -> impl Iterator<Item = (usize, &Node)> + '_ {
+        self.nodes.iter()
+    }
+
+    /// The nodes in the running configuration, with their ids.
+    pub fn live(&self) -> impl Iterator<Item = (usize, &Node)> + '_ {
+        self.nodes.iter().filter(|(_, n)| !n.retired())
+    }
+
+    /// The live node named `name` (case-insensitively).
+    pub fn find(&self, name: &str) -> Option<(usize, &Node)> {
+        self.live().find(|(_, n)| n.config.name.eq_ignore_ascii_case(name))
+    }
+
+    /// How many nodes there have been.
+    pub fn len(&self) -> usize {
+        self.nodes.count()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// Makes the live nodes those of `configs`, matched by name: a new name
+    /// is added, a missing one retired, a changed one retired and added
+    /// again under a new id. A changed node that is still the same server
+    /// (same host, port, cluster and TLS; a new region or role) starts
+    /// from its predecessor's status, so a primary stays writable
+    /// throughout. Every TLS setting is checked before anything changes.
+    pub fn apply(&self, configs: &[NodeConfig]) -> Result<NodeChanges, crate::tls::TlsError> {
+        let _changing = self.changing.lock().unwrap_or_else(|p| p.into_inner());
+        let mut new = Vec::new();
+        for (i, config) in configs.iter().enumerate() {
+            let old = self.find_exact(&config.name);
+            if old.is_some_and(|(_, node)| node.config == *config) {
+                continue;
+            }
+            let tls = crate::tls::Connector::for_node(config, &format!("nodes[{i}]"))?;
+            new.push((config.clone(), tls, old.map(|(id, _)| id)));
+        }
+        let mut changes = NodeChanges::default();
+        for (id, node) in self.live() {
+            let kept = configs.iter().any(|c| c.name == node.config.name);
+            if !kept {
+                self.retire(id);
+                changes.retired.push(id);
+            }
+        }
+        for (config, tls, old) in new {
+            let node = Node::new(config, tls, self.dns_ttl);
+            let same = old.map(|id| self.node(id)).filter(|old| same_server(&old.config, &node.config));
+            if let Some(old) = same {
+                // Stored without the primary claim: `primary()` keeps
+                // answering the old id until it is retired just below.
+                node.status.store(old.status.load_full());
+                if let (Ok(from), Ok(mut to)) = (old.resolved.lock(), node.resolved.lock()) {
+                    to.endpoint = from.endpoint.clone();
+                }
+                node.disabled.store(old.disabled(), Ordering::Relaxed);
+            }
+            let id = self.nodes.push(node);
+            if let Some(old) = old {
+                self.retire(old);
+                changes.retired.push(old);
+            }
+            if same.is_some() {
+                let node = self.node(id);
+                node.publish((**node.status.load()).clone());
+            }
+            changes.added.push(id);
+        }
+        Ok(changes)
+    }
+
+    /// The live node named exactly `name`.
+    fn find_exact(&self, name: &str) -> Option<(usize, &Node)> {
+        self.live().find(|(_, n)| n.config.name == name)
+    }
+
+    /// Takes a node out for good: down, never a primary.
+    fn retire(&self, id: usize) {
+        let node = self.node(id);
+        node.retired.store(true, Ordering::Release);
+        node.publish((**node.status.load()).clone());
+        tracing::info!(node = node.config.name.as_str(), "node retired by a reload");
+    }
+
+    /// Whether nodes `a` and `b` are the same server under two
+    /// configurations (one replaced the other in a reload).
+    pub fn same_server(&self, a: usize, b: usize) -> bool {
+        same_server(&self.node(a).config, &self.node(b).config)
     }
 
     /// Takes a node out of rotation at once after a connection error on the
@@ -262,19 +408,28 @@ impl Topology {
     pub fn primary(&self, cluster: &str) -> Result<usize, NoPrimary> {
         // The common case, one claimant, without capturing a whole view;
         // anything else (none, a conflict) is settled by the view.
-        let mut claims = self
-            .nodes
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.primary_claim.load(Ordering::Relaxed) && n.config.cluster == cluster);
+        let mut claims = self.nodes.iter().filter(|(_, n)| n.claims_primary() && n.config.cluster == cluster);
         match (claims.next(), claims.next()) {
             (Some((one, _)), None) => Ok(one),
             _ => {
-                let nodes = self.nodes.iter().map(|n| (&n.config, n.status.load().claims_primary()));
+                let nodes = self.nodes.iter().map(|(_, n)| {
+                    let claims = n.status.load().claims_primary() && !n.retired();
+                    (&n.config, claims)
+                });
                 elect_primary(nodes, cluster)
             }
         }
     }
+}
+
+/// Same host, port, cluster and TLS: the same server, whatever its region
+/// or role setting says.
+fn same_server(a: &NodeConfig, b: &NodeConfig) -> bool {
+    a.host == b.host
+        && a.port == b.port
+        && a.cluster == b.cluster
+        && a.sslmode == b.sslmode
+        && a.sslrootcert == b.sslrootcert
 }
 
 /// The primary of `cluster` among nodes (each with whether it is up and

@@ -11,7 +11,8 @@
 //! `successes_before_up` consecutive successes. Each loop publishes a new
 //! immutable [`NodeStatus`]; nothing else writes it.
 
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use tokio::task::JoinHandle;
@@ -43,40 +44,85 @@ struct Sample {
     rtt: Duration,
 }
 
-/// The running monitor; dropping it stops every loop.
+/// The running monitor: a loop per live node. Dropping it stops them.
 #[derive(Debug)]
 pub struct Monitor {
-    tasks: Vec<JoinHandle<()>>,
+    topology: Arc<Topology>,
+    loops: Mutex<Loops>,
+}
+
+#[derive(Debug)]
+struct Loops {
+    config: MonitorConfig,
+    connect_timeout: Duration,
+    /// By node id.
+    tasks: HashMap<usize, JoinHandle<()>>,
 }
 
 impl Drop for Monitor {
     fn drop(&mut self) {
-        for task in &self.tasks {
-            task.abort();
-        }
+        self.stop();
     }
 }
 
 /// Probes every node once, concurrently, so that a proxy starts with a
 /// verified view. Bounded by `timeout`.
 pub async fn probe_all(topology: &Arc<Topology>, config: &MonitorConfig, timeout: Duration) {
-    let probes = topology.nodes.iter().map(|node| async move {
+    let probes = topology.live().map(|(_, node)| async move {
         let mut conn = None;
         probe_and_publish(node, &mut conn, config, timeout, true).await;
     });
     futures_util::future::join_all(probes).await;
 }
 
-/// Starts one loop per node.
-pub fn spawn(topology: Arc<Topology>, config: MonitorConfig, connect_timeout: Duration) -> Monitor {
-    let tasks = (0..topology.nodes.len())
-        .map(|i| {
-            let topology = topology.clone();
-            let config = config.clone();
-            tokio::spawn(async move { node_loop(&topology.nodes[i], &config, connect_timeout).await })
-        })
-        .collect();
-    Monitor { tasks }
+impl Monitor {
+    /// Starts one loop per live node.
+    pub fn spawn(topology: Arc<Topology>, config: MonitorConfig, connect_timeout: Duration) -> Monitor {
+        let monitor =
+            Monitor { topology, loops: Mutex::new(Loops { config, connect_timeout, tasks: HashMap::new() }) };
+        monitor.follow(None);
+        monitor
+    }
+
+    /// Follows a reload: a loop for each node without one, none for a
+    /// retired node, and with new `[monitor]` settings every loop started
+    /// again with them (statuses carry over: they live in the nodes).
+    pub fn follow(&self, config: Option<&MonitorConfig>) {
+        let mut loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(config) = config.filter(|c| **c != loops.config) {
+            loops.config = config.clone();
+            for (_, task) in loops.tasks.drain() {
+                task.abort();
+            }
+        }
+        loops.tasks.retain(|id, task| {
+            let keep = !self.topology.node(*id).retired();
+            if !keep {
+                task.abort();
+            }
+            keep
+        });
+        let live: Vec<usize> = self.topology.live().map(|(id, _)| id).collect();
+        for id in live {
+            if loops.tasks.contains_key(&id) {
+                continue;
+            }
+            let (topology, config, timeout) =
+                (self.topology.clone(), loops.config.clone(), loops.connect_timeout);
+            let task = crate::clock::spawn_on_service(async move {
+                node_loop(topology.node(id), &config, timeout).await
+            });
+            loops.tasks.insert(id, task);
+        }
+    }
+
+    /// Stops every loop.
+    pub fn stop(&self) {
+        let mut loops = self.loops.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, task) in loops.tasks.drain() {
+            task.abort();
+        }
+    }
 }
 
 /// Probes every `interval`; between probes, while reads wait on the node

@@ -175,7 +175,7 @@ pub enum SslMode {
 }
 
 /// One `[[nodes]]` entry.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct NodeConfig {
     pub name: String,
     /// A host name or address, or, starting with `/`, the directory of
@@ -344,7 +344,7 @@ pub enum ReplicaWait {
 }
 
 /// The `[monitor]` table.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct MonitorConfig {
     pub interval: Duration,
     pub user: String,

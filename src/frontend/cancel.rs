@@ -119,7 +119,9 @@ impl CancelRegistry {
             sessions.get(&key).and_then(|t| t.get())
         };
         match target {
-            Some(server) => match topology.nodes.get(server.node).map(|n| n.last_endpoint()) {
+            Some(server) => match (server.node < topology.len())
+                .then(|| topology.node(server.node).last_endpoint())
+            {
                 Some(Some(endpoint)) => send_cancel(&endpoint, server.key, timeout).await,
                 Some(None) => {
                     tracing::info!(node = server.node, "cancel request ignored: the node was never reached")

@@ -206,7 +206,7 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
 /// The node a command's second word names (as configured, any case).
 fn named_node<'s>(shared: &'s Shared, text: &str) -> Result<&'s crate::cluster::Node, Frame> {
     let name = text.split_whitespace().nth(1).unwrap_or_default().trim_end_matches(';');
-    let node = shared.topology.nodes.iter().find(|n| n.config.name.eq_ignore_ascii_case(name));
+    let node = shared.topology.find(name).map(|(_, node)| node);
     node.ok_or_else(|| {
         let message = format!("no node named {name:?}");
         error_response(Severity::Error, SqlState::UndefinedObject, &message)
@@ -218,9 +218,8 @@ fn nodes(shared: &Shared) -> Answer {
     let config = shared.config();
     let rows = shared
         .topology
-        .nodes
-        .iter()
-        .zip(view.nodes.iter())
+        .live()
+        .map(|(id, node)| (node, &view.nodes[id]))
         .map(|(node, seen)| {
             let status = node.status.load();
             let role = format!("{:?}", status.role).to_ascii_lowercase();
@@ -271,7 +270,7 @@ fn pools(shared: &Shared) -> Answer {
         .into_iter()
         .map(|p| {
             vec![
-                shared.topology.nodes[p.node].config.name.clone(),
+                shared.topology.node(p.node).config.name.clone(),
                 p.active.to_string(),
                 p.idle.to_string(),
                 p.waiting.to_string(),
@@ -289,7 +288,7 @@ fn clients(shared: &Shared) -> Answer {
         .into_iter()
         .map(|c| {
             let since = c.info.since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
-            let server = c.server.map(|s| shared.topology.nodes[s.node].config.name.clone());
+            let server = c.server.map(|s| shared.topology.node(s.node).config.name.clone());
             let state = if server.is_some() { "active" } else { "idle" };
             vec![
                 c.info.id.to_string(),
@@ -315,7 +314,7 @@ fn servers(shared: &Shared) -> Answer {
         .open_by_user()
         .into_iter()
         .map(|(node, user, count)| {
-            vec![shared.topology.nodes[node].config.name.clone(), user, count.to_string()]
+            vec![shared.topology.node(node).config.name.clone(), user, count.to_string()]
         })
         .collect();
     Answer { columns: &["node", "user", "connections"], rows, tag: "SHOW".into() }

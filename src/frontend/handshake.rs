@@ -251,7 +251,7 @@ async fn look_up(
     let cannot = |cause: String| ProxyError::Lookup { user: name.to_string(), cause };
     let node = shared.topology.primary(cluster).map_err(|e| cannot(e.to_string()))?;
     let target = Target {
-        node: shared.topology.nodes[node].config.clone(),
+        node: shared.topology.node(node).config.clone(),
         database: database.to_string(),
         user: auth_user.server_user.clone(),
         password: auth_user.server_password.clone(),

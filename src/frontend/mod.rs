@@ -27,8 +27,8 @@ use cancel::CancelRegistry;
 use handshake::{handshake, Handshake, Login};
 use session::Session;
 
-/// What every session shares. Built once at startup; read-only except
-/// for the cancel registry.
+/// What every session shares. Built once at startup; a reload swaps the
+/// configuration and credentials whole and adds or retires nodes.
 pub struct Shared {
     /// The configuration in force: swapped whole by a reload.
     pub config: arc_swap::ArcSwap<Config>,
@@ -63,6 +63,8 @@ pub struct Shared {
     /// Server connections inside a transaction block: `PAUSE` waits for
     /// none to be left.
     pub transactions: Arc<std::sync::atomic::AtomicUsize>,
+    /// The monitor's loops, one per live node.
+    pub monitor: crate::cluster::monitor::Monitor,
 }
 
 impl Shared {
@@ -81,7 +83,6 @@ impl Shared {
         crate::backend::server::Dial {
             topology: &self.topology,
             settings: crate::backend::server::DialSettings::of(&self.config().proxy),
-            connectors: &self.tls.connectors,
             metrics: &self.metrics,
             limits: &self.limits,
             transactions: &self.transactions,

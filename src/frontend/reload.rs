@@ -2,6 +2,10 @@
 //! nothing (each fault is logged with its key path); a valid one replaces
 //! the configuration and the users' credentials whole, and every session
 //! uses them from its next unit or connection on. Nobody is disconnected.
+//! Nodes are matched by name: new ones join (the monitor probes them
+//! before reads go there), removed or changed ones are retired
+//! (`Topology::apply`), and sessions leave them at their next unit of
+//! work, after the transaction they are in.
 //! Keys that only a restart can change keep their running values, each
 //! logged as such; the TLS certificate and key files are read again.
 
@@ -44,6 +48,21 @@ pub async fn reload(shared: &Arc<Shared>) -> Reloaded {
         Ok(Err(error)) => return refused(shared, vec![error.to_string()]),
         Err(error) => return refused(shared, vec![error.to_string()]),
     };
+    // Last of what can fail: every new node's TLS settings are checked
+    // before any node changes.
+    let changes = match shared.topology.apply(&config.nodes) {
+        Ok(changes) => changes,
+        Err(error) => return refused(shared, vec![error.to_string()]),
+    };
+    for &id in &changes.retired {
+        shared.pools.retire(id);
+    }
+    shared.monitor.follow(Some(&config.monitor));
+    shared.catalogs.set_config(&config.monitor);
+    for &id in &changes.added {
+        let node = &shared.topology.node(id).config;
+        tracing::info!(node = node.name.as_str(), region = node.region.as_str(), "node added by a reload");
+    }
     reload_certificate(shared);
     shared.directory.store(Arc::new(directory));
     shared.config.store(config);
@@ -79,8 +98,8 @@ fn refused(shared: &Shared, faults: Vec<String>) -> Reloaded {
 }
 
 /// `loaded`, with the running values of the keys only a restart can
-/// change (the listeners, the event loops, the nodes and what was built
-/// from them at start), and the names of those that differ.
+/// change (the listeners, the event loops, the pools' shape and caches
+/// sized at start), and the names of those that differ.
 fn keep_restart_only(running: &Config, mut loaded: Config) -> (Config, Vec<&'static str>) {
     let mut changed = Vec::new();
     macro_rules! keep {
@@ -107,8 +126,6 @@ fn keep_restart_only(running: &Config, mut loaded: Config) -> (Config, Vec<&'sta
     keep!(proxy.auth_cache, "proxy.auth_cache_ms");
     keep!(proxy.auth_failure_cache, "proxy.auth_failure_cache_ms");
     keep!(proxy.dns_max_ttl, "proxy.dns_max_ttl_ms");
-    keep!(nodes, "nodes");
-    keep!(monitor, "monitor");
     keep!(tls.mode, "tls.mode");
     keep!(tls.cert, "tls.cert");
     keep!(tls.key, "tls.key");

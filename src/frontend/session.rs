@@ -433,7 +433,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         for server in busy {
             // The client left mid-query: stop the server's work too.
             let timeout = self.shared.config().proxy.connect_timeout;
-            if let Some(endpoint) = self.shared.topology.nodes[server.node].last_endpoint() {
+            if let Some(endpoint) = self.shared.topology.node(server.node).last_endpoint() {
                 crate::backend::connect::send_cancel(&endpoint, server.key, timeout).await;
             }
         }
@@ -599,7 +599,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     fn node_name(&self, target: Target) -> String {
         match self.server(target) {
-            Some(server) => self.shared.topology.nodes[server.node].config.name.clone(),
+            Some(server) => self.shared.topology.node(server.node).config.name.clone(),
             None => String::from("replica"),
         }
     }

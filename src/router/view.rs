@@ -52,13 +52,15 @@ pub(super) struct Limits<'a> {
 impl<'a> ClusterView<'a> {
     /// Loads every node's latest status (lock-free) and derives lag.
     pub fn capture(topology: &'a Topology) -> ClusterView<'a> {
+        // Every node, retired ones too, so that a position in the view is
+        // a node id.
         let nodes: Nodes<'a> = topology
-            .nodes
-            .iter()
-            .map(|n| NodeView {
+            .nodes()
+            .map(|(_, n)| NodeView {
                 config: &n.config,
-                status: match n.disabled() {
-                    // Disabled for maintenance: no new reads, as if down.
+                status: match n.disabled() || n.retired() {
+                    // Disabled for maintenance (or gone from the config):
+                    // no new reads, as if down.
                     true => {
                         Arc::new(crate::cluster::NodeStatus { up: false, ..(*n.status.load_full()).clone() })
                     }

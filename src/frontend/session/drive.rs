@@ -146,7 +146,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
             Step::WaitReplica { node, lsn, until } => {
                 let started = Instant::now();
-                let caught_up = self.shared.topology.nodes[node].replayed(lsn, until).await;
+                let caught_up = self.shared.topology.node(node).replayed(lsn, until).await;
                 let outcome = if caught_up { WaitOutcome::CaughtUp } else { WaitOutcome::TimedOut };
                 self.shared.metrics.replica_wait(outcome, started.elapsed());
                 progress.waited = Some(caught_up);
@@ -169,7 +169,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 let limit = self.shared.config().proxy.pause_timeout;
                 progress.resumed = true;
                 let topology = self.shared.topology.clone();
-                let paused = || node.is_some_and(|n| topology.nodes[n].paused());
+                let paused = || node.is_some_and(|n| topology.node(n).paused());
                 if !self.shared.paused.resumed(limit, paused).await {
                     let message = format!(
                         "pgnear is paused (PAUSE) and did not resume within proxy.pause_timeout_ms ({} ms)",
@@ -393,13 +393,21 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// primary moved (failover) ends, since its server-side state is gone;
     /// one that had none (started while no primary was reachable) opens it.
     pub(super) async fn use_primary(&mut self, node: usize) -> Result<Result<(), Frame>, ProxyError> {
+        let topology = &self.shared.topology;
+        if let Some(primary) = self.primary.as_mut().filter(|p| p.node != node) {
+            if topology.same_server(primary.node, node) {
+                // A reload gave the primary a new region or role setting:
+                // the same server under a new node id. Nothing moves.
+                primary.node = node;
+            }
+        }
         if self.primary.as_ref().is_some_and(|p| p.node != node) && self.can_move_primary() {
             // The primary moved (a switchover, a failover): a session with
             // nothing pinned to the old one follows it, its settings and
             // prepared statements replayed there as on any new connection.
             if let Some(old) = self.primary.take() {
-                let from = self.shared.topology.nodes[old.node].config.name.clone();
-                let to = self.shared.topology.nodes[node].config.name.as_str();
+                let from = self.shared.topology.node(old.node).config.name.clone();
+                let to = self.shared.topology.node(node).config.name.as_str();
                 tracing::info!(parent: &self.scope.span, from, to, "the session follows the primary");
                 old.backend.terminate().await;
             }
@@ -408,7 +416,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         match &self.primary {
             Some(primary) if primary.node == node => Ok(Ok(())),
             Some(_) => {
-                let name = self.shared.topology.nodes[node].config.name.clone();
+                let name = self.shared.topology.node(node).config.name.clone();
                 Err(ProxyError::PrimaryMoved { node: name })
             }
             None => match Box::pin(super::open::acquire(
@@ -469,12 +477,12 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 error @ (ProxyError::PoolExhausted(_)
                 | ProxyError::Connect(crate::backend::ConnectError::Limit(_))),
             ) => {
-                let name = &self.shared.topology.nodes[node].config.name;
+                let name = &self.shared.topology.node(node).config.name;
                 tracing::info!(parent: &self.scope.span, node = name.as_str(), %error, "replica pool exhausted: using the primary");
                 false
             }
             Err(error) => {
-                let name = &self.shared.topology.nodes[node].config.name;
+                let name = &self.shared.topology.node(node).config.name;
                 tracing::warn!(parent: &self.scope.span, node = name.as_str(), %error, "cannot open a replica connection");
                 self.shared.topology.suspect(node);
                 false

@@ -199,7 +199,7 @@ pub(super) fn is_read_only_default(frame: &Frame) -> bool {
 
 /// The regions of `cluster`'s nodes, sorted, each once.
 pub(super) fn regions(shared: &crate::frontend::Shared, cluster: &str) -> Vec<String> {
-    let nodes = shared.topology.nodes.iter().filter(|n| n.config.cluster == cluster);
+    let nodes = shared.topology.live().map(|(_, n)| n).filter(|n| n.config.cluster == cluster);
     let mut regions: Vec<String> = nodes.map(|n| n.config.region.clone()).collect();
     regions.sort();
     regions.dedup();
@@ -263,7 +263,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// What `SHOW` may report now.
     fn report(&self) -> Report {
-        let node = self.known.last_node.map(|n| &self.shared.topology.nodes[n].config);
+        let node = self.known.last_node.map(|n| &self.shared.topology.node(n).config);
         Report {
             write_lsn: self.writes.watermark.lsn(),
             node: node.map(|c| c.name.clone()).unwrap_or_default(),
@@ -295,7 +295,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     fn report_node(&mut self) {
         let Some(node) = self.known.last_node else { return };
-        let name = &self.shared.topology.nodes[node].config.name;
+        let name = &self.shared.topology.node(node).config.name;
         self.client.queue(&crate::protocol::backend::parameter_status("pgnear.node", name));
     }
 

@@ -160,7 +160,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             _ => route,
         };
         let (Destination::Primary(node) | Destination::Replica(node)) = route.destination;
-        if self.shared.topology.nodes[node].paused() && !progress.resumed {
+        if self.shared.topology.node(node).paused() && !progress.resumed {
             // `PAUSE <node>`: work for that node waits.
             return Err(Plan::Do(Step::WaitResume(Some(node))));
         }
@@ -325,7 +325,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// The primary's measured round trip (the monitor's EWMA).
     pub(super) fn primary_rtt(&self) -> Option<Duration> {
         let node = self.shared.topology.primary(&self.scope.cluster).ok()?;
-        self.shared.topology.nodes[node].status.load().rtt
+        self.shared.topology.node(node).status.load().rtt
     }
 
     /// The database's user-defined volatile functions, loaded only when a

@@ -372,7 +372,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// The monitor's latest primary sample, for resolving watermarks.
     fn primary_sample(&self) -> Option<PrimarySample> {
         let node = self.shared.topology.primary(&self.scope.cluster).ok()?;
-        let status = self.shared.topology.nodes[node].status.load();
+        let status = self.shared.topology.node(node).status.load();
         Some(PrimarySample { sent_at: status.probe_sent?, lsn: status.insert_lsn? })
     }
 

@@ -224,8 +224,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     pub(super) fn cluster_has_replicas(&self) -> bool {
-        let nodes = &self.shared.topology.nodes;
-        nodes.iter().filter(|n| n.config.cluster == self.scope.cluster).count() > 1
+        let nodes = self.shared.topology.live();
+        nodes.filter(|(_, n)| n.config.cluster == self.scope.cluster).count() > 1
     }
 
     /// Counts a unit that executes statements, by node, role and reason.
