@@ -9,6 +9,8 @@
 //!   cache), read from the topology and the cache when `/metrics` is
 //!   scraped, so they are never stale and never outlive a node's role.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use prometheus::core::Collector;
@@ -194,6 +196,23 @@ pub struct Metrics {
     reloads: [IntCounter; 2],
     last_reload: prometheus::Gauge,
     wait_seconds: Histogram,
+    /// The console's `SHOW STATS`, by node name.
+    stats: std::sync::Mutex<std::collections::BTreeMap<String, Arc<NodeStats>>>,
+}
+
+/// One node's totals for the console's `SHOW STATS` (PgBouncer's columns).
+#[derive(Debug, Default)]
+pub struct NodeStats {
+    /// Units of work that executed statements.
+    pub queries: AtomicU64,
+    /// ReadyForQuery back to idle: a transaction (explicit or not) ended.
+    pub transactions: AtomicU64,
+    /// Bytes of client messages sent to the node.
+    pub received: AtomicU64,
+    /// Bytes the node's servers sent.
+    pub sent: AtomicU64,
+    /// Units' time from dispatch to ReadyForQuery, in microseconds.
+    pub query_time_us: AtomicU64,
 }
 
 /// How a read's wait for a replica ended.
@@ -210,6 +229,8 @@ pub enum WaitOutcome {
 /// place in the open-connections gauge.
 #[derive(Debug)]
 pub struct NodeMetrics {
+    /// This node's totals for `SHOW STATS`.
+    pub stats: Arc<NodeStats>,
     name: Box<str>,
     routed: IntCounterVec,
     by_reason: Vec<(RoleLabel, Reason, IntCounter)>,
@@ -220,6 +241,7 @@ pub struct NodeMetrics {
 impl NodeMetrics {
     /// A unit of work routed to this node.
     pub fn routed(&mut self, role: RoleLabel, reason: Reason) {
+        self.stats.queries.fetch_add(1, Ordering::Relaxed);
         if let Some((_, _, counter)) = self.by_reason.iter().find(|(r, why, _)| *r == role && *why == reason)
         {
             return counter.inc();
@@ -232,6 +254,20 @@ impl NodeMetrics {
     /// A unit's time from dispatch to its ReadyForQuery.
     pub fn query_latency(&self, elapsed: Duration) {
         self.latency.observe(elapsed.as_secs_f64());
+        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
+        self.stats.query_time_us.fetch_add(micros, Ordering::Relaxed);
+    }
+
+    /// A ReadyForQuery back to idle, having read `read` bytes from the
+    /// server since the last one.
+    pub fn transaction_ended(&self, read: u64) {
+        self.stats.transactions.fetch_add(1, Ordering::Relaxed);
+        self.stats.sent.fetch_add(read, Ordering::Relaxed);
+    }
+
+    /// Client messages of `bytes` sent to the node.
+    pub fn received(&self, bytes: usize) {
+        self.stats.received.fetch_add(bytes as u64, Ordering::Relaxed);
     }
 }
 
@@ -388,13 +424,19 @@ impl Metrics {
             optimistic: Optimistic::ALL.map(|o| optimistic.with_label_values(&[o.as_str()])),
             reloads: [reloads.with_label_values(&["ok"]), reloads.with_label_values(&["error"])],
             last_reload,
+            stats: Default::default(),
         })
     }
 
     /// `node`'s children, for one server connection to it: the request
     /// path then counts without hashing label values.
     pub fn node(&self, node: &str) -> NodeMetrics {
+        let stats = {
+            let mut stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+            stats.entry(node.to_string()).or_default().clone()
+        };
         NodeMetrics {
+            stats,
             name: node.into(),
             routed: self.routed.clone(),
             by_reason: Vec::new(),
@@ -471,6 +513,31 @@ impl Metrics {
 
     /// Units routed to each node so far, summed over roles and reasons,
     /// by node name (for the demo's node table).
+    /// Every node's `SHOW STATS` totals, by name.
+    pub fn node_stats(&self) -> Vec<(String, Arc<NodeStats>)> {
+        let stats = self.stats.lock().unwrap_or_else(|p| p.into_inner());
+        stats.iter().map(|(name, stats)| (name.clone(), stats.clone())).collect()
+    }
+
+    /// Units routed to `node`, by reason (summed over roles).
+    pub fn routed_by_reason(&self, node: &str) -> Vec<(String, u64)> {
+        let mut totals: Vec<(String, u64)> = Vec::new();
+        for metric in self.routed.collect().iter().flat_map(|family| family.get_metric()) {
+            let label = |name: &str| metric.get_label().iter().find(|l| l.name() == name).map(|l| l.value());
+            let (Some(on), Some(reason)) = (label("node"), label("reason")) else { continue };
+            if on != node {
+                continue;
+            }
+            let count = metric.get_counter().get_value() as u64;
+            match totals.iter_mut().find(|(r, _)| r == reason) {
+                Some((_, total)) => *total += count,
+                None => totals.push((reason.to_owned(), count)),
+            }
+        }
+        totals.sort();
+        totals
+    }
+
     pub fn routed_by_node(&self) -> Vec<(String, u64)> {
         let mut totals: Vec<(String, u64)> = Vec::new();
         for metric in self.routed.collect().iter().flat_map(|family| family.get_metric()) {

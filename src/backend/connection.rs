@@ -266,6 +266,11 @@ impl Backend {
         !self.reader.is_empty()
     }
 
+    /// The bytes read from the server since the last call.
+    pub fn take_read(&mut self) -> u64 {
+        self.reader.take_read()
+    }
+
     /// A whole frame already read, if any.
     pub fn buffered(&mut self) -> Result<Option<Frame>, ProtocolError> {
         self.reader.buffered()

@@ -1,9 +1,11 @@
 //! `max_user_connections` and `max_db_connections`: server connections
 //! counted per node and server user, and per node and database, across
 //! every session and pool of the proxy. A connection holds a `Slot` for
-//! as long as it is open.
+//! as long as it is open, and is listed by the console's `SHOW SERVERS`
+//! from the moment it has logged in.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 /// What is counted: connections to a node as a user, or to a database.
@@ -17,6 +19,9 @@ enum Key {
 #[derive(Debug, Default)]
 pub struct ServerLimits {
     open: Mutex<HashMap<Key, usize>>,
+    /// Logged-in connections by id, for `SHOW SERVERS`.
+    servers: Mutex<BTreeMap<u64, Arc<OpenServer>>>,
+    next_id: AtomicU64,
 }
 
 /// One open server connection's place in the counts; given back on drop.
@@ -24,6 +29,24 @@ pub struct ServerLimits {
 pub struct Slot {
     limits: Arc<ServerLimits>,
     keys: [Key; 2],
+    listed: Option<Arc<OpenServer>>,
+}
+
+/// A logged-in server connection as `SHOW SERVERS` lists it.
+#[derive(Debug)]
+pub struct OpenServer {
+    pub id: u64,
+    pub node: usize,
+    pub user: String,
+    pub database: String,
+    /// The server's address (or socket path).
+    pub addr: String,
+    pub since: std::time::SystemTime,
+    /// The server process.
+    pub pid: i32,
+    pub tls: bool,
+    /// Transaction pooling: in its pool, no session holds it.
+    pub idle: AtomicBool,
 }
 
 /// The limits that apply to one login (0: none).
@@ -62,7 +85,40 @@ impl ServerLimits {
             *open.entry(key.clone()).or_insert(0) += 1;
         }
         drop(open);
-        Ok(Slot { limits: self.clone(), keys })
+        Ok(Slot { limits: self.clone(), keys, listed: None })
+    }
+
+    /// The logged-in server connections, by id.
+    pub fn servers(&self) -> Vec<Arc<OpenServer>> {
+        self.servers.lock().unwrap_or_else(|p| p.into_inner()).values().cloned().collect()
+    }
+}
+
+impl Slot {
+    /// The connection has logged in to `addr`, server process `pid`: it
+    /// is listed from now on, until the slot drops.
+    pub fn list(&mut self, addr: String, pid: i32, tls: bool) {
+        let [Key::User(node, user), Key::Database(_, database)] = &self.keys else { return };
+        let entry = Arc::new(OpenServer {
+            id: self.limits.next_id.fetch_add(1, Ordering::Relaxed) + 1,
+            node: *node,
+            user: user.clone(),
+            database: database.clone(),
+            addr,
+            since: std::time::SystemTime::now(),
+            pid,
+            tls,
+            idle: AtomicBool::new(false),
+        });
+        self.limits.servers.lock().unwrap_or_else(|p| p.into_inner()).insert(entry.id, entry.clone());
+        self.listed = Some(entry);
+    }
+
+    /// Marks the connection idle in its pool (true) or held by a session.
+    pub fn set_idle(&self, idle: bool) {
+        if let Some(listed) = &self.listed {
+            listed.idle.store(idle, Ordering::Relaxed);
+        }
     }
 }
 
@@ -84,6 +140,9 @@ impl ServerLimits {
 
 impl Drop for Slot {
     fn drop(&mut self) {
+        if let Some(listed) = &self.listed {
+            self.limits.servers.lock().unwrap_or_else(|p| p.into_inner()).remove(&listed.id);
+        }
         let mut open = self.limits.open.lock().unwrap_or_else(|p| p.into_inner());
         for key in &self.keys {
             if let Some(count) = open.get_mut(key) {

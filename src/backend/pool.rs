@@ -304,6 +304,7 @@ impl Pool {
         if self.retired.load(Ordering::Relaxed) {
             return;
         }
+        server.slot.set_idle(true);
         lock(&self.idle).push(Idle { server, since: Instant::now() });
         // After the push: a session woken by the permit finds the connection.
         drop(permit);

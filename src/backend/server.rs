@@ -69,7 +69,7 @@ pub(crate) struct Server {
     pub(crate) held_since: u64,
     pub(crate) permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Its place in the per-user and per-database counts, while open.
-    _slot: super::limits::Slot,
+    pub(crate) slot: super::limits::Slot,
     /// Counted among the proxy's open transactions while inside a block.
     open_tx: Option<OpenTransaction>,
     /// Acknowledgements (ParseComplete, BindComplete, RowDescription ...)
@@ -129,8 +129,11 @@ impl Server {
     pub(crate) fn note_status(&mut self, status: crate::protocol::backend::TxStatus) {
         match (status.in_block(), self.open_tx.is_some()) {
             (true, false) => {
-                self.transactions.fetch_add(1, Ordering::Relaxed);
-                self.open_tx = Some(OpenTransaction(self.transactions.clone()));
+                let counts = [self.transactions.clone(), self.load.transactions.clone()];
+                for count in &counts {
+                    count.fetch_add(1, Ordering::Relaxed);
+                }
+                self.open_tx = Some(OpenTransaction(counts));
             }
             (false, true) => self.open_tx = None,
             _ => {}
@@ -139,6 +142,7 @@ impl Server {
 
     /// Transaction pooling: session `holder` takes the connection.
     pub(crate) fn hand_to(&mut self, holder: u64) {
+        self.slot.set_idle(false);
         self.turns += 1;
         if self.holder != holder {
             self.holder = holder;
@@ -171,6 +175,8 @@ impl Server {
 pub(crate) struct Load {
     node: Arc<AtomicU32>,
     held: u32,
+    /// The node's count of connections inside a transaction block.
+    transactions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Load {
@@ -241,10 +247,12 @@ pub(crate) async fn open(
         per_database: proxy.max_db_connections,
     };
     let database = login.param("database").unwrap_or(&login.user);
-    let slot = dial.limits.take(node, &login.user, database, limits).map_err(super::ConnectError::Limit)?;
+    let mut slot =
+        dial.limits.take(node, &login.user, database, limits).map_err(super::ConnectError::Limit)?;
     let tls = &dial.topology.node(node).tls;
     let backend = connect(endpoint, tls, login, proxy.connect_timeout, proxy.max_message_bytes).await?;
     let cancel_key = ServerKey { node, key: backend.key };
+    slot.list(endpoint.to_string(), backend.key.pid, backend.tls);
     let metrics = dial.metrics.node(&dial.topology.node(node).config.name);
     // Boxed: in transaction pooling connections move between sessions
     // and the pool on every transaction.
@@ -257,7 +265,11 @@ pub(crate) async fn open(
         cancel_key,
         state,
         started: std::collections::VecDeque::new(),
-        load: Load { node: dial.topology.node(node).outstanding.clone(), held: 0 },
+        load: Load {
+            node: dial.topology.node(node).outstanding.clone(),
+            held: 0,
+            transactions: dial.topology.node(node).transactions.clone(),
+        },
         effects: std::collections::VecDeque::new(),
         carry: Vec::new(),
         unit_failed: false,
@@ -271,7 +283,7 @@ pub(crate) async fn open(
         holder: 0,
         turns: 0,
         held_since: 0,
-        _slot: slot,
+        slot,
         open_tx: None,
         held: bytes::BytesMut::new(),
         transactions: dial.transactions.clone(),
@@ -281,11 +293,13 @@ pub(crate) async fn open(
 /// One server connection inside a transaction block, counted in the
 /// proxy's open transactions (`PAUSE` waits for none) until dropped.
 #[derive(Debug)]
-struct OpenTransaction(Arc<std::sync::atomic::AtomicUsize>);
+struct OpenTransaction([Arc<std::sync::atomic::AtomicUsize>; 2]);
 
 impl Drop for OpenTransaction {
     fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::Relaxed);
+        for count in &self.0 {
+            count.fetch_sub(1, Ordering::Relaxed);
+        }
     }
 }
 

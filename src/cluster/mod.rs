@@ -151,6 +151,9 @@ pub struct Node {
     /// Reads waiting for this replica to replay a write, and the monitor's
     /// fast polls that serve them.
     pub replay: replay::ReplayWatch,
+    /// Server connections to this node inside a transaction block:
+    /// `PAUSE <node>` waits for none to be left.
+    pub transactions: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Node {
@@ -168,6 +171,7 @@ impl Node {
             primary_claim: AtomicBool::new(false),
             outstanding: Arc::new(AtomicU32::new(0)),
             replay: replay::ReplayWatch::default(),
+            transactions: Arc::default(),
         }
     }
 

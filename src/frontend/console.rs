@@ -151,26 +151,8 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
             tracing::warn!("PAUSE: new units of work wait until RESUME");
             // Done once no transaction is open on any server: the primary
             // can then be moved without failing anyone's.
-            let limit = shared.config().proxy.pause_timeout;
-            let until = std::time::Instant::now() + limit;
-            loop {
-                let open = shared.transactions.load(std::sync::atomic::Ordering::Relaxed);
-                if open == 0 {
-                    return Ok(Answer::done("PAUSE"));
-                }
-                if std::time::Instant::now() >= until {
-                    let message = format!(
-                        "paused, but {open} transactions are still open after proxy.pause_timeout_ms ({} ms)",
-                        limit.as_millis()
-                    );
-                    return Err(error_response(
-                        Severity::Error,
-                        SqlState::ObjectNotInPrerequisiteState,
-                        &message,
-                    ));
-                }
-                crate::clock::sleep(std::time::Duration::from_millis(10)).await;
-            }
+            transactions_done(shared, &shared.transactions).await?;
+            Ok(Answer::done("PAUSE"))
         }
         ["resume"] => {
             shared.paused.set(false);
@@ -182,6 +164,9 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
             node.pause(*verb == "pause");
             shared.paused.notify();
             tracing::warn!(node = node.config.name.as_str(), "{} for one node", verb.to_ascii_uppercase());
+            if *verb == "pause" {
+                transactions_done(shared, &node.transactions).await?;
+            }
             Ok(Answer::done(&verb.to_ascii_uppercase()))
         }
         [verb @ ("disable" | "enable"), _] => {
@@ -200,6 +185,27 @@ async fn run(shared: &Arc<Shared>, text: &str) -> Result<Answer, Frame> {
             );
             Err(error_response(Severity::Error, SqlState::SyntaxError, &message))
         }
+    }
+}
+
+/// Waits until `open` (server connections inside a transaction block) is
+/// 0, for at most `proxy.pause_timeout_ms`; the pause stays either way.
+async fn transactions_done(shared: &Shared, open: &std::sync::atomic::AtomicUsize) -> Result<(), Frame> {
+    let limit = shared.config().proxy.pause_timeout;
+    let until = std::time::Instant::now() + limit;
+    loop {
+        let left = open.load(std::sync::atomic::Ordering::Relaxed);
+        if left == 0 {
+            return Ok(());
+        }
+        if std::time::Instant::now() >= until {
+            let message = format!(
+                "paused, but {left} transactions are still open after proxy.pause_timeout_ms ({} ms)",
+                limit.as_millis()
+            );
+            return Err(error_response(Severity::Error, SqlState::ObjectNotInPrerequisiteState, &message));
+        }
+        crate::clock::sleep(std::time::Duration::from_millis(10)).await;
     }
 }
 
@@ -308,26 +314,77 @@ fn clients(shared: &Shared) -> Answer {
     }
 }
 
+/// One row per server connection, PgBouncer's columns where they apply:
+/// `active` while a session holds it, `idle` in a transaction pool.
 fn servers(shared: &Shared) -> Answer {
     let rows = shared
         .limits
-        .open_by_user()
+        .servers()
         .into_iter()
-        .map(|(node, user, count)| {
-            vec![shared.topology.node(node).config.name.clone(), user, count.to_string()]
+        .map(|s| {
+            let since = s.since.duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+            let state = if s.idle.load(std::sync::atomic::Ordering::Relaxed) { "idle" } else { "active" };
+            vec![
+                s.id.to_string(),
+                shared.topology.node(s.node).config.name.clone(),
+                s.user.clone(),
+                s.database.clone(),
+                state.to_string(),
+                s.addr.clone(),
+                since.to_string(),
+                s.pid.to_string(),
+                s.tls.to_string(),
+            ]
         })
         .collect();
-    Answer { columns: &["node", "user", "connections"], rows, tag: "SHOW".into() }
+    Answer {
+        columns: &["id", "node", "user", "database", "state", "addr", "connect_time", "remote_pid", "tls"],
+        rows,
+        tag: "SHOW".into(),
+    }
 }
 
+/// Per node since start, with PgBouncer's column names: units of work
+/// (`total_query_count`), transactions ended, bytes from clients to the
+/// node (`total_received`) and from the node to clients (`total_sent`),
+/// time in microseconds, and units routed there by reason.
 fn stats(shared: &Shared) -> Answer {
+    use std::sync::atomic::Ordering::Relaxed;
     let rows = shared
         .metrics
-        .routed_by_node()
+        .node_stats()
         .into_iter()
-        .map(|(node, units)| vec![node, units.to_string()])
+        .map(|(node, stats)| {
+            let queries = stats.queries.load(Relaxed);
+            let time = stats.query_time_us.load(Relaxed);
+            let routed = shared.metrics.routed_by_reason(&node);
+            let routed: Vec<String> = routed.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
+            vec![
+                node,
+                stats.transactions.load(Relaxed).to_string(),
+                queries.to_string(),
+                stats.received.load(Relaxed).to_string(),
+                stats.sent.load(Relaxed).to_string(),
+                time.to_string(),
+                time.checked_div(queries).unwrap_or(0).to_string(),
+                routed.join(" "),
+            ]
+        })
         .collect();
-    Answer { columns: &["node", "total_query_count"], rows, tag: "SHOW".into() }
+    Answer {
+        columns: &[
+            "node",
+            "total_xact_count",
+            "total_query_count",
+            "total_received",
+            "total_sent",
+            "total_query_time",
+            "avg_query_time",
+            "routed",
+        ],
+        rows,
+        tag: "SHOW".into(),
+    }
 }
 
 fn config(shared: &Shared) -> Answer {

@@ -111,6 +111,8 @@ pub struct FrameReader<R> {
     buf: BytesMut,
     limit: usize,
     chunk: usize,
+    /// Bytes read from `inner` since [`FrameReader::take_read`] last ran.
+    read: u64,
 }
 
 const MIN_READ_CHUNK: usize = 2 * 1024;
@@ -123,7 +125,12 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 
     /// Bytes already read but not yet taken as frames.
     pub fn with_buffered(inner: R, limit: usize, buffered: BytesMut) -> Self {
-        FrameReader { inner, buf: buffered, limit, chunk: MIN_READ_CHUNK }
+        FrameReader { inner, buf: buffered, limit, chunk: MIN_READ_CHUNK, read: 0 }
+    }
+
+    /// The bytes read since the last call.
+    pub fn take_read(&mut self) -> u64 {
+        std::mem::take(&mut self.read)
     }
 
     /// Whether no bytes are buffered.
@@ -169,6 +176,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             }
             let spare = self.buf.capacity() - self.buf.len();
             let read = self.inner.read_buf(&mut self.buf).await?;
+            self.read += read as u64;
             if read == 0 {
                 return if self.buf.is_empty() { Ok(false) } else { Err(ProtocolError::Truncated) };
             }

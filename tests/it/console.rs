@@ -64,7 +64,6 @@ async fn the_console_shows_and_controls_the_proxy() {
     let config = rows(&admin, "SHOW CONFIG").await;
     assert!(config.iter().any(|kv| kv[0] == "routing.default" && kv[1] == "auto"), "{config:?}");
     rows(&admin, "SHOW POOLS").await;
-    rows(&admin, "SHOW STATS").await;
     assert_eq!(sqlstate(admin.simple_query("SHOW EVERYTHING").await), "42601");
     assert_eq!(sqlstate(admin.simple_query("DISABLE nowhere").await), "42704");
     // Only admins.
@@ -77,11 +76,22 @@ async fn the_console_shows_and_controls_the_proxy() {
     let mine = clients.iter().find(|c| c[1] == "app").unwrap_or_else(|| panic!("{clients:?}"));
     assert_eq!(mine[2], "postgres", "{clients:?}");
     assert!(!mine[4].is_empty(), "{clients:?}");
+    // One row per server connection: the victim's primary connection,
+    // held by its session, with the server's process id.
     let servers = rows(&admin, "SHOW SERVERS").await;
-    assert!(
-        servers.iter().any(|s| s[0] == env.cluster.primary().name() && s[1] == "postgres"),
-        "{servers:?}"
-    );
+    let pid: i32 = victim.query_one("SELECT pg_backend_pid()", &[]).await.unwrap().get(0);
+    let row = servers.iter().find(|s| s[7] == pid.to_string()).unwrap_or_else(|| panic!("{servers:?}"));
+    assert_eq!(row[1], env.cluster.primary().name(), "{row:?}");
+    assert_eq!((row[3].as_str(), row[4].as_str()), ("postgres", "active"), "{row:?}");
+    assert!(row[5].ends_with(&format!(":{}", env.cluster.primary().port())), "{row:?}");
+    // Per node: units, transactions, bytes both ways, time, routing by reason.
+    bystander.batch_execute("CREATE TABLE counted (x int); INSERT INTO counted VALUES (1)").await.unwrap();
+    let stats = rows(&admin, "SHOW STATS").await;
+    let primary =
+        stats.iter().find(|s| s[0] == env.cluster.primary().name()).unwrap_or_else(|| panic!("{stats:?}"));
+    let number = |i: usize| primary[i].parse::<u64>().unwrap_or_else(|_| panic!("{stats:?}"));
+    assert!(number(1) >= 2 && number(2) >= 2 && number(3) > 0 && number(4) > 0 && number(5) > 0, "{stats:?}");
+    assert!(primary[7].contains("write="), "{stats:?}");
     assert_eq!(sqlstate(admin.simple_query("KILL 999999").await), "42704");
     admin.simple_query(&format!("KILL {}", mine[0])).await.unwrap();
     let error = tokio::time::timeout(PATIENCE, victim.simple_query("SELECT 1")).await.unwrap();
@@ -143,9 +153,21 @@ async fn pause_waits_for_open_transactions_and_holds_new_work_until_resume() {
     assert!(db.message().contains("pause_timeout_ms"), "{}", db.message());
     admin.simple_query("RESUME").await.unwrap();
     busy.simple_query("SELECT 1").await.unwrap();
-    // One node: its work waits until that node resumes.
+    // One node: PAUSE waits for its open transactions, then its work
+    // waits until that node resumes.
     let primary = env.cluster.primary().name().to_string();
-    admin.simple_query(&format!("PAUSE {primary}")).await.unwrap();
+    busy.batch_execute("BEGIN; INSERT INTO t VALUES (3)").await.unwrap();
+    let pausing = tokio::spawn({
+        let primary = primary.clone();
+        async move {
+            admin.simple_query(&format!("PAUSE {primary}")).await.unwrap();
+            admin
+        }
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!pausing.is_finished(), "PAUSE <node> did not wait for the node's open transaction");
+    busy.batch_execute("COMMIT").await.unwrap();
+    let admin = tokio::time::timeout(PATIENCE, pausing).await.unwrap().unwrap();
     let waiting =
         tokio::spawn(async move { busy.simple_query("INSERT INTO t VALUES (3)").await.map(|_| busy) });
     tokio::time::sleep(Duration::from_millis(300)).await;

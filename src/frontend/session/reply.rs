@@ -109,6 +109,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             b'Z' => {
                 let status = ready_status(&frame)?;
                 ended_idle = status == TxStatus::Idle;
+                if ended_idle {
+                    server.metrics.transaction_ended(server.backend.take_read());
+                }
                 let now = Instant::now();
                 if let Some(started) = server.started.pop_front() {
                     server.load.done();

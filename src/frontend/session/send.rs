@@ -39,6 +39,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             self.timers.units += 1;
         }
         let Some(server) = self.server_mut(target) else { return };
+        server.metrics.received(kinds.bytes);
         for frame in frames {
             server.backend.queue(frame);
         }
