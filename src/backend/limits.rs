@@ -122,22 +122,6 @@ impl Slot {
     }
 }
 
-impl ServerLimits {
-    /// Open server connections by node and server user.
-    pub fn open_by_user(&self) -> Vec<(usize, String, usize)> {
-        let open = self.open.lock().unwrap_or_else(|p| p.into_inner());
-        let mut rows: Vec<(usize, String, usize)> = open
-            .iter()
-            .filter_map(|(key, count)| match key {
-                Key::User(node, user) => Some((*node, user.clone(), *count)),
-                Key::Database(..) => None,
-            })
-            .collect();
-        rows.sort();
-        rows
-    }
-}
-
 impl Drop for Slot {
     fn drop(&mut self) {
         if let Some(listed) = &self.listed {
