@@ -83,3 +83,50 @@ async fn a_read_a_replica_refuses_runs_on_the_primary_and_is_remembered() {
     let rows = client.simple_query("SELECT n FROM next_id").await.unwrap();
     assert!(rows.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
 }
+
+#[tokio::test]
+async fn a_read_a_recovery_conflict_cancels_on_the_replica_runs_again_on_the_primary() {
+    // No grace for queries in the way of replay, and no feedback that
+    // would keep the primary from removing what they see: a conflict
+    // cancels them.
+    let builder = Cluster::builder()
+        .replica()
+        .setting("max_standby_streaming_delay", "0")
+        .setting("hot_standby_feedback", "off");
+    let env = start(builder, ProxyConfig::default()).await;
+    let client = env.client().await;
+    client
+        .batch_execute("CREATE TABLE doomed (x int); INSERT INTO doomed SELECT generate_series(1, 1000)")
+        .await
+        .unwrap();
+    env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        client.simple_query("SELECT count(*) FROM doomed").await.unwrap();
+        if on_replica(&env, &client).await {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no read reached the replica");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let retried = routed(&env, "retried_on_primary");
+    // A read holding its snapshot on the replica for two seconds ...
+    let reading = tokio::spawn(async move {
+        let row = client.query_one("SELECT count(*) FROM doomed, pg_sleep(2)", &[]).await;
+        row.map(|r| (r.get::<_, i64>(0), client))
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // ... while the primary removes the rows it can see: replaying the
+    // VACUUM cancels it there with 40001.
+    let direct = env.cluster.primary().connect().await.unwrap();
+    direct.batch_execute("DELETE FROM doomed").await.unwrap();
+    direct.batch_execute("VACUUM doomed").await.unwrap();
+    let (count, client) = tokio::time::timeout(PATIENCE, reading).await.unwrap().unwrap().unwrap();
+    // The client saw no error: the read ran again on the primary, after
+    // the delete.
+    assert_eq!(count, 0, "node {}", show(&client, "pgnear.node").await);
+    assert!(!on_replica(&env, &client).await, "the retry ran on a replica");
+    assert!(routed(&env, "retried_on_primary") > retried);
+    let log = std::fs::read_to_string(env.cluster.replica(0).log_file()).unwrap();
+    assert!(log.contains("conflict with recovery"), "the replica saw no conflict");
+}
