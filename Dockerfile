@@ -1,16 +1,14 @@
 # pgnear's image. Two ways to get the binary in, one runtime stage:
 #
-#   docker build .                        compile in the build stage
-#   docker build --build-arg PGNEAR_FROM=host .
-#                                         copy a binary built on this host
-#                                         (target/release/pgnear, or
-#                                         --build-arg PGNEAR_BINARY=path)
+#   docker build .                 compile it in the build stage
+#   docker build --target host .   copy one built on this host
+#                                  (target/release/pgnear, or
+#                                  --build-arg PGNEAR_BINARY=path)
 #
 # BASE is the runtime image; tests/container/run.sh sets it to a local
 # Debian bookworm rootfs, since no registry is reachable there.
 ARG BASE=debian:bookworm-slim
 ARG RUST_IMAGE=rust:1-slim-bookworm
-ARG PGNEAR_FROM=build
 
 # Build stage: compile a release binary.
 FROM ${RUST_IMAGE} AS build
@@ -24,16 +22,8 @@ ENV CARGO_PROFILE_RELEASE_DEBUG=false
 RUN cargo build --release --locked --bin pgnear \
     && install -D target/release/pgnear /out/pgnear
 
-# Host stage: a binary built outside, for the same Debian release as BASE
-# (it links glibc dynamically).
-FROM scratch AS host
-ARG PGNEAR_BINARY=target/release/pgnear
-COPY ${PGNEAR_BINARY} /out/pgnear
-
-FROM ${PGNEAR_FROM} AS binary
-
-# Runtime stage: the binary alone, as a non-root user.
-FROM ${BASE}
+# The runtime image, without its binary: the targets below add it.
+FROM ${BASE} AS runtime
 # debian:bookworm-slim lacks CA certificates (for a node's sslrootcert
 # from the system store); a base that has them already skips apt, so the
 # local build needs no network. The user is written into /etc/passwd and
@@ -46,7 +36,6 @@ RUN set -eu; \
     fi; \
     echo 'pgnear:x:10001:10001:pgnear:/nonexistent:/usr/sbin/nologin' >>/etc/passwd; \
     echo 'pgnear:x:10001:' >>/etc/group
-COPY --from=binary /out/pgnear /usr/local/bin/pgnear
 # The sample config, listening on every interface: a container's loopback
 # cannot be reached through a published port. Mount your own over it.
 COPY proxy.toml /etc/pgnear/proxy.toml
@@ -60,3 +49,13 @@ EXPOSE 6432 9930
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["/usr/local/bin/pgnear"]
 CMD ["--config", "/etc/pgnear/proxy.toml"]
+
+# --target host: a binary built outside, for the same Debian release as
+# BASE (it links glibc dynamically). The build stage is not run.
+FROM runtime AS host
+ARG PGNEAR_BINARY=target/release/pgnear
+COPY ${PGNEAR_BINARY} /usr/local/bin/pgnear
+
+# The default target (last): the build stage's binary.
+FROM runtime
+COPY --from=build /out/pgnear /usr/local/bin/pgnear

@@ -3,8 +3,8 @@
 # of a throwaway PostgreSQL 15 primary and streaming replica:
 #
 #   1. a Debian bookworm rootfs (mmdebstrap, cached) imported as the base;
-#   2. the Dockerfile with BASE set to it and the host's release binary
-#      (PGNEAR_FROM=host), the image's size printed;
+#   2. the Dockerfile's host target (the host's release binary) with BASE
+#      set to it, the image's size printed;
 #   3. the image run as the Kubernetes example runs it (host network,
 #      read-only root, no capabilities, the config mounted, passwords in
 #      the environment), and through it: writes on the primary, reads on
@@ -13,8 +13,9 @@
 #   5. a Prometheus scraping it with deploy/prometheus/pgnear-rules.yml:
 #      every metric the rules and the dashboard use is in the scrape, every
 #      dashboard query returns series, no alert is active while all is well,
-#      and PgnearNodeDown goes pending when the replica stops (/health
-#      still answers 200, so the liveness probe would not fail);
+#      PgnearNodeDown goes pending when the replica stops and
+#      PgnearNoVerifiedPrimary when the primary does, while /health still
+#      answers 200 (the liveness probe would not fail);
 #   6. SIGTERM (podman stop) with a transaction open: new clients are
 #      refused, the open session finishes, the container exits 0.
 #
@@ -174,10 +175,9 @@ pm import --quiet "$BASE_TAR" "$BASE_IMAGE" >/dev/null
 lap "base image"
 
 # ---------------------------------------------------------------- image
-say "podman build $IMAGE (BASE=$BASE_IMAGE, PGNEAR_FROM=host)"
-pm build --quiet --pull=never \
-    --build-arg BASE="$BASE_IMAGE" --build-arg PGNEAR_FROM=host \
-    --build-arg PGNEAR_BINARY=target/image/pgnear \
+say "podman build --target host $IMAGE (BASE=$BASE_IMAGE)"
+pm build --quiet --pull=never --target host \
+    --build-arg BASE="$BASE_IMAGE" --build-arg PGNEAR_BINARY=target/image/pgnear \
     -t "$IMAGE" "$ROOT" >"$WORK/build.log" 2>&1 || { tail -30 "$WORK/build.log"; die "podman build failed"; }
 image_bytes=$(pm image inspect --format '{{.Size}}' "$IMAGE")
 base_bytes=$(pm image inspect --format '{{.Size}}' "$BASE_IMAGE")
@@ -406,11 +406,12 @@ lap "metrics and Prometheus"
 say "the replica stops"
 as_pg "$PG_BIN/pg_ctl" -D "$WORK/replica" -m fast -w stop >/dev/null
 for _ in $(seq 1 100); do
-    admin /health | grep -q '"status":"degraded"' && break
+    health=$(admin /health)
+    [[ "$health" == *'"status":"degraded"'* ]] && break
     sleep 0.1
 done
-[ "$(status_of /health)" = 200 ] && admin /health | grep -q '"status":"degraded"' \
-    || die "/health with the replica down: $(status_of /health) $(admin /health)"
+[[ "$health" == *'"status":"degraded"'* ]] || die "/health does not report the replica down: $health"
+[ "$(status_of /health)" = 200 ] || die "/health answers $(status_of /health) with the replica down"
 [ "$(status_of /ready)" = 200 ] || die "/ready is not 200 with only the replica down"
 ok "/health still answers 200 (status degraded): the liveness probe passes; /ready stays 200"
 out=$(via -c "SELECT count(*) FROM t" -c "SHOW pgnear.node" | paste -sd ' ')
@@ -426,9 +427,31 @@ node_down || die "PgnearNodeDown is not pending for the replica: $(awk '$2 != "i
 others=$(awk '$2 != "inactive" && $1 != "PgnearNodeDown"' <<<"$states")
 [ -z "$others" ] || die "other alerts are active with only the replica down: $others"
 ok "PgnearNodeDown is pending for node=replica, and no other alert"
+
+say "the primary stops too, then starts again"
+node_up() { admin /health | "$DEPLOY_PY" -c "import json,sys; sys.exit(not any(n['name']=='$1' and n['up'] for n in json.load(sys.stdin)['nodes']))"; }
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -m fast -w stop >/dev/null
+for _ in $(seq 1 100); do node_up primary || break; sleep 0.1; done
+node_up primary && die "/health still has the primary up after it stopped"
+[ "$(status_of /health)" = 200 ] || die "/health answers $(status_of /health) with both nodes down"
+[ "$(status_of /ready)" = 200 ] || die "/ready is not 200 after the primary went (it latches)"
+ok "with both nodes down /health still answers 200, and /ready stays 200"
+no_primary() { [[ "$states" =~ (^|$'\n')"PgnearNoVerifiedPrimary pending "[^$'\n']*"cluster=default" ]]; }
+for _ in $(seq 1 100); do
+    states=$(alert_states)
+    no_primary && break
+    sleep 0.2
+done
+no_primary || die "PgnearNoVerifiedPrimary is not pending: $(awk '$2 != "inactive"' <<<"$states")"
+ok "PgnearNoVerifiedPrimary is pending"
+as_pg "$PG_BIN/pg_ctl" -D "$WORK/primary" -l "$WORK/primary.log" -w -t 60 start >/dev/null \
+    || die "the primary did not start again"
+for _ in $(seq 1 100); do node_up primary && break; sleep 0.1; done
+node_up primary || die "pgnear does not see the primary up again: $(admin /health)"
+ok "pgnear sees the primary up again"
 kill "$PROM_PID" && wait "$PROM_PID" 2>/dev/null || true
 PROM_PID=""
-lap "node down"
+lap "nodes down"
 
 # ---------------------------------------------------------------- SIGTERM drains
 say "SIGTERM with a transaction open"

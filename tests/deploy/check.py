@@ -6,10 +6,11 @@
                                        other; writes the ConfigMap's
                                        proxy.toml to OUT.toml for pgnear check
     check.py names SCRAPE              every metric, label and label value the
-                                       alert rules and the dashboard use is in
-                                       a real /metrics scrape (values: or in
-                                       pgnear's source, for those that need
-                                       a fault to appear)
+                                       alert rules, their unit tests' series
+                                       and the dashboard use is in a real
+                                       /metrics scrape (values: or in pgnear's
+                                       source, for those that need a fault to
+                                       appear)
     check.py live PROMETHEUS_URL       every dashboard query runs on a
                                        Prometheus scraping a live pgnear,
                                        returns series, and has the labels its
@@ -61,6 +62,14 @@ def rule_exprs():
     with open(RULES) as f:
         groups = yaml.safe_load(f)["groups"]
     return [(f"rule {r['alert']}", r["expr"]) for g in groups for r in g["rules"]]
+
+
+def test_series():
+    """The input series of the rules' unit tests: they must look like what
+    pgnear exports, or the tests prove nothing."""
+    with open(RULES.replace(".yml", ".test.yml")) as f:
+        tests = yaml.safe_load(f)["tests"]
+    return [(f"test '{t['name']}'", s["series"]) for t in tests for s in t["input_series"]]
 
 
 def load_dashboard():
@@ -282,7 +291,7 @@ def plain_values(op, value):
 def check_names(scrape):
     families = parse_scrape(scrape)
     literals = source_literals()
-    exprs = rule_exprs() + dashboard_exprs(load_dashboard())
+    exprs = rule_exprs() + dashboard_exprs(load_dashboard()) + test_series()
     faults, used = [], set()
     for where, expr in exprs:
         expr = grafana_to_promql(expr, "5m")
@@ -310,7 +319,7 @@ def check_names(scrape):
                     if v not in labels[label] and v not in literals:
                         faults.append(f'{where}: {family}{{{label}="{v}"}}: no such value in the scrape or in src/')
     fail("names the rules and the dashboard use that pgnear does not export", faults)
-    print(f"names: the {len(used)} metrics that the alert rules and the dashboard use are in the scrape "
+    print(f"names: the {len(used)} metrics that the alert rules, their tests and the dashboard use are in the scrape "
           f"({len(families)} families), with their labels")
 
 

@@ -1,3 +1,4 @@
+# shellcheck shell=bash
 # Sourced by tests/deploy/run.sh and tests/container/run.sh: a Python venv
 # with yamllint (and PyYAML, which it brings) and kubernetes-validate,
 # whose Kubernetes schemas work offline. Kept between runs in
