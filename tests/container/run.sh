@@ -133,7 +133,7 @@ cleanup() {
     [ -n "$HOLD_PID" ] && kill "$HOLD_PID" 2>/dev/null
     [ -n "$PROM_PID" ] && { kill "$PROM_PID" 2>/dev/null; wait "$PROM_PID" 2>/dev/null; }
     if [ -d "$PODMAN_DIR/storage" ]; then
-        pm logs "$NAME" >"$WORK/pgnear.log" 2>&1
+        pm container exists "$NAME" && pm logs "$NAME" >"$WORK/pgnear.log" 2>&1
         pm rm -f -t 0 "$NAME" >/dev/null 2>&1
         pm rmi -a -f >/dev/null 2>&1
     fi
@@ -162,12 +162,12 @@ if [ -z "$(find "$BASE_TAR" -mtime -7 2>/dev/null)" ]; then
     mkdir -p "$DEPLOY_CACHE"
     # As debian:bookworm-slim is made: no docs, man pages or locales; a
     # merged /usr without the usrmerge package (and the perl it pulls in).
-    mmdebstrap --variant=minbase --include=ca-certificates \
+    mmdebstrap --variant=minbase --format=tar --include=ca-certificates \
         --hook-dir=/usr/share/mmdebstrap/hooks/merged-usr \
         --dpkgopt='path-exclude=/usr/share/doc/*' --dpkgopt='path-exclude=/usr/share/man/*' \
         --dpkgopt='path-exclude=/usr/share/locale/*' --dpkgopt='path-exclude=/usr/share/info/*' \
         bookworm "$BASE_TAR.new" >"$WORK/mmdebstrap.log" 2>&1 \
-        || { tail -20 "$WORK/mmdebstrap.log"; die "mmdebstrap failed"; }
+        || { rm -rf "$BASE_TAR.new"; tail -20 "$WORK/mmdebstrap.log"; die "mmdebstrap failed"; }
     mv "$BASE_TAR.new" "$BASE_TAR"
 fi
 say "podman import $BASE_IMAGE"
