@@ -333,6 +333,15 @@ catch_up
 out=$(via -c "SELECT at FROM t WHERE id = 1" -c "SHOW pgnear.node" | paste -sd ' ')
 [ "$out" = "via pgnear replica" ] || die "the read returned '$out', not 'via pgnear replica'"
 ok "a read through pgnear ran on the replica"
+# How the Kubernetes example's ConfigMap says to apply a changed config.
+pm exec "$NAME" sh -c 'kill -HUP 1' || die "kill -HUP 1 in the container failed"
+for _ in $(seq 1 50); do
+    reloads=$(admin /metrics)
+    [[ "$reloads" == *'pgnear_config_reloads_total{result="ok"} 1'* ]] && break
+    sleep 0.1
+done
+[[ "$reloads" == *'pgnear_config_reloads_total{result="ok"} 1'* ]] || die "SIGHUP did not reload the config"
+ok "sh -c 'kill -HUP 1' in the container reloads the config"
 lap "container checks"
 
 # ---------------------------------------------------------------- Prometheus
