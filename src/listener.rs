@@ -92,7 +92,9 @@ pub async fn run(
     mut shutdown: watch::Receiver<bool>,
     mut close_now: watch::Receiver<bool>,
 ) {
-    let limit = Arc::new(Semaphore::new(shared.config().proxy.max_client_connections));
+    let max_clients = shared.config().proxy.max_client_connections;
+    shared.metrics.client_limit(max_clients);
+    let limit = Arc::new(Semaphore::new(max_clients));
     let next_id = AtomicU64::new(1);
     let mut sessions = JoinSet::new();
     let loops = Loops::start(shared.config().proxy.workers());

@@ -196,6 +196,7 @@ pub struct Metrics {
     reloads: [IntCounter; 2],
     last_reload: prometheus::Gauge,
     wait_seconds: Histogram,
+    client_limit: IntGauge,
     /// The console's `SHOW STATS`, by node name.
     stats: std::sync::Mutex<std::collections::BTreeMap<String, Arc<NodeStats>>>,
 }
@@ -391,6 +392,11 @@ impl Metrics {
         )?;
         registry.register(Box::new(last_reload.clone()))?;
         last_reload.set(unix_now());
+        let client_limit = IntGauge::new(
+            "pgnear_client_connections_limit",
+            "proxy.max_client_connections: clients past it get 53300.",
+        )?;
+        registry.register(Box::new(client_limit.clone()))?;
         registry.register(Box::new(probes.clone()))?;
         registry.register(Box::new(waits.clone()))?;
         registry.register(Box::new(wait_seconds.clone()))?;
@@ -424,6 +430,7 @@ impl Metrics {
             optimistic: Optimistic::ALL.map(|o| optimistic.with_label_values(&[o.as_str()])),
             reloads: [reloads.with_label_values(&["ok"]), reloads.with_label_values(&["error"])],
             last_reload,
+            client_limit,
             stats: Default::default(),
         })
     }
@@ -443,6 +450,11 @@ impl Metrics {
             latency: self.latency.with_label_values(&[node]),
             _connection: self.backend_connection(node),
         }
+    }
+
+    /// `proxy.max_client_connections`, set once the listener applies it.
+    pub fn client_limit(&self, limit: usize) {
+        self.client_limit.set(i64::try_from(limit).unwrap_or(i64::MAX));
     }
 
     /// A client connection in `state`, counted until the guard drops.
