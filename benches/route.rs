@@ -14,7 +14,7 @@ use pgnear::cluster::{Lsn, NodeStatus, Role, Topology};
 use pgnear::router::cache::ClassifyCache;
 use pgnear::router::classify::Classification;
 use pgnear::router::functions::VolatileFunctions;
-use pgnear::router::{route, ClusterView, Freshness, NodeView, Policy, RouteSetting, SessionView};
+use pgnear::router::{route, ClusterView, Freshness, NodeView, Policy, RouteSetting, SessionView, Staleness};
 use pgnear::Config;
 
 /// Shared with the router's unit tests.
@@ -60,7 +60,13 @@ fn views(config: &Config) -> Vec<NodeView<'_>> {
 }
 
 fn session(freshness: Freshness) -> SessionView<'static> {
-    SessionView { cluster: "default", setting: RouteSetting::Auto, pinned: false, freshness }
+    SessionView {
+        cluster: "default",
+        setting: RouteSetting::Auto,
+        pinned: false,
+        freshness,
+        staleness: Staleness::DEFAULT,
+    }
 }
 
 fn unit(cache: &ClassifyCache, sql: &str) -> Vec<Arc<Classification>> {

@@ -25,6 +25,7 @@ use sqlparser::keywords::Keyword;
 use sqlparser::parser::Parser;
 use sqlparser::tokenizer::{Token, TokenWithSpan, Tokenizer};
 
+pub use self::split::parse_millis;
 use self::split::{leading_hint, leading_keyword, split, Piece, Source};
 use super::functions::{is_node_state_relation, reads_node_state, VolatileFunctions};
 
@@ -59,7 +60,8 @@ static DIALECT: PostgreSqlDialect = PostgreSqlDialect {};
 pub struct Classification {
     /// The strictest class over all statements in the text.
     pub class: Class,
-    /// From a leading `/* pgnear:primary */` or `-- pgnear:replica` comment.
+    /// From a leading `/* pgnear:primary */`, `-- pgnear:replica` or
+    /// `/* pgnear:max_staleness_ms=5000 */` comment.
     pub hint: Option<Hint>,
     /// Relations referenced anywhere (FROM, JOIN, subqueries, CTE bodies, DML
     /// targets): lowercased, unqualified, deduplicated, CTE names excluded.
@@ -207,6 +209,20 @@ pub enum Hint {
     Primary,
     /// `/* pgnear:replica */`
     Replica,
+    /// `/* pgnear:max_staleness_ms=5000 */`, optionally with
+    /// `,read_your_writes=off` (either may come alone, in either order).
+    Staleness(StalenessHint),
+}
+
+/// What a staleness hint says; what it leaves out, the session's
+/// `pgnear.max_staleness_ms` and `pgnear.read_your_writes` decide.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Default)]
+pub struct StalenessHint {
+    /// `max_staleness_ms=N`: replicas lagging more serve none of it.
+    pub max: Option<std::time::Duration>,
+    /// `read_your_writes=on|off`: `off` lets a replica within the bounds
+    /// serve it even before it replays the session's writes.
+    pub read_your_writes: Option<bool>,
 }
 
 /// Session state that the proxy tracks and replays across backends.

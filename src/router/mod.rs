@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use crate::cluster::{Lsn, NoPrimary};
 use crate::config::{DefaultRoute, RoutingConfig, RuleAction, RuleConfig};
-use classify::{Class, Classification, Hint, Tx};
+use classify::{Class, Classification, Hint, StalenessHint, Tx};
 use functions::VolatileFunctions;
 pub use view::{ClusterView, NodeView};
 
@@ -105,6 +105,38 @@ pub enum Freshness {
     AtLeast(Lsn),
 }
 
+/// A session's bound on the staleness of its reads
+/// (`pgnear.max_staleness_ms`, `pgnear.read_your_writes`), which a
+/// statement's hint may override.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Staleness {
+    /// Replicas lagging more than this serve none of the reads.
+    pub max: Option<std::time::Duration>,
+    /// Reads must see the session's writes; only an explicit `off` lets
+    /// a replica that has not replayed them serve.
+    pub read_your_writes: bool,
+}
+
+impl Staleness {
+    /// No bound, and read-your-writes.
+    pub const DEFAULT: Staleness = Staleness { max: None, read_your_writes: true };
+
+    /// The session's bound with what a hint says instead.
+    fn with(self, hint: Option<StalenessHint>) -> Staleness {
+        let Some(hint) = hint else { return self };
+        Staleness {
+            max: hint.max.or(self.max),
+            read_your_writes: hint.read_your_writes.unwrap_or(self.read_your_writes),
+        }
+    }
+}
+
+impl Default for Staleness {
+    fn default() -> Staleness {
+        Staleness::DEFAULT
+    }
+}
+
 /// What the router needs to know about the session.
 #[derive(Debug, Clone, Copy)]
 pub struct SessionView<'a> {
@@ -113,6 +145,8 @@ pub struct SessionView<'a> {
     /// LISTEN, temp objects, session advisory locks, WITH HOLD cursors.
     pub pinned: bool,
     pub freshness: Freshness,
+    /// The session's bound on the staleness of its reads.
+    pub staleness: Staleness,
 }
 
 /// The config that shapes routing.
@@ -127,11 +161,12 @@ pub struct Policy<'a> {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Need {
     Primary(Reason),
-    /// A read; `hinted` when a hint or `pgnear.route = replica` asked for a
-    /// replica, which waives the freshness requirement (never the lag
-    /// limits or the cluster).
+    /// A read; `skip_writes` when a replica hint, `pgnear.route =
+    /// replica` or an explicit `read_your_writes = off` waives the
+    /// session's writes (never the lag limits, the staleness bound or the
+    /// cluster).
     Read {
-        hinted: bool,
+        skip_writes: bool,
         max_staleness: Option<std::time::Duration>,
     },
 }
@@ -194,8 +229,8 @@ fn route_need(
     };
     match need {
         Need::Primary(reason) => primary(reason),
-        Need::Read { hinted, max_staleness } => {
-            let freshness = if hinted { Freshness::Any } else { session.freshness };
+        Need::Read { skip_writes, max_staleness } => {
+            let freshness = if skip_writes { Freshness::Any } else { session.freshness };
             let limits = view::Limits { policy, freshness, max_staleness };
             match view.nearest_replica(session.cluster, policy.region, &limits) {
                 Ok(node) => Ok(Route { destination: Destination::Replica(node), reason: Reason::Read }),
@@ -228,7 +263,12 @@ pub fn need(
     if unit.iter().any(|c| c.node_state) {
         return Need::Primary(Reason::Rule);
     }
-    let mut max_staleness = None;
+    let staleness = session.staleness.with(match hint {
+        Some(Hint::Staleness(hint)) => Some(hint),
+        _ => None,
+    });
+    // The strictest bound: the statement's (or session's) and its tables'.
+    let mut max_staleness = staleness.max;
     for rule in policy.rules {
         if !unit.iter().any(|c| c.tables.iter().any(|t| rule.tables.contains(t))) {
             continue;
@@ -241,10 +281,11 @@ pub fn need(
         }
     }
     let hinted = hint == Some(Hint::Replica) || session.setting == RouteSetting::Replica;
+    let skip_writes = hinted || !staleness.read_your_writes;
     match (session.setting, policy.routing.default) {
         (RouteSetting::Primary, _) => Need::Primary(Reason::Hint),
         (RouteSetting::Auto, DefaultRoute::Primary) if !hinted => Need::Primary(Reason::Rule),
-        _ => Need::Read { hinted, max_staleness },
+        _ => Need::Read { skip_writes, max_staleness },
     }
 }
 

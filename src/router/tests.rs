@@ -11,6 +11,7 @@ use super::classify::{classify, Classification};
 use super::functions::VolatileFunctions;
 use super::{
     route, ClusterView, Destination, Freshness, NodeView, Policy, Reason, RouteSetting, SessionView,
+    Staleness,
 };
 use crate::cluster::{Lsn, NoPrimary, NodeStatus, Role};
 use crate::config::Config;
@@ -66,11 +67,22 @@ fn down(mut status: NodeStatus) -> NodeStatus {
 }
 
 fn session(freshness: Freshness) -> SessionView<'static> {
-    SessionView { cluster: "default", setting: RouteSetting::Auto, pinned: false, freshness }
+    SessionView {
+        cluster: "default",
+        setting: RouteSetting::Auto,
+        pinned: false,
+        freshness,
+        staleness: Staleness::DEFAULT,
+    }
 }
 
-const FRESH: SessionView<'static> =
-    SessionView { cluster: "default", setting: RouteSetting::Auto, pinned: false, freshness: Freshness::Any };
+const FRESH: SessionView<'static> = SessionView {
+    cluster: "default",
+    setting: RouteSetting::Auto,
+    pinned: false,
+    freshness: Freshness::Any,
+    staleness: Staleness::DEFAULT,
+};
 
 /// Routes the statements `sqls` as one unit.
 fn route_in(
@@ -186,6 +198,49 @@ fn a_staleness_rule_bounds_the_replicas_for_its_tables() {
     // Other tables still take the near replica.
     let other = route_in(&config, [primary(), lagging(1, 3), far()], &FRESH, &["SELECT 1 FROM t"]);
     assert_eq!(other.unwrap(), (EU, Reason::Read));
+}
+
+#[test]
+fn a_staleness_bound_keeps_reads_off_lagging_replicas_and_keeps_read_your_writes_unless_told() {
+    let config = config();
+    // The near replica is 3 s behind (512 bytes), the far one 20 s.
+    let statuses = || [primary(), replica(1, 512, Duration::from_secs(3)), lagging(80, 20)];
+    let route = |session: &SessionView, sql: &str| route_in(&config, statuses(), session, &[sql]).unwrap();
+    let read = "SELECT 1 FROM t";
+    // A bound over the lag: the near replica serves; under it: the primary,
+    // for the reason staleness rules give.
+    assert_eq!(route(&FRESH, "/* pgnear:max_staleness_ms=5000 */ SELECT 1 FROM t"), (EU, Reason::Read));
+    assert_eq!(route(&FRESH, "/* pgnear:max_staleness_ms=1000 */ SELECT 1 FROM t"), (PRIMARY, Reason::Rule));
+    // Right after a write the bound alone does not waive read-your-writes...
+    let wrote = session(Freshness::AtLeast(Lsn(TOP)));
+    let bounded = "/* pgnear:max_staleness_ms=5000 */ SELECT 1 FROM t";
+    assert_eq!(route(&wrote, bounded), (PRIMARY, Reason::PinnedAfterWrite));
+    assert_eq!(route(&session(Freshness::Unknown), bounded), (PRIMARY, Reason::PinnedAfterWrite));
+    // ... an explicit opt-out does, within the bound only.
+    let opted_out = "/* pgnear: max_staleness_ms = 5000, read_your_writes = off */ SELECT 1 FROM t";
+    assert_eq!(route(&wrote, opted_out), (EU, Reason::Read));
+    let too_tight = "/* pgnear:read_your_writes=off,max_staleness_ms=1000 */ SELECT 1 FROM t";
+    assert_eq!(route(&wrote, too_tight), (PRIMARY, Reason::Rule));
+    // The session's settings, which a hint overrides item by item.
+    let set = |max: u64, read_your_writes| SessionView {
+        staleness: Staleness { max: Some(Duration::from_millis(max)), read_your_writes },
+        ..wrote
+    };
+    assert_eq!(route(&set(5000, true), read), (PRIMARY, Reason::PinnedAfterWrite));
+    assert_eq!(route(&set(5000, false), read), (EU, Reason::Read));
+    assert_eq!(route(&set(1000, false), read), (PRIMARY, Reason::Rule));
+    assert_eq!(route(&set(1000, false), "/* pgnear:max_staleness_ms=5000 */ SELECT 1"), (EU, Reason::Read));
+    let back_on = "/* pgnear:read_your_writes=on */ SELECT 1 FROM t";
+    assert_eq!(route(&set(5000, false), back_on), (PRIMARY, Reason::PinnedAfterWrite));
+    // A table's rule still bounds a hinted read: the strictest bound wins.
+    let products = "/* pgnear:max_staleness_ms=5000 */ SELECT price FROM products";
+    assert_eq!(route(&FRESH, products), (PRIMARY, Reason::Rule));
+    // A bound never sends a read to a replica the defaults keep off them.
+    let primary_default =
+        Config::parse(&CONFIG.replace("[routing]\n", "[routing]\ndefault = \"primary\"\n"), &|_| None)
+            .expect("test config is valid");
+    let kept = route_in(&primary_default, statuses(), &set(5000, false), &[read]).unwrap();
+    assert_eq!(kept, (PRIMARY, Reason::Rule));
 }
 
 #[test]

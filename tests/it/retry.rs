@@ -6,19 +6,7 @@ use std::time::Duration;
 use pgnear::lab::cluster::Cluster;
 use tokio_postgres::Client;
 
-use crate::support::{show, sqlstate, start, Env, ProxyConfig, PATIENCE};
-
-/// The routed counter for `reason`, as scraped.
-fn routed(env: &Env, reason: &str) -> u64 {
-    let shared = env.proxy.shared();
-    let text = shared.metrics.render(&shared.scrape()).unwrap();
-    text.lines()
-        .filter(|l| {
-            l.starts_with("pgnear_queries_routed_total{") && l.contains(&format!("reason=\"{reason}\""))
-        })
-        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
-        .sum()
-}
+use crate::support::{routed, show, sqlstate, start, Env, ProxyConfig, PATIENCE};
 
 async fn on_replica(env: &Env, client: &Client) -> bool {
     show(client, "pgnear.node").await != env.cluster.primary().name()

@@ -11,9 +11,10 @@ use crate::protocol::backend::{command_complete, data_row, error_response, row_d
 use crate::protocol::backend::{no_data, parse_complete, ready_for_query};
 use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::{Frame, SqlState};
+use crate::router::classify::parse_millis;
 use crate::router::classify::ProxyCommand;
 use crate::router::classify::{Class, Classification};
-use crate::router::RouteSetting;
+use crate::router::{RouteSetting, Staleness};
 use crate::tls::Split;
 
 /// The session's `pgnear.*` settings.
@@ -30,6 +31,9 @@ pub struct ProxySettings {
     /// `pgnear.prefer_region`: that region's replicas are this session's
     /// first choice for reads while they are eligible.
     pub prefer_region: Option<String>,
+    /// `pgnear.max_staleness_ms` and `pgnear.read_your_writes`: the bound
+    /// on the staleness of the session's reads (a hint may override it).
+    pub staleness: Staleness,
 }
 
 /// What the session knows that `SHOW` may report.
@@ -44,7 +48,17 @@ pub struct Report {
     pub regions: Vec<String>,
 }
 
-const NAMES: &[&str] = &["route", "min_lsn", "report_node", "prefer_region", "write_lsn", "node", "region"];
+const NAMES: &[&str] = &[
+    "route",
+    "min_lsn",
+    "report_node",
+    "prefer_region",
+    "max_staleness_ms",
+    "read_your_writes",
+    "write_lsn",
+    "node",
+    "region",
+];
 
 /// Settings that only report.
 const READ_ONLY: &[&str] = &["write_lsn", "node", "region"];
@@ -72,6 +86,21 @@ impl ProxySettings {
             "prefer_region" => {
                 let region = value.trim();
                 self.prefer_region = (!region.is_empty()).then(|| region.to_string());
+            }
+            "max_staleness_ms" => {
+                self.staleness.max = match value.trim() {
+                    v if v.eq_ignore_ascii_case("default") => None,
+                    v => Some(parse_millis(v).ok_or_else(|| {
+                        invalid(name, value, "expected a whole number of milliseconds, 0 or more")
+                    })?),
+                }
+            }
+            "read_your_writes" => {
+                self.staleness.read_your_writes = match value.trim() {
+                    v if v.eq_ignore_ascii_case("default") => true,
+                    v => crate::protocol::parse_bool(v)
+                        .ok_or_else(|| invalid(name, value, "expected a boolean"))?,
+                }
             }
             name if READ_ONLY.contains(&name) => return Err(read_only(name)),
             _ => return Err(unknown(name)),
@@ -106,6 +135,8 @@ impl ProxySettings {
             "min_lsn" => self.min_lsn = None,
             "report_node" => self.report_node = false,
             "prefer_region" => self.prefer_region = None,
+            "max_staleness_ms" => self.staleness.max = None,
+            "read_your_writes" => self.staleness.read_your_writes = true,
             "all" => *self = ProxySettings::default(),
             name if READ_ONLY.contains(&name) => return Err(read_only(name)),
             _ => return Err(unknown(name)),
@@ -125,6 +156,8 @@ impl ProxySettings {
             "min_lsn" => lsn(self.min_lsn),
             "report_node" => (if self.report_node { "on" } else { "off" }).to_string(),
             "prefer_region" => self.prefer_region.clone().unwrap_or_default(),
+            "max_staleness_ms" => self.staleness.max.map(|m| m.as_millis().to_string()).unwrap_or_default(),
+            "read_your_writes" => (if self.staleness.read_your_writes { "on" } else { "off" }).to_string(),
             "write_lsn" => lsn(report.write_lsn),
             "node" => report.node.clone(),
             "region" => report.region.clone(),
@@ -431,6 +464,48 @@ mod tests {
         );
         let (rest, found) = split_options("-c DateStyle=ISO");
         assert_eq!((rest.as_str(), found.len()), ("-c DateStyle=ISO", 0));
+    }
+
+    #[test]
+    fn a_staleness_bound_is_set_shown_and_reset() {
+        let mut settings = ProxySettings::default();
+        let report = Report::default();
+        let run = |settings: &mut ProxySettings, command: ProxyCommand| settings.execute(&command, &report);
+        let set = |name: &str, value: &str| ProxyCommand::Set { name: name.into(), value: value.into() };
+        let show = |name: &str| ProxyCommand::Show { name: name.into() };
+        assert_eq!(run(&mut settings, show("max_staleness_ms"))[1], data_row(&[""]));
+        assert_eq!(run(&mut settings, show("read_your_writes"))[1], data_row(&["on"]));
+        assert_eq!(run(&mut settings, set("max_staleness_ms", "5000")), vec![command_complete("SET")]);
+        assert_eq!(settings.staleness.max, Some(Duration::from_millis(5000)));
+        assert_eq!(run(&mut settings, show("max_staleness_ms"))[1], data_row(&["5000"]));
+        for bad in ["-1", "five", "1.5", "", "5s", "99999999999999999999999"] {
+            let frames = run(&mut settings, set("max_staleness_ms", bad));
+            let fields = crate::protocol::backend::ErrorFields::parse(&frames[0]).expect("an error");
+            assert_eq!(fields.code, "22023", "{bad:?}");
+        }
+        assert_eq!(settings.staleness.max, Some(Duration::from_millis(5000)), "a bad value changes nothing");
+        assert_eq!(run(&mut settings, set("read_your_writes", "off")), vec![command_complete("SET")]);
+        assert!(!settings.staleness.read_your_writes);
+        assert_eq!(run(&mut settings, set("read_your_writes", "sometimes"))[0].tag(), b'E');
+        assert_eq!(run(&mut settings, show("read_your_writes"))[1], data_row(&["off"]));
+        let reset = |name: &str| ProxyCommand::Reset { name: name.into() };
+        assert_eq!(run(&mut settings, reset("max_staleness_ms")), vec![command_complete("RESET")]);
+        assert_eq!(settings.staleness, Staleness { max: None, read_your_writes: false });
+        run(&mut settings, set("max_staleness_ms", "0"));
+        assert_eq!(settings.staleness.max, Some(Duration::ZERO));
+        run(&mut settings, set("max_staleness_ms", "default"));
+        assert_eq!(settings.staleness.max, None);
+        run(&mut settings, reset("all"));
+        assert_eq!(settings.staleness, Staleness::DEFAULT);
+        // From the startup options too.
+        let (_, found) = split_options("-c pgnear.max_staleness_ms=250 -c pgnear.read_your_writes=off");
+        for (name, value) in found {
+            settings.set(&name, &value).expect("a valid setting");
+        }
+        assert_eq!(
+            settings.staleness,
+            Staleness { max: Some(Duration::from_millis(250)), read_your_writes: false }
+        );
     }
 
     #[test]

@@ -372,6 +372,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             setting: self.known.settings.route,
             pinned: self.state.pinned || self.known.settings_refused,
             freshness,
+            staleness: self.known.settings.staleness,
         };
         let region = self.known.settings.prefer_region.as_deref().unwrap_or(&config.proxy.region);
         let policy = Policy { routing: &config.routing, rules: &config.rules, region };

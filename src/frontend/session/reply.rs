@@ -300,11 +300,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         for class in effects {
             state.apply(class, &mut ran_on.state, &mut others);
         }
-        // DISCARD ALL forgets the session's region preference too.
+        // DISCARD ALL forgets the session's region preference and
+        // staleness bound too: a pooler's next client starts without them.
         let discards =
             |c: &Arc<Classification>| c.effects.iter().any(|e| matches!(e, SessionEffect::DiscardAll));
         if effects.iter().any(discards) {
             self.known.settings.prefer_region = None;
+            self.known.settings.staleness = crate::router::Staleness::DEFAULT;
         }
     }
 

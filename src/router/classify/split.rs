@@ -5,7 +5,7 @@
 use sqlparser::keywords::Keyword;
 use sqlparser::tokenizer::{Location, Span, Token, TokenWithSpan, Whitespace};
 
-use super::Hint;
+use super::{Hint, StalenessHint};
 
 /// One statement's tokens (without the `;`) and the span from its first to
 /// its last non-whitespace token.
@@ -77,16 +77,43 @@ pub(super) fn leading_hint(tokens: &[TokenWithSpan]) -> Option<Hint> {
     None
 }
 
-/// `pgnear:primary` / `pgnear:replica`, ignoring case and whitespace.
+/// `pgnear:primary`, `pgnear:replica`, or `pgnear:` and a comma-separated
+/// list of `max_staleness_ms=N` and `read_your_writes=<boolean>` (each at
+/// most once), ignoring case and whitespace. Anything else, a malformed
+/// value included, is an ordinary comment.
 fn parse_hint(comment: &str) -> Option<Hint> {
-    let squeezed = || comment.chars().filter(|c| !c.is_whitespace()).map(|c| c.to_ascii_lowercase());
-    if squeezed().eq("pgnear:primary".chars()) {
-        Some(Hint::Primary)
-    } else if squeezed().eq("pgnear:replica".chars()) {
-        Some(Hint::Replica)
-    } else {
-        None
+    let squeezed: String =
+        comment.chars().filter(|c| !c.is_whitespace()).map(|c| c.to_ascii_lowercase()).collect();
+    match squeezed.strip_prefix("pgnear:")? {
+        "primary" => Some(Hint::Primary),
+        "replica" => Some(Hint::Replica),
+        list => staleness_hint(list).map(Hint::Staleness),
     }
+}
+
+/// The items of a staleness hint; `None` if any is malformed or repeated.
+fn staleness_hint(list: &str) -> Option<StalenessHint> {
+    let mut hint = StalenessHint::default();
+    for item in list.split(',') {
+        match item.split_once('=')? {
+            ("max_staleness_ms", ms) if hint.max.is_none() => {
+                hint.max = Some(parse_millis(ms)?);
+            }
+            ("read_your_writes", on) if hint.read_your_writes.is_none() => {
+                hint.read_your_writes = Some(crate::protocol::parse_bool(on)?);
+            }
+            _ => return None,
+        }
+    }
+    Some(hint)
+}
+
+/// A whole number of milliseconds, digits only (no sign, no unit).
+pub fn parse_millis(text: &str) -> Option<std::time::Duration> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse::<u64>().ok().map(std::time::Duration::from_millis)
 }
 
 /// Where one statement sits in the client's text.

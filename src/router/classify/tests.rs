@@ -552,6 +552,46 @@ fn leading_comment_hints() {
     assert_eq!((c.class, c.hint), (Class::Write, Some(Hint::Replica)));
 }
 
+#[test]
+fn staleness_hints() {
+    use std::time::Duration;
+    let bound = |ms: u64, read_your_writes: Option<bool>| {
+        Some(Hint::Staleness(StalenessHint { max: Some(Duration::from_millis(ms)), read_your_writes }))
+    };
+    let cases = [
+        ("/* pgnear:max_staleness_ms=5000 */ SELECT 1", bound(5000, None)),
+        ("/* PgNear: Max_Staleness_Ms = 5 000 */ SELECT 1", bound(5000, None)),
+        ("-- pgnear:max_staleness_ms=0\nSELECT 1", bound(0, None)),
+        ("/* pgnear:max_staleness_ms=5000,read_your_writes=off */ SELECT 1", bound(5000, Some(false))),
+        ("/* pgnear:read_your_writes=on, max_staleness_ms=10 */ SELECT 1", bound(10, Some(true))),
+        (
+            "/* pgnear:read_your_writes=false */ SELECT 1",
+            Some(Hint::Staleness(StalenessHint { max: None, read_your_writes: Some(false) })),
+        ),
+        // Malformed: an ordinary comment, as for the other hints.
+        ("/* pgnear:max_staleness_ms=-5 */ SELECT 1", None),
+        ("/* pgnear:max_staleness_ms=5s */ SELECT 1", None),
+        ("/* pgnear:max_staleness_ms=1.5 */ SELECT 1", None),
+        ("/* pgnear:max_staleness_ms= */ SELECT 1", None),
+        ("/* pgnear:max_staleness_ms=99999999999999999999999 */ SELECT 1", None),
+        ("/* pgnear:max_staleness_ms=5,max_staleness_ms=6 */ SELECT 1", None),
+        ("/* pgnear:max_staleness_ms=5,read_your_writes=maybe */ SELECT 1", None),
+        ("/* pgnear:max_staleness_ms=5, */ SELECT 1", None),
+        ("/* pgnear:replica,max_staleness_ms=5 */ SELECT 1", None),
+        ("/* pgnear:staleness=5 */ SELECT 1", None),
+        ("SELECT 1 /* pgnear:max_staleness_ms=5000 */", None),
+    ];
+    for (sql, hint) in cases {
+        assert_eq!(classify(sql).hint, hint, "{sql}");
+    }
+    // The bound is part of the cached text: two bounds never share an entry.
+    let cache = ClassifyCache::new(16);
+    let a = cache.classify(b"/* pgnear:max_staleness_ms=100 */ SELECT * FROM t WHERE id = 1");
+    let b = cache.classify(b"/* pgnear:max_staleness_ms=900 */ SELECT * FROM t WHERE id = 2");
+    assert_eq!(a.hint, bound(100, None));
+    assert_eq!(b.hint, bound(900, None));
+}
+
 // === Proxy-local commands ===
 
 fn proxy(sql: &str) -> ProxyCommand {

@@ -159,6 +159,18 @@ pub async fn show(client: &Client, name: &str) -> String {
         .unwrap()
 }
 
+/// The `pgnear_queries_routed_total` counter for `reason`, as scraped.
+pub fn routed(env: &Env, reason: &str) -> u64 {
+    let shared = env.proxy.shared();
+    let text = shared.metrics.render(&shared.scrape()).unwrap();
+    text.lines()
+        .filter(|l| {
+            l.starts_with("pgnear_queries_routed_total{") && l.contains(&format!("reason=\"{reason}\""))
+        })
+        .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+        .sum()
+}
+
 /// The SQLSTATE of a failed call.
 pub fn sqlstate<T: std::fmt::Debug>(result: Result<T, tokio_postgres::Error>) -> String {
     let error = result.expect_err("expected an error");
