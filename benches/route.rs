@@ -65,6 +65,7 @@ fn session(freshness: Freshness) -> SessionView<'static> {
         setting: RouteSetting::Auto,
         pinned: false,
         freshness,
+        schema: Freshness::Any,
         staleness: Staleness::DEFAULT,
     }
 }

@@ -100,6 +100,7 @@ impl Proxy {
             classifier: ClassifyCache::new(config.proxy.classify_cache_entries),
             catalogs,
             watermark: Arc::new(SharedWatermark::new(std::time::Instant::now())),
+            schema: crate::router::consistency::SchemaWatermarks::new(std::time::Instant::now()),
             metrics: Arc::new(Metrics::new()),
             config: arc_swap::ArcSwap::new(config),
             topology,

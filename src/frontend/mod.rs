@@ -43,6 +43,9 @@ pub struct Shared {
     pub catalogs: Arc<Catalogs>,
     /// The proxy-wide watermark for `read_your_writes = "proxy"`.
     pub watermark: Arc<SharedWatermark>,
+    /// Each cluster's schema watermark: DDL that committed through this
+    /// pgnear, which every session's reads must see.
+    pub schema: crate::router::consistency::SchemaWatermarks,
     pub metrics: Arc<Metrics>,
     /// Transaction pooling's shared server connections.
     pub pools: crate::backend::pool::Pools,

@@ -195,6 +195,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             ReadYourWrites::Session | ReadYourWrites::Proxy => shared.watermark.inherited(Instant::now()),
         };
         let timers = Timers::new(shared.config().proxy.idle_client_timeout, shared.config().monitor.interval);
+        let schema = shared.schema.of(&cluster);
         let pooling = pooling.then(|| {
             let fresh = Pooling { pools: Vec::new(), write_at: None, unnamed_parse: Vec::new(), app_name };
             Box::new(fresh)
@@ -208,7 +209,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         Ok(Session {
             shared,
             client,
-            scope: Scope { user: login.user.name.clone(), login: server_login, cluster, catalog, span },
+            scope: Scope {
+                user: login.user.name.clone(),
+                login: server_login,
+                schema,
+                cluster,
+                catalog,
+                span,
+            },
             primary,
             replica,
             bound: None,

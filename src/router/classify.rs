@@ -77,6 +77,11 @@ pub struct Classification {
     /// functions), or is a DO block: the proxy should refresh its
     /// volatile-function catalog.
     pub ddl: bool,
+    /// A statement changes what other sessions' statements may name: DDL
+    /// (as for `ddl`) other than the creation of a temporary object, or a
+    /// GRANT or REVOKE. Once it commits, no session reads from a replica
+    /// that has not replayed it (the proxy-wide schema watermark).
+    pub schema_change: bool,
     /// A function or relation whose answer differs between nodes
     /// (`pg_backend_pid()`, `pg_stat_*` ...): worked out once, here, since
     /// routing asks for every unit.
@@ -373,6 +378,7 @@ struct Summary {
     effects: Vec<SessionEffect>,
     unparsed: bool,
     ddl: bool,
+    schema_change: bool,
     defines_functions: bool,
     names_databases: bool,
     loads: Option<String>,
@@ -389,6 +395,8 @@ impl Summary {
         let lead = leading_keyword(&piece.tokens);
         // DO blocks count: they often create or replace functions.
         let ddl = matches!(lead, Keyword::CREATE | Keyword::ALTER | Keyword::DROP | Keyword::DO);
+        self.schema_change |=
+            (ddl && !creates_temporary(&piece.tokens)) || matches!(lead, Keyword::GRANT | Keyword::REVOKE);
         if ddl {
             self.ddl = true;
             let names = |keywords: &[Keyword]| {
@@ -445,6 +453,7 @@ impl Summary {
             effects: self.effects,
             unparsed: self.unparsed,
             ddl: self.ddl,
+            schema_change: self.schema_change,
             defines_functions: self.defines_functions,
             names_databases: self.names_databases,
             loads: self.loads,
@@ -465,6 +474,21 @@ impl Summary {
         let (name, statement) = (name.to_owned(), source.text());
         self.effects.push(SessionEffect::Set { name, statement });
     }
+}
+
+/// Whether a statement creates a temporary object (`CREATE [OR REPLACE]
+/// [LOCAL | GLOBAL] TEMP[ORARY] ...`), which no other session can see.
+fn creates_temporary(tokens: &[TokenWithSpan]) -> bool {
+    let mut words = tokens.iter().filter_map(|t| match &t.token {
+        Token::Word(w) if w.quote_style.is_none() => Some(w.keyword),
+        Token::Whitespace(_) => None,
+        _ => Some(Keyword::NoKeyword),
+    });
+    if words.next() != Some(Keyword::CREATE) {
+        return false;
+    }
+    let skip = [Keyword::OR, Keyword::REPLACE, Keyword::LOCAL, Keyword::GLOBAL];
+    words.find(|k| !skip.contains(k)).is_some_and(|k| matches!(k, Keyword::TEMP | Keyword::TEMPORARY))
 }
 
 /// The base name, lowercased, of the library a `LOAD 'path'` names.

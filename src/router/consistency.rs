@@ -188,6 +188,35 @@ impl SharedWatermark {
     }
 }
 
+/// The schema watermark of each cluster: the LSN past the last DDL that
+/// committed through this pgnear, which every session's reads respect
+/// whatever the read-your-writes scope (a table a migration created must
+/// not be missing where another client reads). By cluster: LSNs of two
+/// clusters do not compare.
+#[derive(Debug)]
+pub struct SchemaWatermarks {
+    base: Instant,
+    clusters: std::sync::Mutex<std::collections::HashMap<String, Arc<SharedWatermark>>>,
+}
+
+impl SchemaWatermarks {
+    pub fn new(base: Instant) -> SchemaWatermarks {
+        SchemaWatermarks { base, clusters: std::sync::Mutex::default() }
+    }
+
+    /// `cluster`'s schema watermark, made on first use. Looked up once
+    /// per session.
+    pub fn of(&self, cluster: &str) -> Arc<SharedWatermark> {
+        let mut clusters = self.clusters.lock().unwrap_or_else(std::sync::PoisonError::into_inner);
+        if let Some(found) = clusters.get(cluster) {
+            return found.clone();
+        }
+        let made = Arc::new(SharedWatermark::new(self.base));
+        clusters.insert(cluster.to_string(), made.clone());
+        made
+    }
+}
+
 /// A probe on its way, as the proxy-wide watermark counts it. Dropped
 /// unanswered (the session ended first), the commit it followed is handed
 /// to the monitor, so that no read of another session misses it.
@@ -288,6 +317,19 @@ mod tests {
         let after = PrimarySample { sent_at: t0 + Duration::from_millis(4), lsn: Lsn(20) };
         assert!(w.resolve(Some(after)));
         assert_eq!(w.freshness(None), Freshness::AtLeast(Lsn(20)));
+    }
+
+    #[test]
+    fn each_cluster_has_one_schema_watermark() {
+        let schema = SchemaWatermarks::new(Instant::now());
+        let (a, b) = (schema.of("a"), schema.of("b"));
+        assert!(Arc::ptr_eq(&a, &schema.of("a")));
+        assert!(!Arc::ptr_eq(&a, &b));
+        let probe = a.probe();
+        assert_eq!(schema.of("a").get().freshness(None), Freshness::Unknown);
+        assert_eq!(b.get().freshness(None), Freshness::Any, "another cluster's DDL");
+        probe.answered(Some(Lsn(90)), Instant::now());
+        assert_eq!(schema.of("a").get().freshness(None), Freshness::AtLeast(Lsn(90)));
     }
 
     #[test]

@@ -144,7 +144,12 @@ pub struct SessionView<'a> {
     pub setting: RouteSetting,
     /// LISTEN, temp objects, session advisory locks, WITH HOLD cursors.
     pub pinned: bool,
+    /// What the session's reads must see: its writes (as the consistency
+    /// scope has it), `pgnear.min_lsn` and the schema watermark.
     pub freshness: Freshness,
+    /// What every read must see, even one that waives the session's
+    /// writes: the cluster's schema watermark (DDL that committed).
+    pub schema: Freshness,
     /// The session's bound on the staleness of its reads.
     pub staleness: Staleness,
 }
@@ -163,8 +168,8 @@ pub enum Need {
     Primary(Reason),
     /// A read; `skip_writes` when a replica hint, `pgnear.route =
     /// replica` or an explicit `read_your_writes = off` waives the
-    /// session's writes (never the lag limits, the staleness bound or the
-    /// cluster).
+    /// session's writes (never the schema watermark, the lag limits, the
+    /// staleness bound or the cluster).
     Read {
         skip_writes: bool,
         max_staleness: Option<std::time::Duration>,
@@ -230,7 +235,7 @@ fn route_need(
     match need {
         Need::Primary(reason) => primary(reason),
         Need::Read { skip_writes, max_staleness } => {
-            let freshness = if skip_writes { Freshness::Any } else { session.freshness };
+            let freshness = if skip_writes { session.schema } else { session.freshness };
             let limits = view::Limits { policy, freshness, max_staleness };
             match view.nearest_replica(session.cluster, policy.region, &limits) {
                 Ok(node) => Ok(Route { destination: Destination::Replica(node), reason: Reason::Read }),

@@ -72,6 +72,7 @@ fn session(freshness: Freshness) -> SessionView<'static> {
         setting: RouteSetting::Auto,
         pinned: false,
         freshness,
+        schema: Freshness::Any,
         staleness: Staleness::DEFAULT,
     }
 }
@@ -81,6 +82,7 @@ const FRESH: SessionView<'static> = SessionView {
     setting: RouteSetting::Auto,
     pinned: false,
     freshness: Freshness::Any,
+    schema: Freshness::Any,
     staleness: Staleness::DEFAULT,
 };
 
@@ -221,6 +223,11 @@ fn a_staleness_bound_keeps_reads_off_lagging_replicas_and_keeps_read_your_writes
     assert_eq!(route(&wrote, opted_out), (EU, Reason::Read));
     let too_tight = "/* pgnear:read_your_writes=off,max_staleness_ms=1000 */ SELECT 1 FROM t";
     assert_eq!(route(&wrote, too_tight), (PRIMARY, Reason::Rule));
+    // The schema watermark is never waived.
+    let migrated = SessionView { schema: Freshness::AtLeast(Lsn(TOP)), ..wrote };
+    assert_eq!(route(&migrated, opted_out), (PRIMARY, Reason::PinnedAfterWrite));
+    let hinted = "/* pgnear:replica */ SELECT 1 FROM t";
+    assert_eq!(route(&migrated, hinted), (PRIMARY, Reason::PinnedAfterWrite));
     // The session's settings, which a hint overrides item by item.
     let set = |max: u64, read_your_writes| SessionView {
         staleness: Staleness { max: Some(Duration::from_millis(max)), read_your_writes },

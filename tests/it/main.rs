@@ -21,6 +21,7 @@ mod relay;
 mod reload;
 mod retry;
 mod routing;
+mod schema;
 mod staleness;
 mod support;
 mod tls;

@@ -159,6 +159,8 @@ pub(super) struct Scope {
     pub(super) user: String,
     pub(super) login: ServerLogin,
     pub(super) cluster: String,
+    /// The cluster's schema watermark (`Shared::schema`).
+    pub(super) schema: Arc<crate::router::consistency::SharedWatermark>,
     pub(super) catalog: Arc<Catalog>,
     /// The session's span (id, peer, user, database): the parent of the
     /// relay's log events.
@@ -219,9 +221,9 @@ pub(super) struct Known {
 #[derive(Default)]
 pub(super) struct Writes {
     pub(super) watermark: Watermark,
-    /// The proxy-wide count of each probe on its way (`probe_behind`),
+    /// The proxy-wide counts of each probe on its way (`probe_behind`),
     /// oldest first: answered in order, and dropped with the session.
-    pub(super) probes: std::collections::VecDeque<Probe>,
+    pub(super) probes: std::collections::VecDeque<SentProbe>,
     /// The `pgnear.write_lsn` last reported to the client.
     pub(super) reported_lsn: Option<Lsn>,
     /// The session itself wrote: only then is `pgnear.write_lsn` reported
@@ -234,8 +236,19 @@ pub(super) struct Writes {
     /// DDL that may define a function was sent to the primary: mark the
     /// volatile-function catalog stale once the primary is idle (committed).
     pub(super) defines_functions: bool,
+    /// A schema change was sent to the primary since its last probe: the
+    /// next probe (or the fallback) moves the cluster's schema watermark.
+    pub(super) schema_changed: bool,
     /// Since when reads have been held on the primary after a write.
     pub(super) pinned_since: Option<Instant>,
+}
+
+/// A probe on its way, as the proxy-wide watermarks count it: always the
+/// read-your-writes one, and the cluster's schema watermark when the
+/// commit it follows may change the schema.
+pub(super) struct SentProbe {
+    pub(super) writes: Probe,
+    pub(super) schema: Option<Probe>,
 }
 
 /// Transaction pooling: what a session keeps while its server connections

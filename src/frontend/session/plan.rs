@@ -287,7 +287,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if bound.is_zero() {
             return None;
         }
-        let freshness = self.effective_watermark().freshness(self.known.settings.min_lsn);
+        let (all, schema) = self.read_freshness();
+        let skips_writes = matches!(self.need(classes), Need::Read { skip_writes: true, .. });
+        let freshness = if skips_writes { schema } else { all };
         match (route.reason, freshness) {
             (Reason::PinnedAfterWrite, Freshness::AtLeast(lsn)) => {
                 let node = self.replica_to_wait_on(classes, bound)?;
@@ -310,7 +312,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         classes: &[Arc<Classification>],
         bound: Duration,
     ) -> Option<usize> {
-        let route = self.decide_with(classes, Freshness::Any).ok()?;
+        let route = self.decide_with(classes, (Freshness::Any, Freshness::Any)).ok()?;
         let Destination::Replica(node) = route.destination else { return None };
         let view = ClusterView::capture(&self.shared.topology);
         let replica = view.nodes.get(node)?;
@@ -338,14 +340,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     pub(super) fn decide(&self, classes: &[Arc<Classification>]) -> Result<Route, crate::cluster::NoPrimary> {
-        self.decide_with(classes, self.effective_watermark().freshness(self.known.settings.min_lsn))
+        self.decide_with(classes, self.read_freshness())
     }
 
-    /// `decide`, as if the session's reads needed `freshness`.
+    /// `decide`, as if the session's reads needed `freshness`: (all they
+    /// must see, what they must see even when they skip the session's
+    /// writes).
     pub(super) fn decide_with(
         &self,
         classes: &[Arc<Classification>],
-        freshness: Freshness,
+        freshness: (Freshness, Freshness),
     ) -> Result<Route, crate::cluster::NoPrimary> {
         self.with_policy(classes, freshness, |session, policy, volatile| {
             router::route(classes, session, &*self.shared.topology, policy, volatile)
@@ -354,7 +358,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
 
     /// What statements need, before looking at nodes.
     pub(super) fn need(&self, classes: &[Arc<Classification>]) -> Need {
-        self.with_policy(classes, Freshness::Any, |session, policy, volatile| {
+        self.with_policy(classes, (Freshness::Any, Freshness::Any), |session, policy, volatile| {
             router::need(classes, session, policy, volatile)
         })
     }
@@ -363,7 +367,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     fn with_policy<R>(
         &self,
         classes: &[Arc<Classification>],
-        freshness: Freshness,
+        (freshness, schema): (Freshness, Freshness),
         f: impl FnOnce(&SessionView, &Policy, &VolatileFunctions) -> R,
     ) -> R {
         let config = &self.shared.config();
@@ -372,6 +376,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             setting: self.known.settings.route,
             pinned: self.state.pinned || self.known.settings_refused,
             freshness,
+            schema,
             staleness: self.known.settings.staleness,
         };
         let region = self.known.settings.prefer_region.as_deref().unwrap_or(&config.proxy.region);

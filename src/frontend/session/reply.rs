@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use crate::tls::Split;
 
+use super::parts::SentProbe;
 use super::{Flow, Session, Target};
 use crate::backend::connection::Swallowed;
 use crate::backend::server::ServerState;
@@ -17,6 +18,7 @@ use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, 
 use crate::protocol::Frame;
 use crate::router::classify::{Classification, SessionEffect};
 use crate::router::consistency::{PrimarySample, Watermark};
+use crate::router::Freshness;
 
 impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// A server connection closed or failed. Losing the primary ends the
@@ -330,6 +332,9 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             ReadYourWrites::Session | ReadYourWrites::Proxy => {
                 self.writes.watermark.wrote(at);
                 self.shared.watermark.wrote(at);
+                if std::mem::take(&mut self.writes.schema_changed) {
+                    self.scope.schema.wrote(at);
+                }
                 self.writes.wrote = true;
             }
         }
@@ -343,7 +348,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         primary.backend.queue_probe();
         self.writes.primary_dirty = false;
         self.writes.watermark.probe_sent();
-        self.writes.probes.push_back(self.shared.watermark.probe());
+        let schema = std::mem::take(&mut self.writes.schema_changed).then(|| self.scope.schema.probe());
+        self.writes.probes.push_back(SentProbe { writes: self.shared.watermark.probe(), schema });
         self.writes.wrote = true;
         self.pin_started(Instant::now());
     }
@@ -367,8 +373,13 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             self.writes.primary_dirty = true;
         }
         self.writes.watermark.probe_answered(lsn, now);
-        if let Some(probe) = self.writes.probes.pop_front() {
-            probe.answered(lsn, now);
+        if let Some(sent) = self.writes.probes.pop_front() {
+            sent.writes.answered(lsn, now);
+            if let Some(schema) = sent.schema {
+                // A block still open commits its schema change later.
+                self.writes.schema_changed |= status != TxStatus::Idle;
+                schema.answered(lsn, now);
+            }
         }
         self.shared.metrics.probe(lsn.is_some());
         self.report_watermark();
@@ -384,13 +395,16 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// Resolves pending watermarks and reports a new one to the client as
     /// ParameterStatus `pgnear.write_lsn`.
     pub(super) fn refresh_watermark(&mut self) {
-        let pending = self.writes.watermark.is_pending() || self.shared.watermark.get().is_pending();
+        let pending = self.writes.watermark.is_pending()
+            || self.shared.watermark.get().is_pending()
+            || self.scope.schema.get().is_pending();
         if !pending {
             return;
         }
         let sample = self.primary_sample();
         self.writes.watermark.resolve(sample);
         self.shared.watermark.resolve(sample);
+        self.scope.schema.resolve(sample);
         self.report_watermark();
     }
 
@@ -407,12 +421,19 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
     }
 
-    /// The watermark reads must respect under the configured scope.
-    pub(super) fn effective_watermark(&self) -> Watermark {
-        match self.shared.config().consistency.read_your_writes {
-            ReadYourWrites::Off => Watermark::default(),
-            ReadYourWrites::Session => self.writes.watermark,
-            ReadYourWrites::Proxy => self.writes.watermark.merge(self.shared.watermark.get()),
-        }
+    /// What the session's reads must see: all of it (the watermark of
+    /// the configured scope, `pgnear.min_lsn`, and the cluster's schema
+    /// watermark), and what even a read that skips the session's writes
+    /// must see (the schema watermark). Under `read_your_writes = "off"`
+    /// neither watermark counts.
+    pub(super) fn read_freshness(&self) -> (Freshness, Freshness) {
+        let (own, schema) = match self.shared.config().consistency.read_your_writes {
+            ReadYourWrites::Off => (Watermark::default(), Watermark::default()),
+            ReadYourWrites::Session => (self.writes.watermark, self.scope.schema.get()),
+            ReadYourWrites::Proxy => {
+                (self.writes.watermark.merge(self.shared.watermark.get()), self.scope.schema.get())
+            }
+        };
+        (own.merge(schema).freshness(self.known.settings.min_lsn), schema.freshness(None))
     }
 }

@@ -118,6 +118,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 pooling.write_at = self.primary.as_ref().map(|p| (p.cancel_key, p.turns));
             }
         }
+        // A schema change moves the cluster's schema watermark once it
+        // commits (the probe behind its commit, or the fallback).
+        if target == Target::Primary
+            && kinds.executes
+            && classes.iter().any(|c| c.schema_change)
+            && self.tracks_writes()
+        {
+            self.writes.schema_changed = true;
+        }
         // Only DDL that may create a volatile function needs the catalog
         // reloaded, and only where a replica could otherwise be chosen.
         if classes.iter().any(|c| c.defines_functions) && self.cluster_has_replicas() {

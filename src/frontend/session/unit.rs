@@ -261,6 +261,7 @@ pub(super) static WRITE: std::sync::LazyLock<Arc<Classification>> = std::sync::L
         effects: Vec::new(),
         unparsed: false,
         ddl: false,
+        schema_change: false,
         defines_functions: false,
         names_databases: false,
         loads: None,

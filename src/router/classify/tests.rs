@@ -979,6 +979,41 @@ fn ddl_flag() {
     }
 }
 
+#[test]
+fn schema_changes_are_ddl_but_temporary_objects_and_grants_and_revokes() {
+    let changes = [
+        "CREATE TABLE t (a int)",
+        "ALTER TABLE t ADD COLUMN b int",
+        "DROP TABLE t",
+        "CREATE OR REPLACE VIEW v AS SELECT 1",
+        "CREATE UNLOGGED TABLE u (a int)",
+        "CREATE INDEX ON t (a)",
+        "CREATE FUNCTION f() RETURNS int LANGUAGE sql AS $$ SELECT 1 $$",
+        "DO $$ BEGIN END $$",
+        "GRANT SELECT ON t TO b",
+        "REVOKE SELECT ON t FROM b",
+        "CREATE TEMP TABLE x (a int); CREATE TABLE y (a int)",
+        "DROP TABLE temp_x",
+        "CREATE TABLE temp (a int)",
+    ];
+    for sql in changes {
+        assert!(classify(sql).schema_change, "{sql}");
+    }
+    let not_changes = [
+        "SELECT 1",
+        "INSERT INTO t VALUES (1)",
+        "TRUNCATE t",
+        "CREATE TEMP TABLE x (a int)",
+        "CREATE TEMPORARY TABLE x AS SELECT 1",
+        "CREATE LOCAL TEMP TABLE x (a int)",
+        "CREATE OR REPLACE TEMP VIEW v AS SELECT 1",
+        "create temp sequence s",
+    ];
+    for sql in not_changes {
+        assert!(!classify(sql).schema_change, "{sql}");
+    }
+}
+
 // === Cache ===
 
 #[test]
