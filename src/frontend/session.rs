@@ -66,7 +66,7 @@ enum Flow {
     Lost(Target),
     /// A replica refused a read before anything of it reached the client:
     /// run it again on the primary.
-    Retry(Box<Batch>),
+    Retry(Box<Batch>, parts::Refusal),
 }
 
 /// Something the loop must handle.
@@ -309,8 +309,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                         Box::pin(self.server_lost(target)).await?;
                         Flow::Continue
                     }
-                    Flow::Retry(unit) => {
-                        Box::pin(self.retry_on_primary(*unit)).await?;
+                    Flow::Retry(unit, refusal) => {
+                        Box::pin(self.retry_on_primary(*unit, refusal)).await?;
                         Flow::Continue
                     }
                     flow => flow,
@@ -474,11 +474,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
                 if retrying {
                     server.backend.hold_acknowledgements(&mut server.held);
                     // A row or a tag next: the read has answered, and what
-                    // was held goes out ahead of it, in this same pass.
-                    let answered = server
-                        .backend
-                        .next_tag()
-                        .is_some_and(crate::backend::connection::needs_no_bookkeeping);
+                    // was held goes out ahead of it, in this same pass. Not
+                    // while pgnear's replays are answered (a CloseComplete,
+                    // a ParseComplete): `on_server` swallows those, and the
+                    // replay may still fail (a table the replica lacks).
+                    let answered = !server.backend.has_hidden()
+                        && server
+                            .backend
+                            .next_tag()
+                            .is_some_and(crate::backend::connection::needs_no_bookkeeping);
                     if answered {
                         self.client.out.extend_from_slice(&server.held);
                         self.client.relayed += server.held.len() as u64;

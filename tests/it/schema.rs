@@ -1,14 +1,18 @@
 //! Schema changes are global: after DDL through pgnear no session reads
 //! from a replica that has not replayed it, whatever the read-your-writes
-//! scope. The replica applies commits 2 s late and, with no lag limit to
-//! speak of, serves reads meanwhile.
+//! scope; and a read a replica behind fails with an undefined table,
+//! column or function runs again on the primary when that is safe. The
+//! replica applies commits 2 s late (or not at all while its replay is
+//! paused) and, with no lag limit to speak of, serves reads meanwhile.
 
 use std::time::Duration;
 
+use pgnear::cluster::Lsn;
 use pgnear::lab::cluster::Cluster;
+use pgnear::router::ClusterView;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
-use crate::support::{routed, show, start, Env, ProxyConfig, PATIENCE};
+use crate::support::{routed, show, sqlstate, start, Env, ProxyConfig, PATIENCE};
 
 const DELAY: Duration = Duration::from_secs(2);
 
@@ -108,4 +112,75 @@ async fn ddl_through_pgnear_is_seen_by_every_session() {
     // Once the replica has replayed it all, reads return there.
     env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
     eventually_on_replica(&env, &b, "SELECT warm.extra, later.id FROM warm, later").await;
+}
+
+/// Waits until the monitor has seen the primary at or past its current
+/// WAL position, so that pgnear knows the replica is behind it.
+async fn monitor_sees_primary(env: &Env) {
+    let primary = env.cluster.primary();
+    let now: Lsn = primary.query_scalar("SELECT pg_current_wal_lsn()::text").await.unwrap().parse().unwrap();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    loop {
+        let view = ClusterView::capture(&env.proxy.shared().topology);
+        if view.nodes[0].status.lsn.is_some_and(|lsn| lsn >= now) {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "the monitor never saw the primary at {now}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+#[tokio::test]
+async fn a_read_of_what_a_replica_behind_lacks_runs_again_on_the_primary() {
+    let env = delayed().await;
+    let c = env.client().await;
+    eventually_on_replica(&env, &c, "SELECT id FROM warm").await;
+    // Replay paused: the apply delay alone holds back commits, not the
+    // locks of an ALTER TABLE, under which the replica's reads would wait.
+    let replica = env.cluster.replica(0).connect().await.unwrap();
+    replica.batch_execute("SELECT pg_wal_replay_pause()").await.unwrap();
+    // Schema changes pgnear does not see: made on the primary directly.
+    let primary = env.cluster.primary().connect().await.unwrap();
+    primary
+        .batch_execute(
+            "CREATE TABLE direct (id int); INSERT INTO direct VALUES (3);
+             ALTER TABLE warm ADD COLUMN added int DEFAULT 4;
+             CREATE FUNCTION direct_f() RETURNS int LANGUAGE sql STABLE AS 'SELECT 6';
+             CREATE TABLE direct_tx (id int)",
+        )
+        .await
+        .unwrap();
+    monitor_sees_primary(&env).await;
+    let retried = routed(&env, "retried_on_primary");
+    let remembered = routed(&env, "replica_refused");
+
+    // Simple protocol: an undefined table, column, function.
+    assert_eq!(first(&c, "SELECT id FROM direct").await, "3");
+    assert!(on_primary(&env, &c).await);
+    assert_eq!(first(&c, "SELECT added FROM warm").await, "4");
+    assert_eq!(first(&c, "SELECT direct_f()").await, "6");
+    // Extended protocol, a named statement (tokio-postgres prepares one):
+    // its Parse fails on the replica, and runs again on the primary.
+    let row = c.query_one("SELECT id, 1 AS named FROM direct", &[]).await.unwrap();
+    assert_eq!(row.get::<_, i32>(0), 3);
+    let prepared = c.prepare("SELECT added FROM warm WHERE id = $1").await.unwrap();
+    for _ in 0..3 {
+        // Bound to a replica that cannot parse it: again on the primary.
+        assert_eq!(c.query_one(&prepared, &[&1i32]).await.unwrap().get::<_, i32>(0), 4);
+    }
+    assert!(routed(&env, "retried_on_primary") >= retried + 5);
+
+    // Inside a transaction block on the replica: the error stands.
+    c.batch_execute("BEGIN READ ONLY").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    assert!(!on_primary(&env, &c).await, "the transaction did not open on the replica");
+    assert_eq!(sqlstate(c.simple_query("SELECT id FROM direct_tx").await), "42P01");
+    c.batch_execute("ROLLBACK").await.unwrap();
+
+    // Not remembered: once replayed, the same reads run on the replica.
+    assert_eq!(routed(&env, "replica_refused"), remembered);
+    replica.batch_execute("SELECT pg_wal_replay_resume()").await.unwrap();
+    env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
+    eventually_on_replica(&env, &c, "SELECT id FROM direct").await;
+    assert_eq!(c.query_one(&prepared, &[&1i32]).await.unwrap().get::<_, i32>(0), 4);
 }

@@ -179,12 +179,27 @@ pub(super) struct Bound {
     /// the client so that it can run elsewhere if the replica fails first.
     pub(super) retry: Option<Box<Batch>>,
     /// The replica refused that read with an error the primary would not
-    /// give (25006, 40001): held back until its ReadyForQuery says whether
-    /// the read can run again on the primary.
-    pub(super) refused: Option<Frame>,
+    /// give (25006, 40001; 42P01, 42703, 42883 from a replica behind),
+    /// and why: held back until its ReadyForQuery says whether the read
+    /// can run again on the primary.
+    pub(super) refused: Option<(Frame, Refusal)>,
     /// A notice from the replica reached the client: the read is no
     /// longer run again after an error.
     pub(super) noticed: bool,
+}
+
+/// Why a replica's error for a read makes pgnear run it again on the
+/// primary.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Refusal {
+    /// 25006 (the read writes after all: a view over `nextval()`) or
+    /// 40001 (a recovery conflict): its statements are remembered and go
+    /// to the primary from then on.
+    Refused,
+    /// 42P01, 42703 or 42883 (an undefined table, column or function)
+    /// from a replica that has not replayed all the primary has: the
+    /// schema change may not have reached it. Transient: not remembered.
+    Missing,
 }
 
 /// Why client input waits.

@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use crate::tls::Split;
 
-use super::parts::SentProbe;
+use super::parts::{Refusal, SentProbe};
 use super::{Flow, Session, Target};
 use crate::backend::connection::Swallowed;
 use crate::backend::server::ServerState;
@@ -15,6 +15,7 @@ use crate::cluster::Lsn;
 use crate::config::ReadYourWrites;
 use crate::error::ProxyError;
 use crate::protocol::backend::{parameter_status, ready_for_query, ready_status, ErrorFields, TxStatus};
+use crate::protocol::frontend::{self, Target as Named};
 use crate::protocol::Frame;
 use crate::router::classify::{Classification, SessionEffect};
 use crate::router::consistency::{PrimarySample, Watermark};
@@ -204,14 +205,14 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if let Some(read_only) = read_only {
             self.known.default_read_only = read_only;
         }
-        if let Some((error, unit)) = refused {
+        if let Some(((error, refusal), unit)) = refused {
             match unit.filter(|_| ended_idle) {
                 // Outside a block, nothing of it seen: run it again.
                 Some(unit) => {
                     if let Some(replica) = self.replica.as_mut() {
                         replica.held.clear();
                     }
-                    return Ok(Flow::Retry(unit));
+                    return Ok(Flow::Retry(unit, refusal));
                 }
                 None => {
                     self.release_held();
@@ -230,22 +231,50 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     }
 
     /// A replica's error for the read it runs: held back, instead of
-    /// relayed, when the primary would not give it (25006: the read
-    /// needed the primary after all, as a view over `nextval` does; 40001:
-    /// a recovery conflict) and the read can still run there unnoticed:
-    /// nothing of it reached the client (no row, tag or notice) and it
-    /// parses no named statement (which the session now has). Whether it
-    /// ran outside a block, its ReadyForQuery tells.
+    /// relayed, when the primary would not give it and the read can still
+    /// run there unnoticed: nothing of it reached the client (no row, tag
+    /// or notice). Whether it ran outside a block, its ReadyForQuery
+    /// tells. Two kinds:
+    /// - 25006 (the read needed the primary after all, as a view over
+    ///   `nextval` does) or 40001 (a recovery conflict), when it parses no
+    ///   named statement (which the session now has);
+    /// - 42P01, 42703 or 42883 (an undefined table, column or function)
+    ///   while the replica is behind: a schema change may not have
+    ///   reached it. The statements it parsed there are forgotten before
+    ///   it runs again (`retry_on_primary`).
     fn hold_refusal(&mut self, frame: &Frame) -> Result<bool, crate::protocol::ProtocolError> {
         let code = ErrorFields::parse(frame)?.code;
+        let behind = matches!(code.as_str(), "42P01" | "42703" | "42883") && self.replica_behind();
         let Some(bound) = self.bound.as_mut() else { return Ok(false) };
         let Some(unit) = bound.retry.as_ref() else { return Ok(false) };
-        let parses_named = unit.frames.iter().any(|f| f.tag() == b'P' && f.body().first() != Some(&0));
-        let held = matches!(code.as_str(), "25006" | "40001") && !bound.noticed && !parses_named;
-        if held {
-            bound.refused = Some(frame.detached());
+        if bound.noticed {
+            return Ok(false);
         }
-        Ok(held)
+        let parses_named = unit.frames.iter().any(|f| f.tag() == b'P' && f.body().first() != Some(&0));
+        let refusal = match code.as_str() {
+            "25006" | "40001" if !parses_named => Refusal::Refused,
+            _ if behind => Refusal::Missing,
+            _ => return Ok(false),
+        };
+        bound.refused = Some((frame.detached(), refusal));
+        Ok(true)
+    }
+
+    /// Whether the session's replica may lack something the primary has:
+    /// its last measured replay position is behind the primary's or the
+    /// cluster's schema watermark (or unknown), or it has received WAL it
+    /// has not replayed. Without a primary to run the read, it is not.
+    fn replica_behind(&self) -> bool {
+        let Some(replica) = self.replica.as_ref() else { return false };
+        let topology = &self.shared.topology;
+        let Ok(primary) = topology.primary(&self.scope.cluster) else { return false };
+        let status = topology.node(replica.node).status.load();
+        let schema = self.scope.schema.get();
+        let Some(replayed) = status.lsn else { return true };
+        let primary_lsn = topology.node(primary).status.load().lsn;
+        schema.is_pending()
+            || status.receive_lsn.is_some_and(|received| received > replayed)
+            || primary_lsn.max(schema.lsn()).is_some_and(|lsn| replayed < lsn)
     }
 
     /// Relays the acknowledgements held for a read on the replica (none
@@ -260,17 +289,59 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         replica.held.clear();
     }
 
-    /// Runs a read a replica refused again on the primary, and remembers
-    /// its statements as needing the primary.
-    pub(super) async fn retry_on_primary(&mut self, unit: super::Batch) -> Result<(), ProxyError> {
-        for class in &unit.classes {
-            self.shared.refused.add(class);
+    /// Runs a read a replica refused again on the primary. A refusal is
+    /// remembered (its statements go to the primary from then on); a
+    /// missing object is not, since the replica will replay it.
+    pub(super) async fn retry_on_primary(
+        &mut self,
+        unit: super::Batch,
+        refusal: Refusal,
+    ) -> Result<(), ProxyError> {
+        match refusal {
+            Refusal::Refused => {
+                for class in &unit.classes {
+                    self.shared.refused.add(class);
+                }
+                tracing::info!(parent: &self.scope.span, "a replica refused a read: it runs again on the primary");
+            }
+            Refusal::Missing => {
+                self.forget_replica_statements(&unit);
+                tracing::info!(parent: &self.scope.span, "a replica behind lacks what a read names: it runs again on the primary");
+            }
         }
-        tracing::info!(parent: &self.scope.span, "a replica refused a read: it runs again on the primary");
         let progress = super::plan::Progress { retried: true, ..super::plan::Progress::default() };
         self.dispatch_with(unit, true, progress).await?;
         self.sources.mark_all();
         Ok(())
+    }
+
+    /// A read failed on the replica before it runs again on the primary:
+    /// the named statements it parsed or used there (pgnear's replays of
+    /// them included) may not exist there, so the replica closes them
+    /// before its next use (closing one that does not exist is no error),
+    /// and those it parsed are the session's only once the primary has
+    /// parsed them.
+    fn forget_replica_statements(&mut self, unit: &super::Batch) {
+        let Some(replica) = self.replica.as_mut() else { return };
+        for frame in &unit.frames {
+            let (name, parses) = match frame.tag() {
+                b'P' => (frontend::parse_name(frame).ok(), true),
+                b'B' => (frontend::bind(frame).map(|b| b.statement).ok(), false),
+                b'D' => match frontend::target(frame) {
+                    Ok(Named::Statement(name)) => (Some(name), false),
+                    _ => (None, false),
+                },
+                _ => (None, false),
+            };
+            let Some(name) = name.filter(|n| !n.is_empty()) else { continue };
+            let state = &mut replica.state;
+            if state.statements.contains_key(name) && !state.stale.iter().any(|s| s == name) {
+                state.stale.push(name.to_string());
+            }
+            if parses {
+                self.state.prepared.remove(name);
+            }
+        }
     }
 
     /// A unit ended: the session effects that now last are recorded
