@@ -337,9 +337,12 @@ async fn an_execute_a_replica_cannot_prepare_runs_on_the_primary() {
     // is behind has no measured lag, and serves no reads.
     c.batch_execute("CREATE TABLE warm (a int)").await.unwrap();
     env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
+    // Made on the primary directly: DDL through pgnear would hold every
+    // read until the replica has it (schema changes are global).
+    let direct = env.cluster.primary().connect().await.unwrap();
+    direct.batch_execute("CREATE TABLE fresh (a int); INSERT INTO fresh VALUES (5)").await.unwrap();
     c.batch_execute(
         "PREPARE port AS SELECT inet_server_port();
-         CREATE TABLE fresh (a int); INSERT INTO fresh VALUES (5);
          PREPARE from_fresh AS SELECT inet_server_port(), a FROM fresh",
     )
     .await

@@ -16,11 +16,11 @@ use crate::support::{routed, show, sqlstate, start, Env, ProxyConfig, PATIENCE};
 
 const DELAY: Duration = Duration::from_secs(2);
 
-/// The delayed replica, serving reads in scope "session" once it has
-/// replayed a first table.
-async fn delayed() -> Env {
+/// The delayed replica, serving reads with `read_your_writes = scope`
+/// once it has replayed a first table.
+async fn delayed_with(scope: &str) -> Env {
     let config = ProxyConfig::default()
-        .section("[consistency]\nread_your_writes = \"session\"")
+        .section(&format!("[consistency]\nread_your_writes = \"{scope}\""))
         .section("[routing]\nmax_replica_lag_ms = 3600000");
     let env = start(Cluster::builder().delayed_replica(DELAY), config).await;
     env.client()
@@ -30,6 +30,11 @@ async fn delayed() -> Env {
         .unwrap();
     env.cluster.wait_for_catchup(PATIENCE).await.unwrap();
     env
+}
+
+/// The delayed replica, in scope "session".
+async fn delayed() -> Env {
+    delayed_with("session").await
 }
 
 async fn on_primary(env: &Env, client: &Client) -> bool {
@@ -69,7 +74,16 @@ async fn first(client: &Client, sql: &str) -> String {
 
 #[tokio::test]
 async fn ddl_through_pgnear_is_seen_by_every_session() {
-    let env = delayed().await;
+    ddl_is_seen_by_every_session("session").await;
+}
+
+#[tokio::test]
+async fn ddl_through_pgnear_is_seen_by_every_session_with_read_your_writes_off() {
+    ddl_is_seen_by_every_session("off").await;
+}
+
+async fn ddl_is_seen_by_every_session(scope: &str) {
+    let env = delayed_with(scope).await;
     let a = env.client().await;
     // Another connection, connected before the migration, that never wrote:
     // scope "session" gives it no part in A's writes.

@@ -395,6 +395,10 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         if self.shared.config().consistency.read_your_writes != ReadYourWrites::Off {
             self.pin_started(at);
         }
+        // Schema changes are global, whatever the read-your-writes scope.
+        if std::mem::take(&mut self.writes.schema_changed) {
+            self.scope.schema.wrote(at);
+        }
         match self.shared.config().consistency.read_your_writes {
             ReadYourWrites::Off => {}
             // The proxy-wide watermark is kept in both scopes: sessions
@@ -403,9 +407,6 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             ReadYourWrites::Session | ReadYourWrites::Proxy => {
                 self.writes.watermark.wrote(at);
                 self.shared.watermark.wrote(at);
-                if std::mem::take(&mut self.writes.schema_changed) {
-                    self.scope.schema.wrote(at);
-                }
                 self.writes.wrote = true;
             }
         }
@@ -499,7 +500,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
     /// neither watermark counts.
     pub(super) fn read_freshness(&self) -> (Freshness, Freshness) {
         let (own, schema) = match self.shared.config().consistency.read_your_writes {
-            ReadYourWrites::Off => (Watermark::default(), Watermark::default()),
+            // No read-your-writes, but schema changes are global.
+            ReadYourWrites::Off => (Watermark::default(), self.scope.schema.get()),
             ReadYourWrites::Session => (self.writes.watermark, self.scope.schema.get()),
             ReadYourWrites::Proxy => {
                 (self.writes.watermark.merge(self.shared.watermark.get()), self.scope.schema.get())

@@ -56,7 +56,8 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         server.backend.last_unit_synced = complete && kinds.extended;
         self.track(target, unit, complete, kinds);
-        if leaves_no_block && target == Target::Primary && self.writes.primary_dirty && self.tracks_writes() {
+        if leaves_no_block && target == Target::Primary && self.writes.primary_dirty && self.probes_commits()
+        {
             self.probe_behind();
         }
         let loaded = kinds.runs.then(|| unit.classes.iter().find_map(|c| c.loads.as_deref())).flatten();
@@ -120,11 +121,7 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
         }
         // A schema change moves the cluster's schema watermark once it
         // commits (the probe behind its commit, or the fallback).
-        if target == Target::Primary
-            && kinds.executes
-            && classes.iter().any(|c| c.schema_change)
-            && self.tracks_writes()
-        {
+        if target == Target::Primary && kinds.executes && classes.iter().any(|c| c.schema_change) {
             self.writes.schema_changed = true;
         }
         // Only DDL that may create a volatile function needs the catalog

@@ -220,9 +220,15 @@ impl<S: Split + Unpin + Send + 'static> Session<S> {
             }
         };
         server.backend.queue(&frame);
-        if probe && target == Target::Primary && self.writes.primary_dirty && self.tracks_writes() {
+        if probe && target == Target::Primary && self.writes.primary_dirty && self.probes_commits() {
             self.probe_behind();
         }
+    }
+
+    /// Whether a commit on the primary is followed by a probe: always with
+    /// read-your-writes on, and for a schema change even with it off.
+    pub(super) fn probes_commits(&self) -> bool {
+        self.tracks_writes() || self.writes.schema_changed
     }
 
     /// Whether read-your-writes is on, in either scope.
