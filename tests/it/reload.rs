@@ -117,6 +117,18 @@ async fn read_until_on(client: &tokio_postgres::Client, node: &str) {
 
 #[tokio::test]
 async fn a_reload_adds_a_replica_retires_one_and_relabels_the_primary_without_dropping_anyone() {
+    nodes_change_live("session").await;
+}
+
+#[tokio::test]
+async fn a_reload_changes_nodes_without_dropping_anyone_in_transaction_pooling() {
+    nodes_change_live("transaction").await;
+}
+
+/// A reload removes a replica, adds one and relabels the primary under
+/// clients in each state, in `pool_mode`.
+async fn nodes_change_live(pool_mode: &str) {
+    let base = || base().proxy(&format!("pool_mode = \"{pool_mode}\""));
     let cluster = Cluster::builder().replica().replica().start().await.unwrap();
     let (old, new) = (cluster.replicas()[0].name().to_string(), cluster.replicas()[1].name().to_string());
     let primary = cluster.primary().name().to_string();
@@ -153,6 +165,13 @@ async fn a_reload_adds_a_replica_retires_one_and_relabels_the_primary_without_dr
         client.simple_query("SELECT 1").await.unwrap();
         assert_ne!(show(client, "pgnear.node").await, old, "a read went to a removed node");
         read_until_on(client, &new).await;
+    }
+    // No server connection to the removed node is left open.
+    let shared = proxy.shared();
+    let deadline = tokio::time::Instant::now() + PATIENCE;
+    while shared.limits.servers().iter().any(|s| shared.topology.node(s.node).config.name == old) {
+        assert!(tokio::time::Instant::now() < deadline, "a connection to the removed node stayed open");
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
     // The pinned session keeps its temporary table on the relabelled
     // primary.
