@@ -73,7 +73,17 @@ impl Relay {
     /// Listens on 127.0.0.1 port 0 and relays every connection to `target`, delaying each
     /// direction by `one_way_delay` (a round trip gains twice that).
     pub async fn start(target: SocketAddr, one_way_delay: Duration) -> io::Result<Relay> {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).await?;
+        Relay::start_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), target, one_way_delay).await
+    }
+
+    /// As [`Relay::start`], listening on `listen` (another loopback
+    /// address, a chosen port: a host name that moves between servers).
+    pub async fn start_on(
+        listen: SocketAddr,
+        target: SocketAddr,
+        one_way_delay: Duration,
+    ) -> io::Result<Relay> {
+        let listener = TcpListener::bind(listen).await?;
         let addr = listener.local_addr()?;
         let (link, watcher) = watch::channel(Link {
             delay: one_way_delay,

@@ -278,3 +278,35 @@ async fn a_node_whose_name_does_not_resolve_yet_is_down_not_fatal_and_followed_o
     let _entry = HostsEntry::add(&name, "127.0.0.1");
     reads_reach(&client, env.cluster.replica(0).port(), "the replica once its name resolved").await;
 }
+
+#[tokio::test]
+async fn a_name_that_moves_to_another_server_is_followed() {
+    let cluster = Cluster::builder().replica().replica().start().await.unwrap();
+    let (first, second) = (cluster.replica(0).port(), cluster.replica(1).port());
+    // The same port on two loopback addresses, each in front of a replica:
+    // one name, two servers, as after a DNS-based failover.
+    let old = Relay::start_on("127.0.0.2:0".parse().unwrap(), cluster.replica(0).addr(), Duration::ZERO)
+        .await
+        .unwrap();
+    let port = old.port();
+    let new_addr = std::net::SocketAddr::from(([127, 0, 0, 3], port));
+    let _new = Relay::start_on(new_addr, cluster.replica(1).addr(), Duration::ZERO).await.unwrap();
+    let name = format!("pgnear-moves-{}-{port}.test", std::process::id());
+    let primary = cluster.primary();
+    let nodes = format!(
+        "{}[[nodes]]\nname = \"moving\"\nhost = \"{name}\"\nport = {port}\nregion = \"eu-west\"\n\n",
+        node(primary.name(), primary.port(), "us-east", "default"),
+    );
+    let entry = HostsEntry::add(&name, "127.0.0.2");
+    let config = ProxyConfig::default().nodes(&nodes).proxy("dns_max_ttl_ms = 100");
+    let proxy = Proxy::start(config.build(&cluster)).await.unwrap();
+    let env = Env { proxy, cluster };
+    let client = env.client().await;
+    reads_reach(&client, first, "the server the name first resolved to").await;
+    // The name moves, and the old server goes away: the monitor and the
+    // session reconnect, and the name's new answer is used.
+    drop(entry);
+    let _entry = HostsEntry::add(&name, "127.0.0.3");
+    drop(old);
+    reads_reach(&client, second, "the server the name moved to").await;
+}
