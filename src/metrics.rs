@@ -201,19 +201,16 @@ pub struct Metrics {
     stats: std::sync::Mutex<std::collections::BTreeMap<String, Arc<NodeStats>>>,
 }
 
-/// One node's totals for the console's `SHOW STATS` (PgBouncer's columns).
+/// One node's totals for the console's `SHOW STATS` that no Prometheus
+/// metric has (units and their time come from `routed` and `latency`).
 #[derive(Debug, Default)]
 pub struct NodeStats {
-    /// Units of work that executed statements.
-    pub queries: AtomicU64,
     /// ReadyForQuery back to idle: a transaction (explicit or not) ended.
     pub transactions: AtomicU64,
     /// Bytes of client messages sent to the node.
     pub received: AtomicU64,
     /// Bytes the node's servers sent.
     pub sent: AtomicU64,
-    /// Units' time from dispatch to ReadyForQuery, in microseconds.
-    pub query_time_us: AtomicU64,
 }
 
 /// How a read's wait for a replica ended.
@@ -242,7 +239,6 @@ pub struct NodeMetrics {
 impl NodeMetrics {
     /// A unit of work routed to this node.
     pub fn routed(&mut self, role: RoleLabel, reason: Reason) {
-        self.stats.queries.fetch_add(1, Ordering::Relaxed);
         if let Some((_, _, counter)) = self.by_reason.iter().find(|(r, why, _)| *r == role && *why == reason)
         {
             return counter.inc();
@@ -255,8 +251,6 @@ impl NodeMetrics {
     /// A unit's time from dispatch to its ReadyForQuery.
     pub fn query_latency(&self, elapsed: Duration) {
         self.latency.observe(elapsed.as_secs_f64());
-        let micros = u64::try_from(elapsed.as_micros()).unwrap_or(u64::MAX);
-        self.stats.query_time_us.fetch_add(micros, Ordering::Relaxed);
     }
 
     /// A ReadyForQuery back to idle, having read `read` bytes from the
@@ -533,31 +527,33 @@ impl Metrics {
 
     /// Units routed to `node`, by reason (summed over roles).
     pub fn routed_by_reason(&self, node: &str) -> Vec<(String, u64)> {
+        self.routed_totals(|on, reason| (on == node).then_some(reason))
+    }
+
+    /// Units routed, by node.
+    pub fn routed_by_node(&self) -> Vec<(String, u64)> {
+        self.routed_totals(|node, _| Some(node))
+    }
+
+    /// `node`'s units timed to their ReadyForQuery: how many, and their
+    /// total time.
+    pub fn latency_of(&self, node: &str) -> (u64, Duration) {
+        let histogram = self.latency.with_label_values(&[node]);
+        (histogram.get_sample_count(), Duration::from_secs_f64(histogram.get_sample_sum().max(0.0)))
+    }
+
+    /// The routed counters summed by what `key` picks from each one's
+    /// node and reason (`None`: left out), sorted.
+    fn routed_totals(&self, key: impl for<'a> Fn(&'a str, &'a str) -> Option<&'a str>) -> Vec<(String, u64)> {
         let mut totals: Vec<(String, u64)> = Vec::new();
         for metric in self.routed.collect().iter().flat_map(|family| family.get_metric()) {
             let label = |name: &str| metric.get_label().iter().find(|l| l.name() == name).map(|l| l.value());
-            let (Some(on), Some(reason)) = (label("node"), label("reason")) else { continue };
-            if on != node {
-                continue;
-            }
+            let (Some(node), Some(reason)) = (label("node"), label("reason")) else { continue };
+            let Some(key) = key(node, reason) else { continue };
             let count = metric.get_counter().get_value() as u64;
-            match totals.iter_mut().find(|(r, _)| r == reason) {
+            match totals.iter_mut().find(|(k, _)| k == key) {
                 Some((_, total)) => *total += count,
-                None => totals.push((reason.to_owned(), count)),
-            }
-        }
-        totals.sort();
-        totals
-    }
-
-    pub fn routed_by_node(&self) -> Vec<(String, u64)> {
-        let mut totals: Vec<(String, u64)> = Vec::new();
-        for metric in self.routed.collect().iter().flat_map(|family| family.get_metric()) {
-            let Some(node) = metric.get_label().iter().find(|l| l.name() == "node") else { continue };
-            let count = metric.get_counter().get_value() as u64;
-            match totals.iter_mut().find(|(name, _)| name == node.value()) {
-                Some((_, total)) => *total += count,
-                None => totals.push((node.value().to_owned(), count)),
+                None => totals.push((key.to_owned(), count)),
             }
         }
         totals.sort();

@@ -355,9 +355,10 @@ fn stats(shared: &Shared) -> Answer {
         .node_stats()
         .into_iter()
         .map(|(node, stats)| {
-            let queries = stats.queries.load(Relaxed);
-            let time = stats.query_time_us.load(Relaxed);
             let routed = shared.metrics.routed_by_reason(&node);
+            let queries: u64 = routed.iter().map(|(_, n)| n).sum();
+            let (timed, time) = shared.metrics.latency_of(&node);
+            let time = u64::try_from(time.as_micros()).unwrap_or(u64::MAX);
             let routed: Vec<String> = routed.iter().map(|(reason, n)| format!("{reason}={n}")).collect();
             vec![
                 node,
@@ -366,7 +367,7 @@ fn stats(shared: &Shared) -> Answer {
                 stats.received.load(Relaxed).to_string(),
                 stats.sent.load(Relaxed).to_string(),
                 time.to_string(),
-                time.checked_div(queries).unwrap_or(0).to_string(),
+                time.checked_div(timed).unwrap_or(0).to_string(),
                 routed.join(" "),
             ]
         })

@@ -10,9 +10,9 @@ use std::time::Duration;
 use pgnear::cluster::Lsn;
 use pgnear::lab::cluster::Cluster;
 use pgnear::router::ClusterView;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
-use crate::support::{routed, show, sqlstate, start, Env, ProxyConfig, PATIENCE};
+use crate::support::{first_value, routed, show, sqlstate, start, Env, ProxyConfig, PATIENCE};
 
 const DELAY: Duration = Duration::from_secs(2);
 
@@ -62,14 +62,7 @@ async fn absent_on_replica(env: &Env, name: &str) -> bool {
 
 /// The first column of the first row of a simple query.
 async fn first(client: &Client, sql: &str) -> String {
-    let messages = client.simple_query(sql).await.unwrap();
-    messages
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap()
+    first_value(client, sql).await.unwrap()
 }
 
 #[tokio::test]

@@ -7,9 +7,9 @@ use std::time::Duration;
 
 use pgnear::lab::cluster::Cluster;
 use pgnear::router::ClusterView;
-use tokio_postgres::{Client, SimpleQueryMessage};
+use tokio_postgres::Client;
 
-use crate::support::{connect, routed, show, sqlstate, start, Env, ProxyConfig, PATIENCE};
+use crate::support::{connect, first_value, routed, show, sqlstate, start, Env, ProxyConfig, PATIENCE};
 
 const DELAY: Duration = Duration::from_secs(2);
 
@@ -68,14 +68,7 @@ async fn node(client: &Client) -> String {
 /// Runs `sql` over the simple protocol; returns the first column of its
 /// first row.
 async fn simple(client: &Client, sql: &str) -> String {
-    let messages = client.simple_query(sql).await.unwrap();
-    messages
-        .iter()
-        .find_map(|m| match m {
-            SimpleQueryMessage::Row(row) => row.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap_or_default()
+    first_value(client, sql).await.unwrap_or_default()
 }
 
 #[tokio::test]

@@ -149,14 +149,17 @@ pub async fn connect(conn_string: &str) -> Result<Client, tokio_postgres::Error>
 
 /// The value `SHOW name` answers.
 pub async fn show(client: &Client, name: &str) -> String {
-    let messages = client.simple_query(&format!("SHOW {name}")).await.unwrap();
-    messages
-        .iter()
-        .find_map(|m| match m {
-            tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
-            _ => None,
-        })
-        .unwrap()
+    first_value(client, &format!("SHOW {name}")).await.unwrap()
+}
+
+/// The first column of the first row `sql` returns over the simple
+/// protocol, if any.
+pub async fn first_value(client: &Client, sql: &str) -> Option<String> {
+    let messages = client.simple_query(sql).await.unwrap();
+    messages.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_string),
+        _ => None,
+    })
 }
 
 /// The `pgnear_queries_routed_total` counter for `reason`, as scraped.
